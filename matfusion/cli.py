@@ -1,0 +1,128 @@
+"""The ``matfusion`` console script."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+# Ray must bind to loopback by default: set before anything imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from . import __version__
+
+DESCRIPTION = """\
+matfusion searches hybrid models for a materials property: a random forest on Magpie
+composition features and CGCNN crystal-graph networks, tried in parallel under Ray Tune
+(Optuna TPE proposes, ASHA stops bad trials early), with every trial logged to MLflow.
+"""
+
+SEARCH_EPILOG = """\
+examples:
+  matfusion search configs/smoke.yaml
+  matfusion search configs/phonons.yaml --set search.num_samples=20 --set data.fold=1
+  matfusion search my.yaml --data-dir /data/matbench --address auto
+
+Data dir: --data-dir, else $MATFUSION_DATA, else ../shared/data.
+MLflow: mlflow.tracking_uri in the config, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
+in the working directory (artifacts in ./mlartifacts).
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML search config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set search.num_samples=10 (repeatable)")
+    p.add_argument("--data-dir", help="folder with the datasets (default: $MATFUSION_DATA or ../shared/data)")
+
+
+def _load(args):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "data_dir", None):
+        overrides.append(f"data.data_dir={args.data_dir}")
+    if getattr(args, "address", None):
+        overrides.append(f"search.address={args.address}")
+    return load_config(args.config, overrides)
+
+
+def cmd_search(args) -> int:
+    cfg = _load(args)  # validated before Ray starts
+    from .search.tuner import format_result, run_search
+
+    result = run_search(cfg, progress=not args.quiet)
+    print(format_result(result))
+    return 0
+
+
+def cmd_featurize(args) -> int:
+    cfg = _load(args)
+    from .data import load_dataset
+    from .data.featurize import featurize
+
+    ds = load_dataset(cfg.data, seed=cfg.search.seed)
+    print(ds.summary())
+    fs = featurize(ds, cfg.features, progress=True)
+    n_edges = int(fs.graphs.edge_ptr[-1]) if fs.graphs is not None else 0
+    print(f"magpie {fs.magpie.shape}; graphs {0 if fs.graphs is None else len(fs.graphs)} "
+          f"({n_edges} edges); from cache: {fs.from_cache}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    cfg = _load(args)
+    import yaml
+
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="matfusion", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"matfusion {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("search", help="run a hyperparameter search (Ray Tune + Optuna TPE + ASHA, logged to MLflow)",
+                       description="Run the search a YAML config describes and print its leaderboard.",
+                       epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    p.add_argument("--address", help="connect to an existing Ray cluster (auto or HOST:PORT); "
+                                     "default: start a local Ray on 127.0.0.1")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress table")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("featurize", help="load the config's dataset and build (or reuse) its cached features")
+    _add_common(p)
+    p.set_defaults(func=cmd_featurize)
+
+    p = sub.add_parser("validate", help="check a config and print it with every default filled in")
+    _add_common(p)
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .config import ConfigError
+    from .data.dataset import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as err:
+        print(f"matfusion: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

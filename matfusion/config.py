@@ -1,0 +1,165 @@
+"""The one configuration schema of matfusion (pydantic), shared by every command.
+
+A config is a YAML file; ``--set dotted.key=value`` overrides any key.  Unknown keys and
+bad values raise :class:`ConfigError` with a message that names the key and, where the
+values are a closed set, the allowed values.  Validation happens before Ray starts.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FAMILIES = ("rf", "cgcnn")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the data comes from and which part of it is used."""
+
+    source: str = Field(
+        description="A matbench task name (e.g. matbench_phonons) found in the data dir, "
+        "a CSV/JSON table path, or a folder of CIF/POSCAR files with id_prop.csv"
+    )
+    target: Optional[str] = Field(None, description="target column (tables); default: the task's target")
+    structure_column: str = "structure"
+    id_column: Optional[str] = None
+    data_dir: Optional[str] = Field(None, description="default: $MATFUSION_DATA or ../shared/data")
+    fold: int = Field(0, ge=0, description="which test fold (matbench official folds, or seeded K-fold)")
+    n_folds: int = Field(5, ge=2, description="folds for user data (matbench always has 5)")
+    limit: Optional[int] = Field(None, gt=0, description="use a seeded random subset of this many rows")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.9, description="inner validation share of the fold's training part")
+    disordered: Literal["skip", "majority"] = Field(
+        "skip", description="partially occupied sites: skip the structure (counted), or keep the majority species"
+    )
+
+
+class FeaturesConfig(_Strict):
+    """Crystal-graph and composition featurizer parameters (part of the cache key)."""
+
+    cutoff: float = Field(6.0, gt=0.0, description="neighbour radius in Angstrom")
+    max_neighbors: int = Field(12, gt=0)
+    gaussian_bins: int = Field(40, gt=1, description="number of Gaussians expanding each distance")
+    gaussian_width: Optional[float] = Field(None, gt=0.0, description="default: cutoff / gaussian_bins")
+    n_jobs: int = Field(0, ge=0, description="worker processes; 0 = all cores")
+    cache_dir: Optional[str] = Field(None, description="default: $MATFUSION_CACHE or ~/.cache/matfusion")
+
+
+class SearchConfig(_Strict):
+    """Ray Tune + Optuna TPE + ASHA settings."""
+
+    families: list[Literal["rf", "cgcnn"]] = Field(default_factory=lambda: list(FAMILIES))
+    num_samples: int = Field(8, gt=0)
+    max_epochs: int = Field(30, gt=0)
+    grace_period: int = Field(3, gt=0, description="ASHA: epochs every trial gets before it may be stopped")
+    reduction_factor: int = Field(3, ge=2)
+    seed: int = 0
+    max_concurrent: int = Field(2, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: Optional[float] = Field(None, ge=0.0, description="default: 0, or 1/max_concurrent when CUDA is present")
+    early_stopping_patience: int = Field(20, gt=0, description="epochs without inner-val improvement before a trial stops")
+    time_budget_s: Optional[float] = Field(None, gt=0.0)
+    storage_path: Optional[str] = Field(None, description="default: ./ray_results")
+    address: Optional[str] = Field(None, description="Ray cluster address; default: start a local one on 127.0.0.1")
+
+    @field_validator("families")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"needs at least one family; allowed: {', '.join(FAMILIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _grace(self) -> "SearchConfig":
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must be <= max_epochs ({self.max_epochs})")
+        return self
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
+    experiment: Optional[str] = Field(None, description="default: the config's name")
+    artifact_location: Optional[str] = Field(None, description="for new experiments; default ./mlartifacts")
+
+
+class Config(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    data: DataConfig
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            lines.append(f"  {key}: {e['input']!r} is not allowed; allowed values: {allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, text = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def config_from_dict(raw: dict, origin: str = "<dict>") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {origin}: the top level must be a mapping of keys")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, origin=str(path))

@@ -1,0 +1,1 @@
+"""Models (one family per file) and the one training loop that reports to Ray Tune."""
