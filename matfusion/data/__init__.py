@@ -15,6 +15,11 @@ def load_dataset(data_config, seed: int = 0) -> Dataset:
     source = data_config.source
     data_dir = Path(data_config.data_dir) if data_config.data_dir else None
     path = Path(source).expanduser()
+    if not path.exists() and not path.is_absolute() and not source.startswith("matbench_"):
+        # a relative path is looked up in the working directory, then in the data dir
+        base = data_dir if data_dir is not None else default_data_dir()
+        if (base / path).exists():
+            path = base / path
     if path.is_dir():
         from .tables import load_cif_folder
 

@@ -151,6 +151,13 @@ def check_target(value, where: str) -> tuple[Optional[float], Optional[str]]:
     return x, None
 
 
+def _is_nan(value) -> bool:
+    try:
+        return bool(np.isnan(float(value)))
+    except (TypeError, ValueError):
+        return False
+
+
 class RowCollector:
     """Accumulates good rows and counted, explained skips for a loader."""
 
@@ -169,15 +176,26 @@ class RowCollector:
         log.warning(message)
 
     def add(self, row_id: str, structure, target, where: str) -> bool:
-        """Validate and add a row; returns False (and records why) if it was skipped."""
-        values = np.atleast_1d(np.asarray(target, dtype=object))
+        """Validate and add a row; returns False (and records why) if it was skipped.
+
+        One target: NaN/inf/non-numeric skips the row.  Several targets (multi-task): a
+        missing (NaN/empty) label is kept as NaN and masked out of the loss; the row is skipped
+        only when every label is missing or one is inf/non-numeric."""
+        values = list(np.atleast_1d(np.asarray(target, dtype=object)))
         clean = []
         for v in values:
             x, problem = check_target(v, where)
             if problem is not None:
+                missing = v is None or (isinstance(v, str) and not v.strip()) or _is_nan(v)
+                if len(values) > 1 and missing:
+                    clean.append(float("nan"))
+                    continue
                 self.skip("bad target", problem)
                 return False
             clean.append(x)
+        if len(values) > 1 and all(np.isnan(clean)):
+            self.skip("bad target", f"{where}: every target is missing")
+            return False
         if structure is not None and hasattr(structure, "is_ordered") and not structure.is_ordered:
             if self.disordered == "skip":
                 self.skip(

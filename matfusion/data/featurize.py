@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .cache import FeatureCache, cache_key
 from .crystal_graph import GraphSet, neighbor_graph
+from .line_graph import line_graph
 from .dataset import Dataset
 
 log = logging.getLogger("matfusion.data")
@@ -81,21 +82,25 @@ def _featurize_chunk(bounds: tuple[int, int]):
     graphs = None
     if want_graph:
         graphs = [neighbor_graph(s, _WORK["cutoff"], _WORK["max_neighbors"]) for s in items[start:stop]]
+        if _WORK.get("line_graph"):
+            graphs = [g + line_graph(g[1], g[3]) for g in graphs]
     return start, magpie, graphs
 
 
 def _compute(items, want_magpie: bool, want_graph: bool, cutoff: float, max_neighbors: int,
-             n_jobs: int, progress: bool):
+             n_jobs: int, progress: bool, want_line_graph: bool = False):
     n = len(items)
     chunk = max(1, min(64, n // (4 * max(1, n_jobs)) or 1))
     bounds = [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
     _WORK.clear()
-    _WORK.update(items=items, magpie=want_magpie, graph=want_graph, cutoff=cutoff, max_neighbors=max_neighbors)
+    _WORK.update(items=items, magpie=want_magpie, graph=want_graph, cutoff=cutoff, max_neighbors=max_neighbors,
+                 line_graph=want_line_graph)
     if want_magpie:
         _WORK["fz"] = _magpie_featurizer()  # built once here; forked workers inherit it
     magpie = np.full((n, MAGPIE_WIDTH), np.nan) if want_magpie else None
     graphs: list = [None] * n if want_graph else []
-    what = " + ".join(x for x, w in (("magpie", want_magpie), ("graphs", want_graph)) if w)
+    what = " + ".join(x for x, w in (("magpie", want_magpie), ("graphs", want_graph),
+                                     ("line graphs", want_graph and want_line_graph)) if w)
     bar = tqdm(total=n, desc=f"featurize ({what})", unit="struct", disable=not progress)
     try:
         if n_jobs > 1 and n > 2 * chunk and "fork" in mp.get_all_start_methods():
@@ -128,7 +133,9 @@ def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Opt
     features = features or FeaturesConfig()
     cache = cache or FeatureCache(features.cache_dir)
     want_graph = dataset.has_structures
-    graph_params = {"cutoff": features.cutoff, "max_neighbors": features.max_neighbors}
+    # format 2: bond vectors (edge_vec) and, optionally, the line graph
+    graph_params = {"cutoff": features.cutoff, "max_neighbors": features.max_neighbors, "format": 2,
+                    "line_graph": bool(features.line_graph)}
     magpie_key = cache_key("magpie", dataset.content_hash, {"preset": "magpie", "width": MAGPIE_WIDTH})
     graph_key = cache_key("graph", dataset.content_hash, graph_params)
 
@@ -140,7 +147,7 @@ def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Opt
 
     if need_magpie or need_graph:
         magpie, parts = _compute(dataset.structures, need_magpie, need_graph, features.cutoff,
-                                 features.max_neighbors, n_jobs, progress)
+                                 features.max_neighbors, n_jobs, progress, want_line_graph=features.line_graph)
         if need_magpie:
             magpie_arrays = {"magpie": magpie}
             cache.save(magpie_key, magpie_arrays)

@@ -1,0 +1,262 @@
+"""Crystal graphs, Magpie features and the feature cache, on real structures."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+from torch_geometric.data import Batch
+
+from matfusion.config import DataConfig, FeaturesConfig
+from matfusion.data import load_dataset
+from matfusion.data.cache import FeatureCache, cache_key
+from matfusion.data.crystal_graph import GraphSet, element_feature_table, gaussian_expansion, neighbor_graph
+from matfusion.data.featurize import MAGPIE_WIDTH, featurize, magpie_columns, magpie_features
+from matfusion.trainables.cgcnn import CGCNN
+
+NACL_A = 5.64
+NN1 = NACL_A / 2  # Na-Cl, 6 per atom
+NN2 = NACL_A / np.sqrt(2)  # Na-Na / Cl-Cl, 12 per atom
+
+
+def nacl() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(NACL_A), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def lone_helium() -> Structure:
+    return Structure(Lattice.cubic(20.0), ["He"], [[0.5, 0.5, 0.5]])
+
+
+@pytest.fixture(scope="module")
+def phonons40():
+    return load_dataset(DataConfig(source="matbench_phonons", limit=40))
+
+
+def assert_graphs_equal(a: GraphSet, b: GraphSet) -> None:
+    for name, x in a.arrays().items():
+        np.testing.assert_array_equal(x, b.arrays()[name], err_msg=name)
+    assert (a.cutoff, a.max_neighbors) == (b.cutoff, b.max_neighbors)
+
+
+def assert_features_equal(a, b) -> None:
+    np.testing.assert_array_equal(a.magpie, b.magpie)  # NaN == NaN for assert_array_equal
+    assert a.magpie_columns == b.magpie_columns
+    assert_graphs_equal(a.graphs, b.graphs)
+
+
+# --------------------------------------------------------------------------- neighbour graphs
+
+
+def test_nacl_first_shell_only():
+    s = nacl()
+    assert len(s) == 8
+    z, ei, dist, vec = neighbor_graph(s, cutoff=3.0, max_neighbors=100)
+    assert z.tolist() == [site.specie.Z for site in s]
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=1), dist, atol=1e-4)
+    assert ei.shape == (2, 8 * 6) and dist.shape == (8 * 6,)
+    assert np.bincount(ei[1], minlength=8).tolist() == [6] * 8
+    np.testing.assert_allclose(dist, NN1, atol=1e-4)
+    # the first shell of rock salt is all unlike atoms
+    assert np.all(z[ei[0]] != z[ei[1]])
+
+
+def test_nacl_two_shells_and_max_neighbors():
+    s = nacl()
+    z, ei, dist, _ = neighbor_graph(s, cutoff=4.1, max_neighbors=100)
+    assert np.bincount(ei[1], minlength=8).tolist() == [18] * 8
+    for centre in range(8):
+        d = np.sort(dist[ei[1] == centre])
+        np.testing.assert_allclose(d[:6], NN1, atol=1e-4)
+        np.testing.assert_allclose(d[6:], NN2, atol=1e-4)
+        # second shell: like atoms
+        mask = (ei[1] == centre) & (np.abs(dist - NN2) < 1e-3)
+        assert np.all(z[ei[0][mask]] == z[centre])
+
+    z, ei, dist, _ = neighbor_graph(s, cutoff=4.1, max_neighbors=12)
+    assert np.bincount(ei[1], minlength=8).tolist() == [12] * 8
+    for centre in range(8):
+        d = np.sort(dist[ei[1] == centre])
+        np.testing.assert_allclose(d[:6], NN1, atol=1e-4)  # all 6 nearest are kept
+        np.testing.assert_allclose(d[6:], NN2, atol=1e-4)  # then 6 of the 12 second-shell ones
+
+
+def test_edge_direction_is_neighbour_to_centre():
+    # A at 0, B 1.9 A away on one side, C 2.0 A away on the other, in a big cell.
+    # cutoff 3: A sees B and C; B and C see only A (B-C is 3.9 A).  max_neighbors=1: A keeps B.
+    lat = Lattice.cubic(30.0)
+    s = Structure(lat, ["Li", "O", "F"], lat.get_fractional_coords([[10, 10, 10], [11.9, 10, 10], [8.0, 10, 10]]))
+    _, ei, dist, vec = neighbor_graph(s, cutoff=3.0, max_neighbors=1)
+    edges = {(int(a), int(b)): (float(d), v) for a, b, d, v in zip(ei[0], ei[1], dist, vec)}
+    assert set(edges) == {(1, 0), (0, 1), (0, 2)}  # (source=neighbour, target=centre)
+    assert edges[(1, 0)][0] == pytest.approx(1.9, abs=1e-4)
+    assert edges[(0, 2)][0] == pytest.approx(2.0, abs=1e-4)
+    # bond vectors point from the centre to the neighbour
+    np.testing.assert_allclose(edges[(1, 0)][1], [1.9, 0, 0], atol=1e-4)
+    np.testing.assert_allclose(edges[(0, 1)][1], [-1.9, 0, 0], atol=1e-4)
+    np.testing.assert_allclose(edges[(0, 2)][1], [2.0, 0, 0], atol=1e-4)
+    assert np.bincount(ei[1]).max() == 1  # the cap applies per centre
+    assert np.bincount(ei[0]).tolist() == [2, 1]  # A is the source of two edges
+
+
+def test_isolated_atom_has_no_edges_but_a_valid_graph():
+    z, ei, dist, vec = neighbor_graph(lone_helium(), cutoff=6.0, max_neighbors=12)
+    assert z.tolist() == [2] and ei.shape == (2, 0) and dist.shape == (0,) and vec.shape == (0, 3)
+    gs = GraphSet.from_parts([(z, ei, dist, vec), neighbor_graph(nacl(), 6.0, 12)], cutoff=6.0, max_neighbors=12)
+    assert len(gs) == 2 and gs.num_edges(0) == 0 and gs.num_edges(1) == 8 * 12
+    (data,) = gs.to_data_list([0], targets=np.array([1.5, 2.5]))
+    data.validate(raise_on_error=True)
+    assert data.num_nodes == 1
+    assert data.edge_index.shape == (2, 0) and data.edge_attr.shape == (0, 40)
+    assert data.x.shape == (1, element_feature_table().shape[1])
+    assert data.y.tolist() == [[1.5]]
+
+    torch.manual_seed(0)
+    model = CGCNN(data.x.shape[1], data.edge_attr.shape[1], hidden=16, n_conv=2, head_hidden=16).eval()
+    with torch.no_grad():
+        out = model(Batch.from_data_list([data]))
+        both = model(Batch.from_data_list(gs.to_data_list([0, 1])))
+    assert out.shape == (1, 1) and torch.isfinite(out).all()
+    assert both.shape == (2, 1) and torch.isfinite(both).all()
+    # batching the isolated atom with another crystal does not change its prediction
+    torch.testing.assert_close(both[0], out[0])
+
+
+# --------------------------------------------------------------------------- node/edge features
+
+
+def test_gaussian_expansion_shape_and_peaks():
+    cutoff, bins = 6.0, 40
+    centers = np.linspace(0.0, cutoff, bins)
+    d = np.array([0.0, centers[10], centers[25], cutoff, 3.1])
+    e = gaussian_expansion(d, cutoff, bins)
+    assert e.shape == (5, bins) and e.dtype == np.float32
+    assert np.argmax(e, axis=1).tolist() == [0, 10, 25, 39, int(np.argmin(np.abs(centers - 3.1)))]
+    np.testing.assert_allclose(e[1, 10], 1.0, rtol=1e-6)
+    step, width = centers[1], cutoff / bins  # default width
+    np.testing.assert_allclose(e[1, 11], np.exp(-(step / width) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(e[1, 9], e[1, 11], rtol=1e-5)
+    wide = gaussian_expansion(d, cutoff, bins, width=1.0)
+    assert wide[1, 11] > e[1, 11]
+    assert gaussian_expansion(np.zeros(0), cutoff, bins).shape == (0, bins)
+
+
+def test_element_feature_table():
+    table = element_feature_table()
+    assert table.shape[0] == 104 and table.shape[1] >= 25 + 18 + 9
+    assert np.all(np.isfinite(table))
+    assert not np.array_equal(table[11], table[17])  # Na vs Cl
+    assert np.all(table[0] == 0)
+    # one-hot period (row): Na and Cl both in period 3, H in period 1
+    row_onehot = table[:, -9:]
+    assert row_onehot[11].argmax() == row_onehot[17].argmax() == 2 and row_onehot[1].argmax() == 0
+    assert np.all(row_onehot[1:].sum(axis=1) == 1)
+
+
+def test_magpie_width_on_real_structures(phonons40):
+    cols = magpie_columns()
+    assert len(cols) == MAGPIE_WIDTH == 132 and len(set(cols)) == 132
+    items = [nacl(), *phonons40.structures[:4]]
+    m = magpie_features(items)
+    assert m.shape == (5, 132)
+    assert np.isfinite(m).mean() > 0.9
+    # NaCl: mean atomic number (11 + 17) / 2, range 6
+    assert m[0, cols.index("MagpieData mean Number")] == pytest.approx(14.0)
+    assert m[0, cols.index("MagpieData range Number")] == pytest.approx(6.0)
+    # a structure and its composition give the same features
+    np.testing.assert_array_equal(magpie_features([items[1].composition]), m[1:2])
+
+
+# --------------------------------------------------------------------------- featurize + cache
+
+
+def test_featurize_then_cache_hit(phonons40, tmp_path):
+    cfg = FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1)
+    first = featurize(phonons40, cfg, progress=False)
+    assert not first.from_cache
+    assert first.magpie.shape == (40, 132) and len(first.graphs) == 40
+    for g in range(40):  # same graphs as building them one by one
+        z, ei, dist, vec = neighbor_graph(phonons40.structures[g], cfg.cutoff, cfg.max_neighbors)
+        gz, gei, gd, gv = first.graphs.graph(g)
+        np.testing.assert_array_equal(gv, vec)
+        np.testing.assert_array_equal(gz, z)
+        np.testing.assert_array_equal(gei, ei)
+        np.testing.assert_array_equal(gd, dist)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npz")) == ["graph", "magpie"]
+
+    second = featurize(phonons40, cfg, progress=False)
+    assert second.from_cache
+    assert_features_equal(first, second)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_middle(path):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    for i in range(mid, mid + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["graph", "magpie"])
+@pytest.mark.parametrize("damage", [_truncate, _flip_middle], ids=["truncate", "flip-bytes"])
+def test_corrupt_cache_is_detected_and_rebuilt(phonons40, tmp_path, kind, damage):
+    cfg = FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1)
+    original = featurize(phonons40, cfg, progress=False)
+    (victim,) = tmp_path.glob(f"{kind}-*.npz")
+    damage(victim)
+
+    cache = FeatureCache(tmp_path)
+    rebuilt = featurize(phonons40, cfg, progress=False, cache=cache)
+    assert cache.rebuilt == [victim.stem]
+    assert not rebuilt.from_cache
+    assert_features_equal(original, rebuilt)
+    assert victim.is_file()
+
+    again_cache = FeatureCache(tmp_path)
+    again = featurize(phonons40, cfg, progress=False, cache=again_cache)
+    assert again.from_cache and again_cache.rebuilt == []
+    assert_features_equal(original, again)
+
+
+def test_cache_key_depends_on_cutoff(phonons40, tmp_path):
+    h = phonons40.content_hash
+    assert cache_key("graph", h, {"cutoff": 6.0, "max_neighbors": 12}) != cache_key("graph", h, {"cutoff": 5.0, "max_neighbors": 12})
+    assert cache_key("graph", h, {"cutoff": 6.0, "max_neighbors": 12}) == cache_key("graph", h, {"max_neighbors": 12, "cutoff": 6.0})
+
+    six = featurize(phonons40, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1), progress=False)
+    five = featurize(phonons40, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1, cutoff=5.0), progress=False)
+    assert not five.from_cache  # the 6 A graphs must not be reused for 5 A
+    assert len(list(tmp_path.glob("graph-*.npz"))) == 2 and len(list(tmp_path.glob("magpie-*.npz"))) == 1
+    assert five.graphs.cutoff == 5.0
+    assert len(five.graphs.distance) < len(six.graphs.distance)
+    assert five.graphs.distance.max() <= 5.0 + 1e-5 and six.graphs.distance.max() > 5.0
+    np.testing.assert_array_equal(five.magpie, six.magpie)
+
+
+def test_parallel_equals_serial(phonons40, tmp_path):
+    serial = featurize(phonons40, FeaturesConfig(cache_dir=str(tmp_path / "serial"), n_jobs=1), progress=False)
+    parallel = featurize(phonons40, FeaturesConfig(cache_dir=str(tmp_path / "parallel"), n_jobs=2), progress=False)
+    assert not serial.from_cache and not parallel.from_cache
+    assert_features_equal(serial, parallel)
+
+
+def test_graphset_subset_round_trip():
+    structures = [nacl(), lone_helium(), nacl().copy().scale_lattice(200.0), Structure(Lattice.cubic(3.0), ["Cu"], [[0, 0, 0]])]
+    parts = [neighbor_graph(s, 4.0, 8) for s in structures]
+    gs = GraphSet.from_parts(parts, cutoff=4.0, max_neighbors=8)
+    assert len(gs) == 4
+    order = [3, 1, 0, 3]
+    sub = gs.subset(order)
+    assert len(sub) == 4 and (sub.cutoff, sub.max_neighbors) == (4.0, 8)
+    for i, g in enumerate(order):
+        for mine, theirs in zip(sub.graph(i), parts[g]):
+            np.testing.assert_array_equal(mine, theirs)
+    # subset of everything, in order, is the same packing
+    assert_graphs_equal(gs.subset(range(4)), gs)
+    # through the arrays (as the cache stores them) and back
+    assert_graphs_equal(GraphSet(**sub.arrays(), cutoff=4.0, max_neighbors=8), sub)
+    assert len(gs.subset([])) == 0

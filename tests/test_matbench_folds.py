@@ -1,0 +1,156 @@
+"""Matbench tasks from the data dir, their official folds, and the inner train/val split."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymatgen.core import Composition, Structure
+
+from matfusion.config import DataConfig
+from matfusion.data import DataError, default_data_dir, limit_rows, load_dataset, outer_folds, split_fold
+
+TASK = "matbench_phonons"
+
+
+@pytest.fixture(scope="module")
+def phonons():
+    return load_dataset(DataConfig(source=TASK))
+
+
+@pytest.fixture(scope="module")
+def validation_splits():
+    """matbench's official folds, read straight from the package's file (no matfusion code)."""
+    spec = importlib.util.find_spec("matbench")
+    path = Path(list(spec.submodule_search_locations)[0]) / "matbench_v0.1_validation.json"
+    return json.loads(path.read_text())["splits"]
+
+
+def fold_of(ds) -> dict:
+    return {ds.ids[p]: k for k, fold in enumerate(ds.official_folds) for p in fold}
+
+
+def test_phonons_rows_and_ids(phonons):
+    assert len(phonons) == 1265
+    assert phonons.ids[:3] == ["mb-phonons-0001", "mb-phonons-0002", "mb-phonons-0003"]
+    assert phonons.ids[-1] == "mb-phonons-1265"
+    assert len(set(phonons.ids)) == 1265
+    assert phonons.target_name == "last phdos peak"
+    assert phonons.has_structures and all(isinstance(s, Structure) for s in phonons.structures)
+    assert np.all(np.isfinite(phonons.targets)) and phonons.targets.min() > 0
+    assert not phonons.skipped
+
+
+def test_official_folds(phonons, validation_splits):
+    folds = outer_folds(phonons)
+    assert len(folds) == 5
+    assert len(folds[0]) == 253
+    all_rows = np.concatenate(folds)
+    assert len(all_rows) == len(set(all_rows.tolist())) == 1265  # disjoint and covering
+    assert set(all_rows.tolist()) == set(range(1265))
+    official = validation_splits[TASK]
+    for k, fold in enumerate(folds):
+        ours = {phonons.ids[p] for p in fold}
+        assert ours == set(official[f"fold_{k}"]["test"])
+        assert set(phonons.ids) - ours == set(official[f"fold_{k}"]["train"])
+
+
+def test_split_fold(phonons):
+    sp = split_fold(phonons, 0, val_fraction=0.1, seed=0)
+    train, val, test = (set(x.tolist()) for x in (sp.train, sp.val, sp.test))
+    assert not (train & val or train & test or val & test)
+    assert train | val | test == set(range(1265))
+    assert test == set(phonons.official_folds[0].tolist())
+    assert len(val) == round(0.1 * (1265 - 253))
+    assert 0.09 < len(val) / (len(train) + len(val)) < 0.11
+
+    again = split_fold(phonons, 0, val_fraction=0.1, seed=0)
+    np.testing.assert_array_equal(again.train, sp.train)
+    np.testing.assert_array_equal(again.val, sp.val)
+    other = split_fold(phonons, 0, val_fraction=0.1, seed=1)
+    np.testing.assert_array_equal(other.test, sp.test)  # the official test part never moves
+    assert set(other.val.tolist()) != val
+    assert set(other.train.tolist()) | set(other.val.tolist()) == train | val
+    # each fold has its own inner split, and its own test part
+    one = split_fold(phonons, 1, seed=0)
+    assert not set(one.test.tolist()) & test
+    assert set(one.val.tolist()) != val
+
+
+@pytest.mark.parametrize("fold", [-1, 5, 17])
+def test_bad_fold_number(phonons, fold):
+    with pytest.raises(DataError, match=rf"fold {fold} does not exist"):
+        split_fold(phonons, fold)
+
+
+def test_limit_rows_keeps_fold_membership(phonons):
+    full_fold = fold_of(phonons)
+    for seed in (0, 3):
+        sub = limit_rows(phonons, 200, seed=seed)
+        assert len(sub) == 200 and len(set(sub.ids)) == 200
+        assert sum(len(f) for f in sub.official_folds) == 200
+        for k, fold in enumerate(sub.official_folds):
+            for p in fold:
+                assert full_fold[sub.ids[p]] == k
+        # rows keep their structure and target
+        pos = {rid: i for i, rid in enumerate(phonons.ids)}
+        for i in (0, 77, 199):
+            j = pos[sub.ids[i]]
+            assert sub.targets[i] == phonons.targets[j] and sub.structures[i] is phonons.structures[j]
+        sp = split_fold(sub, 2, seed=seed)
+        assert {sub.ids[p] for p in sp.test} == {rid for rid in sub.ids if full_fold[rid] == 2}
+    assert limit_rows(phonons, 200, seed=0).ids != limit_rows(phonons, 200, seed=3).ids
+    # load_dataset applies the same limit
+    assert load_dataset(DataConfig(source=TASK, limit=200)).ids == limit_rows(phonons, 200, seed=0).ids
+
+
+def test_composition_task_expt_gap(validation_splits):
+    ds = load_dataset(DataConfig(source="matbench_expt_gap"))
+    assert len(ds) == 4604
+    assert ds.ids[0] == "mb-expt-gap-0001"
+    assert all(isinstance(c, Composition) for c in ds.structures)
+    assert not ds.has_structures
+    assert ds.target_name == "gap expt" and np.all(ds.targets >= 0)
+    assert len(ds.official_folds) == 5
+    assert {ds.ids[p] for p in ds.official_folds[3]} == set(validation_splits["matbench_expt_gap"]["fold_3"]["test"])
+
+
+def test_unknown_task_names_it():
+    with pytest.raises(DataError, match="matbench_no_such_task"):
+        load_dataset(DataConfig(source="matbench_no_such_task"))
+
+
+def test_not_a_source():
+    with pytest.raises(DataError, match="not_a_task_or_file"):
+        load_dataset(DataConfig(source="not_a_task_or_file"))
+
+
+def test_missing_data_dir(tmp_path):
+    missing = tmp_path / "does" / "not" / "exist"
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(source=TASK, data_dir=str(missing)))
+    assert str(missing) in str(err.value) and TASK in str(err.value)
+
+
+def test_against_matbench_package(monkeypatch, phonons):
+    """matbench's own loader and folds (via matminer, offline) agree with ours on fold 0."""
+    monkeypatch.setenv("MATMINER_DATA", str(default_data_dir() / "matbench"))
+    from matbench.bench import MatbenchBenchmark
+
+    mb = MatbenchBenchmark(autoload=False, subset=[TASK])
+    (task,) = list(mb.tasks)
+    task.load()
+    x_test, y_test = task.get_test_data(0, include_target=True)
+    sp = split_fold(phonons, 0)
+    ours = {phonons.ids[p]: phonons.targets[p] for p in sp.test}
+    assert set(x_test.index) == set(ours)
+    theirs = y_test.to_dict()
+    np.testing.assert_allclose([ours[i] for i in theirs], list(theirs.values()), rtol=0, atol=1e-9)
+    # and the structures are the same crystals
+    pos = {rid: i for i, rid in enumerate(phonons.ids)}
+    for rid in list(x_test.index)[:5]:
+        assert x_test[rid] == phonons.structures[pos[rid]]
+    x_train, _ = task.get_train_and_val_data(0)
+    assert set(x_train.index) == {phonons.ids[p] for p in np.concatenate([sp.train, sp.val])}
