@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-FAMILIES = ("rf", "cgcnn")
+FAMILIES = ("rf", "cgcnn", "alignn")
+FUSIONS = ("none", "early", "attention", "late")
+TASK_WEIGHTINGS = ("fixed", "tuned", "uncertainty")
 
 
 class ConfigError(ValueError):
@@ -31,7 +33,8 @@ class DataConfig(_Strict):
         description="A matbench task name (e.g. matbench_phonons) found in the data dir, "
         "a CSV/JSON table path, or a folder of CIF/POSCAR files with id_prop.csv"
     )
-    target: Optional[str] = Field(None, description="target column (tables); default: the task's target")
+    target: Optional[Union[str, list[str]]] = Field(
+        None, description="target column of a table, or a list of columns for multi-task; default: the task's target")
     structure_column: str = "structure"
     id_column: Optional[str] = None
     data_dir: Optional[str] = Field(None, description="default: $MATFUSION_DATA or ../shared/data")
@@ -51,6 +54,8 @@ class FeaturesConfig(_Strict):
     max_neighbors: int = Field(12, gt=0)
     gaussian_bins: int = Field(40, gt=1, description="number of Gaussians expanding each distance")
     gaussian_width: Optional[float] = Field(None, gt=0.0, description="default: cutoff / gaussian_bins")
+    line_graph: bool = Field(False, description="also build each graph's line graph (bond angles; ALIGNN needs it). "
+                             "The search turns it on when it searches alignn")
     n_jobs: int = Field(0, ge=0, description="worker processes; 0 = all cores")
     cache_dir: Optional[str] = Field(None, description="default: $MATFUSION_CACHE or ~/.cache/matfusion")
 
@@ -58,7 +63,14 @@ class FeaturesConfig(_Strict):
 class SearchConfig(_Strict):
     """Ray Tune + Optuna TPE + ASHA settings."""
 
-    families: list[Literal["rf", "cgcnn"]] = Field(default_factory=lambda: list(FAMILIES))
+    families: list[Literal["rf", "cgcnn", "alignn"]] = Field(default_factory=lambda: list(FAMILIES))
+    fusions: list[Literal["none", "early", "attention", "late"]] = Field(
+        default_factory=lambda: list(FUSIONS),
+        description="fusions of each GNN with Magpie that the search may pick")
+    task_weighting: list[Literal["fixed", "tuned", "uncertainty"]] = Field(
+        default_factory=lambda: ["fixed", "uncertainty"],
+        description="multi-task loss weighting choices: fixed (task_weights), tuned (searched), uncertainty (learned)")
+    task_weights: Optional[dict[str, float]] = Field(None, description="fixed lambda per target (default 1)")
     num_samples: int = Field(8, gt=0)
     max_epochs: int = Field(30, gt=0)
     grace_period: int = Field(3, gt=0, description="ASHA: epochs every trial gets before it may be stopped")
@@ -77,6 +89,21 @@ class SearchConfig(_Strict):
     def _non_empty(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError(f"needs at least one family; allowed: {', '.join(FAMILIES)}")
+        return v
+
+    @field_validator("fusions", "task_weighting")
+    @classmethod
+    def _non_empty_choice(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one choice")
+        return v
+
+    @field_validator("task_weights")
+    @classmethod
+    def _positive_weights(cls, v):
+        for k, w in (v or {}).items():
+            if not w > 0:
+                raise ValueError(f"task weight of {k!r} must be > 0 (got {w})")
         return v
 
     @model_validator(mode="after")

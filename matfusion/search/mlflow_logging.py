@@ -18,6 +18,13 @@ from ray.tune import Callback
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 TRIAL_METRICS = ("val_mae", "train_loss", "best_val_mae", "lr")
+TRIAL_METRIC_PREFIXES = ("val_mae_", "task_weight_", "late_alpha", "attention_graph")
+
+
+def trial_metric_names(result: dict) -> list[str]:
+    return [k for k, v in result.items()
+            if (k in TRIAL_METRICS or k.startswith(TRIAL_METRIC_PREFIXES))
+            and isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def resolve_tracking_uri(uri: Optional[str] = None) -> str:
@@ -100,7 +107,7 @@ class MlflowTrialLogger(Callback):
         run_id = self._run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in TRIAL_METRICS if k in result and result[k] is not None]
+        metrics = [Metric(k, float(result[k]), now, step) for k in trial_metric_names(result)]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
         self.last_result[trial.trial_id] = dict(result)

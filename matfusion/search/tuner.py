@@ -32,6 +32,7 @@ from ..config import Config
 from ..data import load_dataset, split_fold
 from ..data.featurize import featurize
 from ..spaces import define_search_space
+from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
 from ..trainables.trial_data import pack_rows, pack_trial_data
 from .mlflow_logging import MlflowTrialLogger, ensure_experiment, flatten, resolve_tracking_uri
@@ -88,6 +89,13 @@ def trial_resources(cfg: Config) -> dict:
     return res
 
 
+def target_names(dataset) -> list[str]:
+    """One name per target column (multi-target tables join their names with commas)."""
+    n = 1 if dataset.targets.ndim == 1 else dataset.targets.shape[1]
+    names = [t.strip() for t in str(dataset.target_name).split(",")]
+    return names if len(names) == n else [f"t{k}" for k in range(n)]
+
+
 def trial_statuses(client, experiment_id: str, parent_id: str) -> dict:
     """trial_id -> status tag of the nested runs of a search."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
@@ -111,11 +119,19 @@ def run_search(cfg: Config, progress: bool = True) -> SearchResult:
     # -- data and features (driver side, cached)
     dataset = load_dataset(cfg.data, seed=s.seed)
     print(dataset.summary(), flush=True)
-    if "cgcnn" in s.families and not dataset.has_structures:
-        raise ValueError(f"{dataset.name} has compositions only; family 'cgcnn' needs crystal structures "
-                         "(use search.families: [rf])")
+    graph_families = [f for f in s.families if f != "rf"]
+    if graph_families and not dataset.has_structures:
+        raise ValueError(f"{dataset.name} has compositions only; family '{graph_families[0]}' needs crystal "
+                         "structures (use search.families: [rf])")
+    targets = target_names(dataset)
+    constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
+                 "cpus": s.cpus_per_trial, "targets": targets}
+    space = define_search_space(s.families, constants, fusions=s.fusions, targets=targets,
+                                task_weighting=s.task_weighting, task_weights=s.task_weights)
     split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=s.seed, n_folds=cfg.data.n_folds)
-    features = featurize(dataset, cfg.features, progress=progress)
+    # ALIGNN needs each graph's line graph, built (and cached) with the graphs
+    features_cfg = cfg.features.model_copy(update={"line_graph": True}) if "alignn" in s.families else cfg.features
+    features = featurize(dataset, features_cfg, progress=progress)
     data = pack_trial_data(features.magpie, features.graphs, dataset.targets, split.train, split.val,
                            gaussian_bins=cfg.features.gaussian_bins, gaussian_width=cfg.features.gaussian_width)
     test_part = pack_rows(features.magpie, features.graphs, dataset.targets, split.test)
@@ -148,9 +164,6 @@ def run_search(cfg: Config, progress: bool = True) -> SearchResult:
     # -- Ray Tune
     init_ray(s.address)
     resources = trial_resources(cfg)
-    constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
-                 "cpus": s.cpus_per_trial}
-    space = define_search_space(s.families, constants)
     searcher = ConcurrencyLimiter(
         OptunaSearch(space=space, metric="val_mae", mode="min", sampler=TPESampler(seed=s.seed, n_startup_trials=min(5, s.num_samples))),
         max_concurrent=s.max_concurrent,
@@ -205,7 +218,9 @@ def run_search(cfg: Config, progress: bool = True) -> SearchResult:
         best_config = best_result.config
         with best_result.checkpoint.as_directory() as d:
             pred = predict_from_checkpoint(best_config, d, test_part, data["graph_params"])
-        best_test = float(np.mean(np.abs(np.asarray(pred).reshape(test_part["y"].shape) - test_part["y"])))
+        y_test = np.asarray(test_part["y"], dtype=np.float64)
+        _, train_std = target_stats(data["train"]["y"])
+        best_test, _ = validation_score(np.asarray(pred).reshape(len(y_test), -1), y_test.reshape(len(y_test), -1), train_std)
     wall = time.time() - t0
 
     with tempfile.TemporaryDirectory() as d:

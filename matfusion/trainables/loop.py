@@ -100,58 +100,95 @@ class TuneSession:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _loss_fn(name: str) -> Callable:
-    return {"l1": nn.functional.l1_loss, "mse": nn.functional.mse_loss,
-            "huber": nn.functional.smooth_l1_loss}[name]
-
-
 def _to_cpu(state: dict) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def predict(model: nn.Module, data_list: list, y_mean: np.ndarray, y_std: np.ndarray,
-            batch_size: int = 256, device: Optional[torch.device] = None) -> np.ndarray:
-    """Predictions in target units, shape (n, n_targets)."""
+            batch_size: int = 256, device: Optional[torch.device] = None, return_attention: bool = False):
+    """Predictions in target units, shape (n, n_targets).  With ``return_attention``, also the
+    per-sample fusion attention weights (n, 2) of an attention-fused model (else None)."""
     from torch_geometric.loader import DataLoader
 
     device = device or next(model.parameters()).device
     model.eval()
-    out = []
+    out, att = [], []
     with torch.no_grad():
         for batch in DataLoader(data_list, batch_size=batch_size, shuffle=False):
             out.append(model(batch.to(device)).cpu().numpy())
-    pred = np.concatenate(out, axis=0) if out else np.zeros((0, len(y_mean)))
-    return pred * y_std + y_mean
+            a = getattr(model, "attention_weights", None)
+            if a is not None:
+                att.append(a.cpu().numpy())
+    pred = np.concatenate(out, axis=0) if out else np.zeros((0, len(np.atleast_1d(y_mean))))
+    pred = pred * y_std + y_mean
+    if return_attention:
+        return pred, (np.concatenate(att, axis=0) if att else None)
+    return pred
+
+
+def target_stats(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task mean and std over labelled (finite) values; std 1 where it would be 0."""
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    mean = np.array([np.nanmean(c) if np.isfinite(c).any() else 0.0 for c in y.T])
+    std = np.array([np.nanstd(c) if np.isfinite(c).any() else 1.0 for c in y.T])
+    std[~(std > 0)] = 1.0
+    return mean, std
+
+
+def validation_score(pred: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> tuple[float, list[float]]:
+    """(score, per-task MAE).  One task: its MAE in target units.  Several: the mean over tasks
+    of MAE_k / std_k (train std), so tasks in different units count alike.  Missing labels
+    (NaN) are ignored."""
+    pred = np.asarray(pred, dtype=np.float64).reshape(len(pred), -1)
+    y = np.asarray(y, dtype=np.float64).reshape(pred.shape)
+    maes = []
+    for k in range(pred.shape[1]):
+        m = np.isfinite(y[:, k])
+        maes.append(float(np.mean(np.abs(pred[m, k] - y[m, k]))) if m.any() else float("nan"))
+    if len(maes) == 1:
+        return maes[0], maes
+    scaled = [mae / s for mae, s in zip(maes, np.atleast_1d(y_std)) if np.isfinite(mae)]
+    return float(np.mean(scaled)), maes
 
 
 def train_torch_model(model: nn.Module, train_list: list, val_list: list, settings: LoopSettings,
-                      session=None, extra_metrics: Optional[dict] = None) -> dict:
-    """Train ``model`` on ``train_list`` (PyG Data with ``y``), select on ``val_list``.
+                      session=None, extra_metrics: Optional[dict] = None, criterion: Optional[nn.Module] = None,
+                      val_hook: Optional[Callable] = None, target_names: Optional[list[str]] = None,
+                      extra_state: Optional[dict] = None) -> dict:
+    """Train ``model`` on ``train_list`` (PyG Data with ``y`` of shape (1, n_targets), NaN =
+    missing label), select on ``val_list``.
 
-    Returns the final state dict (``best_model`` weights, ``best_val_mae``, ``y_mean``...).
+    ``criterion`` (default: :class:`MultiTaskLoss` with equal weights) gets standardized
+    predictions and targets; its parameters (learned task uncertainties) are trained too.
+    ``val_hook(val_pred) -> (val_pred, metrics, state)`` may transform the validation
+    predictions (late fusion) before scoring.  Returns the final checkpoint state
+    (``best_model`` weights, ``best_val_mae``, ``y_mean``, ``y_std``, ...).
     """
+    from .multitask import MultiTaskLoss
     from torch_geometric.loader import DataLoader
 
     session = session or LocalSession()
     device = pick_device(settings.device)
     model.to(device)
     y_train = torch.cat([d.y for d in train_list]).numpy().astype(np.float64)
-    y_mean = y_train.mean(axis=0)
-    y_std = y_train.std(axis=0)
-    y_std[y_std == 0] = 1.0
+    y_mean, y_std = target_stats(y_train)
     y_val = torch.cat([d.y for d in val_list]).numpy().astype(np.float64)
+    n_tasks = y_train.shape[1]
+    names = list(target_names) if target_names else [f"t{k}" for k in range(n_tasks)]
+    criterion = (criterion or MultiTaskLoss(n_tasks, base=settings.loss)).to(device)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    params = list(model.parameters()) + list(criterion.parameters())
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.max_epochs), eta_min=settings.lr * 0.01)
     gen = torch.Generator().manual_seed(settings.seed)
-    loss_fn = _loss_fn(settings.loss)
     mean_t = torch.tensor(y_mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(y_std, dtype=torch.float32, device=device)
 
-    start_epoch, best_val, best_epoch, best_weights = 1, float("inf"), 0, None
+    start_epoch, best_val, best_epoch, best_weights, best_hook_state = 1, float("inf"), 0, None, {}
     resume = session.get_state()
     if resume is not None:
         model.load_state_dict(resume["model"])
+        criterion.load_state_dict(resume["criterion"])
         # a copy: Optimizer.load_state_dict keeps the given tensors, so training would otherwise
         # mutate the caller's checkpoint state (a second resume from it would then differ)
         opt.load_state_dict(copy.deepcopy(resume["optimizer"]))
@@ -160,6 +197,7 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
         torch.set_rng_state(resume["torch_rng"])
         start_epoch = resume["epoch"] + 1
         best_val, best_epoch, best_weights = resume["best_val_mae"], resume["best_epoch"], resume["best_model"]
+        best_hook_state = resume.get("best_hook_state", {})
 
     loader = DataLoader(train_list, batch_size=settings.batch_size, shuffle=True, generator=gen, drop_last=False)
     state = resume
@@ -171,38 +209,51 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
             opt.zero_grad()
             pred = model(batch)
             target = (batch.y.view(pred.shape) - mean_t) / std_t
-            loss = loss_fn(pred, target)
+            loss = criterion(pred, target)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"training loss became {loss.item()} at epoch {epoch} (lr={settings.lr}); "
                     "the trial is stopped: lower the learning rate or check the targets for extreme values"
                 )
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+            nn.utils.clip_grad_norm_(params, settings.clip_norm)
             opt.step()
             total += loss.item() * batch.num_graphs
             count += batch.num_graphs
         sched.step()
         train_loss = total / max(count, 1)
 
-        val_pred = predict(model, val_list, y_mean, y_std, device=device)
-        val_mae = float(np.mean(np.abs(val_pred - y_val.reshape(val_pred.shape))))
+        val_pred, attention = predict(model, val_list, y_mean, y_std, device=device, return_attention=True)
+        epoch_metrics: dict = {}
+        hook_state: dict = {}
+        if val_hook is not None:
+            val_pred, epoch_metrics, hook_state = val_hook(val_pred)
+        val_mae, task_maes = validation_score(val_pred, y_val, y_std)
         if not np.isfinite(val_mae):
-            raise NonFiniteLossError(f"validation MAE became {val_mae} at epoch {epoch}")
+            raise NonFiniteLossError(f"validation MAE became {val_mae} at epoch {epoch} (lr={settings.lr})")
         if val_mae < best_val:
             best_val, best_epoch, best_weights = val_mae, epoch, _to_cpu(model.state_dict())
+            best_hook_state = dict(hook_state)
         finished = epoch >= settings.max_epochs or epoch - best_epoch >= settings.patience
         metrics = {
             "epoch": epoch, "train_loss": train_loss, "val_mae": val_mae, "best_val_mae": best_val,
             "lr": opt.param_groups[0]["lr"], "trial_finished": bool(finished),
-            **(extra_metrics or {}),
+            **epoch_metrics, **(extra_metrics or {}),
         }
+        if n_tasks > 1:
+            weights = criterion.effective_weights().cpu().numpy()
+            for k, name in enumerate(names):
+                metrics[f"val_mae_{name}"] = task_maes[k]
+                metrics[f"task_weight_{name}"] = float(weights[k])
+        if attention is not None:
+            metrics["attention_graph"] = float(attention[:, 0].mean())
         state = {
             "model": _to_cpu(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
             "scheduler": sched.state_dict(), "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(), "epoch": epoch, "best_val_mae": best_val,
-            "best_epoch": best_epoch, "best_model": best_weights,
-            "y_mean": y_mean, "y_std": y_std,
+            "best_epoch": best_epoch, "best_model": best_weights, "best_hook_state": best_hook_state,
+            "criterion": _to_cpu(criterion.state_dict()), "y_mean": y_mean, "y_std": y_std,
+            "target_names": names, **(extra_state or {}),
         }
         session.report(metrics, state)
         if finished:

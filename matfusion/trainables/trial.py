@@ -4,8 +4,16 @@ checkpoint and predict.
 
 ``config`` is what the search space produced, e.g.::
 
-    {"family": "cgcnn", "cgcnn": {"hidden": 64, "n_conv": 3, "dropout": 0.1, "lr": 1e-3,
-     "batch_size": 64, "weight_decay": 1e-5}, "max_epochs": 30, "seed": 0, "patience": 20}
+    {"family": "cgcnn",
+     "cgcnn": {"hidden": 64, "n_conv": 3, "dropout": 0.1, "lr": 1e-3, "batch_size": 64,
+               "fusion": "early", "comp_hidden": 128, "comp_layers": 2},
+     "multitask": {"weighting": "uncertainty"},
+     "max_epochs": 30, "seed": 0, "patience": 20, "cpus": 1, "targets": ["K_VRH", "G_VRH"]}
+
+Families: ``rf`` (random forest on Magpie) and the graph encoders (``cgcnn``, ...), each
+with a ``fusion``: ``none`` (graph only), ``early`` / ``attention`` (with the Magpie MLP
+branch, see :mod:`.fusion`), or ``late`` (alpha * RF + (1 - alpha) * GNN, alpha chosen on
+the inner validation predictions).
 """
 from __future__ import annotations
 
@@ -16,17 +24,45 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .alignn import ALIGNN
 from .cgcnn import CGCNN
-from .loop import CHECKPOINT_FILE, LocalSession, LoopSettings, TuneSession, predict, seed_everything, train_torch_model
+from .fusion import FusedModel
+from .loop import (CHECKPOINT_FILE, LocalSession, LoopSettings, TuneSession, predict, seed_everything,
+                   target_stats, train_torch_model, validation_score)
+from .multitask import MultiTaskLoss
 from .random_forest import random_forest
 from .trial_data import data_list
 
 RF_FILE = "model.pkl"
-TORCH_FAMILIES = ("cgcnn",)
+
+
+def _cgcnn(hp: dict, node_features: int, edge_features: int, angle_features: int, n_targets: int):
+    return CGCNN(node_features, edge_features, hidden=int(hp.get("hidden", 64)),
+                 n_conv=int(hp.get("n_conv", 3)), head_hidden=int(hp.get("head_hidden", 128)),
+                 dropout=float(hp.get("dropout", 0.0)), n_targets=n_targets)
+
+
+def _alignn(hp: dict, node_features: int, edge_features: int, angle_features: int, n_targets: int):
+    if angle_features <= 0:
+        raise ValueError("alignn needs the line graph: featurize with features.line_graph=true")
+    return ALIGNN(node_features, edge_features, angle_features, hidden=int(hp.get("hidden", 64)),
+                  n_layers=int(hp.get("n_layers", 2)), n_gcn=int(hp.get("n_gcn", 1)),
+                  head_hidden=int(hp.get("head_hidden", 128)), dropout=float(hp.get("dropout", 0.0)),
+                  n_targets=n_targets)
+
+
+# graph encoders: family -> builder(hp, node_features, edge_features, angle_features, n_targets)
+ENCODERS = {"cgcnn": _cgcnn, "alignn": _alignn}
+TORCH_FAMILIES = tuple(ENCODERS)
+LATE_ALPHAS = np.linspace(0.0, 1.0, 21)
 
 
 def _threads(config: dict) -> int:
     return max(1, int(config.get("cpus", 1)))
+
+
+def fusion_of(config: dict) -> str:
+    return str(config.get(config["family"], {}).get("fusion", "none"))
 
 
 def loop_settings(config: dict) -> LoopSettings:
@@ -42,15 +78,65 @@ def loop_settings(config: dict) -> LoopSettings:
     )
 
 
-def build_torch_model(config: dict, node_features: int, edge_features: int, n_targets: int = 1) -> torch.nn.Module:
+def build_torch_model(config: dict, node_features: int, edge_features: int, n_targets: int = 1,
+                      angle_features: int = 0, magpie_features: int = 132) -> torch.nn.Module:
+    """The encoder of ``config["family"]``, fused with the Magpie branch if the fusion asks."""
     family = config["family"]
+    if family not in ENCODERS:
+        raise ValueError(f"unknown graph family {family!r}; known: {', '.join(ENCODERS)}")
     hp = config.get(family, {})
-    if family == "cgcnn":
-        return CGCNN(node_features, edge_features, hidden=int(hp.get("hidden", 64)),
-                     n_conv=int(hp.get("n_conv", 3)), head_hidden=int(hp.get("head_hidden", 128)),
-                     dropout=float(hp.get("dropout", 0.0)), n_targets=n_targets)
-    raise ValueError(f"unknown torch family {family!r}; known: {', '.join(TORCH_FAMILIES)}")
+    encoder = ENCODERS[family](hp, node_features, edge_features, angle_features, n_targets)
+    fusion = fusion_of(config)
+    if fusion in ("none", "late"):
+        return encoder
+    return FusedModel(encoder, graph_dim=int(hp.get("hidden", 64)), fusion=fusion, magpie_dim=magpie_features,
+                      comp_hidden=int(hp.get("comp_hidden", 128)), comp_layers=int(hp.get("comp_layers", 2)),
+                      fusion_dim=int(hp.get("fusion_dim", 128)), head_hidden=int(hp.get("head_hidden", 128)),
+                      dropout=float(hp.get("dropout", 0.0)), n_targets=n_targets)
 
+
+def build_criterion(config: dict, n_tasks: int) -> MultiTaskLoss:
+    """Fixed task weights (from config, default 1), searched ones, or learned uncertainty."""
+    mt = config.get("multitask", {}) or {}
+    names = list(config.get("targets") or [f"t{k}" for k in range(n_tasks)])
+    weighting = mt.get("weighting", "fixed")
+    base = str(config.get(config["family"], {}).get("loss", "l1"))
+    if weighting == "uncertainty":
+        return MultiTaskLoss(n_tasks, weighting="uncertainty", base=base)
+    weights = [float(mt.get(f"w_{name}", 1.0)) for name in names] if n_tasks > 1 else None
+    return MultiTaskLoss(n_tasks, weights=weights, weighting="fixed", base=base)
+
+
+# -- Magpie standardization (fitted on the training rows of the trial) -------------------------
+
+def fit_scaler(magpie: np.ndarray) -> dict:
+    mean = np.nanmean(np.where(np.isfinite(magpie), magpie, np.nan), axis=0)
+    std = np.nanstd(np.where(np.isfinite(magpie), magpie, np.nan), axis=0)
+    mean = np.where(np.isfinite(mean), mean, 0.0)
+    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    return {"mean": mean, "std": std}
+
+
+def scale(magpie: np.ndarray, scaler: dict) -> np.ndarray:
+    z = (magpie - scaler["mean"]) / scaler["std"]
+    return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
+
+
+def _graphs_with_magpie(part: dict, graph_params: dict, scaler: Optional[dict]) -> list:
+    items = data_list(part, graph_params)
+    if scaler is not None:
+        z = torch.from_numpy(scale(part["magpie"], scaler))
+        for k, d in enumerate(items):
+            d.magpie = z[k:k + 1]
+    return items
+
+
+def _feature_widths(item) -> tuple[int, int, int]:
+    angle = getattr(item, "lg_edge_attr", None)
+    return item.x.shape[1], item.edge_attr.shape[1], 0 if angle is None else angle.shape[1]
+
+
+# -- random forests (one per target: multi-task labels may be missing) -------------------------
 
 def _rf_from_config(config: dict):
     hp = config.get("rf", {})
@@ -59,29 +145,76 @@ def _rf_from_config(config: dict):
                          seed=int(config.get("seed", 0)), n_jobs=_threads(config))
 
 
+def fit_forests(config: dict, magpie: np.ndarray, y: np.ndarray) -> list:
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    forests = []
+    for k in range(y.shape[1]):
+        labelled = np.isfinite(y[:, k])
+        forests.append(_rf_from_config(config).fit(magpie[labelled], y[labelled, k]))
+    return forests
+
+
+def predict_forests(forests: list, magpie: np.ndarray) -> np.ndarray:
+    return np.stack([f.predict(magpie) for f in forests], axis=1)
+
+
+def choose_late_alpha(rf_pred: np.ndarray, gnn_pred: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> tuple[float, float]:
+    """alpha in [0, 1] minimizing the validation score of alpha * RF + (1 - alpha) * GNN."""
+    scores = [validation_score(a * rf_pred + (1 - a) * gnn_pred, y, y_std)[0] for a in LATE_ALPHAS]
+    best = int(np.nanargmin(scores))
+    return float(LATE_ALPHAS[best]), float(scores[best])
+
+
+# -- training ---------------------------------------------------------------------------------
+
 def fit_family(config: dict, data: dict, session=None) -> dict:
     """Train the family named by ``config["family"]`` on ``data`` (from ``pack_trial_data``)."""
     family = config["family"]
     seed_everything(int(config.get("seed", 0)))
     torch.set_num_threads(_threads(config))
     session = session or LocalSession()
+    tr, va = data["train"], data["val"]
+    y_train = np.asarray(tr["y"], dtype=np.float64).reshape(len(tr["y"]), -1)
+    y_val = np.asarray(va["y"], dtype=np.float64).reshape(len(va["y"]), -1)
+    _, y_std = target_stats(y_train)
     if family == "rf":
-        model = _rf_from_config(config)
-        tr, va = data["train"], data["val"]
-        model.fit(tr["magpie"], tr["y"])
-        val_mae = float(np.mean(np.abs(model.predict(va["magpie"]) - va["y"])))
-        train_mae = float(np.mean(np.abs(model.predict(tr["magpie"]) - tr["y"])))
-        state = {"rf": model}
-        session.report({"epoch": 1, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": val_mae,
-                        "trial_finished": True}, state)
+        forests = fit_forests(config, tr["magpie"], y_train)
+        val_mae, task_maes = validation_score(predict_forests(forests, va["magpie"]), y_val, y_std)
+        train_mae, _ = validation_score(predict_forests(forests, tr["magpie"]), y_train, y_std)
+        metrics = {"epoch": 1, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": val_mae,
+                   "trial_finished": True}
+        if len(task_maes) > 1:
+            metrics.update({f"val_mae_{n}": m for n, m in zip(config.get("targets", []), task_maes)})
+        state = {"rf": forests}
+        session.report(metrics, state)
         return state
-    if family in TORCH_FAMILIES:
-        train_list = data_list(data["train"], data["graph_params"])
-        val_list = data_list(data["val"], data["graph_params"])
-        n_targets = train_list[0].y.shape[-1]
-        model = build_torch_model(config, train_list[0].x.shape[1], train_list[0].edge_attr.shape[1], n_targets)
-        return train_torch_model(model, train_list, val_list, loop_settings(config), session=session)
-    raise ValueError(f"unknown family {family!r}")
+    if family not in ENCODERS:
+        raise ValueError(f"unknown family {family!r}; known: rf, {', '.join(ENCODERS)}")
+
+    fusion = fusion_of(config)
+    scaler = fit_scaler(tr["magpie"]) if fusion in ("early", "attention") else None
+    train_list = _graphs_with_magpie(tr, data["graph_params"], scaler)
+    val_list = _graphs_with_magpie(va, data["graph_params"], scaler)
+    n_targets = y_train.shape[1]
+    node_f, edge_f, angle_f = _feature_widths(train_list[0])
+    model = build_torch_model(config, node_f, edge_f, n_targets, angle_f, tr["magpie"].shape[1])
+    extra_state: dict = {"magpie_scaler": scaler, "fusion": fusion}
+    val_hook = None
+    if fusion == "late":
+        forests = fit_forests(config, tr["magpie"], y_train)
+        rf_val = predict_forests(forests, va["magpie"])
+        extra_state["rf"] = forests
+        val_rows = np.asarray(va["row"]).copy()
+
+        def val_hook(gnn_val):
+            # alpha is chosen on the inner validation rows only (never on training predictions)
+            alpha, _ = choose_late_alpha(rf_val, gnn_val, y_val, y_std)
+            blended = alpha * rf_val + (1 - alpha) * gnn_val
+            return blended, {"late_alpha": alpha}, {"alpha": alpha, "alpha_rows": val_rows}
+
+    return train_torch_model(model, train_list, val_list, loop_settings(config), session=session,
+                             criterion=build_criterion(config, n_targets), val_hook=val_hook,
+                             target_names=config.get("targets"), extra_state=extra_state)
 
 
 def _write_rf(state: dict, directory: str) -> None:
@@ -95,16 +228,32 @@ def run_trial(config: dict, data: dict) -> None:
     fit_family(config, data, session=session)
 
 
-def predict_from_checkpoint(config: dict, checkpoint_dir: str, part: dict, graph_params: dict) -> np.ndarray:
-    """Predictions (n,) or (n, k) of a finished trial's best model on a packed part."""
-    family = config["family"]
-    if family == "rf":
-        with open(os.path.join(checkpoint_dir, RF_FILE), "rb") as fh:
-            return pickle.load(fh).predict(part["magpie"])
-    state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-    items = data_list(part, graph_params)
-    model = build_torch_model(config, items[0].x.shape[1], items[0].edge_attr.shape[1], len(np.atleast_1d(state["y_mean"])))
+def predict_from_state(config: dict, state: dict, part: dict, graph_params: dict) -> np.ndarray:
+    """Predictions (n,) or (n, k) of a trained trial (its best weights) on a packed part."""
+    if config["family"] == "rf":
+        pred = predict_forests(state["rf"], part["magpie"])
+        return pred[:, 0] if pred.shape[1] == 1 else pred
+    items = _graphs_with_magpie(part, graph_params, state.get("magpie_scaler"))
+    node_f, edge_f, angle_f = _feature_widths(items[0])
+    n_targets = len(np.atleast_1d(state["y_mean"]))
+    model = build_torch_model(config, node_f, edge_f, n_targets, angle_f, part["magpie"].shape[1])
     model.load_state_dict(state["best_model"])
     model.to(torch.device("cpu"))
     pred = predict(model, items, state["y_mean"], state["y_std"], device=torch.device("cpu"))
+    if state.get("fusion") == "late":
+        alpha = state["best_hook_state"]["alpha"]
+        pred = alpha * predict_forests(state["rf"], part["magpie"]) + (1 - alpha) * pred
     return pred[:, 0] if pred.shape[1] == 1 else pred
+
+
+def load_trial_state(config: dict, checkpoint_dir: str) -> dict:
+    if config["family"] == "rf":
+        with open(os.path.join(checkpoint_dir, RF_FILE), "rb") as fh:
+            forests = pickle.load(fh)
+        return {"rf": forests if isinstance(forests, list) else [forests]}
+    return torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+
+
+def predict_from_checkpoint(config: dict, checkpoint_dir: str, part: dict, graph_params: dict) -> np.ndarray:
+    """Predictions (n,) or (n, k) of a finished trial's best model on a packed part."""
+    return predict_from_state(config, load_trial_state(config, checkpoint_dir), part, graph_params)

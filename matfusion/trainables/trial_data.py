@@ -48,11 +48,8 @@ def pack_trial_data(magpie: np.ndarray, graphs: Optional[GraphSet], targets: np.
 def graphs_of(part: dict) -> Optional[GraphSet]:
     if "graph/z" not in part:
         return None
-    return GraphSet(
-        z=part["graph/z"], node_ptr=part["graph/node_ptr"], edge_index=part["graph/edge_index"],
-        distance=part["graph/distance"], edge_ptr=part["graph/edge_ptr"],
-        cutoff=float(part["graph/cutoff"]), max_neighbors=int(part["graph/max_neighbors"]),
-    )
+    arrays = {k: part[f"graph/{k}"] for k in GraphSet.ARRAY_NAMES if f"graph/{k}" in part}
+    return GraphSet(**arrays, cutoff=float(part["graph/cutoff"]), max_neighbors=int(part["graph/max_neighbors"]))
 
 
 def data_list(part: dict, graph_params: dict) -> list:
