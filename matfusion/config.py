@@ -71,6 +71,13 @@ class SearchConfig(_Strict):
         default_factory=lambda: ["fixed", "uncertainty"],
         description="multi-task loss weighting choices: fixed (task_weights), tuned (searched), uncertainty (learned)")
     task_weights: Optional[dict[str, float]] = Field(None, description="fixed lambda per target (default 1)")
+    preset: Literal["quick", "default", "thorough"] = Field(
+        "default", description="ranges of every family's space: quick (small models), default, thorough (wider)")
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fix or narrow parameters: {'cgcnn.hidden': 64, 'cgcnn.lr': {low: 1e-3, high: 5e-3}, "
+        "'rf.max_depth': [0, 20], 'cgcnn.fusion': [none, early]}")
+    points_to_evaluate: bool = Field(True, description="seed the search with one known-good config per family")
     num_samples: int = Field(8, gt=0)
     max_epochs: int = Field(30, gt=0)
     grace_period: int = Field(3, gt=0, description="ASHA: epochs every trial gets before it may be stopped")
@@ -110,6 +117,12 @@ class SearchConfig(_Strict):
     def _grace(self) -> "SearchConfig":
         if self.grace_period > self.max_epochs:
             raise ValueError(f"grace_period ({self.grace_period}) must be <= max_epochs ({self.max_epochs})")
+        from .spaces import SpaceError, resolve_specs
+
+        try:
+            resolve_specs(self.families, self.preset, self.fusions, self.space)
+        except SpaceError as err:
+            raise ValueError(str(err)) from None
         return self
 
 
@@ -139,7 +152,9 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")
+            given = e.get("input")
+            lines.append(f"  {key}: {msg}" + ("" if isinstance(given, dict) else f" (got {given!r})"))
     return "\n".join(lines)
 
 

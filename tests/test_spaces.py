@@ -63,3 +63,74 @@ def test_unknown_family_and_task_weight_rejected():
         SearchSpace(["rf", "gpt"], {})
     with pytest.raises(ValueError, match="task_weights names"):
         SearchSpace(["cgcnn"], {}, targets=["a"], task_weights={"zzz": 1.0})
+
+
+# -- presets, fixing and narrowing, seeded default points ------------------------------------
+
+from matfusion.config import ConfigError, config_from_dict  # noqa: E402
+from matfusion.spaces import SpaceError, resolve_specs  # noqa: E402
+from matfusion.spaces.params import Categorical, Float, Int  # noqa: E402
+
+
+def test_presets_change_ranges():
+    quick = resolve_specs(["cgcnn"], "quick")["cgcnn"]
+    default = resolve_specs(["cgcnn"], "default")["cgcnn"]
+    thorough = resolve_specs(["cgcnn"], "thorough")["cgcnn"]
+    assert set(quick["hidden"].choices) < set(default["hidden"].choices) < set(thorough["hidden"].choices)
+    assert thorough["n_conv"].high > default["n_conv"].high > quick["n_conv"].high
+
+
+def test_fix_and_narrow_parameters_in_samples():
+    space = SearchSpace(["rf", "cgcnn"], {"max_epochs": 2}, fusions=["none", "early", "attention"],
+                        overrides={"cgcnn.hidden": 64, "cgcnn.lr": {"low": 1e-3, "high": 2e-3},
+                                   "cgcnn.fusion": ["none", "early"], "rf": {"max_depth": [10, 20]}})
+    for s in _sample(space, 30):
+        if s["family"] == "cgcnn":
+            assert s["cgcnn/hidden"] == 64  # fixed: returned as a constant, not an Optuna param
+            assert 1e-3 <= s["cgcnn/lr"] <= 2e-3
+            assert s["cgcnn/fusion"] in {"none", "early"}
+        else:
+            assert s["rf/max_depth"] in {10, 20}
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"cgcnn.hiden": 64}, "unknown parameter 'hiden' of cgcnn"),
+    ({"cgcnn.hidden": 48}, "48 not allowed; allowed values: [32, 64, 128]"),
+    ({"cgcnn.lr": {"low": 1e-6, "high": 1e-3}}, "is not inside the space"),
+    ({"cgcnn.n_conv": 2.5}, "expected an integer"),
+    ({"gpt.size": 3}, "unknown family 'gpt'"),
+    ({"alignn.hidden": 64}, "not in search.families"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(SpaceError, match=None) as err:
+        resolve_specs(["rf", "cgcnn"], "default", ("none", "early"), override)
+    assert message in str(err.value)
+    key = next(iter(override))
+    assert key.split(".")[0] in str(err.value)
+
+
+def test_bad_override_in_config_fails_validation_naming_the_key():
+    raw = {"name": "x", "data": {"source": "matbench_phonons"},
+           "search": {"families": ["rf", "cgcnn"], "space": {"cgcnn.hidden": -4}}}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert "search.space.cgcnn.hidden" in str(err.value) and "allowed values" in str(err.value)
+
+
+def test_default_points_are_valid_and_respect_narrowing():
+    space = SearchSpace(["rf", "cgcnn", "alignn"], {}, fusions=["none", "attention"],
+                        overrides={"cgcnn.lr": {"low": 5e-4, "high": 1e-3}, "alignn.hidden": 32})
+    points = space.default_points()
+    assert [p["family"] for p in points] == ["rf", "cgcnn", "alignn"]
+    cg = points[1]
+    assert cg["cgcnn/fusion"] == "attention" and cg["cgcnn/lr"] == 1e-3 and "cgcnn/fusion_dim" in cg
+    assert "alignn/hidden" not in points[2]  # fixed parameters are constants, not points
+    # an enqueued default point is what the space then produces
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for p in points:
+        study.enqueue_trial(p)
+    for p in points:
+        trial = study.ask()
+        space(trial)
+        assert {k: trial.params[k] for k in p} == p
+        study.tell(trial, 1.0)

@@ -1,21 +1,82 @@
-"""Define-by-run Optuna search spaces, one function per model family, composed here.
+"""Define-by-run Optuna search spaces, one module per model family, composed here.
 
 The first choice of every trial is the model family; each family then suggests only its own
 parameters, named ``<family>/<param>`` (Ray's OptunaSearch un-flattens them into
-``config[family][param]``).  Constants (epochs, seed, ...) are returned by the space
-function and merged into the trial config.
+``config[family][param]``); a graph family also chooses its ``fusion`` and only that fusion's
+parameters.  Constants (epochs, seed, fixed parameters, ...) are returned by the space function
+and merged into the trial config.
+
+Each family module declares ``PARAMS`` (default ranges), ``PRESETS`` (``quick`` /
+``thorough`` ranges replacing the defaults) and ``DEFAULTS`` (a known-good point, used to seed
+the search through ``points_to_evaluate``).  A config may fix or narrow any parameter with
+``search.space`` (keys ``<family>.<param>``; see :mod:`.params`).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from types import SimpleNamespace
+from typing import Any, Mapping, Optional, Sequence
 
-from .alignn import alignn_space
-from .cgcnn import cgcnn_space
-from .fusion import fusion_space
+from . import alignn as _alignn
+from . import cgcnn as _cgcnn
+from . import fusion as _fusion
+from . import rf as _rf
 from .multitask import multitask_space
-from .rf import rf_space
+from .params import Categorical, SpaceError, Suggester, apply_override, describe
 
-FAMILY_SPACES: dict[str, Callable] = {"rf": rf_space, "cgcnn": cgcnn_space, "alignn": alignn_space}
+PRESETS = ("quick", "default", "thorough")
+FUSIONS = ("none", "early", "attention", "late")
+FAMILIES = {
+    "rf": SimpleNamespace(module=_rf, space=_rf.rf_space, graph=False),
+    "cgcnn": SimpleNamespace(module=_cgcnn, space=_cgcnn.cgcnn_space, graph=True),
+    "alignn": SimpleNamespace(module=_alignn, space=_alignn.alignn_space, graph=True),
+}
+FAMILY_SPACES = {name: fam.space for name, fam in FAMILIES.items()}
+
+
+def family_params(family: str, preset: str = "default", fusions: Sequence[str] = FUSIONS) -> dict:
+    """The specs of one family under a preset (graph families include fusion and its params)."""
+    fam = FAMILIES[family]
+    specs = dict(fam.module.PARAMS)
+    specs.update(getattr(fam.module, "PRESETS", {}).get(preset, {}))
+    if fam.graph:
+        specs["fusion"] = Categorical(tuple(fusions))
+        specs.update(_fusion.PARAMS)
+        specs.update(_fusion.PRESETS.get(preset, {}))
+    return specs
+
+
+def normalize_overrides(space: Optional[Mapping[str, Any]]) -> dict:
+    """``{"cgcnn.hidden": 64}`` or nested ``{"cgcnn": {"hidden": 64}}`` -> ``{"cgcnn.hidden": 64}``."""
+    out = {}
+    for key, value in (space or {}).items():
+        if "." not in key and key in FAMILIES and isinstance(value, Mapping):
+            for param, v in value.items():
+                out[f"{key}.{param}"] = v
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_specs(families: Sequence[str], preset: str = "default", fusions: Sequence[str] = FUSIONS,
+                  overrides: Optional[Mapping[str, Any]] = None) -> dict:
+    """family -> param -> spec (or ("fixed", value)); raises SpaceError naming a bad key."""
+    if preset not in PRESETS:
+        raise SpaceError(f"search.preset {preset!r} not allowed; allowed values: {list(PRESETS)}")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise SpaceError(f"unknown model families {unknown}; known: {', '.join(FAMILIES)}")
+    specs = {f: family_params(f, preset, fusions) for f in families}
+    for key, value in normalize_overrides(overrides).items():
+        family, _, param = key.partition(".")
+        if family not in FAMILIES:
+            raise SpaceError(f"search.space.{key}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        if family not in specs:
+            raise SpaceError(f"search.space.{key}: family {family!r} is not in search.families {list(families)}")
+        if param not in specs[family]:
+            known = ", ".join(f"{p} ({describe(s)})" for p, s in specs[family].items())
+            raise SpaceError(f"search.space.{key}: unknown parameter {param!r} of {family}; known: {known}")
+        specs[family][param] = apply_override(key, specs[family][param], value)
+    return specs
 
 
 class SearchSpace:
@@ -24,26 +85,31 @@ class SearchSpace:
 
     def __init__(self, families: Sequence[str], constants: dict, fusions: Sequence[str] = ("none",),
                  targets: Sequence[str] = (), task_weighting: Sequence[str] = ("fixed",),
-                 task_weights: Optional[dict] = None) -> None:
-        unknown = [f for f in families if f not in FAMILY_SPACES]
+                 task_weights: Optional[dict] = None, preset: str = "default",
+                 overrides: Optional[Mapping[str, Any]] = None) -> None:
+        unknown = [f for f in families if f not in FAMILIES]
         if unknown:
-            raise ValueError(f"unknown model families {unknown}; known: {', '.join(FAMILY_SPACES)}")
+            raise ValueError(f"unknown model families {unknown}; known: {', '.join(FAMILIES)}")
         self.families = list(families)
         self.constants = dict(constants)
         self.fusions = list(fusions)
         self.targets = list(targets)
         self.task_weighting = list(task_weighting)
         self.task_weights = dict(task_weights or {})
+        self.preset = preset
+        self.specs = resolve_specs(self.families, preset, self.fusions, overrides)
         unknown_targets = [k for k in self.task_weights if k not in self.targets]
         if unknown_targets:
             raise ValueError(f"search.task_weights names {unknown_targets}, not targets; targets: {self.targets}")
 
     def __call__(self, trial) -> dict:
         family = trial.suggest_categorical("family", self.families)
-        FAMILY_SPACES[family](trial, prefix=f"{family}/")
-        if family != "rf":
-            fusion_space(trial, f"{family}/", self.fusions)
-        constants = dict(self.constants)
+        fixed: dict = {}
+        s = Suggester(trial, f"{family}/", self.specs[family], fixed)
+        FAMILIES[family].space(s)
+        if FAMILIES[family].graph:
+            _fusion.fusion_space(s, s("fusion"))
+        constants = {**self.constants, **fixed}
         if len(self.targets) > 1 and family != "rf":
             weighting = multitask_space(trial, self.targets, self.task_weighting)
             if weighting == "fixed":
@@ -51,6 +117,39 @@ class SearchSpace:
                     constants[f"multitask/w_{t}"] = float(self.task_weights.get(t, 1.0))
         return constants
 
+    def default_points(self) -> list[dict]:
+        """One known-good point per family (Optuna param names), to seed the search: each
+        family's DEFAULTS, with fusion ``early`` where allowed (else attention, none, late),
+        kept inside any narrowed range and without fixed parameters."""
+        points = []
+        for family in self.families:
+            point: dict = {"family": family}
+            defaults = dict(FAMILIES[family].module.DEFAULTS)
+            if FAMILIES[family].graph:
+                fusion_spec = self.specs[family]["fusion"]
+                choices = fusion_spec.choices if isinstance(fusion_spec, Categorical) else (fusion_spec[1],)
+                preferred = [f for f in ("early", "attention", "none", "late") if f in choices]
+                defaults["fusion"] = preferred[0] if preferred else choices[0]
+                if defaults["fusion"] in ("early", "attention"):
+                    defaults.update({k: v for k, v in _fusion.DEFAULTS.items()
+                                     if k != "fusion_dim" or defaults["fusion"] == "attention"})
+            for param, value in defaults.items():
+                spec = self.specs[family].get(param)
+                if spec is None or isinstance(spec, tuple):
+                    continue  # fixed: not an Optuna parameter
+                if isinstance(spec, Categorical):
+                    if value not in spec.choices:
+                        value = spec.choices[0]
+                else:
+                    value = min(max(value, spec.low), spec.high)
+                point[f"{family}/{param}"] = value
+            points.append(point)
+        return points
+
 
 def define_search_space(families: Sequence[str], constants: dict, **choices) -> SearchSpace:
     return SearchSpace(families, constants, **choices)
+
+
+__all__ = ["FAMILIES", "FAMILY_SPACES", "PRESETS", "SearchSpace", "SpaceError", "define_search_space",
+           "resolve_specs"]

@@ -1,14 +1,22 @@
-"""Search space of the fusion of a graph encoder with the Magpie branch (per GNN family)."""
+"""Search space of the fusion of a graph encoder with the Magpie branch (per GNN family):
+each fusion brings only its own parameters."""
 from __future__ import annotations
 
-from typing import Sequence
+from .params import Categorical, Int
+
+PARAMS = {
+    "comp_hidden": Categorical((64, 128, 256)),
+    "comp_layers": Int(1, 3),
+    "fusion_dim": Categorical((64, 128)),
+}
+PRESETS = {"quick": {"comp_hidden": Categorical((64, 128)), "comp_layers": Int(1, 2)}}
+DEFAULTS = {"comp_hidden": 128, "comp_layers": 2, "fusion_dim": 128}
 
 
-def fusion_space(trial, prefix: str, fusions: Sequence[str]) -> str:
-    fusion = trial.suggest_categorical(prefix + "fusion", list(fusions))
+def fusion_space(s, fusion: str) -> None:
+    """``s`` suggests under the GNN family's prefix; ``fusion`` has already been chosen."""
     if fusion in ("early", "attention"):
-        trial.suggest_categorical(prefix + "comp_hidden", [64, 128, 256])
-        trial.suggest_int(prefix + "comp_layers", 1, 3)
+        s("comp_hidden")
+        s("comp_layers")
     if fusion == "attention":
-        trial.suggest_categorical(prefix + "fusion_dim", [64, 128])
-    return fusion
+        s("fusion_dim")
