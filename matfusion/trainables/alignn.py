@@ -24,6 +24,7 @@ from torch import nn
 from torch_geometric.nn import global_mean_pool
 
 from .edge_gated_conv import EdgeGatedGraphConv
+from .heads import regression_head
 
 
 class ALIGNNLayer(nn.Module):
@@ -63,12 +64,7 @@ class ALIGNN(nn.Module):
         self.embed_angle = _embedding(angle_features, hidden)
         self.alignn_layers = nn.ModuleList([ALIGNNLayer(hidden) for _ in range(n_layers)])
         self.gcn_layers = nn.ModuleList([EdgeGatedGraphConv(hidden) for _ in range(n_gcn)])
-        self.head = nn.Sequential(
-            nn.Linear(hidden, head_hidden),
-            nn.Softplus(),
-            nn.Dropout(dropout),
-            nn.Linear(head_hidden, n_targets),
-        )
+        self.head = regression_head(hidden, head_hidden, n_targets, dropout)
 
     def embed_crystal(self, data) -> torch.Tensor:
         """Pooled crystal embedding h (batch, hidden)."""

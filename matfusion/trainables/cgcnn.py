@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch_geometric.nn import CGConv, global_mean_pool
 
+from .heads import regression_head
+
 
 class CGCNN(nn.Module):
     """Crystal graph convolutional network.
@@ -32,12 +34,7 @@ class CGCNN(nn.Module):
         self.convs = nn.ModuleList(
             [CGConv(hidden, dim=edge_features, aggr="add", batch_norm=True) for _ in range(n_conv)]
         )
-        self.head = nn.Sequential(
-            nn.Linear(hidden, head_hidden),
-            nn.Softplus(),
-            nn.Dropout(dropout),
-            nn.Linear(head_hidden, n_targets),
-        )
+        self.head = regression_head(hidden, head_hidden, n_targets, dropout)
 
     def embed_crystal(self, data) -> torch.Tensor:
         """Pooled crystal embedding h (batch, hidden)."""

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from .composition import CompositionMLP
+from .heads import regression_head
 
 FUSIONS = ("none", "early", "attention", "late")
 
 
 def _head(width: int, head_hidden: int, dropout: float, n_targets: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(width, head_hidden), nn.SiLU(), nn.Dropout(dropout),
-                         nn.Linear(head_hidden, n_targets))
+    return regression_head(width, head_hidden, n_targets, dropout, activation=nn.SiLU)
 
 
 class FusedModel(nn.Module):
