@@ -1,0 +1,133 @@
+"""Search efficiency: ASHA + TPE vs random search (no pruning) vs TPE (no pruning).
+
+All three run the real `matfusion` search (Ray Tune, OptunaSearch, MLflow) on matbench_phonons
+fold 0 (a seeded subset), CGCNN trials only (GNN epochs are the budget axis), with the same
+total budget of training epochs.  For each seed we replay every reported epoch in arrival order
+(from MLflow's per-epoch metrics), and count the epochs each method needs before its best
+inner-validation MAE reaches random search's final best.  Target: ASHA+TPE needs <= 1/3 of the
+epochs random search needs.
+
+    python benchmarks/search_efficiency.py                # 3 seeds, ~15 min on 2 cores
+    python benchmarks/search_efficiency.py --seeds 0 --limit 300 --trials 8   # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from matfusion.config import config_from_dict
+from matfusion.search.tuner import run_search
+
+METHODS = {
+    # name: (sampler, scheduler)
+    "random": ("random", "fifo"),
+    "tpe": ("tpe", "fifo"),
+    "asha+tpe": ("tpe", "asha"),
+}
+
+
+def epoch_timeline(tracking_uri: str, experiment: str) -> list[float]:
+    """val_mae of every reported epoch of every trial, in the order the driver received them."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=10000)
+    events = []
+    for r in runs:
+        if "mlflow.parentRunId" not in r.data.tags:
+            continue
+        for m in client.get_metric_history(r.info.run_id, "val_mae"):
+            events.append((m.timestamp, r.info.start_time, m.step, m.value))
+    events.sort()
+    return [e[3] for e in events]
+
+
+def epochs_to_reach(timeline: list[float], target: float) -> float:
+    best = np.inf
+    for i, v in enumerate(timeline, start=1):
+        best = min(best, v)
+        if best <= target:
+            return float(i)
+    return float("inf")
+
+
+def run_method(method: str, seed: int, args, workdir: Path) -> list[float]:
+    sampler, scheduler = METHODS[method]
+    budget = args.trials * args.max_epochs
+    name = f"eff-{method.replace('+', '-')}-s{seed}"
+    raw = {
+        "name": name,
+        "data": {"source": "matbench_phonons", "fold": 0, "limit": args.limit},
+        "features": {"n_jobs": 0},
+        "search": {
+            "families": ["cgcnn"], "fusions": ["none", "early"], "preset": "quick",
+            "sampler": sampler, "scheduler": scheduler, "points_to_evaluate": False,
+            "num_samples": args.trials if scheduler == "fifo" else args.trials * 20,
+            "max_total_epochs": budget, "max_epochs": args.max_epochs,
+            "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+            "early_stopping_patience": 10 * args.max_epochs, "seed": seed,
+            "max_concurrent": args.max_concurrent, "cpus_per_trial": 2 / args.max_concurrent,
+            "storage_path": str(workdir / "ray"),
+        },
+        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlruns.db'}",
+                   "artifact_location": str(workdir / "artifacts")},
+    }
+    if args.data_dir:
+        raw["data"]["data_dir"] = args.data_dir
+    cfg = config_from_dict(raw, origin=name)
+    t0 = time.time()
+    res = run_search(cfg, progress=False)
+    timeline = epoch_timeline(res.tracking_uri, name)[:budget]
+    print(f"  {method:9s} seed {seed}: {len(res.leaderboard)} trials, {len(timeline)} epochs, "
+          f"best val_mae {min(timeline):.2f}, {time.time() - t0:.0f} s", flush=True)
+    return timeline
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--limit", type=int, default=400, help="rows of matbench_phonons used (seeded subset)")
+    p.add_argument("--trials", type=int, default=12, help="random search trials; budget = trials x max_epochs")
+    p.add_argument("--max-epochs", type=int, default=12)
+    p.add_argument("--grace-period", type=int, default=2)
+    p.add_argument("--reduction-factor", type=int, default=3)
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--target", type=float, default=1 / 3, help="pass if ASHA+TPE needs <= this share of random's epochs")
+    args = p.parse_args(argv)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            print(f"seed {seed}: budget {args.trials * args.max_epochs} epochs per method", flush=True)
+            timelines = {m: run_method(m, seed, args, Path(tmp) / f"{m}-{seed}") for m in METHODS}
+            target = min(timelines["random"])
+            need = {m: epochs_to_reach(t, target) for m, t in timelines.items()}
+            rows.append((seed, target, need))
+
+    print("\nepochs needed to reach random search's final best inner-validation MAE")
+    print(f"{'seed':>4} {'target':>9} {'random':>7} {'tpe':>7} {'asha+tpe':>9} {'asha/random':>12} {'tpe/random':>11}")
+    ratios = []
+    for seed, target, need in rows:
+        r_asha = need["asha+tpe"] / need["random"]
+        r_tpe = need["tpe"] / need["random"]
+        ratios.append(r_asha)
+        print(f"{seed:>4} {target:>9.2f} {need['random']:>7.0f} {need['tpe']:>7.0f} {need['asha+tpe']:>9.0f} "
+              f"{r_asha:>12.3f} {r_tpe:>11.3f}")
+    mean_ratio = float(np.mean(ratios))
+    verdict = "PASS" if mean_ratio <= args.target else "FAIL"
+    print(f"\nmean ASHA+TPE / random epochs ratio: {mean_ratio:.3f} (target <= {args.target:.3f}): {verdict}")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
