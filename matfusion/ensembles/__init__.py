@@ -1,0 +1,31 @@
+"""Stacked ensembles of searched models: select members from MLflow, stack them out of fold,
+evaluate on the held-out test rows, export as an MLflow pyfunc model, predict new structures.
+
+Public API::
+
+    select_members(client, experiment_id, parent_run_id, k=2, families=None) -> [trial config]
+    StackedEnsemble(members, meta="nnls", n_folds=5, context_features=0, seed=0)
+        .fit(magpie, graphs, targets, rows, graph_params)   # rows: the outer fold's training rows
+        .predict(magpie, graphs, rows, return_std=True)     # -> mean, std
+    evaluate_ensemble(ensemble, magpie, graphs, targets, test_rows) -> Evaluation
+    log_evaluation(client, experiment_id, parent_run_id, evaluation, tags) -> run_id
+    log_ensemble_model / save_ensemble_model / register_ensemble / export_model / predict_structures
+    build_ensemble_from_search(experiment, ...)             # what `matfusion ensemble` runs
+"""
+import importlib
+
+# names -> submodule; imported on first use so that `matfusion --help` (which registers the
+# commands) does not pay for importing mlflow, torch and scikit-learn
+_EXPORTS = {
+    "Evaluation": "evaluate", "evaluate_ensemble": "evaluate", "log_evaluation": "evaluate",
+    "EnsemblePyfunc": "export", "export_model": "export", "log_ensemble_model": "export",
+    "predict_structures": "export", "register_ensemble": "export", "save_ensemble_model": "export",
+    "select_members": "select", "StackedEnsemble": "stacking", "build_ensemble_from_search": "pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,140 @@
+"""CLI subcommands ``ensemble``, ``export`` and ``predict``.
+
+Wire into the main parser with ``add_parsers(subparsers)``; each subcommand sets
+``args.func(args) -> int`` (the exit status).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .stacking import META_LEARNERS
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {v})")
+    return v
+
+
+def _tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+
+
+def add_parsers(subparsers) -> None:
+    """Register ``ensemble``, ``export`` and ``predict`` on an argparse subparsers object."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "ensemble", formatter_class=fmt,
+        help="stack the best trials of a finished search into an ensemble, evaluate, log and register it",
+        description="Build an out-of-fold stacked ensemble from the latest search of an MLflow experiment.\n\n"
+        "Members: the top-k trials per group (rf; each graph family x fusion) by inner-validation MAE.\n"
+        "The dataset and outer fold are rebuilt from the search's config.json; every member is\n"
+        "retrained K times on the fold's training rows (K-fold), the meta-learner is fitted on the\n"
+        "out-of-fold predictions, and the fold's test rows are used only for the final metrics.\n"
+        "The result is a nested MLflow run (kind=ensemble) and a pyfunc model registered as\n"
+        "matfusion-<task>; alias 'champion' moves to it only if its test MAE is better.",
+        epilog="example: matfusion ensemble --experiment phonons-smoke --k 2 --meta nnls --folds 5")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name of the search")
+    p.add_argument("--k", type=_positive_int, default=2, help="members per group (default 2)")
+    p.add_argument("--meta", choices=META_LEARNERS, default="nnls",
+                   help="meta-learner: nnls (non-negative weights), ridge, gbm (default nnls)")
+    p.add_argument("--folds", type=_positive_int, default=5, help="out-of-fold splits K (>= 2; default 5)")
+    p.add_argument("--context-features", type=int, default=0,
+                   help="append the first N Magpie features to the meta input (ridge/gbm only; default 0)")
+    p.add_argument("--families", nargs="+", default=None, help="only these families (default: all)")
+    p.add_argument("--max-epochs", type=_positive_int, default=None,
+                   help="override the members' max_epochs (default: as searched)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the K-fold and early-stopping splits (default 0)")
+    p.add_argument("--data-dir", default=None, help="data dir (default: $MATFUSION_DATA or ../shared/data)")
+    p.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _tracking(p)
+    p.set_defaults(func=run_ensemble)
+
+    p = subparsers.add_parser(
+        "export", formatter_class=fmt, help="write a registered/logged ensemble model to a self-contained folder",
+        description="Copy the MLflow model files of a model URI (models:/matfusion-<task>@champion,\n"
+        "runs:/<run_id>/model) or an ensemble run id into DIR and write README.md (model card:\n"
+        "data, folds, members and weights, metrics, seed, package versions).\n"
+        "Load it later with mlflow.pyfunc.load_model(DIR) or `matfusion predict DIR ...`.",
+        epilog="example: matfusion export models:/matfusion-matbench_phonons@champion --to ./phonons-model")
+    p.add_argument("model", metavar="RUN_OR_MODEL_URI", help="model URI or ensemble run id")
+    p.add_argument("--to", required=True, metavar="DIR", help="target folder (new or empty)")
+    _tracking(p)
+    p.set_defaults(func=run_export)
+
+    p = subparsers.add_parser(
+        "predict", formatter_class=fmt, help="predict structures (CIF/POSCAR files, folders, CSV/JSON tables) with a model",
+        description="Predict with an ensemble model (a model URI, run id or exported folder).\n"
+        "INPUT: CIF/POSCAR files, folders of them, or CSV/JSON tables with a structure column\n"
+        "(pymatgen dict, CIF or POSCAR text). A bad file or row is named on stderr and skipped;\n"
+        "all the others are predicted. Output columns: id, prediction, std.",
+        epilog="example: matfusion predict models:/matfusion-matbench_phonons@champion cifs/ --out preds.csv")
+    p.add_argument("model", metavar="MODEL", help="model URI, ensemble run id, or exported folder")
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="files, folders or tables")
+    p.add_argument("--out", default=None, help="CSV to write (default: print to stdout)")
+    p.add_argument("--structure-column", default="structure", help="structure column of tables (default structure)")
+    _tracking(p)
+    p.set_defaults(func=run_predict)
+
+
+def _set_tracking(uri) -> None:
+    import mlflow
+
+    from ..search.mlflow_logging import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(uri))
+
+
+def run_ensemble(args) -> int:
+    from .pipeline import build_ensemble_from_search, format_result
+
+    if args.folds < 2:
+        print("matfusion ensemble: --folds must be >= 2", file=sys.stderr)
+        return 2
+    try:
+        res = build_ensemble_from_search(args.experiment, tracking_uri=args.tracking_uri, k=args.k, meta=args.meta,
+                                         n_folds=args.folds, context_features=args.context_features, seed=args.seed,
+                                         max_epochs=args.max_epochs, families=args.families, data_dir=args.data_dir,
+                                         register=not args.no_register, progress=not args.quiet)
+    except ValueError as err:
+        print(f"matfusion ensemble: {err}", file=sys.stderr)
+        return 2
+    print(format_result(res), flush=True)
+    return 0
+
+
+def run_export(args) -> int:
+    from .export import export_model
+
+    _set_tracking(args.tracking_uri)
+    try:
+        path = export_model(args.model, args.to)
+    except (ValueError, FileExistsError) as err:
+        print(f"matfusion export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.model} to {path} (model card: {path / 'README.md'})")
+    return 0
+
+
+def run_predict(args) -> int:
+    from .export import predict_structures
+
+    _set_tracking(args.tracking_uri)
+    try:
+        df = predict_structures(args.model, args.inputs, structure_column=args.structure_column)
+    except ValueError as err:
+        print(f"matfusion predict: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        df.to_csv(args.out, index=False)
+        print(f"wrote {len(df)} predictions to {args.out}")
+    else:
+        print(df.to_csv(index=False), end="")
+    return 0 if len(df) else 1

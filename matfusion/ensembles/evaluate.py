@@ -1,0 +1,140 @@
+"""Evaluate a fitted :class:`~matfusion.ensembles.stacking.StackedEnsemble` on the untouched
+test rows of the outer fold, and log it to MLflow as a nested run of the search.
+
+Reported (``Evaluation.metrics``): ``ensemble_{mae,rmse,r2}``; per member (its K fold models
+averaged) ``member.<name>_{mae,rmse,r2}``; the plain unweighted average of the members
+``average_{mae,rmse,r2}``; calibration of the ensemble's std: ``calib_within_1std`` and
+``calib_within_2std`` (share of test rows with |error| <= 1 or 2 std; a Gaussian would give
+0.68 and 0.95), and ``mean_std``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .stacking import StackedEnsemble, _single_target
+
+
+def regression_metrics(pred: np.ndarray, y: np.ndarray) -> dict:
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    err = pred - y
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))),
+            "r2": float(1.0 - np.sum(err ** 2) / ss_tot) if ss_tot > 0 else float("nan")}
+
+
+def calibration(pred: np.ndarray, std: np.ndarray, y: np.ndarray) -> dict:
+    err = np.abs(np.asarray(pred) - np.asarray(y))
+    std = np.asarray(std)
+    return {"calib_within_1std": float(np.mean(err <= std)), "calib_within_2std": float(np.mean(err <= 2 * std)),
+            "mean_std": float(np.mean(std))}
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    predictions: pd.DataFrame  # row, y, prediction, std, one column per member, average
+    weights: Optional[dict]
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def test_mae(self) -> float:
+        return self.metrics["ensemble_mae"]
+
+
+def evaluate_ensemble(ensemble: StackedEnsemble, magpie: np.ndarray, graphs, targets: np.ndarray,
+                      test_rows: Sequence[int]) -> Evaluation:
+    """Metrics of the ensemble, each member and the members' plain average on ``test_rows``."""
+    y_all = _single_target(targets)
+    test_rows = np.asarray(test_rows, dtype=np.int64)
+    overlap = set(test_rows.tolist()) & set(ensemble.meta_rows_.tolist())
+    if overlap:
+        raise ValueError(f"{len(overlap)} test rows were used to fit the ensemble (e.g. row {min(overlap)})")
+    y = y_all[test_rows]
+    per_fold = ensemble.fold_member_predictions(magpie, graphs, test_rows)
+    members = per_fold.mean(axis=0)
+    stacked = np.stack([ensemble.meta_model_.predict(ensemble._meta_input(per_fold[k], magpie, test_rows))
+                        for k in range(ensemble.n_folds)])
+    pred, std = stacked.mean(axis=0), stacked.std(axis=0)
+    average = members.mean(axis=1)
+    metrics = {f"ensemble_{k}": v for k, v in regression_metrics(pred, y).items()}
+    metrics.update({f"average_{k}": v for k, v in regression_metrics(average, y).items()})
+    for j, name in enumerate(ensemble.names_):
+        metrics.update({f"member.{name}_{k}": v for k, v in regression_metrics(members[:, j], y).items()})
+    metrics.update(calibration(pred, std, y))
+    metrics["n_test"] = float(len(test_rows))
+    frame = pd.DataFrame({"row": test_rows, "y": y, "prediction": pred, "std": std})
+    for j, name in enumerate(ensemble.names_):
+        frame[f"member.{name}"] = members[:, j]
+    frame["average"] = average
+    return Evaluation(metrics=metrics, predictions=frame, weights=ensemble.weights_, summary=ensemble.summary())
+
+
+def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = evaluation.predictions
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.errorbar(df["y"], df["prediction"], yerr=df["std"], fmt="o", ms=3, alpha=0.7, elinewidth=0.8,
+                label=f"ensemble (MAE {evaluation.metrics['ensemble_mae']:.4g})")
+    lo = float(min(df["y"].min(), df["prediction"].min()))
+    hi = float(max(df["y"].max(), df["prediction"].max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(title or "test parity")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def log_evaluation(client, experiment_id: str, parent_run_id: str, evaluation: Evaluation,
+                   tags: Optional[dict] = None, run_name: str = "ensemble") -> str:
+    """A nested run (``mlflow.parentRunId`` = the search's parent, ``kind=ensemble``) with the
+    metrics, meta-learner weights (as ``weight.<member>`` metrics and ``weights.json``), the
+    member configs, test predictions and a parity plot.  Returns its run id; the run is left
+    RUNNING so that a model can be logged into it (``finish_run`` ends it)."""
+    from mlflow.entities import Metric, Param
+
+    summary = evaluation.summary
+    run = client.create_run(experiment_id, run_name=run_name, tags={
+        "mlflow.parentRunId": parent_run_id, "kind": "ensemble", "meta": str(summary.get("meta")),
+        "members": ",".join(summary.get("members", [])), **{k: str(v) for k, v in (tags or {}).items()}})
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in evaluation.metrics.items() if np.isfinite(v)]
+    for name, w in (evaluation.weights or {}).items():
+        metrics.append(Metric(f"weight.{name}", float(w), now, 0))
+    params = [Param("meta", str(summary.get("meta"))), Param("n_folds", str(summary.get("n_folds"))),
+              Param("context_features", str(summary.get("context_features"))),
+              Param("seed", str(summary.get("seed"))), Param("n_members", str(len(summary.get("members", [])))),
+              Param("n_meta_rows", str(summary.get("n_meta_rows")))]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    client.log_dict(run_id, evaluation.weights or {}, "weights.json")
+    client.log_dict(run_id, {"members": summary.get("members"), "configs": summary.get("member_configs")},
+                    "members.json")
+    with tempfile.TemporaryDirectory() as d:
+        csv = os.path.join(d, "test_predictions.csv")
+        evaluation.predictions.to_csv(csv, index=False)
+        client.log_artifact(run_id, csv)
+        png = parity_plot(evaluation, os.path.join(d, "parity.png"),
+                          title=f"{tags.get('dataset', '') if tags else ''} fold {tags.get('fold', '') if tags else ''}")
+        client.log_artifact(run_id, png)
+    return run_id
+
+
+def metrics_json(evaluation: Evaluation) -> str:
+    return json.dumps(evaluation.metrics, indent=2, sort_keys=True)

@@ -1,0 +1,398 @@
+"""Package a fitted ensemble as an MLflow pyfunc model, register it, export it, predict with it.
+
+The pyfunc model (:class:`EnsemblePyfunc`) takes a DataFrame with a ``structure`` column (a
+pymatgen ``Structure`` dict, its JSON text, CIF text or POSCAR text) and returns a DataFrame
+with ``prediction`` and ``std``.  It featurizes its input itself, with the featurizer
+parameters the ensemble was trained with (stored in ``featurizer.json``): 132 Magpie features
+(:func:`~matfusion.data.featurize.magpie_features`) and, when a member is a graph model, the
+crystal graph (:func:`~matfusion.data.crystal_graph.neighbor_graph`, same cutoff and
+max_neighbors; plus the line graph when an ALIGNN member exists).  A structure that cannot be
+parsed gets NaN prediction and std (and a warning naming its row) instead of failing the batch.
+
+Artifacts of the model: ``ensemble.pkl`` (the fitted :class:`StackedEnsemble`: fold models'
+weights and forests, meta-learner), ``featurizer.json`` and ``card.json`` (task, fold, members,
+weights, metrics, seed, package versions; :func:`export_model` turns it into README.md).
+
+Registry: :func:`register_ensemble` registers a model as ``matfusion-<task>`` with version tags
+``task``, ``fold``, ``test_mae``; alias ``champion`` moves to the new version only when its
+test MAE is lower than the current champion's *on the same task and fold* (a champion on
+another fold is not comparable: it keeps the alias).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel as _PythonModel
+
+log = logging.getLogger("matfusion.ensembles")
+
+MODEL_NAME = "model"  # artifact name of the pyfunc model inside the ensemble run
+CHAMPION = "champion"
+_PACKAGES = ("matfusion", "torch", "torch_geometric", "scikit-learn", "scipy", "numpy", "pandas", "pymatgen",
+             "matminer", "mlflow")
+
+
+def registered_name(task: str) -> str:
+    return f"matfusion-{task}"
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in _PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+# -- featurization of raw structures ------------------------------------------------------------
+
+def parse_structure(value):
+    """A pymatgen Structure from a Structure, dict, JSON text, CIF or POSCAR text."""
+    from ..data.tables import _parse_structure
+
+    return _parse_structure(value)
+
+
+def featurize_structures(structures: Sequence, featurizer: dict):
+    """(magpie (n, 132), GraphSet or None) of parsed structures, with the training parameters."""
+    from ..data.crystal_graph import GraphSet, neighbor_graph
+    from ..data.featurize import magpie_features
+
+    magpie = magpie_features(list(structures))
+    if not featurizer.get("graphs"):
+        return magpie, None
+    cutoff, max_nb = float(featurizer["cutoff"]), int(featurizer["max_neighbors"])
+    parts = [neighbor_graph(s, cutoff, max_nb) for s in structures]
+    if featurizer.get("line_graph"):
+        from ..data.line_graph import line_graph
+
+        parts = [p + line_graph(p[1], p[3]) for p in parts]
+    return magpie, GraphSet.from_parts(parts, cutoff, max_nb)
+
+
+def featurizer_spec(ensemble, cutoff: float, max_neighbors: int, line_graph: bool = False) -> dict:
+    """What the pyfunc model needs to featurize like training did."""
+    return {"magpie": "matminer ElementProperty magpie preset (132)", "graphs": bool(ensemble.needs_graphs),
+            "cutoff": float(cutoff), "max_neighbors": int(max_neighbors),
+            "line_graph": bool(line_graph or ensemble.needs_line_graph), "graph_params": ensemble.graph_params_}
+
+
+def predict_parsed(ensemble, featurizer: dict, structures: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    if not len(structures):
+        return np.zeros(0), np.zeros(0)
+    magpie, graphs = featurize_structures(structures, featurizer)
+    return ensemble.predict(magpie, graphs, np.arange(len(structures)), return_std=True)
+
+
+# -- the pyfunc model -----------------------------------------------------------------------------
+
+class EnsemblePyfunc(_PythonModel):
+    """MLflow pyfunc wrapper of a :class:`~matfusion.ensembles.stacking.StackedEnsemble`."""
+
+    def load_context(self, context) -> None:
+        with open(context.artifacts["ensemble"], "rb") as fh:
+            self.ensemble = pickle.load(fh)
+        with open(context.artifacts["featurizer"]) as fh:
+            self.featurizer = json.load(fh)
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        if not isinstance(model_input, pd.DataFrame) or "structure" not in model_input.columns:
+            raise ValueError("input must be a DataFrame with a 'structure' column (pymatgen dict, JSON, CIF or POSCAR text)")
+        values = model_input["structure"].tolist()
+        ok, structures = [], []
+        for i, v in enumerate(values):
+            try:
+                structures.append(parse_structure(v))
+                ok.append(i)
+            except Exception as err:  # noqa: BLE001 - pymatgen raises many types
+                warnings.warn(f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN")
+        pred = np.full(len(values), np.nan)
+        std = np.full(len(values), np.nan)
+        if ok:
+            p, s = predict_parsed(self.ensemble, self.featurizer, structures)
+            pred[ok], std[ok] = p, s
+        return pd.DataFrame({"prediction": pred, "std": std}, index=model_input.index)
+
+
+def _signature_and_example(example_structures: Sequence):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec(AnyType(), "structure")]),
+                               outputs=Schema([ColSpec("double", "prediction"), ColSpec("double", "std")]))
+    example = pd.DataFrame({"structure": [json.dumps(s.as_dict()) for s in example_structures]})
+    return signature, example
+
+
+def _pip_requirements() -> list[str]:
+    v = package_versions()
+    names = {"torch_geometric": "torch-geometric"}
+    return [f"{names.get(k, k)}=={val}" for k, val in v.items() if k != "python"]
+
+
+def _write_artifacts(ensemble, featurizer: dict, card: dict, directory: str) -> dict:
+    paths = {"ensemble": os.path.join(directory, "ensemble.pkl"), "featurizer": os.path.join(directory, "featurizer.json"),
+             "card": os.path.join(directory, "card.json")}
+    with open(paths["ensemble"], "wb") as fh:
+        pickle.dump(ensemble, fh)
+    with open(paths["featurizer"], "w") as fh:
+        json.dump(featurizer, fh, indent=2)
+    with open(paths["card"], "w") as fh:
+        json.dump(card, fh, indent=2, default=str)
+    return paths
+
+
+def make_card(ensemble, task: str, fold: int, metrics: dict, data: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
+    """The model card's content (written as card.json, rendered into README.md on export)."""
+    return {"task": task, "fold": int(fold), "data": data or {}, "ensemble": ensemble.summary(),
+            "metrics": {k: float(v) for k, v in metrics.items()}, "versions": package_versions(), **(extra or {})}
+
+
+def log_ensemble_model(run_id: str, ensemble, featurizer: dict, card: dict, example_structures: Sequence,
+                       tracking_uri: Optional[str] = None):
+    """Log the pyfunc model into run ``run_id`` (under ``model``); returns its ModelInfo."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    signature, example = _signature_and_example(list(example_structures)[:2])
+    with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
+        artifacts = _write_artifacts(ensemble, featurizer, card, d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=EnsemblePyfunc(), artifacts=artifacts,
+                                           signature=signature, input_example=example,
+                                           pip_requirements=_pip_requirements())
+
+
+def save_ensemble_model(path: str, ensemble, featurizer: dict, card: dict, example_structures: Sequence) -> str:
+    """Save the pyfunc model to a local directory (no tracking server needed)."""
+    import mlflow
+
+    signature, example = _signature_and_example(list(example_structures)[:2])
+    with tempfile.TemporaryDirectory() as d:
+        artifacts = _write_artifacts(ensemble, featurizer, card, d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.pyfunc.save_model(path, python_model=EnsemblePyfunc(), artifacts=artifacts, signature=signature,
+                                     input_example=example, pip_requirements=_pip_requirements())
+    return path
+
+
+def _float_tag(version, key: str) -> float:
+    try:
+        return float(version.tags.get(key))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def register_ensemble(tracking_uri: str, model_uri: str, task: str, fold: int, test_mae: float) -> tuple[object, bool]:
+    """Register ``model_uri`` as a new version of ``matfusion-<task>`` (version tags task,
+    fold, test_mae) and move alias ``champion`` to it if its test MAE is lower than the
+    champion's on the same task and fold, or if there is no champion.  A champion of another
+    fold is not comparable and keeps the alias.  Returns (ModelVersion, moved)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    name = registered_name(task)
+    mv = mlflow.register_model(model_uri, name, tags={"task": task, "fold": str(int(fold)),
+                                                      "test_mae": repr(float(test_mae))})
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    moved = False
+    if champ is None:
+        moved = True
+    elif champ.tags.get("task") == task and champ.tags.get("fold") == str(int(fold)):
+        old = _float_tag(champ, "test_mae")
+        moved = not math.isfinite(old) or float(test_mae) < old
+    else:
+        log.warning("%s@%s is on task %s fold %s, not comparable with fold %s: alias kept", name, CHAMPION,
+                    champ.tags.get("task"), champ.tags.get("fold"), fold)
+    if moved:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    return mv, moved
+
+
+# -- export --------------------------------------------------------------------------------------
+
+def resolve_model_uri(ref: str) -> str:
+    """A model URI from a URI (``models:/``, ``runs:/``, a path) or a bare run id."""
+    if "://" in ref or ref.startswith(("models:/", "runs:/")) or os.path.exists(ref):
+        return ref
+    if len(ref) == 32 and all(c in "0123456789abcdef" for c in ref.lower()):
+        return f"runs:/{ref}/{MODEL_NAME}"
+    raise ValueError(f"{ref!r} is neither a model URI (models:/NAME@ALIAS, runs:/ID/model, a directory) nor a run id")
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def render_card(card: dict, model_uri: str) -> str:
+    ens = card.get("ensemble", {})
+    lines = [f"# matfusion stacked ensemble: {card.get('task')}", "",
+             f"Source: `{model_uri}`", "",
+             "## Data", ""]
+    for k, v in (card.get("data") or {}).items():
+        lines.append(f"- {k}: {v}")
+    lines += [f"- outer fold: {card.get('fold')} (the ensemble was fitted on its training rows only; "
+              "metrics are on its untouched test rows)",
+              f"- meta-learner trained on {ens.get('n_meta_rows')} out-of-fold predictions "
+              f"({ens.get('n_folds')}-fold, seed {ens.get('seed')})", "",
+              "## Members and weights", "", f"Meta-learner: `{ens.get('meta')}`", "",
+              "| member | weight |", "|---|---|"]
+    weights = ens.get("weights") or {}
+    for name in ens.get("members", []):
+        lines.append(f"| {name} | {_fmt(weights.get(name, 'n/a'))} |")
+    if "intercept" in weights:
+        lines.append(f"| (intercept) | {_fmt(weights['intercept'])} |")
+    lines += ["", "Member configs:", "", "```json", json.dumps(ens.get("member_configs"), indent=1), "```", "",
+              "## Test metrics", "", "| metric | value |", "|---|---|"]
+    for k, v in sorted((card.get("metrics") or {}).items()):
+        lines.append(f"| {k} | {_fmt(v)} |")
+    lines += ["", "## Usage", "", "```python", "import mlflow, pandas as pd",
+              "model = mlflow.pyfunc.load_model('.')  # this directory",
+              "model.predict(pd.DataFrame({'structure': [structure.as_dict()]}))  # -> prediction, std",
+              "```", "", "## Package versions", ""]
+    for k, v in (card.get("versions") or {}).items():
+        lines.append(f"- {k} {v}")
+    return "\n".join(lines) + "\n"
+
+
+def export_model(model_uri: str, to_dir: Union[str, Path]) -> Path:
+    """Copy the MLflow model files of ``model_uri`` (or a run id) into ``to_dir`` (a new or
+    empty directory) and write README.md (the model card).  Returns the directory."""
+    import mlflow
+
+    uri = resolve_model_uri(str(model_uri))
+    to_dir = Path(to_dir)
+    if to_dir.exists() and any(to_dir.iterdir()):
+        raise FileExistsError(f"{to_dir} exists and is not empty")
+    to_dir.mkdir(parents=True, exist_ok=True)
+    if os.path.isdir(uri):
+        shutil.copytree(uri, to_dir, dirs_exist_ok=True)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d)
+            shutil.copytree(local, to_dir, dirs_exist_ok=True)
+    if not (to_dir / "MLmodel").is_file():
+        raise ValueError(f"{uri} is not an MLflow model (no MLmodel file)")
+    cards = list(to_dir.glob("artifacts/card.json"))
+    card = json.loads(cards[0].read_text()) if cards else {}
+    (to_dir / "README.md").write_text(render_card(card, str(model_uri)))
+    return to_dir
+
+
+# -- prediction on files ---------------------------------------------------------------------------
+
+STRUCTURE_SUFFIXES = (".cif", ".vasp", ".poscar")
+TABLE_SUFFIXES = (".csv", ".json", ".csv.gz", ".json.gz")
+
+
+def _is_table(path: Path) -> bool:
+    return path.name.lower().endswith(TABLE_SUFFIXES)
+
+
+def _is_structure_file(path: Path) -> bool:
+    n = path.name.lower()
+    return n.endswith(STRUCTURE_SUFFIXES) or n.startswith(("poscar", "contcar"))
+
+
+def _report(message: str) -> None:
+    print(f"matfusion predict: skipped {message}", file=sys.stderr, flush=True)
+
+
+def read_inputs(inputs: Iterable[Union[str, Path]], structure_column: str = "structure",
+                id_column: Optional[str] = None) -> tuple[list[str], list, list[str]]:
+    """(ids, structures, problems) from files, folders and tables; each bad item is reported on
+    stderr (name and reason) and skipped."""
+    from ..data.tables import _parse_structure_file, _read_csv, _read_json, _reason
+
+    ids, structures, problems = [], [], []
+
+    def bad(message: str) -> None:
+        problems.append(message)
+        _report(message)
+
+    def add_file(file: Path) -> None:
+        try:
+            text = file.read_bytes().decode("utf-8", errors="replace")
+            structures.append(_parse_structure_file(file, text))
+            ids.append(file.stem if file.suffix else file.name)
+        except Exception as err:  # noqa: BLE001
+            bad(f"{file}: cannot parse structure: {_reason(err)}")
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and _is_structure_file(p))
+            if not files:
+                bad(f"{path}: folder holds no CIF/POSCAR files")
+            for f in files:
+                add_file(f)
+        elif path.is_file() and _is_table(path):
+            try:
+                kind = "json" if ".json" in path.name.lower() else "csv"
+                df = _read_json(path) if kind == "json" else _read_csv(path)
+            except Exception as err:  # noqa: BLE001
+                bad(f"{path}: {err}")
+                continue
+            if structure_column not in df.columns:
+                bad(f"{path}: no column {structure_column!r} (columns: {', '.join(map(str, df.columns))})")
+                continue
+            idcol = id_column if id_column in df.columns else ("id" if "id" in df.columns else None)
+            for i, value in enumerate(df[structure_column].tolist()):
+                rid = str(df[idcol].iloc[i]) if idcol else f"{path.stem.split('.')[0]}-row{i}"
+                try:
+                    structures.append(parse_structure(value))
+                    ids.append(rid)
+                except Exception as err:  # noqa: BLE001
+                    bad(f"{path} row {i} (id {rid}): cannot parse structure: {_reason(err)}")
+        elif path.is_file():
+            add_file(path)
+        else:
+            bad(f"{path}: no such file or folder")
+    return ids, structures, problems
+
+
+def load_model(model_uri_or_dir: Union[str, Path]):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(resolve_model_uri(str(model_uri_or_dir)))
+
+
+def predict_structures(model_uri_or_dir, inputs: Iterable[Union[str, Path]], structure_column: str = "structure",
+                       model=None) -> pd.DataFrame:
+    """DataFrame(id, prediction, std) for every readable structure in ``inputs`` (CIF/POSCAR
+    files, folders of them, CSV/JSON tables with a structure column); bad ones are named on
+    stderr and skipped."""
+    ids, structures, _ = read_inputs(inputs, structure_column)
+    if not structures:
+        return pd.DataFrame({"id": [], "prediction": [], "std": []})
+    model = model or load_model(model_uri_or_dir)
+    out = model.predict(pd.DataFrame({"structure": [json.dumps(s.as_dict()) for s in structures]}))
+    return pd.DataFrame({"id": ids, "prediction": np.asarray(out["prediction"], dtype=float),
+                         "std": np.asarray(out["std"], dtype=float)})

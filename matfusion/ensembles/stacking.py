@@ -1,0 +1,366 @@
+"""Out-of-fold stacking of searched trial configs.
+
+:class:`StackedEnsemble` takes a few trial configs (as the search ran them, see
+:func:`matfusion.ensembles.select.select_members`) and the *training* rows of an outer fold.
+It splits those rows into K seeded folds; for every fold and every member it trains the member
+(with :func:`~matfusion.trainables.trial.fit_family`) on the other K-1 folds, with a small
+seeded early-stopping split carved out of those training rows, and predicts the held-out fold.
+The resulting out-of-fold (OOF) matrix, one column per member, is what the meta-learner is
+fitted on: every OOF prediction comes from a model that never saw that row, so the
+meta-learner learns how members behave on unseen data, not how well they memorised it.
+
+Meta-learners (:func:`make_meta`):
+
+* ``nnls``: non-negative weights (``scipy.optimize.nnls``) on the centred OOF columns, the
+  intercept is ``mean(y) - mean(X) @ w``; interpretable, cannot overfit much;
+* ``ridge``: ``sklearn.linear_model.Ridge`` (weights may be negative);
+* ``gbm``: ``sklearn.ensemble.HistGradientBoostingRegressor`` (non-linear, can use context).
+
+``context_features=c`` appends the first ``c`` Magpie columns to the meta-learner's input
+(``ridge`` / ``gbm`` only), so the blend may depend on the composition.
+
+Single target only: a multi-target dataset raises :class:`ValueError`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("matfusion.ensembles")
+
+META_LEARNERS = ("nnls", "ridge", "gbm")
+DEFAULT_GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
+# what predict_from_state needs of a torch state (the optimizer etc. are dropped)
+_STATE_KEYS = ("best_model", "y_mean", "y_std", "magpie_scaler", "fusion", "rf", "best_hook_state",
+               "best_val_mae", "best_epoch", "target_names")
+
+
+def member_name(config: dict) -> str:
+    """A short readable name of a member: ``rf``, ``cgcnn-early``, ``alignn-none`` ..."""
+    family = str(config.get("family"))
+    if family == "rf":
+        return "rf"
+    hp = config.get(family) or {}
+    return f"{family}-{hp.get('fusion', 'none')}"
+
+
+def unique_names(configs: Sequence[dict]) -> list[str]:
+    """Member names made unique by a suffix (``rf``, ``rf#2``, ...)."""
+    names, seen = [], {}
+    for c in configs:
+        base = member_name(c)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return names
+
+
+# -- meta-learners ------------------------------------------------------------------------------
+
+class NNLSMeta:
+    """y ~ b + X @ w with w >= 0 (least squares); b absorbed by centring X and y."""
+
+    name = "nnls"
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "NNLSMeta":
+        from scipy.optimize import nnls
+
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        self.x_mean_ = X.mean(axis=0)
+        self.y_mean_ = float(y.mean())
+        self.coef_, _ = nnls(X - self.x_mean_, y - self.y_mean_)
+        self.intercept_ = self.y_mean_ - float(self.x_mean_ @ self.coef_)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=np.float64) @ self.coef_ + self.intercept_
+
+
+class RidgeMeta:
+    """``sklearn.linear_model.Ridge`` on the OOF columns (and standardized context columns)."""
+
+    name = "ridge"
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = alpha
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "RidgeMeta":
+        from sklearn.linear_model import Ridge
+
+        self.model_ = Ridge(alpha=self.alpha).fit(np.asarray(X, dtype=np.float64), y)
+        self.coef_ = np.asarray(self.model_.coef_, dtype=np.float64)
+        self.intercept_ = float(self.model_.intercept_)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.predict(np.asarray(X, dtype=np.float64))
+
+
+class GBMMeta:
+    """``sklearn.ensemble.HistGradientBoostingRegressor`` (shallow, seeded)."""
+
+    name = "gbm"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "GBMMeta":
+        from sklearn.ensemble import HistGradientBoostingRegressor
+        from threadpoolctl import threadpool_limits
+
+        # the OOF matrix is small: one thread is faster than OpenMP's start-up (and spin) costs
+        with threadpool_limits(1):
+            self.model_ = HistGradientBoostingRegressor(
+                max_iter=200, learning_rate=0.05, max_depth=3, min_samples_leaf=max(5, len(y) // 50),
+                early_stopping=False, random_state=self.seed).fit(np.asarray(X, dtype=np.float64), y)
+        self.coef_ = None
+        self.intercept_ = None
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):
+            return self.model_.predict(np.asarray(X, dtype=np.float64))
+
+
+def make_meta(meta: str, seed: int = 0):
+    if meta == "nnls":
+        return NNLSMeta()
+    if meta == "ridge":
+        return RidgeMeta()
+    if meta == "gbm":
+        return GBMMeta(seed)
+    raise ValueError(f"unknown meta-learner {meta!r}; choose one of {', '.join(META_LEARNERS)}")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _single_target(targets: np.ndarray) -> np.ndarray:
+    y = np.asarray(targets, dtype=np.float64)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"StackedEnsemble supports a single target; got {y.shape[1]} targets "
+                         "(multi-target stacking is not implemented: stack each target separately)")
+    return y
+
+
+def _slim_state(config: dict, state: dict) -> dict:
+    if config["family"] == "rf":
+        return {"rf": state["rf"]}
+    return {k: copy.deepcopy(state[k]) for k in _STATE_KEYS if k in state}
+
+
+def kfold_assignment(n: int, n_folds: int, seed: int) -> np.ndarray:
+    """Fold number (0..K-1) of each of ``n`` positions: a seeded permutation cut in K parts."""
+    if n < 2 * n_folds:
+        raise ValueError(f"{n} training rows are too few for {n_folds}-fold stacking "
+                         f"(need at least {2 * n_folds})")
+    order = np.random.default_rng([seed, 7919]).permutation(n)
+    fold = np.empty(n, dtype=np.int64)
+    for k, part in enumerate(np.array_split(order, n_folds)):
+        fold[part] = k
+    return fold
+
+
+class StackedEnsemble:
+    """Out-of-fold stacked ensemble of trial configs (scikit-learn style ``fit`` / ``predict``).
+
+    Parameters
+    ----------
+    members: trial configs (dicts as the search's trials received them).
+    meta: ``nnls`` | ``ridge`` | ``gbm``.
+    n_folds: K of the out-of-fold split of the training rows.
+    context_features: append the first ``context_features`` Magpie columns to the meta input
+        (ridge and gbm only).
+    seed: seeds the K-fold split, the early-stopping splits and the meta-learner.
+    es_fraction: share of each fold model's training rows held out for its early stopping
+        (and, for late fusion, its alpha); never rows of the held-out fold.
+    member_overrides: top-level config keys to override in every member (e.g.
+        ``{"max_epochs": 5}`` for a quick run).
+
+    Inference uses the K fold models of every member, not a refit on all rows.  Why:
+    (1) it costs nothing extra (the fold models exist already; a refit would be one more
+    training per member); (2) the meta-learner was fitted on exactly these models'
+    predictions, so applying it to them keeps train and inference consistent; and (3) the
+    K stacked predictions ``meta(fold-k members)`` disagree where the data is thin, so their
+    spread is a cheap uncertainty estimate: ``predict`` returns their mean and standard
+    deviation.
+
+    Fitted attributes: ``names_`` (member names), ``fold_of_row_`` (dict row -> fold),
+    ``meta_rows_`` (every row index the meta-learner saw), ``fold_train_rows_`` /
+    ``fold_es_rows_`` / ``fold_heldout_rows_`` (per fold: rows its models trained on, rows used
+    for their early stopping, rows they predicted), ``oof_`` (n_rows x n_members OOF matrix),
+    ``oof_y_``, ``meta_model_``, ``weights_`` (dict member -> weight, plus ``intercept``; None
+    for gbm), ``fold_states_`` (``[fold][member]`` slim trained states).
+    """
+
+    def __init__(self, members: Sequence[dict], meta: str = "nnls", n_folds: int = 5, context_features: int = 0,
+                 seed: int = 0, es_fraction: float = 0.15, member_overrides: Optional[dict] = None) -> None:
+        if not members:
+            raise ValueError("StackedEnsemble needs at least one member config")
+        if meta not in META_LEARNERS:
+            raise ValueError(f"unknown meta-learner {meta!r}; choose one of {', '.join(META_LEARNERS)}")
+        if n_folds < 2:
+            raise ValueError(f"n_folds must be >= 2 (got {n_folds})")
+        if context_features < 0:
+            raise ValueError("context_features must be >= 0")
+        if context_features and meta == "nnls":
+            raise ValueError("context_features needs meta 'ridge' or 'gbm' (nnls weights are non-negative "
+                             "blend weights of members only)")
+        if not 0.0 < es_fraction < 0.5:
+            raise ValueError("es_fraction must be in (0, 0.5)")
+        self.members = [dict(m, **(member_overrides or {})) for m in members]
+        self.meta = meta
+        self.n_folds = int(n_folds)
+        self.context_features = int(context_features)
+        self.seed = int(seed)
+        self.es_fraction = float(es_fraction)
+        self.member_overrides = dict(member_overrides or {})
+
+    # -- fitting -----------------------------------------------------------------------------------
+    def _member_config(self, j: int, fold: int) -> dict:
+        config = copy.deepcopy(self.members[j])
+        config["seed"] = int(config.get("seed", 0)) + fold  # a little diversity between fold models
+        return config
+
+    def _context(self, magpie: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        c = np.asarray(magpie[rows, : self.context_features], dtype=np.float64)
+        c = np.where(np.isfinite(c), c, self.context_fill_)
+        return (c - self.context_mean_) / self.context_std_
+
+    def _meta_input(self, member_pred: np.ndarray, magpie: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if not self.context_features:
+            return member_pred
+        return np.hstack([member_pred, self._context(magpie, rows)])
+
+    def fit(self, magpie: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
+            graph_params: Optional[dict] = None, progress: bool = False) -> "StackedEnsemble":
+        """Fit on ``rows`` only (the outer fold's training part: never pass test rows).
+
+        ``magpie`` (N, 132), ``graphs`` (a GraphSet of all N rows, or None for rf-only
+        ensembles), ``targets`` (N,) are the whole dataset's arrays; only ``rows`` are read.
+        """
+        from ..trainables.loop import LocalSession
+        from ..trainables.trial import fit_family, predict_from_state
+        from ..trainables.trial_data import pack_rows, pack_trial_data
+
+        y_all = _single_target(targets)
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(np.unique(rows)) != len(rows):
+            raise ValueError("rows contain duplicates")
+        if not np.all(np.isfinite(y_all[rows])):
+            raise ValueError("some training rows have no finite target")
+        if graphs is None and any(m["family"] != "rf" for m in self.members):
+            raise ValueError("graph members need crystal graphs (graphs is None)")
+        self.graph_params_ = dict(graph_params or DEFAULT_GRAPH_PARAMS)
+        self.names_ = unique_names(self.members)
+        fold = kfold_assignment(len(rows), self.n_folds, self.seed)
+        self.fold_of_row_ = {int(r): int(f) for r, f in zip(rows, fold)}
+        n_members = len(self.members)
+        oof = np.full((len(rows), n_members), np.nan)
+        self.fold_states_, self.fold_train_rows_, self.fold_es_rows_, self.fold_heldout_rows_ = [], [], [], []
+        for k in range(self.n_folds):
+            held = rows[fold == k]
+            train_all = rows[fold != k]
+            rng = np.random.default_rng([self.seed, k, 104729])
+            shuffled = rng.permutation(train_all)
+            n_es = min(max(1, int(round(self.es_fraction * len(train_all)))), len(train_all) - 1)
+            es_rows, fit_rows = np.sort(shuffled[:n_es]), np.sort(shuffled[n_es:])
+            data = pack_trial_data(magpie, graphs, y_all, fit_rows, es_rows, **self.graph_params_)
+            held_part = pack_rows(magpie, graphs, y_all, held)
+            states = []
+            for j in range(n_members):
+                config = self._member_config(j, k)
+                state = fit_family(config, data, LocalSession())
+                states.append(_slim_state(config, state))
+                oof[fold == k, j] = np.asarray(predict_from_state(config, states[-1], held_part,
+                                                                  self.graph_params_)).reshape(-1)
+                if progress:
+                    print(f"  fold {k + 1}/{self.n_folds} member {self.names_[j]}: trained on {len(fit_rows)} "
+                          f"rows (+{len(es_rows)} early stopping), predicted {len(held)}", flush=True)
+            self.fold_states_.append(states)
+            self.fold_train_rows_.append(fit_rows)
+            self.fold_es_rows_.append(es_rows)
+            self.fold_heldout_rows_.append(held)
+        if not np.all(np.isfinite(oof)):
+            raise RuntimeError("a member produced non-finite out-of-fold predictions")
+        self.oof_ = oof
+        self.oof_y_ = y_all[rows]
+        self.meta_rows_ = rows.copy()
+        if self.context_features:
+            c = np.asarray(magpie[rows, : self.context_features], dtype=np.float64)
+            fill = np.nanmedian(np.where(np.isfinite(c), c, np.nan), axis=0)
+            self.context_fill_ = np.where(np.isfinite(fill), fill, 0.0)
+            c = np.where(np.isfinite(c), c, self.context_fill_)
+            self.context_mean_ = c.mean(axis=0)
+            std = c.std(axis=0)
+            self.context_std_ = np.where(std > 0, std, 1.0)
+        self.meta_model_ = make_meta(self.meta, self.seed).fit(self._meta_input(oof, magpie, rows), self.oof_y_)
+        self.weights_ = self._weights()
+        return self
+
+    def _weights(self) -> Optional[dict]:
+        coef = getattr(self.meta_model_, "coef_", None)
+        if coef is None:
+            return None
+        names = list(self.names_) + [f"context_{i}" for i in range(self.context_features)]
+        out = {n: float(w) for n, w in zip(names, coef)}
+        out["intercept"] = float(self.meta_model_.intercept_)
+        return out
+
+    # -- inference ---------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "meta_model_"):
+            raise RuntimeError("this StackedEnsemble is not fitted yet: call fit() first")
+
+    def fold_member_predictions(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
+        """(K, n, n_members): each fold model's prediction of ``rows``."""
+        from ..trainables.trial import predict_from_state
+        from ..trainables.trial_data import pack_rows
+
+        self._check_fitted()
+        rows = np.asarray(rows, dtype=np.int64)
+        part = pack_rows(magpie, graphs, np.zeros(len(magpie)), rows)
+        out = np.empty((self.n_folds, len(rows), len(self.members)))
+        for k, states in enumerate(self.fold_states_):
+            for j, state in enumerate(states):
+                out[k, :, j] = np.asarray(predict_from_state(self._member_config(j, k), state, part,
+                                                             self.graph_params_)).reshape(-1)
+        return out
+
+    def member_predictions(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
+        """(n, n_members): each member's fold-model average."""
+        return self.fold_member_predictions(magpie, graphs, rows).mean(axis=0)
+
+    def predict(self, magpie: np.ndarray, graphs, rows: Sequence[int], return_std: bool = True):
+        """Stacked prediction of ``rows``: mean over the K fold-model sets of
+        ``meta(members of fold k)``; with ``return_std`` also their standard deviation."""
+        rows = np.asarray(rows, dtype=np.int64)
+        per_fold = self.fold_member_predictions(magpie, graphs, rows)
+        stacked = np.stack([self.meta_model_.predict(self._meta_input(per_fold[k], magpie, rows))
+                            for k in range(self.n_folds)])
+        mean = stacked.mean(axis=0)
+        if not return_std:
+            return mean
+        return mean, stacked.std(axis=0)
+
+    # -- description -------------------------------------------------------------------------------
+    @property
+    def needs_graphs(self) -> bool:
+        return any(m["family"] != "rf" for m in self.members)
+
+    @property
+    def needs_line_graph(self) -> bool:
+        return any(m["family"] == "alignn" for m in self.members)
+
+    def summary(self) -> dict:
+        self._check_fitted()
+        return {"meta": self.meta, "n_folds": self.n_folds, "context_features": self.context_features,
+                "seed": self.seed, "members": self.names_, "member_configs": self.members,
+                "weights": self.weights_, "n_meta_rows": int(len(self.meta_rows_)),
+                "graph_params": self.graph_params_}
