@@ -77,6 +77,10 @@ class SearchConfig(_Strict):
         default_factory=dict,
         description="fix or narrow parameters: {'cgcnn.hidden': 64, 'cgcnn.lr': {low: 1e-3, high: 5e-3}, "
         "'rf.max_depth': [0, 20], 'cgcnn.fusion': [none, early]}")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler proposing trials")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops bad trials early; fifo runs every trial to the end")
+    max_total_epochs: Optional[int] = Field(
+        None, gt=0, description="stop the search once all trials together reported this many epochs")
     points_to_evaluate: bool = Field(True, description="seed the search with one known-good config per family")
     num_samples: int = Field(8, gt=0)
     max_epochs: int = Field(30, gt=0)

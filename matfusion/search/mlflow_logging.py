@@ -3,7 +3,15 @@
 Everything is written from the driver process (a Tune ``Callback``), so a sqlite store has a
 single writer.  Trial runs carry the params of the trial, every per-epoch metric (step =
 epoch), tags ``family`` and ``trial_id``, and a final ``status`` tag: ``completed`` (ran to its
-last epoch or stopped early on its own), ``pruned`` (stopped by ASHA) or ``failed``.
+last epoch or stopped early on its own), ``pruned`` (stopped by ASHA), ``failed`` (with an
+``error`` tag), ``stopped`` (cut by the search's time or epoch budget) or ``interrupted`` (the
+search was interrupted; ``matfusion search --resume`` continues it).
+
+Resuming a search (``Tuner.restore``) replays some of this: Tune starts unfinished trials again
+(``on_trial_start``) and re-reports the epochs after their last checkpoint.  So a trial's run is
+looked up by its tags (``trial_id`` under the parent run) before one is created, a run that was
+closed by the interruption is reopened, and a (metric, step) already logged is never logged
+twice.
 """
 from __future__ import annotations
 
@@ -61,6 +69,53 @@ def _params(d: dict) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in flatten(d).items()]
 
 
+def _quote(value: str) -> str:
+    """A value for an MLflow filter string (single-quoted)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def nested_runs(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                extra_filter: str = "") -> list:
+    """The trial runs of a search: nested runs of its parent run with a ``trial_id`` tag (other
+    nested runs, e.g. an ensemble built on the search, are left out), all pages, oldest first."""
+    filter_string = f"tags.mlflow.parentRunId = {_quote(parent_run_id)}"
+    if extra_filter:
+        filter_string += f" and {extra_filter}"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(r for r in page if "trial_id" in r.data.tags)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
+    """The nested run of ``trial_id`` under the parent (the oldest if, somehow, several)."""
+    runs = nested_runs(client, experiment_id, parent_run_id, f"tags.trial_id = {_quote(trial_id)}")
+    return runs[0] if runs else None
+
+
+def close_open_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str,
+                          run_status: str = "FINISHED") -> list[str]:
+    """Tag every nested run still RUNNING with ``status`` and terminate it; returns their trial ids."""
+    closed = []
+    for run in nested_runs(client, experiment_id, parent_run_id, "attributes.status = 'RUNNING'"):
+        run_id = run.info.run_id
+        steps = [m.step for m in client.get_metric_history(run_id, "val_mae")]
+        final, now = [], int(time.time() * 1000)
+        done = {m.step for m in client.get_metric_history(run_id, "epochs_trained")}
+        if steps and max(steps) not in done:
+            final.append(Metric("epochs_trained", float(max(steps)), now, max(steps)))
+            if "best_val_mae" in run.data.metrics:
+                final.append(Metric("final_best_val_mae", run.data.metrics["best_val_mae"], now, max(steps)))
+        client.log_batch(run_id, metrics=final, tags=[RunTag("status", status)])
+        client.set_terminated(run_id, run_status)
+        closed.append(run.data.tags.get("trial_id", run.info.run_id))
+    return closed
+
+
 class MlflowTrialLogger(Callback):
     """Tune callback: a nested MLflow run per trial under ``parent_run_id``."""
 
@@ -70,6 +125,8 @@ class MlflowTrialLogger(Callback):
         self.parent_run_id = parent_run_id
         self._client: Optional[MlflowClient] = None
         self.run_ids: dict[str, str] = {}
+        # trial_id -> metric -> steps already in MLflow (so that re-reported epochs are skipped)
+        self.logged_steps: dict[str, dict[str, set]] = {}
         self.last_result: dict[str, dict] = {}
         self.status: dict[str, str] = {}
 
@@ -79,57 +136,116 @@ class MlflowTrialLogger(Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def __getstate__(self):  # Tune may pickle callbacks for experiment snapshots
+    def __getstate__(self):  # Tune pickles callbacks into tuner.pkl
         state = dict(self.__dict__)
         state["_client"] = None
         return state
 
-    def _run_for(self, trial) -> str:
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id is None:
-            config = {k: v for k, v in trial.config.items()}
-            family = str(config.get("family", "?"))
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{family}-{trial.trial_id}",
-                tags={"mlflow.parentRunId": self.parent_run_id, "family": family,
-                      "trial_id": trial.trial_id, "status": "running"},
-            )
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, params=_params(config))
-            self.run_ids[trial.trial_id] = run_id
+    # Tune saves this with every experiment snapshot and hands it back on restore.  It is a
+    # cache only: a trial not in it is looked up in MLflow anyway.
+    def get_state(self) -> Optional[dict]:
+        return {"run_ids": dict(self.run_ids)} if self.run_ids else None
+
+    def set_state(self, state: dict) -> None:
+        self.run_ids.update((state or {}).get("run_ids", {}))
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _adopt(self, trial_id: str, run) -> str:
+        """Take over an existing run of the trial: know its logged steps, reopen it if the
+        interruption (or an earlier failure of the trial) closed it."""
+        run_id = run.info.run_id
+        steps: dict[str, set] = {}
+        for key in run.data.metrics:
+            steps[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
+        self.logged_steps[trial_id] = steps
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        if run.data.tags.get("status") != "running":
+            self.client.set_tag(run_id, "status", "running")
+        if "error" in run.data.tags:
+            self.client.delete_tag(run_id, "error")
+        self.client.set_tag(run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
         return run_id
+
+    def _run_for(self, trial) -> str:
+        trial_id = trial.trial_id
+        run_id = self.run_ids.get(trial_id)
+        if run_id is not None and trial_id in self.logged_steps:
+            return run_id
+        # first time this process sees the trial: it may have a run from before a resume
+        run = None
+        if run_id is not None:
+            try:
+                run = self.client.get_run(run_id)
+            except Exception:  # state from a snapshot naming a run that is gone
+                run = None
+        if run is None:
+            run = find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
+        if run is not None:
+            run_id = self._adopt(trial_id, run)
+        else:
+            config = dict(trial.config)
+            family = str(config.get("family", "?"))
+            run_id = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{family}-{trial_id}",
+                tags={"mlflow.parentRunId": self.parent_run_id, "family": family,
+                      "trial_id": trial_id, "status": "running"},
+            ).info.run_id
+            self.client.log_batch(run_id, params=_params(config))
+            self.client.log_dict(run_id, config, "trial_config.json")  # exact types, for ensembles
+            self.logged_steps[trial_id] = {}
+        self.run_ids[trial_id] = run_id
+        return run_id
+
+    # -- Tune hooks ------------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
+    def _new_metrics(self, trial_id: str, values: dict, step: int) -> list[Metric]:
+        """Metrics of ``values`` at ``step`` that the run does not have yet."""
+        now = int(time.time() * 1000)
+        steps = self.logged_steps.setdefault(trial_id, {})
+        metrics = []
+        for k, v in values.items():
+            seen = steps.setdefault(k, set())
+            if step not in seen:
+                metrics.append(Metric(k, float(v), now, step))
+                seen.add(step)
+        return metrics
+
+    def _last(self, trial) -> dict:
+        # after a restore, a trial may finish before reporting anything in this process
+        return self.last_result.get(trial.trial_id) or dict(getattr(trial, "last_result", None) or {})
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in trial_metric_names(result)]
+        metrics = self._new_metrics(trial.trial_id, {k: result[k] for k in trial_metric_names(result)}, step)
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
         self.last_result[trial.trial_id] = dict(result)
 
     def _finish(self, trial, status: str, run_status: str, error: Optional[str] = None) -> None:
         run_id = self._run_for(trial)
-        last = self.last_result.get(trial.trial_id, {})
+        last = self._last(trial)
         tags = [RunTag("status", status)]
         if error:
             tags.append(RunTag("error", error[:4000]))
-        final = []
-        now = int(time.time() * 1000)
+        final = {}
         if "best_val_mae" in last:
-            final.append(Metric("final_best_val_mae", float(last["best_val_mae"]), now, 0))
+            final["final_best_val_mae"] = last["best_val_mae"]
         if "epoch" in last:
-            final.append(Metric("epochs_trained", float(last["epoch"]), now, 0))
-        self.client.log_batch(run_id, metrics=final, tags=tags)
+            final["epochs_trained"] = last["epoch"]
+        metrics = self._new_metrics(trial.trial_id, final, int(last.get("epoch", 0) or 0))
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, run_status)
         self.status[trial.trial_id] = status
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = self.last_result.get(trial.trial_id, {})
+        last = self._last(trial)
         status = "completed" if last.get("trial_finished") else "pruned"
         self._finish(trial, status, "FINISHED")
 

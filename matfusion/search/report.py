@@ -35,7 +35,7 @@ PARAM_PREFIX = "params."
 BASE_COLUMNS = ["trial_id", "run_id", "family", "encoder", "fusion", "status", "val_mae", "epochs",
                 "start_time"]
 LEADERBOARD_COLUMNS = ["trial_id", "family", "fusion", "val_mae", "epochs", "status"]
-FINISHED = ("completed", "pruned")
+FINISHED = ("completed", "pruned", "stopped")  # stopped: cut by the search's time/epoch budget
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
 
@@ -63,6 +63,8 @@ def _collect(client, experiment_id: str, parent_run_id: str) -> tuple[pd.DataFra
     rows, histories = [], {}
     for run in runs:
         tags, params = run.data.tags, run.data.params
+        if tags.get("kind") == "ensemble" or tags.get("status") == "discarded":
+            continue  # not a trial: an ensemble built from the search, or a run dropped on resume
         family = tags.get("family") or params.get("family") or "?"
         trial_id = tags.get("trial_id") or run.info.run_name or run.info.run_id
         history = sorted((int(m.step), float(m.value))

@@ -3,9 +3,21 @@
 The search sees only the inner train and validation parts of the fold.  After it, the best
 trial (by inner-validation MAE) is evaluated once on the test part, for information only:
 that number never feeds back into any choice.
+
+Resume (``run_search(cfg, resume=True)``, ``matfusion search CONFIG --resume``): the search named
+``cfg.name`` under ``search.storage_path`` is continued with ``Tuner.restore``: finished trials
+are kept, unfinished ones continue from their last checkpoint, errored ones are retried from
+theirs; Tune restores the Optuna searcher and its counters with the experiment, so no more than
+``num_samples`` trials are ever created.  The MLflow parent run of the interrupted search is
+reused: its id is kept in ``<storage>/<name>/matfusion_search.json`` (written before the search
+starts) and, as a fallback, found by its tag ``ray_experiment_path``.  Trial runs are found by
+their ``trial_id`` tag (see :class:`MlflowTrialLogger`).  If the folder holds no restorable
+experiment (killed before Tune wrote its first experiment snapshot), the search starts afresh:
+the leftover folder is moved aside and the leftover MLflow runs are closed as ``interrupted``.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -26,20 +38,28 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 import numpy as np
 import pandas as pd
+from ray.tune import CLIReporter
 
 from .. import __version__
-from ..config import Config
+from ..config import Config, ConfigError, SearchConfig
 from ..data import load_dataset, split_fold
 from ..data.featurize import featurize
 from ..spaces import define_search_space
 from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
 from ..trainables.trial_data import pack_rows, pack_trial_data
-from .mlflow_logging import MlflowTrialLogger, ensure_experiment, flatten, resolve_tracking_uri
+from .mlflow_logging import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten, nested_runs,
+                             resolve_tracking_uri)
+from .report import log_search_report
+from .schedulers import TabularAwareASHA, TotalEpochsStopper
 
 log = logging.getLogger("matfusion.search")
 
 LEADERBOARD_COLUMNS = ["trial_id", "family", "val_mae", "epochs", "status"]
+STATE_FILE = "matfusion_search.json"  # in the experiment folder: the MLflow parent run, for --resume
+TUNER_FILE = "tuner.pkl"
+EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
+SEARCHER_STATE_GLOB = "search_gen_state-*.json"
 
 
 @dataclass
@@ -53,6 +73,9 @@ class SearchResult:
     best_val_mae: float
     best_test_mae: float
     wall_s: float
+    resumed: bool = False
+    interrupted: bool = False  # stopped before every trial ended; continue with resume=True
+    experiment_path: str = ""
 
 
 def _git_commit() -> str:
@@ -75,18 +98,123 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
-def trial_resources(cfg: Config) -> dict:
-    """cpu per trial from config; gpu from config, else a share of one GPU when the cluster has any."""
-    import ray
-
-    gpus = cfg.search.gpus_per_trial
+def trial_resources(search: SearchConfig, cluster_gpus: float = 0.0) -> dict:
+    """Resources of one trial: ``cpu`` from the config; ``gpu`` from the config, else (unset)
+    a 1/max_concurrent share of a GPU when the cluster has any GPU, else none."""
+    gpus = search.gpus_per_trial
     if gpus is None:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        gpus = round(1.0 / cfg.search.max_concurrent, 3) if has_gpu else 0.0
-    res = {"cpu": cfg.search.cpus_per_trial}
+        gpus = round(1.0 / search.max_concurrent, 3) if cluster_gpus and cluster_gpus > 0 else 0.0
+    res = {"cpu": search.cpus_per_trial}
     if gpus:
         res["gpu"] = gpus
     return res
+
+
+def cluster_gpu_count() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def n_startup_trials(search: SearchConfig) -> int:
+    return min(5, search.num_samples)
+
+
+def build_sampler(search: SearchConfig):
+    """Optuna sampler of the search: multivariate TPE (grouped by family, constant liar for the
+    trials still running), or random search (``search.sampler: random``)."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.samplers import RandomSampler, TPESampler
+
+    if getattr(search, "sampler", "tpe") == "random":
+        return RandomSampler(seed=search.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return TPESampler(seed=search.seed, multivariate=True, group=True, constant_liar=True,
+                          n_startup_trials=n_startup_trials(search))
+
+
+def build_searcher(search: SearchConfig, space, points_to_evaluate: Optional[list] = None):
+    """OptunaSearch over the define-by-run ``space``, at most ``max_concurrent`` trials at once."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(space=space, metric="val_mae", mode="min", sampler=build_sampler(search),
+                            points_to_evaluate=points_to_evaluate or None)
+    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+
+
+def build_scheduler(search: SearchConfig):
+    """ASHA over epochs that leaves one-shot (tabular) trials out of its rungs, or FIFO
+    (``search.scheduler: fifo``: every trial runs to its end)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    if getattr(search, "scheduler", "asha") == "fifo":
+        return FIFOScheduler()
+    return TabularAwareASHA(time_attr="training_iteration", metric="val_mae", mode="min",
+                            max_t=search.max_epochs, grace_period=search.grace_period,
+                            reduction_factor=search.reduction_factor)
+
+
+def _fusion_of(config: dict) -> str:
+    family = config.get("family")
+    hp = config.get(family) if family else None
+    return str(hp.get("fusion", "-")) if isinstance(hp, dict) else "-"
+
+
+def _num(value, fmt: str = "{:.4g}") -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        return fmt.format(value)
+    return ""
+
+
+class SearchProgress(CLIReporter):
+    """The progress table: trial, status, family, fusion, epoch, val_mae, best; sorted by
+    val_mae (lowest first, trials without one last)."""
+
+    COLUMNS = ["trial", "status", "family", "fusion", "epoch", "val_mae", "best"]
+
+    def __init__(self, max_report_frequency: int = 15, max_rows: int = 20) -> None:
+        super().__init__(metric_columns={"epoch": "epoch", "val_mae": "val_mae", "best_val_mae": "best"},
+                         parameter_columns={"family": "family"}, metric="val_mae", mode="min",
+                         sort_by_metric=True, max_report_frequency=max_report_frequency,
+                         max_progress_rows=max_rows)
+        self._t0: Optional[float] = None
+
+    def rows(self, trials) -> list[list[str]]:
+        keyed = []
+        for t in trials:
+            r, config = t.last_result or {}, t.config or {}
+            val = r.get("val_mae")
+            key = float(val) if isinstance(val, (int, float)) and np.isfinite(val) else float("inf")
+            row = [t.trial_id, t.status, str(config.get("family", "?")), _fusion_of(config),
+                   _num(r.get("epoch"), "{:d}") if isinstance(r.get("epoch"), int) else _num(r.get("epoch")),
+                   _num(val), _num(r.get("best_val_mae"))]
+            keyed.append((key, t.trial_id, row))
+        return [row for *_, row in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+    def table(self, trials, done: bool = False) -> str:
+        if self._t0 is None:
+            self._t0 = time.time()
+        counts = pd.Series([t.status for t in trials]).value_counts() if trials else pd.Series(dtype=int)
+        head = (f"== {'Final' if done else 'Status'} == {time.time() - self._t0:.0f} s; {len(trials)} trials: "
+                + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        rows = self.rows(trials)
+        shown = rows if done else rows[: self._max_progress_rows]
+        lines = [head]
+        if shown:
+            lines.append(pd.DataFrame(shown, columns=self.COLUMNS).to_string(index=False))
+        if len(shown) < len(rows):
+            lines.append(f"... {len(rows) - len(shown)} more trials")
+        for t in trials:
+            if t.status == "ERROR":
+                lines.append(f"failed: {t.trial_id} ({t.error_file})")
+        return "\n".join(lines) + "\n"
+
+    def report(self, trials, done: bool, *sys_info: str) -> None:
+        self._print(self.table(trials, done))
 
 
 def target_names(dataset) -> list[str]:
@@ -98,24 +226,148 @@ def target_names(dataset) -> list[str]:
 
 def trial_statuses(client, experiment_id: str, parent_id: str) -> dict:
     """trial_id -> status tag of the nested runs of a search."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=10000)
-    return {r.data.tags.get("trial_id"): r.data.tags.get("status", "?") for r in runs}
+    return {r.data.tags.get("trial_id"): r.data.tags.get("status", "?")
+            for r in nested_runs(client, experiment_id, parent_id)}
 
 
-def run_search(cfg: Config, progress: bool = True) -> SearchResult:
-    """Run the search that ``cfg`` describes and return its leaderboard."""
+# -- experiment folder and resume --------------------------------------------------------------
+
+def experiment_path(cfg: Config) -> Path:
+    return Path(cfg.search.storage_path or "ray_results").resolve() / cfg.name
+
+
+def unrestorable_reason(path: Path) -> Optional[str]:
+    """None if ``path`` holds an experiment ``Tuner.restore`` can continue, else why not."""
+    if not path.is_dir():
+        return f"{path} does not exist"
+    if not (path / TUNER_FILE).is_file():
+        return f"{path} has no {TUNER_FILE}"
+    if not glob.glob(str(path / EXPERIMENT_STATE_GLOB)) or not glob.glob(str(path / SEARCHER_STATE_GLOB)):
+        return "it was stopped before Ray Tune wrote its first experiment snapshot"
+    return None
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(path: Path, state: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path / STATE_FILE)
+
+
+def find_parent_run(client, experiment_ids: list[str], path: Path, state: dict) -> Optional[object]:
+    """The MLflow parent run of the search stored at ``path``: the one named in its state file,
+    else the latest parent run tagged with this experiment path that did not complete."""
+    run_id = state.get("parent_run_id")
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "active":
+                return run
+        except Exception:  # noqa: BLE001 - gone, or another store
+            log.warning("parent run %s named in %s not found", run_id, path / STATE_FILE)
+    if "'" in str(path):
+        return None
+    runs = client.search_runs([e for e in experiment_ids if e],
+                              filter_string=f"tags.ray_experiment_path = '{path}' and tags.kind = 'search'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    runs = [r for r in runs if r.data.tags.get("status") != "completed"]
+    return runs[0] if runs else None
+
+
+def _close_search(client, experiment_id: str, parent_id: str, status: str, run_status: str) -> None:
+    close_open_trial_runs(client, experiment_id, parent_id, status, run_status)
+    client.set_tag(parent_id, "status", status)
+    client.set_terminated(parent_id, run_status)
+
+
+def _abandon(client, path: Path, experiment_id: str) -> None:
+    """Close the MLflow runs of a leftover search folder and move the folder aside."""
+    state = read_state(path)
+    parent = find_parent_run(client, [state.get("experiment_id"), experiment_id], path, state)
+    if parent is not None and parent.info.status == "RUNNING":
+        _close_search(client, parent.info.experiment_id, parent.info.run_id, "interrupted", "KILLED")
+    aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    print(f"moved the earlier search folder aside: {aside}", file=sys.stderr, flush=True)
+
+
+def snapshot_trials(path: Path) -> dict[str, str]:
+    """trial_id -> status in the experiment's latest snapshot ({} if there is none)."""
+    from ray.tune import ExperimentAnalysis
+
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns about trials without results; the caller knows
+    try:
+        trials = ExperimentAnalysis(str(path)).trials
+    except Exception:  # noqa: BLE001 - no snapshot
+        return {}
+    finally:
+        quiet.setLevel(level)
+    return {t.trial_id: t.status for t in trials}
+
+
+def experiment_unfinished(path: Path) -> list[str]:
+    """Trial ids that the experiment's latest snapshot holds as not yet ended (Tune snapshots
+    before it stops the trials of an interrupted run, so these are what a resume continues)."""
+    return [t for t, status in snapshot_trials(path).items() if status not in ("TERMINATED", "ERROR")]
+
+
+def discard_orphan_runs(client, experiment_id: str, parent_id: str, known: set) -> list[str]:
+    """Delete the trial runs of trials the experiment snapshot does not know: started after the
+    last snapshot of a killed search, they never happened for the restored search (whose
+    searcher proposes them again under new ids).  MLflow deletes softly (restorable)."""
+    discarded = []
+    for run in nested_runs(client, experiment_id, parent_id):
+        trial_id = run.data.tags.get("trial_id")
+        if trial_id in known:
+            continue
+        client.set_tag(run.info.run_id, "status", "discarded")
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+        client.delete_run(run.info.run_id)
+        discarded.append(trial_id)
+    return discarded
+
+
+def _restored_scheduler(tuner):
+    """The scheduler a restored Tuner runs with (unpickled from the experiment), to log its
+    rungs; None where Ray keeps it elsewhere."""
+    tune_config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
+    return getattr(tune_config, "scheduler", None)
+
+
+# -- the search --------------------------------------------------------------------------------
+
+def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> SearchResult:
+    """Run the search that ``cfg`` describes and return its leaderboard.  With ``resume``,
+    continue the interrupted search of the same name (see the module docstring)."""
     import mlflow
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
-    from optuna.samplers import TPESampler
     from ray import tune
-    from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig, TuneConfig, Tuner
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
 
     t0 = time.time()
     s = cfg.search
+    path = experiment_path(cfg)
+    resuming = False
+    if resume:
+        reason = unrestorable_reason(path)
+        if reason is None:
+            resuming = True
+            print(f"resuming search {cfg.name!r} from {path}", flush=True)
+        else:
+            print(f"matfusion: --resume: nothing to resume for {cfg.name!r}: {reason}; "
+                  "starting the search from the beginning", file=sys.stderr, flush=True)
+
     # -- data and features (driver side, cached)
     dataset = load_dataset(cfg.data, seed=s.seed)
     print(dataset.summary(), flush=True)
@@ -127,7 +379,8 @@ def run_search(cfg: Config, progress: bool = True) -> SearchResult:
     constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
                  "cpus": s.cpus_per_trial, "targets": targets}
     space = define_search_space(s.families, constants, fusions=s.fusions, targets=targets,
-                                task_weighting=s.task_weighting, task_weights=s.task_weights)
+                                task_weighting=s.task_weighting, task_weights=s.task_weights,
+                                preset=s.preset, overrides=s.space)
     split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=s.seed, n_folds=cfg.data.n_folds)
     # ALIGNN needs each graph's line graph, built (and cached) with the graphs
     features_cfg = cfg.features.model_copy(update={"line_graph": True}) if "alignn" in s.families else cfg.features
@@ -144,55 +397,101 @@ def run_search(cfg: Config, progress: bool = True) -> SearchResult:
     client = MlflowClient(tracking_uri)
     experiment_name = cfg.mlflow.experiment or cfg.name
     experiment_id = ensure_experiment(client, experiment_name, cfg.mlflow.artifact_location)
-    parent = client.create_run(experiment_id, run_name=f"search-{cfg.name}", tags={
-        "kind": "search", "dataset": dataset.name, "fold": str(split.fold),
-        "dataset_hash": dataset.content_hash, "git_commit": _git_commit(),
-        "matfusion_version": __version__,
-    })
-    parent_id = parent.info.run_id
-    config_dict = cfg.model_dump(mode="json")
-    from mlflow.entities import Metric, Param
-
-    client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(config_dict).items()] + [
-        Param("n_train", str(len(split.train))), Param("n_val", str(len(split.val))),
-        Param("n_test", str(len(split.test))), Param("n_rows", str(len(dataset))),
-    ])
-    for reason, n in dataset.skipped.items():
-        client.set_tag(parent_id, f"skipped.{reason}", str(n))
-    client.log_dict(parent_id, config_dict, "config.json")
+    if resuming:
+        state = read_state(path)
+        parent = find_parent_run(client, [state.get("experiment_id"), experiment_id], path, state)
+        if parent is None:
+            raise ConfigError(f"cannot resume {cfg.name!r}: its MLflow parent run is not in {tracking_uri} "
+                              f"(looked for the run in {path / STATE_FILE} and for tag ray_experiment_path); "
+                              "resume with the same mlflow settings, or start a new search without --resume")
+        tags = parent.data.tags
+        if (tags.get("dataset_hash"), tags.get("fold")) != (dataset.content_hash, str(split.fold)):
+            raise ConfigError(f"cannot resume {cfg.name!r}: its data changed (dataset hash / fold "
+                              f"{tags.get('dataset_hash')}/{tags.get('fold')} then, {dataset.content_hash}/"
+                              f"{split.fold} now); resume with the same data settings")
+        parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+        attempt = int(tags.get("attempts", "1")) + 1
+        if parent.info.status != "RUNNING":
+            client.update_run(parent_id, status="RUNNING")
+        client.set_tag(parent_id, "status", "running")
+        client.set_tag(parent_id, "attempts", str(attempt))
+        print(f"MLflow parent run {parent_id} (attempt {attempt})", flush=True)
+        discarded = discard_orphan_runs(client, experiment_id, parent_id, set(snapshot_trials(path)))
+        if discarded:
+            print(f"discarded the MLflow runs of {len(discarded)} trial(s) started after the last "
+                  f"experiment snapshot: {', '.join(map(str, discarded))}", flush=True)
+    else:
+        if path.exists() and any(path.iterdir()):
+            _abandon(client, path, experiment_id)
+        attempt = 1
+        parent = client.create_run(experiment_id, run_name=f"search-{cfg.name}", tags={
+            "kind": "search", "dataset": dataset.name, "fold": str(split.fold),
+            "dataset_hash": dataset.content_hash, "git_commit": _git_commit(),
+            "matfusion_version": __version__, "search_name": cfg.name,
+            "ray_experiment_path": str(path), "status": "running", "attempts": "1",
+        })
+        parent_id = parent.info.run_id
+        config_dict = cfg.model_dump(mode="json")
+        client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(config_dict).items()] + [
+            Param("n_train", str(len(split.train))), Param("n_val", str(len(split.val))),
+            Param("n_test", str(len(split.test))), Param("n_rows", str(len(dataset))),
+        ])
+        for reason, n in dataset.skipped.items():
+            client.set_tag(parent_id, f"skipped.{reason}", str(n))
+        client.log_dict(parent_id, config_dict, "config.json")
 
     # -- Ray Tune
     init_ray(s.address)
-    resources = trial_resources(cfg)
-    searcher = ConcurrencyLimiter(
-        OptunaSearch(space=space, metric="val_mae", mode="min", sampler=TPESampler(seed=s.seed, n_startup_trials=min(5, s.num_samples))),
-        max_concurrent=s.max_concurrent,
-    )
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_mae", mode="min", max_t=s.max_epochs,
-                              grace_period=s.grace_period, reduction_factor=s.reduction_factor)
-    mlflow_logger = MlflowTrialLogger(tracking_uri, experiment_id, parent_id)
-    storage = Path(s.storage_path or "ray_results").resolve()
-    reporter = CLIReporter(
-        metric_columns={"epoch": "epoch", "val_mae": "val_mae", "best_val_mae": "best"},
-        parameter_columns={"family": "family"}, max_report_frequency=15, sort_by_metric=True,
-    )
-    tuner = Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, data=data), resources),
-        tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler,
-                               num_samples=s.num_samples, time_budget_s=s.time_budget_s),
-        run_config=RunConfig(
-            name=cfg.name, storage_path=str(storage), callbacks=[mlflow_logger],
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=0), progress_reporter=reporter,
-            verbose=1 if progress else 0,
-        ),
-    )
+    resources = trial_resources(s, cluster_gpu_count())
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data), resources)
+    scheduler = None
+    if resuming:
+        # searcher, scheduler, callbacks, stopper and time budget come back from the experiment
+        tuner = Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                              resume_errored=True, restart_errored=False)
+        scheduler = _restored_scheduler(tuner)
+    else:
+        points = space.default_points() if getattr(s, "points_to_evaluate", False) else None
+        scheduler = build_scheduler(s)
+        max_total = getattr(s, "max_total_epochs", None)
+        tuner = Tuner(
+            trainable,
+            tune_config=TuneConfig(search_alg=build_searcher(s, space, points), scheduler=scheduler,
+                                   num_samples=s.num_samples, time_budget_s=s.time_budget_s,
+                                   reuse_actors=True),
+            run_config=RunConfig(
+                name=cfg.name, storage_path=str(path.parent),
+                callbacks=[MlflowTrialLogger(tracking_uri, experiment_id, parent_id)],
+                stop=TotalEpochsStopper(max_total) if max_total else None,
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+                failure_config=FailureConfig(max_failures=0), progress_reporter=SearchProgress(),
+                verbose=1 if progress else 0,
+            ),
+        )
+        write_state(path, {"search_name": cfg.name, "parent_run_id": parent_id, "experiment_id": experiment_id,
+                           "tracking_uri": tracking_uri, "dataset_hash": dataset.content_hash,
+                           "fold": split.fold, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    t_fit = time.time()
     try:
         results = tuner.fit()
+    except KeyboardInterrupt:
+        _close_search(client, experiment_id, parent_id, "interrupted", "KILLED")
+        raise
     except BaseException:
+        close_open_trial_runs(client, experiment_id, parent_id, "failed", "FAILED")
         client.set_tag(parent_id, "status", "failed")
         client.set_terminated(parent_id, "FAILED")
         raise
+    fit_s = time.time() - t_fit
+
+    # -- how it ended: interrupted (Ctrl-C: resumable), or done (trials cut by a budget: "stopped")
+    unfinished = experiment_unfinished(path)
+    if unfinished:
+        close_open_trial_runs(client, experiment_id, parent_id, "interrupted", "KILLED")
+    else:
+        stopped = close_open_trial_runs(client, experiment_id, parent_id, "stopped", "FINISHED")
+        if stopped:
+            log.info("trials stopped by the search budget after %.0f s: %s", fit_s, stopped)
 
     # -- leaderboard and the best trial's test MAE (information only)
     statuses = trial_statuses(client, experiment_id, parent_id)
@@ -213,7 +512,7 @@ def run_search(cfg: Config, progress: bool = True) -> SearchResult:
 
     best_val = best_test = float("nan")
     best_config = None
-    if best is not None:
+    if best is not None and not unfinished:
         best_val, best_result = best
         best_config = best_result.config
         with best_result.checkpoint.as_directory() as d:
@@ -223,29 +522,41 @@ def run_search(cfg: Config, progress: bool = True) -> SearchResult:
         best_test, _ = validation_score(np.asarray(pred).reshape(len(y_test), -1), y_test.reshape(len(y_test), -1), train_std)
     wall = time.time() - t0
 
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "leaderboard.csv"
-        board.to_csv(path, index=False)
-        client.log_artifact(parent_id, str(path))
+    try:  # leaderboard.csv and the plots; a report problem must not fail a finished search
+        log_search_report(client, parent_id, experiment_id)
+    except Exception as err:  # noqa: BLE001
+        log.warning("search report failed: %s", err)
+    if isinstance(scheduler, TabularAwareASHA):
+        client.log_dict(parent_id, {"rungs": scheduler.rungs()}, "asha_rungs.json")
+    result = SearchResult(cfg.name, experiment_id, parent_id, tracking_uri, board, best_config,
+                          best_val, best_test, wall, resumed=resuming, interrupted=bool(unfinished),
+                          experiment_path=str(path))
+    if unfinished:
+        client.set_tag(parent_id, "status", "interrupted")
+        client.set_terminated(parent_id, "KILLED")
+        return result
     now = int(time.time() * 1000)
-    metrics = [Metric("wall_s", wall, now, 0), Metric("n_trials", float(len(board)), now, 0)]
+    step = attempt - 1  # one value per attempt (a resumed search logs again)
+    metrics = [Metric("wall_s", wall, now, step), Metric("n_trials", float(len(board)), now, step)]
     if np.isfinite(best_val):
-        metrics += [Metric("best_val_mae", best_val, now, 0), Metric("best_test_mae_info", best_test, now, 0)]
+        metrics += [Metric("best_val_mae", best_val, now, step), Metric("best_test_mae_info", best_test, now, step)]
     client.log_batch(parent_id, metrics=metrics)
     if best_config is not None:
         client.log_dict(parent_id, best_config, "best_config.json")
         client.set_tag(parent_id, "best_family", str(best_config.get("family")))
     client.set_tag(parent_id, "status", "completed")
     client.set_terminated(parent_id, "FINISHED")
-    return SearchResult(cfg.name, experiment_id, parent_id, tracking_uri, board, best_config,
-                        best_val, best_test, wall)
+    return result
 
 
 def format_result(res: SearchResult) -> str:
     lines = [f"\nLeaderboard of search {res.name!r} (inner-validation MAE; lower is better):"]
     with pd.option_context("display.max_rows", 50, "display.width", 120):
         lines.append(res.leaderboard.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    if res.best_config is not None:
+    if res.interrupted:
+        lines.append(f"\nthe search was interrupted before all its trials ended; continue it with "
+                     f"`matfusion search CONFIG --resume` (experiment {res.experiment_path})")
+    elif res.best_config is not None:
         lines.append(f"\nbest trial: family={res.best_config.get('family')} val_mae={res.best_val_mae:.4g}; "
                      f"its test MAE (information only, not used for any choice) = {res.best_test_mae:.4g}")
     lines.append(f"wall time {res.wall_s:.1f} s; MLflow experiment {res.experiment_id}, parent run {res.parent_run_id}")

@@ -1,0 +1,257 @@
+"""How the search is wired: resources per trial, the seeded TPE searcher behind its concurrency
+limiter, the ASHA variant that leaves one-shot RF trials out of its rungs (on Tune's own Trial
+objects), and one real search (Ray, MLflow, matbench_phonons) checking the concurrency limit,
+ASHA's pruning, the rungs and the progress table."""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.train._internal.storage import StorageContext
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from conftest import REPO
+from matfusion.config import SearchConfig
+from matfusion.search.schedulers import TABULAR_FAMILIES, TabularAwareASHA
+from matfusion.search.tuner import SearchProgress, build_scheduler, build_searcher, trial_resources
+from matfusion.spaces import define_search_space
+
+
+# ----------------------------------------------------------------------------- resources
+@pytest.mark.parametrize("gpus_per_trial, max_concurrent, cluster_gpus, expected", [
+    (None, 2, 0, {"cpu": 1.0}),                  # no GPU anywhere: CPU only
+    (None, 2, 1, {"cpu": 1.0, "gpu": 0.5}),      # one GPU shared by the concurrent trials
+    (None, 3, 1, {"cpu": 1.0, "gpu": 0.333}),
+    (None, 1, 4, {"cpu": 1.0, "gpu": 1.0}),
+    (0.25, 2, 1, {"cpu": 1.0, "gpu": 0.25}),     # the config wins
+    (0.25, 2, 0, {"cpu": 1.0, "gpu": 0.25}),
+    (0.0, 2, 1, {"cpu": 1.0}),                   # explicitly no GPU
+])
+def test_trial_resources(gpus_per_trial, max_concurrent, cluster_gpus, expected):
+    s = SearchConfig(gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent)
+    assert trial_resources(s, cluster_gpus) == expected
+
+
+def test_trial_resources_cpus_from_config():
+    assert trial_resources(SearchConfig(cpus_per_trial=2.5), 0) == {"cpu": 2.5}
+    assert trial_resources(SearchConfig(cpus_per_trial=0.5, max_concurrent=4), 2) == {"cpu": 0.5, "gpu": 0.25}
+
+
+# ----------------------------------------------------------------------------- searcher
+def _space(seed=0):
+    constants = {"max_epochs": 4, "seed": seed, "patience": 20, "cpus": 1, "targets": ["y"]}
+    return define_search_space(["rf", "cgcnn"], constants, fusions=["none", "early"], targets=["y"],
+                               task_weighting=["fixed"], preset="quick")
+
+
+def _score(config):
+    """A deterministic stand-in for a trial's val_mae: depends on every suggested value."""
+    family = config["family"]
+    return 1.0 + sum(math.log1p(abs(float(v))) for v in config[family].values() if not isinstance(v, str)) \
+        + (0.5 if family == "rf" else 0.0)
+
+
+def suggest_sequence(seed: int, n: int = 12, max_concurrent: int = 2) -> list[dict]:
+    """Drive the search's searcher the way Tune does: suggest until the limiter says no, then
+    finish the oldest running trial (so TPE, past its startup trials, sees running trials
+    through constant liar) and go on."""
+    s = SearchConfig(seed=seed, num_samples=n, max_concurrent=max_concurrent, families=["rf", "cgcnn"])
+    searcher = build_searcher(s, _space(seed))
+    configs, running = [], []
+    while len(configs) < n:
+        trial_id = f"trial_{len(configs):03d}"
+        config = searcher.suggest(trial_id)
+        if config is None:  # max_concurrent trials are running
+            done_id, done_config = running.pop(0)
+            searcher.on_trial_complete(done_id, result={"val_mae": _score(done_config)})
+            continue
+        configs.append(config)
+        running.append((trial_id, config))
+        assert len(running) <= max_concurrent
+    return configs
+
+
+def test_same_seed_same_configs():
+    a, b = suggest_sequence(seed=7), suggest_sequence(seed=7)
+    assert a == b
+    assert len({json.dumps(c, sort_keys=True) for c in a}) == len(a)  # no config proposed twice
+    assert suggest_sequence(seed=8)[:5] != a[:5]
+
+
+# ----------------------------------------------------------------------------- scheduler
+def _trial(trial_id, family, storage=None):
+    return Trial("run_trial", trial_id=trial_id, stub=True, storage=storage,
+                 config={"family": family, family: {}, "max_epochs": 4})
+
+
+def _res(it, val):
+    return {"training_iteration": it, "val_mae": val}
+
+
+GNN_RESULTS = [  # (trial, iteration, val_mae) in arrival order
+    ("g1", 1, 2.0), ("g2", 1, 3.0), ("g1", 2, 1.8), ("g3", 1, 1.0), ("g3", 2, 0.9), ("g4", 1, 2.5),
+    ("g1", 3, 1.7), ("g3", 3, 0.8), ("g3", 4, 0.7), ("g1", 4, 1.6),
+]
+
+
+def _asha(cls, **kw):
+    return cls(time_attr="training_iteration", metric="val_mae", mode="min", max_t=4, grace_period=1,
+               reduction_factor=2, **kw)
+
+
+def _feed(scheduler, with_rf: bool):
+    """Feed GNN results (and, interleaved, one-shot RF trials) as Tune would; returns the
+    decision for every GNN result."""
+    trials = {t: _trial(t, "cgcnn") for t in ("g1", "g2", "g3", "g4")}
+    rf = [_trial(f"rf{k}", "rf") for k in range(3)]
+    decisions, stopped = [], set()
+    for k, (tid, it, val) in enumerate(GNN_RESULTS):
+        if with_rf and k < len(rf):  # an RF trial arrives, reports once (iteration 1) and ends
+            scheduler.on_trial_add(None, rf[k])
+            assert scheduler.on_trial_result(None, rf[k], _res(1, 0.1 * (k + 1))) == TrialScheduler.CONTINUE
+            scheduler.on_trial_complete(None, rf[k], _res(1, 0.1 * (k + 1)))
+        if tid in stopped:
+            continue
+        if it == 1:
+            scheduler.on_trial_add(None, trials[tid])
+        decision = scheduler.on_trial_result(None, trials[tid], _res(it, val))
+        decisions.append((tid, it, decision))
+        if decision == TrialScheduler.STOP:
+            stopped.add(tid)
+            scheduler.on_trial_complete(None, trials[tid], _res(it, val))
+    return decisions
+
+
+def test_rf_trials_never_enter_the_rungs():
+    assert "rf" in TABULAR_FAMILIES
+    ours = _asha(TabularAwareASHA)
+    decisions = _feed(ours, with_rf=True)
+    # GNN decisions are exactly plain ASHA's on the GNN results alone
+    assert decisions == _feed(_asha(ASHAScheduler), with_rf=False)
+    assert ("g2", 1, TrialScheduler.STOP) in decisions and ("g1", 1, TrialScheduler.CONTINUE) in decisions
+    assert all(not t.startswith("rf") for t in ours.recorded_trial_ids())
+    assert {r["milestone"]: r["recorded"] for r in ours.rungs()}[1] == {"g1": 2.0, "g2": 3.0, "g3": 1.0,
+                                                                        "g4": 2.5}
+    # plain ASHA, given the RF trials, lets their one-shot numbers set the first rung's cutoff
+    plain = _asha(ASHAScheduler)
+    assert _feed(plain, with_rf=True)[0] == ("g1", 1, TrialScheduler.STOP)
+    assert {"rf0", "rf1", "rf2"} <= set(plain._brackets[0]._rungs[-1][1])
+
+
+def test_more_tabular_families():
+    sched = _asha(TabularAwareASHA, tabular_families={"xgb"})
+    sched.on_trial_add(None, _trial("x", "xgb"))
+    assert sched.on_trial_result(None, _trial("x", "xgb"), _res(4, 0.1)) == TrialScheduler.CONTINUE
+    assert sched.recorded_trial_ids() == set()
+    assert isinstance(build_scheduler(SearchConfig(max_epochs=6, grace_period=2)), TabularAwareASHA)
+
+
+def test_restored_trial_history_is_replayed_into_the_rungs(tmp_path):
+    """On Tuner.restore, Tune adds the trials of the snapshot to a fresh scheduler: their
+    results up to the restored one (not those after it, which the trial reports again) are
+    recorded as ASHA recorded them before."""
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="g1_dir")
+    trial = _trial("g1", "cgcnn", storage)
+    Path(trial.path).mkdir(parents=True)
+    lines = [json.dumps(_res(it, val)) for it, val in [(1, 2.0), (2, 1.5), (3, 1.4), (4, 1.3)]]
+    Path(trial.path, "result.json").write_text("\n".join(lines) + '\n{"training_iter')  # last line cut by the kill
+    trial.run_metadata.last_result = _res(2, 1.5)  # the snapshot had it at iteration 2
+    sched = _asha(TabularAwareASHA)
+    sched.on_trial_add(None, trial)
+    assert {r["milestone"]: r["recorded"] for r in sched.rungs()} == {1: {"g1": 2.0}, 2: {"g1": 1.5}, 4: {}}
+    # a fresh trial (no results) starts with nothing recorded
+    sched.on_trial_add(None, _trial("g2", "cgcnn"))
+    assert sched.recorded_trial_ids() == {"g1"}
+
+
+def test_progress_table_columns_and_order():
+    trials = [_trial("aaa", "cgcnn"), _trial("bbb", "rf"), _trial("ccc", "cgcnn")]
+    trials[0].config["cgcnn"] = {"fusion": "early"}
+    trials[0].run_metadata.last_result = {"epoch": 3, "val_mae": 2.5, "best_val_mae": 2.0}
+    trials[1].run_metadata.last_result = {"epoch": 1, "val_mae": 1.25, "best_val_mae": 1.25}
+    table = SearchProgress().table(trials)
+    lines = table.splitlines()
+    assert lines[1].split() == ["trial", "status", "family", "fusion", "epoch", "val_mae", "best"]
+    assert [line.split()[0] for line in lines[2:5]] == ["bbb", "aaa", "ccc"]  # by val_mae, none last
+    assert lines[3].split() == ["aaa", "PENDING", "cgcnn", "early", "3", "2.5", "2"]
+    assert "loc" not in table
+
+
+# ----------------------------------------------------------------------------- one real search
+@pytest.mark.slow
+def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir):
+    db = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    num_samples, max_epochs = 8, 4
+    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
+           "--data-dir", str(data_dir),
+           "--set", "data.limit=100", "--set", f"search.num_samples={num_samples}",
+           "--set", f"search.max_epochs={max_epochs}", "--set", "search.grace_period=1",
+           "--set", "search.reduction_factor=2", "--set", "search.families=[rf, cgcnn]",
+           "--set", "search.fusions=[none]", "--set", "search.preset=quick",
+           "--set", "search.points_to_evaluate=false",
+           # resources would let 4 trials run at once: only the limiter holds them to 2
+           "--set", "search.max_concurrent=2", "--set", "search.cpus_per_trial=0.5",
+           "--set", f"mlflow.tracking_uri={db}", "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
+           "--set", f"search.storage_path={tmp_path / 'ray'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Both 'metric' and 'mode' must be set" not in proc.stdout + proc.stderr
+
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("phonons-smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(nested) == num_samples
+
+    # concurrency: trial runs open from the trial's start to its end
+    events = sorted([(r.info.start_time, 1) for r in nested] + [(r.info.end_time, -1) for r in nested])
+    level, peak = 0, 0
+    for _, step in events:  # at equal times an end (-1) sorts before a start (+1)
+        level += step
+        peak = max(peak, level)
+    assert peak == 2
+
+    # pruning: ASHA stopped some GNN trials at a rung before max_epochs; RF is never pruned
+    epochs = {r.data.tags["trial_id"]: [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
+              for r in nested}
+    by_status = {}
+    for r in nested:
+        by_status.setdefault((r.data.tags["family"], r.data.tags["status"]), []).append(r.data.tags["trial_id"])
+    assert set(by_status) <= {("rf", "completed"), ("cgcnn", "completed"), ("cgcnn", "pruned")}, by_status
+    pruned = by_status.get(("cgcnn", "pruned"), [])
+    assert pruned, by_status
+    for tid in pruned:
+        assert len(epochs[tid]) < max_epochs and len(epochs[tid]) in (1, 2)  # stopped at rung 1 or 2
+    for tid in by_status.get(("cgcnn", "completed"), []):
+        assert len(epochs[tid]) == max_epochs
+    assert ("rf", "completed") in by_status
+
+    # the scheduler's rungs after the search: every GNN value at each milestone it reached, no RF
+    rungs = json.loads(Path(client.download_artifacts(parent.info.run_id, "asha_rungs.json", str(tmp_path)))
+                       .read_text())["rungs"]
+    assert [r["milestone"] for r in rungs] == [1, 2, 4]
+    gnn = {r.data.tags["trial_id"]: r for r in nested if r.data.tags["family"] == "cgcnn"}
+    for rung in rungs:
+        m = rung["milestone"]
+        expected = {}
+        for tid, run in gnn.items():
+            history = {h.step: h.value for h in client.get_metric_history(run.info.run_id, "val_mae")}
+            if m in history:
+                expected[tid] = history[m]
+        assert rung["recorded"] == pytest.approx(expected)
+
+    # the progress table: the useful columns, sorted by val_mae
+    final = proc.stdout[proc.stdout.rindex("== Final =="):]
+    lines = final.splitlines()
+    assert lines[1].split() == ["trial", "status", "family", "fusion", "epoch", "val_mae", "best"]
+    rows = [line.split() for line in lines[2:2 + num_samples]]
+    assert sorted(r[0] for r in rows) == sorted(epochs)
+    vals = [float(r[5]) for r in rows]
+    assert vals == sorted(vals)
+    assert not re.search(r"^\s*Trial name\s", proc.stdout, re.M)
