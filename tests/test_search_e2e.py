@@ -48,6 +48,11 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, data_dir):
         assert r.data.tags["status"] in {"completed", "pruned"}
         assert r.data.tags["family"] in {"rf", "cgcnn"}
         assert r.data.params["family"] == r.data.tags["family"]
+        if r.data.tags["family"] == "rf":
+            assert r.data.tags["encoder"] == "-" and r.data.tags["fusion"] == "-"
+        else:
+            assert r.data.tags["encoder"] == r.data.tags["family"]
+            assert r.data.tags["fusion"] == r.data.params[f"{r.data.tags['family']}.fusion"]
         history = client.get_metric_history(r.info.run_id, "val_mae")
         steps = sorted(m.step for m in history)
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 1
@@ -58,4 +63,9 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, data_dir):
                 assert len(steps) == 3
     # the leaderboard artifact exists
     arts = [a.path for a in client.list_artifacts(parent.info.run_id)]
-    assert "leaderboard.csv" in arts
+    assert {"leaderboard.csv", "config.json", "search_space.json", "optimization_history.png",
+            "val_mae_per_epoch.png"} <= set(arts), arts
+    space = client.download_artifacts(parent.info.run_id, "search_space.json", str(tmp_path))
+    import json
+    families = json.load(open(space))["families"]
+    assert set(families) == {"rf", "cgcnn"} and "fusion" in families["cgcnn"]

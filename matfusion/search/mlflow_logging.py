@@ -191,6 +191,8 @@ class MlflowTrialLogger(Callback):
                 self.experiment_id,
                 run_name=f"{family}-{trial_id}",
                 tags={"mlflow.parentRunId": self.parent_run_id, "family": family,
+                      "encoder": "-" if family == "rf" else family,
+                      "fusion": "-" if family == "rf" else str((config.get(family) or {}).get("fusion", "none")),
                       "trial_id": trial_id, "status": "running"},
             ).info.run_id
             self.client.log_batch(run_id, params=_params(config))

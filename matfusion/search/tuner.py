@@ -439,6 +439,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         for reason, n in dataset.skipped.items():
             client.set_tag(parent_id, f"skipped.{reason}", str(n))
         client.log_dict(parent_id, config_dict, "config.json")
+        client.log_dict(parent_id, space.describe(), "search_space.json")
 
     # -- Ray Tune
     init_ray(s.address)

@@ -117,6 +117,15 @@ class SearchSpace:
                     constants[f"multitask/w_{t}"] = float(self.task_weights.get(t, 1.0))
         return constants
 
+    def describe(self) -> dict:
+        """The resolved space, readable: family -> param -> range, choices or fixed value."""
+        out = {}
+        for family, specs in self.specs.items():
+            out[family] = {p: (f"fixed {spec[1]!r}" if isinstance(spec, tuple) else describe(spec))
+                           for p, spec in specs.items()}
+        return {"families": out, "preset": self.preset, "targets": self.targets,
+                "task_weighting": self.task_weighting if len(self.targets) > 1 else None}
+
     def default_points(self) -> list[dict]:
         """One known-good point per family (Optuna param names), to seed the search: each
         family's DEFAULTS, with fusion ``early`` where allowed (else attention, none, late),
