@@ -81,6 +81,9 @@ class SearchConfig(_Strict):
     scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops bad trials early; fifo runs every trial to the end")
     max_total_epochs: Optional[int] = Field(
         None, gt=0, description="stop the search once all trials together reported this many epochs")
+    checkpoint_every: int = Field(
+        1, gt=0, description="epochs between trial checkpoints (the last epoch always has one); "
+        "a resumed trial restarts from its last checkpoint")
     points_to_evaluate: bool = Field(True, description="seed the search with one known-good config per family")
     num_samples: int = Field(8, gt=0)
     max_epochs: int = Field(30, gt=0)

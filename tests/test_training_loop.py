@@ -178,3 +178,27 @@ def test_predict_from_checkpoint_rf(setup, tmp_path):
     assert pred.shape == (len(split.test),)
     # (equal up to rounding: the forest sums its trees in threads)
     np.testing.assert_allclose(pred, state["rf"][0].predict(test_part["magpie"]), rtol=1e-12)
+
+
+class RecordingSession(LocalSession):
+    """Records which epochs came with a checkpoint state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpointed: list[int] = []
+
+    def report(self, metrics: dict, state) -> None:
+        super().report(metrics, state)
+        if state is not None:
+            self.checkpointed.append(metrics["epoch"])
+
+
+def test_checkpoint_every_n_epochs_and_always_the_last(reference, setup):
+    session = RecordingSession()
+    state = fit_family({**copy.deepcopy(CGCNN_CONFIG), "checkpoint_every": 4}, setup[2], session)
+    assert [h["epoch"] for h in session.history] == [1, 2, 3, 4, 5, 6]
+    assert session.checkpointed == [4, 6]
+    # fewer checkpoints change nothing about training: same history and best model as every-epoch
+    ref_session, ref_state = reference
+    np.testing.assert_allclose(curve(session.history, "val_mae"), curve(ref_session.history, "val_mae"), rtol=1e-6)
+    assert state["best_epoch"] == ref_state["best_epoch"]

@@ -377,7 +377,8 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
                          "structures (use search.families: [rf])")
     targets = target_names(dataset)
     constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
-                 "cpus": s.cpus_per_trial, "targets": targets}
+                 "cpus": s.cpus_per_trial, "targets": targets,
+                 "checkpoint_every": s.checkpoint_every}
     space = define_search_space(s.families, constants, fusions=s.fusions, targets=targets,
                                 task_weighting=s.task_weighting, task_weights=s.task_weights,
                                 preset=s.preset, overrides=s.space)

@@ -54,6 +54,7 @@ class LoopSettings:
     loss: str = "l1"
     seed: int = 0
     device: Optional[str] = None
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always has one)
 
 
 class LocalSession:
@@ -67,9 +68,10 @@ class LocalSession:
     def get_state(self) -> Optional[dict]:
         return self._resume
 
-    def report(self, metrics: dict, state: dict) -> None:
+    def report(self, metrics: dict, state: Optional[dict]) -> None:
         self.history.append(dict(metrics))
-        self.last_state = state
+        if state is not None:
+            self.last_state = state
 
 
 def write_torch_state(state: dict, directory: str) -> None:
@@ -92,9 +94,12 @@ class TuneSession:
         with ckpt.as_directory() as d:
             return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
 
-    def report(self, metrics: dict, state: dict) -> None:
+    def report(self, metrics: dict, state: Optional[dict]) -> None:
         from ray import tune
 
+        if state is None:  # an epoch without a checkpoint
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as d:
             self.write(state, d)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -201,6 +206,7 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
 
     loader = DataLoader(train_list, batch_size=settings.batch_size, shuffle=True, generator=gen, drop_last=False)
     state = resume
+    epoch = start_epoch - 1
     for epoch in range(start_epoch, settings.max_epochs + 1):
         model.train()
         total, count = 0.0, 0
@@ -247,6 +253,9 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
                 metrics[f"task_weight_{name}"] = float(weights[k])
         if attention is not None:
             metrics["attention_graph"] = float(attention[:, 0].mean())
+        if not (finished or epoch % max(1, settings.checkpoint_every) == 0):
+            session.report(metrics, None)
+            continue
         state = {
             "model": _to_cpu(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
             "scheduler": sched.state_dict(), "generator": gen.get_state(),

@@ -75,6 +75,7 @@ def loop_settings(config: dict) -> LoopSettings:
         patience=int(config.get("patience", 20)),
         loss=str(hp.get("loss", "l1")),
         seed=int(config.get("seed", 0)),
+        checkpoint_every=int(config.get("checkpoint_every", 1)),
     )
 
 
