@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=25, help="epochs per trial (~30 s per trial on 2 cores at 25)")
     p.add_argument("--limit", type=int, default=None, help="rows of matbench_phonons (default: all)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per trial (1: on 2 cores, 2 OpenMP threads spin-wait beside Ray and add noise)")
     p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (both arms)")
     p.add_argument("--target", type=float, default=1.10)
     args = p.parse_args(argv)

@@ -55,7 +55,7 @@ from .schedulers import TabularAwareASHA, TotalEpochsStopper
 
 log = logging.getLogger("matfusion.search")
 
-LEADERBOARD_COLUMNS = ["trial_id", "family", "val_mae", "epochs", "status"]
+LEADERBOARD_COLUMNS = ["trial_id", "family", "fusion", "val_mae", "epochs", "status"]
 STATE_FILE = "matfusion_search.json"  # in the experiment folder: the MLflow parent run, for --resume
 TUNER_FILE = "tuner.pkl"
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
@@ -506,7 +506,8 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         trial_id = (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "?")
         status = statuses.get(trial_id, "failed" if r.error else "completed")
-        rows.append({"trial_id": trial_id, "family": r.config.get("family"), "val_mae": val,
+        rows.append({"trial_id": trial_id, "family": r.config.get("family"), "fusion": _fusion_of(r.config),
+                     "val_mae": val,
                      "epochs": epochs, "status": status})
         if r.error is None and np.isfinite(val) and r.checkpoint is not None and (best is None or val < best[0]):
             best = (val, r)
