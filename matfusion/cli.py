@@ -68,7 +68,28 @@ def cmd_search(args) -> int:
 
     result = run_search(cfg, progress=not args.quiet, resume=args.resume)
     print(format_result(result))
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 130
+    return ensemble_after_search(cfg, result, progress=not args.quiet)
+
+
+def ensemble_after_search(cfg, result, progress: bool = True) -> int:
+    """With ``ensemble.enabled``, stack the completed search ``result`` (its parent run) and
+    print the ensemble's summary; 0 when done or not asked for, 1 when the ensemble failed."""
+    if not cfg.ensemble.enabled or result.interrupted:
+        return 0
+    from .ensembles.pipeline import build_ensemble_from_search, format_result as format_ensemble
+
+    e = cfg.ensemble
+    try:
+        res = build_ensemble_from_search(None, tracking_uri=result.tracking_uri, k=e.k, meta=e.meta, n_folds=e.n_folds,
+                                         seed=cfg.search.seed, max_epochs=e.max_epochs, data_dir=cfg.data.data_dir,
+                                         register=e.register, progress=progress, parent_run_id=result.parent_run_id)
+    except ValueError as err:
+        print(f"matfusion: ensemble after search {result.parent_run_id} failed: {err}", file=sys.stderr)
+        return 1
+    print(format_ensemble(res), flush=True)
+    return 0
 
 
 def cmd_featurize(args) -> int:

@@ -139,12 +139,37 @@ class MlflowConfig(_Strict):
     artifact_location: Optional[str] = Field(None, description="for new experiments; default ./mlartifacts")
 
 
+def _ensemble_config() -> type:
+    import warnings
+
+    with warnings.catch_warnings():  # the field `register` shadows ABCMeta.register (harmless: fields win)
+        warnings.filterwarnings("ignore", message='Field name "register"')
+
+        class EnsembleConfig(_Strict):
+            """Stack the best trials into an ensemble when a search completes (``matfusion ensemble``)."""
+
+            enabled: bool = Field(False, description="build, evaluate and log an ensemble after a completed search")
+            k: int = Field(2, ge=1, description="members per group (rf; each graph family x fusion)")
+            meta: Literal["nnls", "ridge", "gbm"] = "nnls"
+            n_folds: int = Field(5, ge=2, description="out-of-fold splits of the training rows")
+            max_epochs: Optional[int] = Field(None, ge=1,
+                                              description="override the members' max_epochs; default as searched")
+            register: bool = Field(True, description="register the model as matfusion-<task> (champion if better)")
+
+    EnsembleConfig.__qualname__ = "EnsembleConfig"  # picklable by reference as matfusion.config.EnsembleConfig
+    return EnsembleConfig
+
+
+EnsembleConfig = _ensemble_config()
+
+
 class Config(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     data: DataConfig
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -158,8 +158,10 @@ def test_bad_arguments_are_named(phonons):
         StackedEnsemble([RF], meta="svm")
     with pytest.raises(ValueError, match="context_features needs meta"):
         StackedEnsemble([RF], meta="nnls", context_features=3)
-    with pytest.raises(ValueError, match="single target"):
-        StackedEnsemble([RF], n_folds=2).fit(fs.magpie, None, np.column_stack([ds.targets, ds.targets]), split.train)
+    two = np.column_stack([ds.targets, ds.targets])
+    two[split.train[0]] = np.nan  # a training row without any label
+    with pytest.raises(ValueError, match="no finite label for any target"):
+        StackedEnsemble([RF], n_folds=2).fit(fs.magpie, None, two, split.train)
     with pytest.raises(RuntimeError, match="not fitted"):
         StackedEnsemble([RF]).predict(fs.magpie, None, split.test)
 
@@ -424,28 +426,203 @@ def test_help_texts():
 
 @pytest.mark.slow
 def test_real_search_then_ensemble_command(tmp_path, capsys, monkeypatch):
-    """A tiny real search (Ray Tune + Optuna + MLflow), then `matfusion ensemble` on it."""
-    from matfusion.config import config_from_dict
-    from matfusion.search.tuner import run_search
+    """`matfusion search` of a tiny real search (Ray Tune + Optuna + MLflow) with
+    ensemble.enabled stacks it at the end; then `matfusion ensemble` on the same search."""
+    import yaml
+
+    from matfusion.cli import main
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cfg = config_from_dict({
+    config = tmp_path / "e2e.yaml"
+    config.write_text(yaml.safe_dump({
         "name": "ens-e2e", "data": {"source": TASK, "limit": 120, "data_dir": str(DATA_DIR)},
         "features": {"n_jobs": 2},
         "search": {"families": ["rf", "cgcnn"], "fusions": ["none", "early"], "preset": "quick", "num_samples": 4,
                    "max_epochs": 2, "grace_period": 1, "max_concurrent": 2, "storage_path": str(tmp_path / "ray")},
-        "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "artifacts")}})
-    res = run_search(cfg, progress=False)
+        "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "artifacts")},
+        "ensemble": {"enabled": True, "k": 1, "n_folds": 2}}))
+    assert main(["search", str(config), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Leaderboard of search 'ens-e2e'" in out and "Stacked ensemble (nnls, 2 folds)" in out
+    assert "registered matfusion-matbench_phonons version 1" in out
     client = MlflowClient(uri)
-    trials = client.search_runs([res.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    parent = client.search_runs([client.get_experiment_by_name("ens-e2e").experiment_id],
+                                filter_string="tags.kind = 'search'")
+    assert len(parent) == 1
+    exp_id, parent_id = parent[0].info.experiment_id, parent[0].info.run_id
+    trials = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id != ''")
     assert len(trials) == 4
+    hooked = client.search_runs([exp_id], filter_string="tags.kind = 'ensemble'")
+    assert len(hooked) == 1 and hooked[0].data.tags["mlflow.parentRunId"] == parent_id
+    assert hooked[0].data.metrics["ensemble_mae"] > 0
+    mv = client.get_model_version_by_alias(f"matfusion-{TASK}", "champion")
+    assert mv.run_id == hooked[0].info.run_id
+
     args = _parser().parse_args(["ensemble", "--experiment", "ens-e2e", "--k", "1", "--folds", "2",
-                                 "--tracking-uri", uri, "--quiet"])
+                                 "--tracking-uri", uri, "--quiet", "--no-register"])
     assert args.func(args) == 0
     assert "Stacked ensemble (nnls, 2 folds)" in capsys.readouterr().out
-    run = client.search_runs([res.experiment_id], filter_string="tags.kind = 'ensemble'")[0]
-    assert run.data.tags["mlflow.parentRunId"] == res.parent_run_id
-    assert run.data.metrics["ensemble_mae"] > 0
-    mv = client.get_model_version_by_alias(f"matfusion-{TASK}", "champion")
-    assert mv.run_id == run.info.run_id
+    runs = client.search_runs([exp_id], filter_string="tags.kind = 'ensemble'")
+    assert len(runs) == 2 and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent_id}
+    # same search, fold, members and seed: the command reproduces the hook's ensemble
+    again = next(r for r in runs if r.info.run_id != hooked[0].info.run_id)
+    assert again.data.metrics["ensemble_mae"] == pytest.approx(hooked[0].data.metrics["ensemble_mae"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- multi-target
+ELASTIC = "matminer/elastic_tensor.csv.gz"
+ELASTIC_TARGETS = ["K_VRH", "G_VRH"]
+
+
+@pytest.fixture(scope="session")
+def elastic(tmp_path_factory):
+    """150 rows of elastic_tensor (K_VRH, G_VRH), with some G_VRH labels hidden (NaN) in both
+    the training and the test rows; and the 2-member stacked ensemble fitted on them."""
+    if DATA_DIR is None:
+        pytest.fail("real data not found: set MATFUSION_DATA or place ../shared/data beside the repo")
+    ds = load_dataset(DataConfig(source=ELASTIC, target=ELASTIC_TARGETS, limit=LIMIT, data_dir=str(DATA_DIR)))
+    split = split_fold(ds, 0)
+    fs = featurize(ds, FeaturesConfig(n_jobs=2, cache_dir=str(tmp_path_factory.mktemp("fcache-el"))), progress=False)
+    rows = np.sort(np.concatenate([split.train, split.val]))
+    rng = np.random.default_rng(0)
+    hidden = np.sort(np.concatenate([rng.choice(rows, 25, replace=False), rng.choice(split.test, 6, replace=False)]))
+    targets = ds.targets.copy()
+    assert np.isfinite(targets[hidden]).all()  # precondition: these labels exist and are really hidden
+    targets[hidden, 1] = np.nan
+    ens = StackedEnsemble([RF, CGCNN], meta="nnls", n_folds=3, seed=0)
+    ens.fit(fs.magpie, fs.graphs, targets, rows, GRAPH_PARAMS, target_names=ELASTIC_TARGETS)
+    return ds, split, fs, targets, rows, hidden, ens
+
+
+def test_multi_target_stacking_shapes_and_labelled_meta_rows(elastic):
+    ds, split, fs, targets, rows, hidden, ens = elastic
+    n, m, k = len(rows), 2, 2
+    assert ens.multi_target and ens.target_names_ == ELASTIC_TARGETS
+    assert all(c["targets"] == ELASTIC_TARGETS for c in ens.members)
+    assert ens.oof_.shape == (n, m, k) and np.isfinite(ens.oof_).all()
+    assert ens.oof_y_.shape == (n, k)
+    # K_VRH: every training row; G_VRH: exactly the training rows that keep their label
+    labelled_g = rows[np.isfinite(targets[rows, 1])]
+    assert len(labelled_g) == n - 25
+    np.testing.assert_array_equal(ens.meta_fit_rows_[0], rows)
+    np.testing.assert_array_equal(ens.meta_fit_rows_[1], labelled_g)
+    assert not set(ens.meta_fit_rows_[1].tolist()) & set(hidden.tolist())
+    # the fitted G_VRH meta-learner is the one fitted on the labelled OOF rows only (a NaN label
+    # in its fit rows would make its mean NaN and its weights differ)
+    lab = np.isfinite(ens.oof_y_[:, 1])
+    ref = NNLSMeta().fit(ens.oof_[lab, :, 1], ens.oof_y_[lab, 1])
+    g_meta = ens.meta_models_[1]
+    assert np.isfinite(g_meta.y_mean_) and g_meta.y_mean_ == pytest.approx(np.mean(targets[labelled_g, 1]))
+    np.testing.assert_allclose(g_meta.coef_, ref.coef_, atol=1e-10)
+    assert set(ens.weights_) == set(ELASTIC_TARGETS) and set(ens.weights_["G_VRH"]) == {"rf", "cgcnn-early", "intercept"}
+    # the fold torch models standardized each target on its labelled training rows only
+    state = ens.fold_states_[0][1]
+    fit_rows = ens.fold_train_rows_[0]
+    np.testing.assert_allclose(np.ravel(state["y_mean"]), np.nanmean(targets[fit_rows], axis=0))
+
+    mean, std = ens.predict(fs.magpie, fs.graphs, split.test)
+    assert mean.shape == std.shape == (len(split.test), k)
+    assert np.isfinite(mean).all() and (std >= 0).all() and (std > 0).any()
+    assert ens.member_predictions(fs.magpie, fs.graphs, split.test).shape == (len(split.test), m, k)
+    # per-target linear blend of the member fold-averages, as for one target
+    members = ens.member_predictions(fs.magpie, fs.graphs, split.test)
+    for t in range(k):
+        expect = members[:, :, t] @ ens.meta_models_[t].coef_ + ens.meta_models_[t].intercept_
+        np.testing.assert_allclose(mean[:, t], expect, atol=1e-8)
+
+    ev = evaluate_ensemble(ens, fs.magpie, fs.graphs, targets, split.test)
+    y_g = targets[split.test, 1]
+    n_lab = int(np.isfinite(y_g).sum())
+    assert ev.metrics["n_test"] == len(split.test) and ev.metrics["n_test_G_VRH"] == n_lab == len(split.test) - 6
+    assert ev.metrics["n_test_K_VRH"] == len(split.test)
+    for key in ("ensemble_mae_K_VRH", "ensemble_rmse_G_VRH", "ensemble_r2_K_VRH", "average_mae_G_VRH",
+                "member.rf_mae_G_VRH", "member.cgcnn-early_r2_K_VRH", "calib_within_1std_G_VRH"):
+        assert np.isfinite(ev.metrics[key]), key
+    assert "ensemble_mae" not in ev.metrics
+    lab_t = np.isfinite(y_g)
+    assert ev.metrics["ensemble_mae_G_VRH"] == pytest.approx(_mae(mean[lab_t, 1], y_g[lab_t]))
+    assert ev.test_mae == pytest.approx((ev.metrics["ensemble_mae_K_VRH"] + ev.metrics["ensemble_mae_G_VRH"]) / 2)
+    assert {"prediction_K_VRH", "std_G_VRH", "y_G_VRH", "member.rf_K_VRH", "average_G_VRH"} <= set(ev.predictions)
+
+
+def test_multi_target_pyfunc_and_predict_structures(tmp_path, elastic, capsys):
+    from matfusion.ensembles.export import save_ensemble_model
+
+    ds, split, fs, targets, rows, hidden, ens = elastic
+    ev = evaluate_ensemble(ens, fs.magpie, fs.graphs, targets, split.test)
+    card = make_card(ens, ds.name, split.fold, ev.metrics, data={"source": ELASTIC, "limit": LIMIT})
+    path = tmp_path / "model"
+    save_ensemble_model(str(path), ens, featurizer_spec(ens, 6.0, 12), card, [ds.structures[i] for i in split.test[:2]])
+    model = mlflow.pyfunc.load_model(str(path))
+    picked = [int(r) for r in split.test[:4]]
+    out = model.predict(pd.DataFrame({"structure": [json.dumps(ds.structures[r].as_dict()) for r in picked]}))
+    assert list(out.columns) == ["prediction_K_VRH", "std_K_VRH", "prediction_G_VRH", "std_G_VRH"]
+    expect, expect_std = ens.predict(fs.magpie, fs.graphs, np.array(picked))
+    np.testing.assert_allclose(out[["prediction_K_VRH", "prediction_G_VRH"]].to_numpy(), expect, atol=1e-6)
+    np.testing.assert_allclose(out[["std_K_VRH", "std_G_VRH"]].to_numpy(), expect_std, atol=1e-6)
+
+    cifs = tmp_path / "cifs"
+    cifs.mkdir()
+    for r in picked[:2]:
+        (cifs / f"{ds.ids[r]}.cif").write_text(ds.structures[r].to(fmt="cif"))
+    parser = _parser()
+    csv = tmp_path / "preds.csv"
+    args = parser.parse_args(["predict", str(path), str(cifs), "--out", str(csv)])
+    assert args.func(args) == 0
+    df = pd.read_csv(csv)
+    assert list(df.columns) == ["id", "prediction_K_VRH", "std_K_VRH", "prediction_G_VRH", "std_G_VRH"]
+    got = df.set_index("id").loc[[ds.ids[r] for r in picked[:2]], ["prediction_K_VRH", "prediction_G_VRH"]]
+    np.testing.assert_allclose(got.to_numpy(), expect[:2], atol=1e-6)
+    exported = export_model(str(path), tmp_path / "exported")
+    readme = (exported / "README.md").read_text()
+    assert "| member | weight K_VRH | weight G_VRH |" in readme and "| cgcnn-early |" in readme
+
+
+# ----------------------------------------------------------------------------- config section + search hook
+def test_ensemble_config_section_validates():
+    from matfusion.config import ConfigError, config_from_dict
+
+    base = {"name": "x", "data": {"source": TASK}}
+    assert config_from_dict(base).ensemble.model_dump() == {"enabled": False, "k": 2, "meta": "nnls", "n_folds": 5,
+                                                          "max_epochs": None, "register": True}
+    cfg = config_from_dict(dict(base, ensemble={"enabled": True, "k": 1, "meta": "gbm", "max_epochs": 3,
+                                                "register": False}))
+    assert cfg.ensemble.enabled and cfg.ensemble.meta == "gbm" and cfg.ensemble.register is False
+    with pytest.raises(ConfigError, match=r"ensemble\.bogus: unknown key"):
+        config_from_dict(dict(base, ensemble={"enabled": True, "bogus": 1}))
+    with pytest.raises(ConfigError, match=r"ensemble\.meta: 'svm' is not allowed"):
+        config_from_dict(dict(base, ensemble={"meta": "svm"}))
+    with pytest.raises(ConfigError, match=r"ensemble\.n_folds"):
+        config_from_dict(dict(base, ensemble={"n_folds": 1}))
+
+
+def test_search_hook_builds_ensemble_of_that_search(tmp_path, phonons, capsys):
+    """cli.ensemble_after_search (what `matfusion search` runs after run_search) on a
+    hand-made search parent: the ensemble is nested in *that* parent, not the latest one."""
+    from matfusion.cli import ensemble_after_search
+    from matfusion.config import EnsembleConfig
+    from matfusion.search.tuner import SearchResult
+
+    uri, client, exp = _tracking(tmp_path, "hook")
+    pid, cfg = _fake_search(client, exp, phonons[0])
+    _fake_search(client, exp, phonons[0])  # a later search of the same experiment: must not be picked
+    result = SearchResult(name=cfg.name, experiment_id=exp, parent_run_id=pid, tracking_uri=uri,
+                          leaderboard=pd.DataFrame(), best_config=None, best_val_mae=25.0, best_test_mae=float("nan"),
+                          wall_s=0.0)
+    ensembles = lambda: client.search_runs([exp], filter_string="tags.kind = 'ensemble'")  # noqa: E731
+    assert ensemble_after_search(cfg, result, progress=False) == 0 and not ensembles()  # not enabled: nothing
+    cfg.ensemble = EnsembleConfig(enabled=True, k=1, n_folds=2, max_epochs=1, register=False)
+    result.interrupted = True
+    assert ensemble_after_search(cfg, result, progress=False) == 0 and not ensembles()  # interrupted: nothing
+    result.interrupted = False
+    assert ensemble_after_search(cfg, result, progress=False) == 0
+    out = capsys.readouterr().out
+    assert "Stacked ensemble (nnls, 2 folds)" in out and "plain average" in out and "member rf" in out
+    runs = ensembles()
+    assert len(runs) == 1 and runs[0].data.tags["mlflow.parentRunId"] == pid
+    assert runs[0].data.metrics["ensemble_mae"] > 0 and "registered_version" not in runs[0].data.tags
+    m = runs[0].data.metrics
+    best = min((k for k in m if k.startswith("member.") and k.endswith("_mae")), key=m.get)
+    assert (f"test MAE: ensemble {m['ensemble_mae']:.4g}, best member {best[7:-4]} {m[best]:.4g}, "
+            f"plain average {m['average_mae']:.4g}") in out

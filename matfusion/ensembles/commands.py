@@ -74,7 +74,8 @@ def add_parsers(subparsers) -> None:
         description="Predict with an ensemble model (a model URI, run id or exported folder).\n"
         "INPUT: CIF/POSCAR files, folders of them, or CSV/JSON tables with a structure column\n"
         "(pymatgen dict, CIF or POSCAR text). A bad file or row is named on stderr and skipped;\n"
-        "all the others are predicted. Output columns: id, prediction, std.",
+        "all the others are predicted. Output columns: id, prediction, std\n"
+        "(a multi-target model: id, prediction_<target>, std_<target> for each target).",
         epilog="example: matfusion predict models:/matfusion-matbench_phonons@champion cifs/ --out preds.csv")
     p.add_argument("model", metavar="MODEL", help="model URI, ensemble run id, or exported folder")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="files, folders or tables")

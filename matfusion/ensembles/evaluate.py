@@ -6,6 +6,11 @@ averaged) ``member.<name>_{mae,rmse,r2}``; the plain unweighted average of the m
 ``average_{mae,rmse,r2}``; calibration of the ensemble's std: ``calib_within_1std`` and
 ``calib_within_2std`` (share of test rows with |error| <= 1 or 2 std; a Gaussian would give
 0.68 and 0.95), and ``mean_std``.
+
+With k targets every metric is per target, on the test rows labelled for it, with the
+target's name as suffix (``ensemble_mae_K_VRH``, ``member.rf_r2_G_VRH``,
+``calib_within_1std_G_VRH``, ``n_test_G_VRH`` ...); ``Evaluation.test_mae`` is then the mean of
+the per-target ensemble MAEs (what the registry compares).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .stacking import StackedEnsemble, _single_target
+from .stacking import StackedEnsemble, _as_targets
 
 
 def regression_metrics(pred: np.ndarray, y: np.ndarray) -> dict:
@@ -47,34 +52,67 @@ class Evaluation:
 
     @property
     def test_mae(self) -> float:
-        return self.metrics["ensemble_mae"]
+        if "ensemble_mae" in self.metrics:
+            return self.metrics["ensemble_mae"]
+        targets = self.summary.get("targets") or []
+        return float(np.mean([self.metrics[f"ensemble_mae_{t}"] for t in targets]))
+
+    @property
+    def targets(self) -> list:
+        """Target names for k > 1 targets, [] for a single target."""
+        t = list(self.summary.get("targets") or [])
+        return t if len(t) > 1 else []
+
+
+def _block(ensemble, pred, std, members, y, suffix: str) -> dict:
+    average = members.mean(axis=1)
+    metrics = {f"ensemble_{k}{suffix}": v for k, v in regression_metrics(pred, y).items()}
+    metrics.update({f"average_{k}{suffix}": v for k, v in regression_metrics(average, y).items()})
+    for j, name in enumerate(ensemble.names_):
+        metrics.update({f"member.{name}_{k}{suffix}": v for k, v in regression_metrics(members[:, j], y).items()})
+    metrics.update({f"{k}{suffix}": v for k, v in calibration(pred, std, y).items()})
+    return metrics
 
 
 def evaluate_ensemble(ensemble: StackedEnsemble, magpie: np.ndarray, graphs, targets: np.ndarray,
                       test_rows: Sequence[int]) -> Evaluation:
     """Metrics of the ensemble, each member and the members' plain average on ``test_rows``."""
-    y_all = _single_target(targets)
+    y_all = _as_targets(targets)
     test_rows = np.asarray(test_rows, dtype=np.int64)
     overlap = set(test_rows.tolist()) & set(ensemble.meta_rows_.tolist())
     if overlap:
         raise ValueError(f"{len(overlap)} test rows were used to fit the ensemble (e.g. row {min(overlap)})")
+    if (y_all.ndim == 2) != ensemble.multi_target or (y_all.ndim == 2 and y_all.shape[1] != ensemble.n_targets_):
+        raise ValueError(f"targets of shape {y_all.shape} do not match the ensemble's "
+                         f"{getattr(ensemble, 'n_targets_', 1)} target(s)")
     y = y_all[test_rows]
     per_fold = ensemble.fold_member_predictions(magpie, graphs, test_rows)
     members = per_fold.mean(axis=0)
-    stacked = np.stack([ensemble.meta_model_.predict(ensemble._meta_input(per_fold[k], magpie, test_rows))
-                        for k in range(ensemble.n_folds)])
+    stacked = ensemble.stack_folds(per_fold, magpie, test_rows)
     pred, std = stacked.mean(axis=0), stacked.std(axis=0)
     average = members.mean(axis=1)
-    metrics = {f"ensemble_{k}": v for k, v in regression_metrics(pred, y).items()}
-    metrics.update({f"average_{k}": v for k, v in regression_metrics(average, y).items()})
-    for j, name in enumerate(ensemble.names_):
-        metrics.update({f"member.{name}_{k}": v for k, v in regression_metrics(members[:, j], y).items()})
-    metrics.update(calibration(pred, std, y))
-    metrics["n_test"] = float(len(test_rows))
-    frame = pd.DataFrame({"row": test_rows, "y": y, "prediction": pred, "std": std})
-    for j, name in enumerate(ensemble.names_):
-        frame[f"member.{name}"] = members[:, j]
-    frame["average"] = average
+    if not ensemble.multi_target:
+        metrics = _block(ensemble, pred, std, members, y, "")
+        metrics["n_test"] = float(len(test_rows))
+        frame = pd.DataFrame({"row": test_rows, "y": y, "prediction": pred, "std": std})
+        for j, name in enumerate(ensemble.names_):
+            frame[f"member.{name}"] = members[:, j]
+        frame["average"] = average
+    else:
+        metrics = {"n_test": float(len(test_rows))}
+        frame = pd.DataFrame({"row": test_rows})
+        for t, tname in enumerate(ensemble.target_names_):
+            lab = np.isfinite(y[:, t])  # labelled test rows of this target only
+            if lab.sum() == 0:
+                raise ValueError(f"no test row has a label for target {tname!r}")
+            metrics.update(_block(ensemble, pred[lab, t], std[lab, t], members[lab, :, t], y[lab, t], f"_{tname}"))
+            metrics[f"n_test_{tname}"] = float(lab.sum())
+            frame[f"y_{tname}"] = y[:, t]
+            frame[f"prediction_{tname}"] = pred[:, t]
+            frame[f"std_{tname}"] = std[:, t]
+            for j, name in enumerate(ensemble.names_):
+                frame[f"member.{name}_{tname}"] = members[:, j, t]
+            frame[f"average_{tname}"] = average[:, t]
     return Evaluation(metrics=metrics, predictions=frame, weights=ensemble.weights_, summary=ensemble.summary())
 
 
@@ -85,16 +123,19 @@ def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> str:
     import matplotlib.pyplot as plt
 
     df = evaluation.predictions
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    ax.errorbar(df["y"], df["prediction"], yerr=df["std"], fmt="o", ms=3, alpha=0.7, elinewidth=0.8,
-                label=f"ensemble (MAE {evaluation.metrics['ensemble_mae']:.4g})")
-    lo = float(min(df["y"].min(), df["prediction"].min()))
-    hi = float(max(df["y"].max(), df["prediction"].max()))
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set_xlabel("true")
-    ax.set_ylabel("predicted")
-    ax.set_title(title or "test parity")
-    ax.legend(loc="upper left", fontsize=8)
+    suffixes = [f"_{t}" for t in evaluation.targets] or [""]
+    fig, axes = plt.subplots(1, len(suffixes), figsize=(5 * len(suffixes), 5), dpi=100, squeeze=False)
+    for ax, sfx in zip(axes[0], suffixes):
+        part = df[np.isfinite(df[f"y{sfx}"])]
+        ax.errorbar(part[f"y{sfx}"], part[f"prediction{sfx}"], yerr=part[f"std{sfx}"], fmt="o", ms=3, alpha=0.7,
+                    elinewidth=0.8, label=f"ensemble (MAE {evaluation.metrics[f'ensemble_mae{sfx}']:.4g})")
+        lo = float(min(part[f"y{sfx}"].min(), part[f"prediction{sfx}"].min()))
+        hi = float(max(part[f"y{sfx}"].max(), part[f"prediction{sfx}"].max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set_xlabel("true" + (f" {sfx[1:]}" if sfx else ""))
+        ax.set_ylabel("predicted")
+        ax.set_title(title or "test parity")
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -117,7 +158,10 @@ def log_evaluation(client, experiment_id: str, parent_run_id: str, evaluation: E
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in evaluation.metrics.items() if np.isfinite(v)]
     for name, w in (evaluation.weights or {}).items():
-        metrics.append(Metric(f"weight.{name}", float(w), now, 0))
+        if isinstance(w, dict):  # k targets: {target: {member: weight}}
+            metrics += [Metric(f"weight.{name}.{m}", float(v), now, 0) for m, v in w.items()]
+        elif w is not None:
+            metrics.append(Metric(f"weight.{name}", float(w), now, 0))
     params = [Param("meta", str(summary.get("meta"))), Param("n_folds", str(summary.get("n_folds"))),
               Param("context_features", str(summary.get("context_features"))),
               Param("seed", str(summary.get("seed"))), Param("n_members", str(len(summary.get("members", [])))),

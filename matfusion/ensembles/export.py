@@ -2,7 +2,8 @@
 
 The pyfunc model (:class:`EnsemblePyfunc`) takes a DataFrame with a ``structure`` column (a
 pymatgen ``Structure`` dict, its JSON text, CIF text or POSCAR text) and returns a DataFrame
-with ``prediction`` and ``std``.  It featurizes its input itself, with the featurizer
+with ``prediction`` and ``std`` (k targets: ``prediction_<target>`` and ``std_<target>`` for
+each target, see :func:`output_columns`).  It featurizes its input itself, with the featurizer
 parameters the ensemble was trained with (stored in ``featurizer.json``): 132 Magpie features
 (:func:`~matfusion.data.featurize.magpie_features`) and, when a member is a graph model, the
 crystal graph (:func:`~matfusion.data.crystal_graph.neighbor_graph`, same cutoff and
@@ -93,9 +94,18 @@ def featurizer_spec(ensemble, cutoff: float, max_neighbors: int, line_graph: boo
             "line_graph": bool(line_graph or ensemble.needs_line_graph), "graph_params": ensemble.graph_params_}
 
 
+def output_columns(ensemble) -> list[str]:
+    """``[prediction, std]``, or ``[prediction_<t>, std_<t>, ...]`` for a multi-target ensemble."""
+    if not getattr(ensemble, "multi_target", False):
+        return ["prediction", "std"]
+    return [c for t in ensemble.target_names_ for c in (f"prediction_{t}", f"std_{t}")]
+
+
 def predict_parsed(ensemble, featurizer: dict, structures: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std): (n,) each, or (n, k) for a multi-target ensemble."""
     if not len(structures):
-        return np.zeros(0), np.zeros(0)
+        k = getattr(ensemble, "n_targets_", 1)
+        return (np.zeros(0), np.zeros(0)) if k == 1 else (np.zeros((0, k)), np.zeros((0, k)))
     magpie, graphs = featurize_structures(structures, featurizer)
     return ensemble.predict(magpie, graphs, np.arange(len(structures)), return_std=True)
 
@@ -124,20 +134,26 @@ class EnsemblePyfunc(_PythonModel):
                 ok.append(i)
             except Exception as err:  # noqa: BLE001 - pymatgen raises many types
                 warnings.warn(f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN")
-        pred = np.full(len(values), np.nan)
-        std = np.full(len(values), np.nan)
+        k = getattr(self.ensemble, "n_targets_", 1)
+        pred = np.full((len(values), k), np.nan)
+        std = np.full((len(values), k), np.nan)
         if ok:
             p, s = predict_parsed(self.ensemble, self.featurizer, structures)
-            pred[ok], std[ok] = p, s
-        return pd.DataFrame({"prediction": pred, "std": std}, index=model_input.index)
+            pred[ok], std[ok] = np.reshape(p, (len(ok), k)), np.reshape(s, (len(ok), k))
+        if k == 1:
+            return pd.DataFrame({"prediction": pred[:, 0], "std": std[:, 0]}, index=model_input.index)
+        cols = {}
+        for t, name in enumerate(self.ensemble.target_names_):
+            cols[f"prediction_{name}"], cols[f"std_{name}"] = pred[:, t], std[:, t]
+        return pd.DataFrame(cols, index=model_input.index)
 
 
-def _signature_and_example(example_structures: Sequence):
+def _signature_and_example(example_structures: Sequence, columns: Sequence[str] = ("prediction", "std")):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     signature = ModelSignature(inputs=Schema([ColSpec(AnyType(), "structure")]),
-                               outputs=Schema([ColSpec("double", "prediction"), ColSpec("double", "std")]))
+                               outputs=Schema([ColSpec("double", c) for c in columns]))
     example = pd.DataFrame({"structure": [json.dumps(s.as_dict()) for s in example_structures]})
     return signature, example
 
@@ -173,7 +189,7 @@ def log_ensemble_model(run_id: str, ensemble, featurizer: dict, card: dict, exam
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    signature, example = _signature_and_example(list(example_structures)[:2])
+    signature, example = _signature_and_example(list(example_structures)[:2], output_columns(ensemble))
     with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
         artifacts = _write_artifacts(ensemble, featurizer, card, d)
         with warnings.catch_warnings():
@@ -187,7 +203,7 @@ def save_ensemble_model(path: str, ensemble, featurizer: dict, card: dict, examp
     """Save the pyfunc model to a local directory (no tracking server needed)."""
     import mlflow
 
-    signature, example = _signature_and_example(list(example_structures)[:2])
+    signature, example = _signature_and_example(list(example_structures)[:2], output_columns(ensemble))
     with tempfile.TemporaryDirectory() as d:
         artifacts = _write_artifacts(ensemble, featurizer, card, d)
         with warnings.catch_warnings():
@@ -265,10 +281,21 @@ def render_card(card: dict, model_uri: str) -> str:
               "## Members and weights", "", f"Meta-learner: `{ens.get('meta')}`", "",
               "| member | weight |", "|---|---|"]
     weights = ens.get("weights") or {}
-    for name in ens.get("members", []):
-        lines.append(f"| {name} | {_fmt(weights.get(name, 'n/a'))} |")
-    if "intercept" in weights:
-        lines.append(f"| (intercept) | {_fmt(weights['intercept'])} |")
+    targets = list(ens.get("targets") or [])
+    if len(targets) > 1:  # one meta-learner per target
+        lines[-2:] = ["| member | " + " | ".join(f"weight {t}" for t in targets) + " |",
+                      "|---|" + "---|" * len(targets)]
+        per = [weights.get(t) or {} for t in targets]
+        for name in ens.get("members", []) + ["intercept"]:
+            if name == "intercept" and not any("intercept" in w for w in per):
+                continue
+            label = "(intercept)" if name == "intercept" else name
+            lines.append(f"| {label} | " + " | ".join(_fmt(w.get(name, 'n/a')) for w in per) + " |")
+    else:
+        for name in ens.get("members", []):
+            lines.append(f"| {name} | {_fmt(weights.get(name, 'n/a'))} |")
+        if "intercept" in weights:
+            lines.append(f"| (intercept) | {_fmt(weights['intercept'])} |")
     lines += ["", "Member configs:", "", "```json", json.dumps(ens.get("member_configs"), indent=1), "```", "",
               "## Test metrics", "", "| metric | value |", "|---|---|"]
     for k, v in sorted((card.get("metrics") or {}).items()):
@@ -388,11 +415,13 @@ def predict_structures(model_uri_or_dir, inputs: Iterable[Union[str, Path]], str
                        model=None) -> pd.DataFrame:
     """DataFrame(id, prediction, std) for every readable structure in ``inputs`` (CIF/POSCAR
     files, folders of them, CSV/JSON tables with a structure column); bad ones are named on
-    stderr and skipped."""
+    stderr and skipped.  A multi-target model gives ``prediction_<t>``, ``std_<t>`` per target."""
     ids, structures, _ = read_inputs(inputs, structure_column)
     if not structures:
         return pd.DataFrame({"id": [], "prediction": [], "std": []})
     model = model or load_model(model_uri_or_dir)
     out = model.predict(pd.DataFrame({"structure": [json.dumps(s.as_dict()) for s in structures]}))
-    return pd.DataFrame({"id": ids, "prediction": np.asarray(out["prediction"], dtype=float),
-                         "std": np.asarray(out["std"], dtype=float)})
+    columns = {"id": ids}
+    for c in out.columns:  # prediction, std; or prediction_<t>, std_<t> per target
+        columns[str(c)] = np.asarray(out[c], dtype=float)
+    return pd.DataFrame(columns)

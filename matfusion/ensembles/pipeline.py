@@ -39,23 +39,33 @@ class EnsembleResult:
     wall_s: float
 
 
-def build_ensemble_from_search(experiment: str, tracking_uri: Optional[str] = None, k: int = 2, meta: str = "nnls",
-                               n_folds: int = 5, context_features: int = 0, seed: int = 0,
+def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional[str] = None, k: int = 2,
+                               meta: str = "nnls", n_folds: int = 5, context_features: int = 0, seed: int = 0,
                                max_epochs: Optional[int] = None, families: Optional[Sequence[str]] = None,
                                data_dir: Optional[str] = None, register: bool = True,
-                               progress: bool = True) -> EnsembleResult:
+                               progress: bool = True, parent_run_id: Optional[str] = None) -> EnsembleResult:
+    """Stack the latest search of ``experiment`` or, given ``parent_run_id``, that search
+    parent run (``experiment`` is then not needed)."""
     from mlflow.tracking import MlflowClient
 
     from ..config import config_from_dict
     from ..data import load_dataset, split_fold
     from ..data.featurize import featurize
     from ..search.mlflow_logging import resolve_tracking_uri
+    from ..search.tuner import target_names
 
     t0 = time.time()
     say = print if progress else (lambda *a, **kw: None)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    parent = latest_search_parent(client, experiment)
+    if parent_run_id:
+        parent = client.get_run(parent_run_id)
+        if parent.data.tags.get("kind") != "search":
+            raise ValueError(f"run {parent_run_id} is not a search parent run (tag kind=search)")
+    elif experiment:
+        parent = latest_search_parent(client, experiment)
+    else:
+        raise ValueError("name an experiment or a search parent run id")
     parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
     cfg = config_from_dict(load_run_dict(client, parent_id, "config.json"), origin=f"run {parent_id} config.json")
     if data_dir:
@@ -82,7 +92,8 @@ def build_ensemble_from_search(experiment: str, tracking_uri: Optional[str] = No
                                member_overrides={"max_epochs": int(max_epochs)} if max_epochs else None)
     ensemble.fit(features.magpie, features.graphs, dataset.targets, rows,
                  graph_params={"gaussian_bins": cfg.features.gaussian_bins,
-                               "gaussian_width": cfg.features.gaussian_width}, progress=progress)
+                               "gaussian_width": cfg.features.gaussian_width}, progress=progress,
+                 target_names=target_names(dataset) if dataset.targets.ndim == 2 else None)
     evaluation = evaluate_ensemble(ensemble, features.magpie, features.graphs, dataset.targets, split.test)
     run_tags = {"dataset": dataset.name, "fold": split.fold, "dataset_hash": dataset.content_hash,
                 "search_run_id": parent_id}
@@ -116,16 +127,28 @@ def format_result(res: EnsembleResult) -> str:
              f"{int(m['n_test'])} test rows:",
              f"  {'model':<28} {'MAE':>10} {'RMSE':>10} {'R2':>8}"]
 
-    def row(label, prefix):
-        lines.append(f"  {label:<28} {m[prefix + '_mae']:>10.4g} {m[prefix + '_rmse']:>10.4g} {m[prefix + '_r2']:>8.3f}")
+    def row(label, prefix, sfx=""):
+        lines.append(f"  {label:<28} {m[prefix + '_mae' + sfx]:>10.4g} {m[prefix + '_rmse' + sfx]:>10.4g} "
+                     f"{m[prefix + '_r2' + sfx]:>8.3f}")
 
-    row("ensemble", "ensemble")
-    row("plain average", "average")
-    for name in res.ensemble.names_:
-        row(f"member {name}", f"member.{name}")
-    lines.append(f"  calibration: {m['calib_within_1std']:.0%} within 1 std, {m['calib_within_2std']:.0%} within 2 std")
-    if res.ensemble.weights_:
-        lines.append("  weights: " + ", ".join(f"{k}={v:.3g}" for k, v in res.ensemble.weights_.items()))
+    for sfx in [f"_{t}" for t in res.evaluation.targets] or [""]:
+        if sfx:
+            lines.append(f"  target {sfx[1:]} ({int(m['n_test' + sfx])} labelled test rows):")
+        row("ensemble", "ensemble", sfx)
+        row("plain average", "average", sfx)
+        for name in res.ensemble.names_:
+            row(f"member {name}", f"member.{name}", sfx)
+        lines.append(f"  calibration: {m['calib_within_1std' + sfx]:.0%} within 1 std, "
+                     f"{m['calib_within_2std' + sfx]:.0%} within 2 std")
+    for sfx in [f"_{t}" for t in res.evaluation.targets] or [""]:
+        best = min(res.ensemble.names_, key=lambda n: m[f"member.{n}_mae{sfx}"])
+        lines.append(f"  test MAE{' ' + sfx[1:] if sfx else ''}: ensemble {m['ensemble_mae' + sfx]:.4g}, best member "
+                     f"{best} {m[f'member.{best}_mae{sfx}']:.4g}, plain average {m['average_mae' + sfx]:.4g}")
+    weights = res.ensemble.weights_ or {}
+    for target, w in weights.items() if res.evaluation.targets else [("", weights)]:
+        if w:
+            lines.append(f"  weights{' ' + target if target else ''}: "
+                         + ", ".join(f"{k}={v:.3g}" for k, v in w.items()))
     lines.append(f"MLflow run {res.run_id} (nested in search run {res.parent_run_id}); model {res.model_uri}")
     if res.version:
         lines.append(f"registered matfusion-{res.task} version {res.version}"

@@ -19,7 +19,11 @@ Meta-learners (:func:`make_meta`):
 ``context_features=c`` appends the first ``c`` Magpie columns to the meta-learner's input
 (``ridge`` / ``gbm`` only), so the blend may depend on the composition.
 
-Single target only: a multi-target dataset raises :class:`ValueError`.
+Multi-target (``targets`` of shape (N, k), NaN = missing label): every member is trained once
+per fold on all k targets (``fit_family`` masks missing labels), the OOF predictions are
+(n, members, k), and one meta-learner per target is fitted on the rows that have that target's
+label only (``meta_fit_rows_[t]``).  ``predict`` then returns (n, k) arrays; with a single
+target everything stays 1-D as before.
 """
 from __future__ import annotations
 
@@ -139,13 +143,20 @@ def make_meta(meta: str, seed: int = 0):
 
 # -- helpers --------------------------------------------------------------------------------------
 
-def _single_target(targets: np.ndarray) -> np.ndarray:
+def _as_targets(targets: np.ndarray) -> np.ndarray:
+    """(N,) for one target, (N, k) for k > 1 targets."""
     y = np.asarray(targets, dtype=np.float64)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
+    if y.ndim not in (1, 2):
+        raise ValueError(f"targets must be (N,) or (N, k); got shape {y.shape}")
+    return y
+
+
+def _single_target(targets: np.ndarray) -> np.ndarray:
+    y = _as_targets(targets)
     if y.ndim != 1:
-        raise ValueError(f"StackedEnsemble supports a single target; got {y.shape[1]} targets "
-                         "(multi-target stacking is not implemented: stack each target separately)")
+        raise ValueError(f"expected a single target; got {y.shape[1]} targets")
     return y
 
 
@@ -195,8 +206,12 @@ class StackedEnsemble:
     ``meta_rows_`` (every row index the meta-learner saw), ``fold_train_rows_`` /
     ``fold_es_rows_`` / ``fold_heldout_rows_`` (per fold: rows its models trained on, rows used
     for their early stopping, rows they predicted), ``oof_`` (n_rows x n_members OOF matrix),
-    ``oof_y_``, ``meta_model_``, ``weights_`` (dict member -> weight, plus ``intercept``; None
-    for gbm), ``fold_states_`` (``[fold][member]`` slim trained states).
+    ``oof_y_``, ``meta_model_`` (single target), ``meta_models_`` (one per target),
+    ``meta_fit_rows_`` (per target: the rows its meta-learner was fitted on, i.e. the labelled
+    ones), ``target_names_``, ``n_targets_``, ``weights_`` (dict member -> weight, plus
+    ``intercept``; k targets: ``{target: {...}}``; None for gbm), ``fold_states_``
+    (``[fold][member]`` slim trained states).  With k targets ``oof_`` is (n, members, k) and
+    ``oof_y_`` (n, k) with NaN for missing labels.
     """
 
     def __init__(self, members: Sequence[dict], meta: str = "nnls", n_folds: int = 5, context_features: int = 0,
@@ -239,22 +254,43 @@ class StackedEnsemble:
         return np.hstack([member_pred, self._context(magpie, rows)])
 
     def fit(self, magpie: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
-            graph_params: Optional[dict] = None, progress: bool = False) -> "StackedEnsemble":
+            graph_params: Optional[dict] = None, progress: bool = False,
+            target_names: Optional[Sequence[str]] = None) -> "StackedEnsemble":
         """Fit on ``rows`` only (the outer fold's training part: never pass test rows).
 
         ``magpie`` (N, 132), ``graphs`` (a GraphSet of all N rows, or None for rf-only
-        ensembles), ``targets`` (N,) are the whole dataset's arrays; only ``rows`` are read.
+        ensembles), ``targets`` (N,) or (N, k) with NaN for a missing label, are the whole
+        dataset's arrays; only ``rows`` are read.  ``target_names`` (k > 1): default the
+        members' ``config["targets"]``, else ``t0``, ``t1`` ...
         """
         from ..trainables.loop import LocalSession
         from ..trainables.trial import fit_family, predict_from_state
         from ..trainables.trial_data import pack_rows, pack_trial_data
 
-        y_all = _single_target(targets)
+        y_all = _as_targets(targets)
         rows = np.asarray(rows, dtype=np.int64)
         if len(np.unique(rows)) != len(rows):
             raise ValueError("rows contain duplicates")
-        if not np.all(np.isfinite(y_all[rows])):
+        multi = y_all.ndim == 2
+        n_targets = y_all.shape[1] if multi else 1
+        y_rows = y_all[rows].reshape(len(rows), n_targets)
+        if multi:
+            if not np.all(np.isfinite(y_rows).any(axis=1)):
+                raise ValueError("some training rows have no finite label for any target")
+        elif not np.all(np.isfinite(y_rows)):
             raise ValueError("some training rows have no finite target")
+        names = target_names or next((list(m["targets"]) for m in self.members
+                                      if len(m.get("targets") or []) == n_targets), None)
+        self.target_names_ = [str(t) for t in names] if names else (
+            [f"t{k}" for k in range(n_targets)] if multi else ["target"])
+        if len(self.target_names_) != n_targets:
+            raise ValueError(f"{len(self.target_names_)} target names for {n_targets} targets")
+        for k in range(n_targets):
+            if np.isfinite(y_rows[:, k]).sum() < 2:
+                raise ValueError(f"target {self.target_names_[k]!r} has fewer than 2 labelled training rows")
+        self.n_targets_ = n_targets
+        if multi:  # members name their targets (fit_family: task weights; trial states: target_names)
+            self.members = [dict(m, targets=list(self.target_names_)) for m in self.members]
         if graphs is None and any(m["family"] != "rf" for m in self.members):
             raise ValueError("graph members need crystal graphs (graphs is None)")
         self.graph_params_ = dict(graph_params or DEFAULT_GRAPH_PARAMS)
@@ -262,7 +298,7 @@ class StackedEnsemble:
         fold = kfold_assignment(len(rows), self.n_folds, self.seed)
         self.fold_of_row_ = {int(r): int(f) for r, f in zip(rows, fold)}
         n_members = len(self.members)
-        oof = np.full((len(rows), n_members), np.nan)
+        oof = np.full((len(rows), n_members, n_targets), np.nan)
         self.fold_states_, self.fold_train_rows_, self.fold_es_rows_, self.fold_heldout_rows_ = [], [], [], []
         for k in range(self.n_folds):
             held = rows[fold == k]
@@ -278,8 +314,8 @@ class StackedEnsemble:
                 config = self._member_config(j, k)
                 state = fit_family(config, data, LocalSession())
                 states.append(_slim_state(config, state))
-                oof[fold == k, j] = np.asarray(predict_from_state(config, states[-1], held_part,
-                                                                  self.graph_params_)).reshape(-1)
+                oof[fold == k, j, :] = np.asarray(predict_from_state(config, states[-1], held_part,
+                                                                     self.graph_params_)).reshape(len(held), n_targets)
                 if progress:
                     print(f"  fold {k + 1}/{self.n_folds} member {self.names_[j]}: trained on {len(fit_rows)} "
                           f"rows (+{len(es_rows)} early stopping), predicted {len(held)}", flush=True)
@@ -289,7 +325,8 @@ class StackedEnsemble:
             self.fold_heldout_rows_.append(held)
         if not np.all(np.isfinite(oof)):
             raise RuntimeError("a member produced non-finite out-of-fold predictions")
-        self.oof_ = oof
+        # single target: (n, members) and (n,), as before; k targets: (n, members, k) and (n, k)
+        self.oof_ = oof if multi else oof[:, :, 0]
         self.oof_y_ = y_all[rows]
         self.meta_rows_ = rows.copy()
         if self.context_features:
@@ -300,18 +337,38 @@ class StackedEnsemble:
             self.context_mean_ = c.mean(axis=0)
             std = c.std(axis=0)
             self.context_std_ = np.where(std > 0, std, 1.0)
-        self.meta_model_ = make_meta(self.meta, self.seed).fit(self._meta_input(oof, magpie, rows), self.oof_y_)
+        # one meta-learner per target, fitted on the rows that have its label (never a NaN label)
+        self.meta_models_, self.meta_fit_rows_ = [], []
+        for t in range(n_targets):
+            labelled = np.isfinite(y_rows[:, t])
+            fit_rows = rows[labelled]
+            X = self._meta_input(oof[labelled, :, t], magpie, fit_rows)
+            self.meta_models_.append(make_meta(self.meta, self.seed).fit(X, y_rows[labelled, t]))
+            self.meta_fit_rows_.append(fit_rows)
+        self.meta_model_ = self.meta_models_[0] if not multi else None
         self.weights_ = self._weights()
         return self
 
-    def _weights(self) -> Optional[dict]:
-        coef = getattr(self.meta_model_, "coef_", None)
+    @property
+    def multi_target(self) -> bool:
+        return getattr(self, "n_targets_", 1) > 1
+
+    def _meta_weights(self, model) -> Optional[dict]:
+        coef = getattr(model, "coef_", None)
         if coef is None:
             return None
         names = list(self.names_) + [f"context_{i}" for i in range(self.context_features)]
         out = {n: float(w) for n, w in zip(names, coef)}
-        out["intercept"] = float(self.meta_model_.intercept_)
+        out["intercept"] = float(model.intercept_)
         return out
+
+    def _weights(self) -> Optional[dict]:
+        """Single target: ``{member: w, ..., "intercept": b}``; k targets: ``{target: {...}}``;
+        None for gbm."""
+        if not self.multi_target:
+            return self._meta_weights(self.meta_models_[0])
+        per = {t: self._meta_weights(m) for t, m in zip(self.target_names_, self.meta_models_)}
+        return None if all(v is None for v in per.values()) else per
 
     # -- inference ---------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -319,31 +376,41 @@ class StackedEnsemble:
             raise RuntimeError("this StackedEnsemble is not fitted yet: call fit() first")
 
     def fold_member_predictions(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
-        """(K, n, n_members): each fold model's prediction of ``rows``."""
+        """(K, n, n_members) (k targets: (K, n, n_members, k)): each fold model's prediction of ``rows``."""
         from ..trainables.trial import predict_from_state
         from ..trainables.trial_data import pack_rows
 
         self._check_fitted()
         rows = np.asarray(rows, dtype=np.int64)
         part = pack_rows(magpie, graphs, np.zeros(len(magpie)), rows)
-        out = np.empty((self.n_folds, len(rows), len(self.members)))
+        n_targets = getattr(self, "n_targets_", 1)
+        out = np.empty((self.n_folds, len(rows), len(self.members), n_targets))
         for k, states in enumerate(self.fold_states_):
             for j, state in enumerate(states):
-                out[k, :, j] = np.asarray(predict_from_state(self._member_config(j, k), state, part,
-                                                             self.graph_params_)).reshape(-1)
-        return out
+                out[k, :, j, :] = np.asarray(predict_from_state(self._member_config(j, k), state, part,
+                                                                self.graph_params_)).reshape(len(rows), n_targets)
+        return out if n_targets > 1 else out[..., 0]
 
     def member_predictions(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
-        """(n, n_members): each member's fold-model average."""
+        """(n, n_members) (k targets: (n, n_members, k)): each member's fold-model average."""
         return self.fold_member_predictions(magpie, graphs, rows).mean(axis=0)
+
+    def stack_folds(self, per_fold: np.ndarray, magpie: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+        """``meta(members of fold k)`` for each k: (K, n), or (K, n, k_targets) for k targets."""
+        rows = np.asarray(rows, dtype=np.int64)
+        models = getattr(self, "meta_models_", None) or [self.meta_model_]
+        if not self.multi_target:
+            return np.stack([models[0].predict(self._meta_input(per_fold[f], magpie, rows))
+                             for f in range(self.n_folds)])
+        return np.stack([np.stack([m.predict(self._meta_input(per_fold[f, :, :, t], magpie, rows))
+                                   for t, m in enumerate(models)], axis=1) for f in range(self.n_folds)])
 
     def predict(self, magpie: np.ndarray, graphs, rows: Sequence[int], return_std: bool = True):
         """Stacked prediction of ``rows``: mean over the K fold-model sets of
-        ``meta(members of fold k)``; with ``return_std`` also their standard deviation."""
+        ``meta(members of fold k)``; with ``return_std`` also their standard deviation.
+        Shapes (n,) for one target, (n, k) for k targets."""
         rows = np.asarray(rows, dtype=np.int64)
-        per_fold = self.fold_member_predictions(magpie, graphs, rows)
-        stacked = np.stack([self.meta_model_.predict(self._meta_input(per_fold[k], magpie, rows))
-                            for k in range(self.n_folds)])
+        stacked = self.stack_folds(self.fold_member_predictions(magpie, graphs, rows), magpie, rows)
         mean = stacked.mean(axis=0)
         if not return_std:
             return mean
@@ -363,4 +430,6 @@ class StackedEnsemble:
         return {"meta": self.meta, "n_folds": self.n_folds, "context_features": self.context_features,
                 "seed": self.seed, "members": self.names_, "member_configs": self.members,
                 "weights": self.weights_, "n_meta_rows": int(len(self.meta_rows_)),
+                "targets": list(getattr(self, "target_names_", ["target"])),
+                "n_meta_rows_per_target": [int(len(r)) for r in getattr(self, "meta_fit_rows_", [self.meta_rows_])],
                 "graph_params": self.graph_params_}
