@@ -67,6 +67,13 @@ def magpie_features(items, featurizer=None) -> np.ndarray:
     return out
 
 
+def graph_parts(structure, cutoff: float, max_neighbors: int, with_line_graph: bool = False) -> tuple:
+    """One structure's packed-graph parts for ``GraphSet.from_parts``: the neighbour graph,
+    followed by its line graph when asked."""
+    parts = neighbor_graph(structure, cutoff, max_neighbors)
+    return parts + line_graph(parts[1], parts[3]) if with_line_graph else parts
+
+
 # Worker state: set in the parent before forking, so children inherit the structures.
 _WORK: dict = {}
 
@@ -81,9 +88,8 @@ def _featurize_chunk(bounds: tuple[int, int]):
     magpie = magpie_features(items[start:stop], fz) if want_magpie else None
     graphs = None
     if want_graph:
-        graphs = [neighbor_graph(s, _WORK["cutoff"], _WORK["max_neighbors"]) for s in items[start:stop]]
-        if _WORK.get("line_graph"):
-            graphs = [g + line_graph(g[1], g[3]) for g in graphs]
+        graphs = [graph_parts(s, _WORK["cutoff"], _WORK["max_neighbors"], bool(_WORK.get("line_graph")))
+                  for s in items[start:stop]]
     return start, magpie, graphs
 
 

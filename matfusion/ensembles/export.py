@@ -72,18 +72,15 @@ def parse_structure(value):
 
 def featurize_structures(structures: Sequence, featurizer: dict):
     """(magpie (n, 132), GraphSet or None) of parsed structures, with the training parameters."""
-    from ..data.crystal_graph import GraphSet, neighbor_graph
-    from ..data.featurize import magpie_features
+    from ..data.crystal_graph import GraphSet
+    from ..data.featurize import graph_parts, magpie_features
 
     magpie = magpie_features(list(structures))
     if not featurizer.get("graphs"):
         return magpie, None
     cutoff, max_nb = float(featurizer["cutoff"]), int(featurizer["max_neighbors"])
-    parts = [neighbor_graph(s, cutoff, max_nb) for s in structures]
-    if featurizer.get("line_graph"):
-        from ..data.line_graph import line_graph
-
-        parts = [p + line_graph(p[1], p[3]) for p in parts]
+    with_line_graph = bool(featurizer.get("line_graph"))
+    parts = [graph_parts(s, cutoff, max_nb, with_line_graph) for s in structures]
     return magpie, GraphSet.from_parts(parts, cutoff, max_nb)
 
 

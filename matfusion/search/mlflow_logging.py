@@ -54,6 +54,14 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: Option
     return client.create_experiment(name, artifact_location=location)
 
 
+def trial_fusion(config: dict) -> str:
+    """The fusion of a trial config: ``-`` for a tabular family, else its ``fusion`` (default none)."""
+    family = config.get("family")
+    if not family or family == "rf":
+        return "-"
+    return str((config.get(family) or {}).get("fusion", "none"))
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -192,7 +200,7 @@ class MlflowTrialLogger(Callback):
                 run_name=f"{family}-{trial_id}",
                 tags={"mlflow.parentRunId": self.parent_run_id, "family": family,
                       "encoder": "-" if family == "rf" else family,
-                      "fusion": "-" if family == "rf" else str((config.get(family) or {}).get("fusion", "none")),
+                      "fusion": trial_fusion(config),
                       "trial_id": trial_id, "status": "running"},
             ).info.run_id
             self.client.log_batch(run_id, params=_params(config))

@@ -49,7 +49,7 @@ from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
 from ..trainables.trial_data import pack_rows, pack_trial_data
 from .mlflow_logging import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten, nested_runs,
-                             resolve_tracking_uri)
+                             resolve_tracking_uri, trial_fusion)
 from .report import log_search_report
 from .schedulers import TabularAwareASHA, TotalEpochsStopper
 
@@ -158,11 +158,6 @@ def build_scheduler(search: SearchConfig):
                             reduction_factor=search.reduction_factor)
 
 
-def _fusion_of(config: dict) -> str:
-    family = config.get("family")
-    hp = config.get(family) if family else None
-    return str(hp.get("fusion", "-")) if isinstance(hp, dict) else "-"
-
 
 def _num(value, fmt: str = "{:.4g}") -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
@@ -189,7 +184,7 @@ class SearchProgress(CLIReporter):
             r, config = t.last_result or {}, t.config or {}
             val = r.get("val_mae")
             key = float(val) if isinstance(val, (int, float)) and np.isfinite(val) else float("inf")
-            row = [t.trial_id, t.status, str(config.get("family", "?")), _fusion_of(config),
+            row = [t.trial_id, t.status, str(config.get("family", "?")), trial_fusion(config),
                    _num(r.get("epoch"), "{:d}") if isinstance(r.get("epoch"), int) else _num(r.get("epoch")),
                    _num(val), _num(r.get("best_val_mae"))]
             keyed.append((key, t.trial_id, row))
@@ -506,7 +501,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         trial_id = (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "?")
         status = statuses.get(trial_id, "failed" if r.error else "completed")
-        rows.append({"trial_id": trial_id, "family": r.config.get("family"), "fusion": _fusion_of(r.config),
+        rows.append({"trial_id": trial_id, "family": r.config.get("family"), "fusion": trial_fusion(r.config),
                      "val_mae": val,
                      "epochs": epochs, "status": status})
         if r.error is None and np.isfinite(val) and r.checkpoint is not None and (best is None or val < best[0]):

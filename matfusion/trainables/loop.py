@@ -206,7 +206,6 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
 
     loader = DataLoader(train_list, batch_size=settings.batch_size, shuffle=True, generator=gen, drop_last=False)
     state = resume
-    epoch = start_epoch - 1
     for epoch in range(start_epoch, settings.max_epochs + 1):
         model.train()
         total, count = 0.0, 0
