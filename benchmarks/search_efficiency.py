@@ -5,9 +5,12 @@ fold 0 (a seeded subset), CGCNN trials only (GNN epochs are the budget axis), wi
 total budget of training epochs.  For each seed we replay every reported epoch in arrival order
 (from MLflow's per-epoch metrics), and count the epochs each method needs before its best
 inner-validation MAE reaches random search's final best.  Target: ASHA+TPE needs <= 1/3 of the
-epochs random search needs.
+epochs random search needs (epochs summed over the seeds, so that one lucky early random trial
+does not decide it; the mean of the per-seed ratios is printed too).  TPE and ASHA compare
+trials by their best inner-validation MAE so far (``best_val_mae``), as the real search does.
+None of the methods is seeded with the known-good defaults (``points_to_evaluate: false``).
 
-    python benchmarks/search_efficiency.py                # 3 seeds, ~15 min on 2 cores
+    python benchmarks/search_efficiency.py                # 3 seeds, ~45 min on 2 cores
     python benchmarks/search_efficiency.py --seeds 0 --limit 300 --trials 8   # quick look
 """
 from __future__ import annotations
@@ -66,7 +69,7 @@ def run_method(method: str, seed: int, args, workdir: Path) -> list[float]:
     name = f"eff-{method.replace('+', '-')}-s{seed}"
     raw = {
         "name": name,
-        "data": {"source": "matbench_phonons", "fold": 0, "limit": args.limit},
+        "data": {"source": "matbench_phonons", "fold": 0, "limit": args.limit, "val_fraction": args.val_fraction},
         "features": {"n_jobs": 0},
         "search": {
             "families": ["cgcnn"], "fusions": ["none", "early"], "preset": "quick",
@@ -95,10 +98,12 @@ def run_method(method: str, seed: int, args, workdir: Path) -> list[float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--limit", type=int, default=400, help="rows of matbench_phonons used (seeded subset)")
-    p.add_argument("--trials", type=int, default=12, help="random search trials; budget = trials x max_epochs")
-    p.add_argument("--max-epochs", type=int, default=12)
-    p.add_argument("--grace-period", type=int, default=2)
+    p.add_argument("--limit", type=int, default=600, help="rows of matbench_phonons used (seeded subset)")
+    p.add_argument("--val-fraction", type=float, default=0.25,
+                   help="inner validation share of the fold's training part (600 rows: 360 train / 120 val)")
+    p.add_argument("--trials", type=int, default=8, help="random search trials; budget = trials x max_epochs")
+    p.add_argument("--max-epochs", type=int, default=27)
+    p.add_argument("--grace-period", type=int, default=3)
     p.add_argument("--reduction-factor", type=int, default=3)
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--data-dir", default=None)
@@ -123,9 +128,14 @@ def main(argv=None) -> int:
         ratios.append(r_asha)
         print(f"{seed:>4} {target:>9.2f} {need['random']:>7.0f} {need['tpe']:>7.0f} {need['asha+tpe']:>9.0f} "
               f"{r_asha:>12.3f} {r_tpe:>11.3f}")
-    mean_ratio = float(np.mean(ratios))
-    verdict = "PASS" if mean_ratio <= args.target else "FAIL"
-    print(f"\nmean ASHA+TPE / random epochs ratio: {mean_ratio:.3f} (target <= {args.target:.3f}): {verdict}")
+    total = {m: float(sum(need[m] for _, _, need in rows)) for m in METHODS}
+    ratio = total["asha+tpe"] / total["random"]
+    print(f"\nall seeds together: random {total['random']:.0f}, tpe {total['tpe']:.0f}, "
+          f"asha+tpe {total['asha+tpe']:.0f} epochs (inf: not reached within the budget)")
+    print(f"mean of the per-seed ratios: {float(np.mean(ratios)):.3f}")
+    verdict = "PASS" if ratio <= args.target else "FAIL"
+    print(f"ASHA+TPE / random epochs ratio (summed over seeds): {ratio:.3f}, "
+          f"TPE / random: {total['tpe'] / total['random']:.3f} (target <= {args.target:.3f}): {verdict}")
     return 0 if verdict == "PASS" else 1
 
 

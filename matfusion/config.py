@@ -95,6 +95,9 @@ class SearchConfig(_Strict):
     gpus_per_trial: Optional[float] = Field(None, ge=0.0, description="default: 0, or 1/max_concurrent when CUDA is present")
     early_stopping_patience: int = Field(20, gt=0, description="epochs without inner-val improvement before a trial stops")
     time_budget_s: Optional[float] = Field(None, gt=0.0)
+    max_failures: int = Field(
+        0, ge=-1, description="times a failed trial (e.g. its node died) is retried from its last checkpoint; "
+        "-1 = without limit. 2 is a good value on a cluster")
     storage_path: Optional[str] = Field(None, description="default: ./ray_results")
     address: Optional[str] = Field(None, description="Ray cluster address; default: start a local one on 127.0.0.1")
 

@@ -55,6 +55,9 @@ from .schedulers import TabularAwareASHA, TotalEpochsStopper
 
 log = logging.getLogger("matfusion.search")
 
+# what TPE learns from and ASHA compares at its rungs: a trial's best inner-validation MAE so far
+# (its last epoch's val_mae is noisier, and after early stopping not the weights it keeps)
+SCORE = "best_val_mae"
 LEADERBOARD_COLUMNS = ["trial_id", "family", "fusion", "val_mae", "epochs", "status"]
 STATE_FILE = "matfusion_search.json"  # in the experiment folder: the MLflow parent run, for --resume
 TUNER_FILE = "tuner.pkl"
@@ -141,7 +144,7 @@ def build_searcher(search: SearchConfig, space, points_to_evaluate: Optional[lis
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(space=space, metric="val_mae", mode="min", sampler=build_sampler(search),
+    searcher = OptunaSearch(space=space, metric=SCORE, mode="min", sampler=build_sampler(search),
                             points_to_evaluate=points_to_evaluate or None)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
 
@@ -153,7 +156,7 @@ def build_scheduler(search: SearchConfig):
 
     if getattr(search, "scheduler", "asha") == "fifo":
         return FIFOScheduler()
-    return TabularAwareASHA(time_attr="training_iteration", metric="val_mae", mode="min",
+    return TabularAwareASHA(time_attr="training_iteration", metric=SCORE, mode="min",
                             max_t=search.max_epochs, grace_period=search.grace_period,
                             reduction_factor=search.reduction_factor)
 
@@ -461,7 +464,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
                 callbacks=[MlflowTrialLogger(tracking_uri, experiment_id, parent_id)],
                 stop=TotalEpochsStopper(max_total) if max_total else None,
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=0), progress_reporter=SearchProgress(),
+                failure_config=FailureConfig(max_failures=s.max_failures), progress_reporter=SearchProgress(),
                 verbose=1 if progress else 0,
             ),
         )
