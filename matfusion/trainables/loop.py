@@ -95,8 +95,11 @@ class TuneSession:
             return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
 
     def report(self, metrics: dict, state: Optional[dict]) -> None:
+        import ray
         from ray import tune
 
+        # the Ray node that ran this epoch (Tune's own node_ip is the same for every node of a host)
+        metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
         if state is None:  # an epoch without a checkpoint
             tune.report(metrics)
             return
