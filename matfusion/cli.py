@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .ensembles.commands import add_parsers as add_ensemble_parsers
 
     add_ensemble_parsers(sub)
+    from .ensembles.benchmark import add_parsers as add_benchmark_parsers
+
+    add_benchmark_parsers(sub)  # benchmark, report
     return parser
 
 

@@ -166,6 +166,20 @@ def _ensemble_config() -> type:
 EnsembleConfig = _ensemble_config()
 
 
+class BenchmarkConfig(_Strict):
+    """``matfusion benchmark``: nested cross-validation over matbench's official folds (per-fold
+    search budget: ``search.time_budget_s``; stacking: the ``ensemble`` section)."""
+
+    train_limit: Optional[int] = Field(
+        None, gt=1, description="about this many training rows per fold (miniature runs): the search and the "
+        "stacking use a seeded subset of the fold's training part; every test row is still predicted")
+    max_groups: Optional[int] = Field(
+        None, gt=0, description="stack the best N groups (rf; graph family x fusion) by inner-validation MAE; "
+        "default: every group the search tried")
+    permutation_repeats: int = Field(3, ge=0, description="shuffles per feature/modality of the permutation "
+                                     "importances in the report (0: impurity importance only)")
+
+
 class Config(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     data: DataConfig
@@ -173,6 +187,7 @@ class Config(_Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
