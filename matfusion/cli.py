@@ -64,9 +64,18 @@ def _load(args):
 
 def cmd_search(args) -> int:
     cfg = _load(args)  # validated before Ray starts
+    from .search.ray_auth import HELP as RAY_AUTH_HELP, auth_failure, prepare_ray_auth
+
+    prepare_ray_auth(cfg.search.address)  # token auth for an explicit HOST:PORT (before ray import)
     from .search.tuner import format_result, run_search
 
-    result = run_search(cfg, progress=not args.quiet, resume=args.resume)
+    try:
+        result = run_search(cfg, progress=not args.quiet, resume=args.resume)
+    except ConnectionError as err:
+        if not auth_failure(err):
+            raise
+        print(f"matfusion: error: {cfg.search.address}: {RAY_AUTH_HELP}", file=sys.stderr)
+        return 2
     print(format_result(result))
     if result.interrupted:
         return 130
@@ -193,6 +202,13 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_mlflow_server(args) -> int:
+    from .search.mlflow_server import serve
+
+    return serve(args.backend_store_uri, args.artifacts_destination, host=args.host, port=args.port,
+                 workers=args.workers, allowed_hosts=args.allowed_hosts, experiments=args.experiment)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matfusion", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///mlruns.db in the working directory)")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("mlflow-server", help="run one MLflow tracking server for a cluster (SQL backend, proxied artifacts)",
+                       description="Run `mlflow server` with a sqlite or PostgreSQL backend and proxied artifact "
+                                   "storage (--serve-artifacts), on 127.0.0.1 unless --host says otherwise; print "
+                                   "the tracking URI once it is up.  See docs/cluster.md.")
+    p.add_argument("--backend-store-uri", default="sqlite:///mlruns.db",
+                   help="sqlite:///FILE or postgresql://USER@HOST/DB (default: sqlite:///mlruns.db here)")
+    p.add_argument("--artifacts-destination", default="mlartifacts",
+                   help="where the server keeps proxied artifacts: a folder or s3://... (default: ./mlartifacts)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--allowed-hosts", help="Host headers the server accepts (mlflow's DNS-rebinding guard)")
+    p.add_argument("--experiment", action="append", default=[], metavar="NAME",
+                   help="create this experiment on the server (proxied artifact root) if missing; repeatable")
+    p.set_defaults(func=cmd_mlflow_server)
     from .ensembles.commands import add_parsers as add_ensemble_parsers
 
     add_ensemble_parsers(sub)
