@@ -13,7 +13,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-FAMILIES = ("rf", "cgcnn", "alignn")
+FAMILIES = ("rf", "lgbm", "et", "cgcnn", "alignn")
+# families trained on the descriptor matrix only (no crystal graph, no fusion)
+TABULAR_FAMILIES = ("rf", "lgbm", "et")
+DESCRIPTOR_SETS = ("magpie", "stoichiometry", "density", "symmetry", "bonds")
 FUSIONS = ("none", "early", "attention", "late")
 TASK_WEIGHTINGS = ("fixed", "tuned", "uncertainty")
 
@@ -56,6 +59,9 @@ class FeaturesConfig(_Strict):
     gaussian_width: Optional[float] = Field(None, gt=0.0, description="default: cutoff / gaussian_bins")
     line_graph: bool = Field(False, description="also build each graph's line graph (bond angles; ALIGNN needs it). "
                              "The search turns it on when it searches alignn")
+    descriptors: Optional[list[Literal["magpie", "stoichiometry", "density", "symmetry", "bonds"]]] = Field(
+        None, description="descriptor sets of the tabular matrix (rf, lgbm, et and the descriptor branch of fused "
+        "GNNs); default: magpie, density, symmetry, bonds with structures, magpie for compositions only")
     n_jobs: int = Field(0, ge=0, description="worker processes; 0 = all cores")
     cache_dir: Optional[str] = Field(None, description="default: $MATFUSION_CACHE or ~/.cache/matfusion")
 
@@ -63,7 +69,10 @@ class FeaturesConfig(_Strict):
 class SearchConfig(_Strict):
     """Ray Tune + Optuna TPE + ASHA settings."""
 
-    families: list[Literal["rf", "cgcnn", "alignn"]] = Field(default_factory=lambda: list(FAMILIES))
+    families: list[Literal["rf", "lgbm", "et", "cgcnn", "alignn"]] = Field(
+        default_factory=lambda: list(FAMILIES),
+        description="model families the search picks from; rf, lgbm (LightGBM) and et (extra trees) train on "
+        "features.descriptors like rf")
     fusions: list[Literal["none", "early", "attention", "late"]] = Field(
         default_factory=lambda: list(FUSIONS),
         description="fusions of each GNN with Magpie that the search may pick")

@@ -173,7 +173,12 @@ def test_featurize_then_cache_hit(phonons40, tmp_path):
     cfg = FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1)
     first = featurize(phonons40, cfg, progress=False)
     assert not first.from_cache
-    assert first.magpie.shape == (40, 132) and len(first.graphs) == 40
+    # the descriptor matrix: Magpie's 132 columns, then the default structural sets
+    from matfusion.data.descriptors import DEFAULT_STRUCTURE_SETS, width_of
+
+    assert first.magpie.shape == (40, width_of(DEFAULT_STRUCTURE_SETS)) and len(first.graphs) == 40
+    assert first.descriptor_sets == DEFAULT_STRUCTURE_SETS
+    np.testing.assert_array_equal(first.magpie[:5, :132], magpie_features(phonons40.structures[:5]))
     for g in range(40):  # same graphs as building them one by one
         z, ei, dist, vec = neighbor_graph(phonons40.structures[g], cfg.cutoff, cfg.max_neighbors)
         gz, gei, gd, gv = first.graphs.graph(g)
@@ -181,7 +186,7 @@ def test_featurize_then_cache_hit(phonons40, tmp_path):
         np.testing.assert_array_equal(gz, z)
         np.testing.assert_array_equal(gei, ei)
         np.testing.assert_array_equal(gd, dist)
-    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npz")) == ["graph", "magpie"]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npz")) == ["desc"] * 3 + ["graph", "magpie"]
 
     second = featurize(phonons40, cfg, progress=False)
     assert second.from_cache

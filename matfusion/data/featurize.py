@@ -33,10 +33,15 @@ MAGPIE_WIDTH = 132
 class FeatureSet:
     """Features of every row of a dataset, in the dataset's row order."""
 
-    magpie: np.ndarray  # (n, 132) float64, NaN where matminer has no value
+    # the descriptor matrix (features.descriptors, see descriptors.py): Magpie's 132 columns first
+    # when selected, then the structural sets; float64, NaN where a value could not be computed.
+    # Named ``magpie`` because it fills the Magpie slot of the trial data (tabular families and
+    # the descriptor branch of fused GNNs)
+    magpie: np.ndarray
     magpie_columns: list[str]
     graphs: Optional[GraphSet]  # None for composition-only datasets
     from_cache: bool = False
+    descriptor_sets: tuple = ("magpie",)  # the resolved features.descriptors, in column order
 
 
 def _magpie_featurizer():
@@ -170,9 +175,14 @@ def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Opt
     magpie = magpie_arrays["magpie"]
     if magpie.shape != (len(dataset), MAGPIE_WIDTH):
         raise RuntimeError(f"magpie cache has shape {magpie.shape} for {len(dataset)} rows")
+    from . import descriptors as desc
+
+    sets = desc.resolve_sets(getattr(features, "descriptors", None), dataset.has_structures)
+    table = desc.cached_matrix(dataset, sets, magpie, cache, n_jobs=n_jobs, progress=progress)
     return FeatureSet(
-        magpie=magpie,
-        magpie_columns=magpie_columns(),
+        magpie=table,
+        magpie_columns=desc.columns_of(sets),
         graphs=graphs,
         from_cache=not (need_magpie or need_graph),
+        descriptor_sets=tuple(sets),
     )
