@@ -4,8 +4,9 @@ The pyfunc model (:class:`EnsemblePyfunc`) takes a DataFrame with a ``structure`
 pymatgen ``Structure`` dict, its JSON text, CIF text or POSCAR text) and returns a DataFrame
 with ``prediction`` and ``std`` (k targets: ``prediction_<target>`` and ``std_<target>`` for
 each target, see :func:`output_columns`).  It featurizes its input itself, with the featurizer
-parameters the ensemble was trained with (stored in ``featurizer.json``): 132 Magpie features
-(:func:`~matfusion.data.featurize.magpie_features`) and, when a member is a graph model, the
+parameters the ensemble was trained with (stored in ``featurizer.json``): the descriptor matrix of
+the same descriptor sets (``descriptors``: Magpie and the structural sets, see
+:mod:`matfusion.data.descriptors`) and, when a member is a graph model, the
 crystal graph (:func:`~matfusion.data.crystal_graph.neighbor_graph`, same cutoff and
 max_neighbors; plus the line graph when an ALIGNN member exists).  A structure that cannot be
 parsed gets NaN prediction and std (and a warning naming its row) instead of failing the batch.
@@ -71,11 +72,14 @@ def parse_structure(value):
 
 
 def featurize_structures(structures: Sequence, featurizer: dict):
-    """(magpie (n, 132), GraphSet or None) of parsed structures, with the training parameters."""
+    """(descriptor matrix (n, d), GraphSet or None) of parsed structures, with the training
+    parameters: the descriptor sets named in ``featurizer["descriptors"]`` (Magpie only for
+    models saved before descriptor sets existed)."""
     from ..data.crystal_graph import GraphSet
-    from ..data.featurize import graph_parts, magpie_features
+    from ..data.descriptors import descriptor_matrix
+    from ..data.featurize import graph_parts
 
-    magpie = magpie_features(list(structures))
+    magpie = descriptor_matrix(list(structures), featurizer.get("descriptors") or ["magpie"])
     if not featurizer.get("graphs"):
         return magpie, None
     cutoff, max_nb = float(featurizer["cutoff"]), int(featurizer["max_neighbors"])
@@ -84,9 +88,24 @@ def featurize_structures(structures: Sequence, featurizer: dict):
     return magpie, GraphSet.from_parts(parts, cutoff, max_nb)
 
 
-def featurizer_spec(ensemble, cutoff: float, max_neighbors: int, line_graph: bool = False) -> dict:
-    """What the pyfunc model needs to featurize like training did."""
-    return {"magpie": "matminer ElementProperty magpie preset (132)", "graphs": bool(ensemble.needs_graphs),
+def featurizer_spec(ensemble, cutoff: float, max_neighbors: int, line_graph: bool = False,
+                    descriptors: Optional[Sequence[str]] = None) -> dict:
+    """What the pyfunc model needs to featurize like training did.  ``descriptors``: the
+    descriptor sets of the training matrix (``FeatureSet.descriptor_sets``); if not given they are
+    inferred from the width of the matrix the ensemble was fitted on (magpie, or the default
+    set for structures)."""
+    from ..data.descriptors import columns_of, infer_sets, width_of
+
+    if descriptors is None:
+        width = getattr(ensemble, "n_features_", None)
+        descriptors = infer_sets(width) if width else ["magpie"]
+    descriptors = list(descriptors)
+    width = getattr(ensemble, "n_features_", None)
+    if width and width_of(descriptors) != width:
+        raise ValueError(f"descriptor sets {descriptors} make {width_of(descriptors)} columns; the ensemble was "
+                         f"fitted on {width}")
+    return {"magpie": "matminer ElementProperty magpie preset (132)", "descriptors": descriptors,
+            "descriptor_columns": len(columns_of(descriptors)), "graphs": bool(ensemble.needs_graphs),
             "cutoff": float(cutoff), "max_neighbors": int(max_neighbors),
             "line_graph": bool(line_graph or ensemble.needs_line_graph), "graph_params": ensemble.graph_params_}
 

@@ -99,7 +99,8 @@ def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional
                 "search_run_id": parent_id}
     run_id = log_evaluation(client, experiment_id, parent_id, evaluation, tags=run_tags)
     try:
-        featurizer = featurizer_spec(ensemble, cfg.features.cutoff, cfg.features.max_neighbors)
+        featurizer = featurizer_spec(ensemble, cfg.features.cutoff, cfg.features.max_neighbors,
+                                     descriptors=features.descriptor_sets)
         card = make_card(ensemble, dataset.name, split.fold, evaluation.metrics, data={
             "source": cfg.data.source, "target": dataset.target_name, "rows": len(dataset),
             "limit": cfg.data.limit, "dataset_hash": dataset.content_hash, "train_rows": len(rows),

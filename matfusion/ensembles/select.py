@@ -1,7 +1,8 @@
 """Pick ensemble members from a finished search in MLflow.
 
 Members are the top ``k`` trials of each group by inner-validation MAE (the only score a
-search may select on; the test part is never looked at), a group being ``rf`` or, for graph
+search may select on; the test part is never looked at), a group being a tabular family
+(``rf``, ``lgbm``, ``et``) or, for graph
 models, a (family, fusion) pair, so the ensemble mixes model kinds instead of taking k
 near-copies of the single best family.  Failed trials, trials without a finite val_mae and
 trials that never ended (running / interrupted / discarded) are skipped.
@@ -26,7 +27,10 @@ USABLE_STATUSES = ("completed", "pruned", "stopped")
 
 
 def _group(row) -> str:
-    return "rf" if row["family"] == "rf" else f"{row['family']}-{row['fusion']}"
+    """A tabular family (rf, lgbm, et) is its own group; a graph family is grouped with its fusion."""
+    from ..config import TABULAR_FAMILIES
+
+    return row["family"] if row["family"] in TABULAR_FAMILIES else f"{row['family']}-{row['fusion']}"
 
 
 def ranked_candidates(client, experiment_id: str, parent_run_id: str, k: int = 2,
@@ -97,7 +101,7 @@ def load_trial_config(client, run_id: str) -> dict:
 
 def select_members(client, experiment_id: str, parent_run_id: str, k: int = 2,
                    families: Optional[Sequence[str]] = None) -> list[dict]:
-    """Trial configs of the top-``k`` trials per group (rf; graph family x fusion) by
+    """Trial configs of the top-``k`` trials per group (rf, lgbm, et; graph family x fusion) by
     inner-validation MAE, failed trials skipped.  Raises ``ValueError`` if nothing is usable."""
     top = ranked_candidates(client, experiment_id, parent_run_id, k=k, families=families)
     if top.empty:

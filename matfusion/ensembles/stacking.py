@@ -44,9 +44,11 @@ _STATE_KEYS = ("best_model", "y_mean", "y_std", "magpie_scaler", "fusion", "rf",
 
 def member_name(config: dict) -> str:
     """A short readable name of a member: ``rf``, ``cgcnn-early``, ``alignn-none`` ..."""
+    from ..config import TABULAR_FAMILIES
+
     family = str(config.get("family"))
-    if family == "rf":
-        return "rf"
+    if family in TABULAR_FAMILIES:
+        return family
     hp = config.get(family) or {}
     return f"{family}-{hp.get('fusion', 'none')}"
 
@@ -161,8 +163,10 @@ def _single_target(targets: np.ndarray) -> np.ndarray:
 
 
 def _slim_state(config: dict, state: dict) -> dict:
-    if config["family"] == "rf":
-        return {"rf": state["rf"]}
+    from ..trainables.tabular import TABULAR_FAMILIES, slim_state
+
+    if config["family"] in TABULAR_FAMILIES:
+        return slim_state(config, state)
     return {k: copy.deepcopy(state[k]) for k in _STATE_KEYS if k in state}
 
 
@@ -258,7 +262,7 @@ class StackedEnsemble:
             target_names: Optional[Sequence[str]] = None) -> "StackedEnsemble":
         """Fit on ``rows`` only (the outer fold's training part: never pass test rows).
 
-        ``magpie`` (N, 132), ``graphs`` (a GraphSet of all N rows, or None for rf-only
+        ``magpie`` (N, d) the descriptor matrix, ``graphs`` (a GraphSet of all N rows, or None for tabular-only
         ensembles), ``targets`` (N,) or (N, k) with NaN for a missing label, are the whole
         dataset's arrays; only ``rows`` are read.  ``target_names`` (k > 1): default the
         members' ``config["targets"]``, else ``t0``, ``t1`` ...
@@ -291,7 +295,7 @@ class StackedEnsemble:
         self.n_targets_ = n_targets
         if multi:  # members name their targets (fit_family: task weights; trial states: target_names)
             self.members = [dict(m, targets=list(self.target_names_)) for m in self.members]
-        if graphs is None and any(m["family"] != "rf" for m in self.members):
+        if graphs is None and self.needs_graphs:
             raise ValueError("graph members need crystal graphs (graphs is None)")
         self.graph_params_ = dict(graph_params or DEFAULT_GRAPH_PARAMS)
         self.names_ = unique_names(self.members)
@@ -329,6 +333,7 @@ class StackedEnsemble:
         self.oof_ = oof if multi else oof[:, :, 0]
         self.oof_y_ = y_all[rows]
         self.meta_rows_ = rows.copy()
+        self.n_features_ = int(np.asarray(magpie).shape[1])  # width of the descriptor matrix
         if self.context_features:
             c = np.asarray(magpie[rows, : self.context_features], dtype=np.float64)
             fill = np.nanmedian(np.where(np.isfinite(c), c, np.nan), axis=0)
@@ -419,7 +424,9 @@ class StackedEnsemble:
     # -- description -------------------------------------------------------------------------------
     @property
     def needs_graphs(self) -> bool:
-        return any(m["family"] != "rf" for m in self.members)
+        from ..config import TABULAR_FAMILIES
+
+        return any(m["family"] not in TABULAR_FAMILIES for m in self.members)
 
     @property
     def needs_line_graph(self) -> bool:

@@ -24,6 +24,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from ..config import TABULAR_FAMILIES
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 TRIAL_METRICS = ("val_mae", "train_loss", "best_val_mae", "lr")
 TRIAL_METRIC_PREFIXES = ("val_mae_", "task_weight_", "late_alpha", "attention_graph")
@@ -57,7 +59,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: Option
 def trial_fusion(config: dict) -> str:
     """The fusion of a trial config: ``-`` for a tabular family, else its ``fusion`` (default none)."""
     family = config.get("family")
-    if not family or family == "rf":
+    if not family or family in TABULAR_FAMILIES:
         return "-"
     return str((config.get(family) or {}).get("fusion", "none"))
 
@@ -199,7 +201,7 @@ class MlflowTrialLogger(Callback):
                 self.experiment_id,
                 run_name=f"{family}-{trial_id}",
                 tags={"mlflow.parentRunId": self.parent_run_id, "family": family,
-                      "encoder": "-" if family == "rf" else family,
+                      "encoder": "-" if family in TABULAR_FAMILIES else family,
                       "fusion": trial_fusion(config),
                       "trial_id": trial_id, "status": "running"},
             ).info.run_id

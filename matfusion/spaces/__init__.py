@@ -18,7 +18,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from . import alignn as _alignn
 from . import cgcnn as _cgcnn
+from . import et as _et
 from . import fusion as _fusion
+from . import lgbm as _lgbm
 from . import rf as _rf
 from .multitask import multitask_space
 from .params import Categorical, SpaceError, Suggester, apply_override, describe
@@ -27,6 +29,8 @@ PRESETS = ("quick", "default", "thorough")
 FUSIONS = ("none", "early", "attention", "late")
 FAMILIES = {
     "rf": SimpleNamespace(module=_rf, space=_rf.rf_space, graph=False),
+    "lgbm": SimpleNamespace(module=_lgbm, space=_lgbm.lgbm_space, graph=False),
+    "et": SimpleNamespace(module=_et, space=_et.et_space, graph=False),
     "cgcnn": SimpleNamespace(module=_cgcnn, space=_cgcnn.cgcnn_space, graph=True),
     "alignn": SimpleNamespace(module=_alignn, space=_alignn.alignn_space, graph=True),
 }
@@ -110,7 +114,7 @@ class SearchSpace:
         if FAMILIES[family].graph:
             _fusion.fusion_space(s, s("fusion"))
         constants = {**self.constants, **fixed}
-        if len(self.targets) > 1 and family != "rf":
+        if len(self.targets) > 1 and FAMILIES[family].graph:  # tabular: one model per target
             weighting = multitask_space(trial, self.targets, self.task_weighting)
             if weighting == "fixed":
                 for t in self.targets:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import torch
-from torch import nn
 
+# torch is imported inside the functions that use it: a tabular trial (rf, et, lgbm) reports
+# through the sessions below without paying torch's import in its Ray worker
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -31,6 +31,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -38,6 +40,8 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(prefer: Optional[str] = None) -> torch.device:
     """CUDA when present (Ray sets CUDA_VISIBLE_DEVICES per trial), else CPU."""
+    import torch
+
     if prefer:
         return torch.device(prefer)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,15 +79,20 @@ class LocalSession:
 
 
 def write_torch_state(state: dict, directory: str) -> None:
+    import torch
+
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
 
 
 class TuneSession:
     """Reports to Ray Tune with a checkpoint directory written by ``write(state, dir)``
-    (default: ``state.pt`` via ``torch.save``).  The only place matfusion talks to Tune."""
+    (default: ``state.pt`` via ``torch.save``), read back on restore by ``read(dir)`` (default
+    ``torch.load`` of ``state.pt``).  The only place matfusion talks to Tune."""
 
-    def __init__(self, write: Callable[[dict, str], None] = write_torch_state) -> None:
+    def __init__(self, write: Callable[[dict, str], None] = write_torch_state,
+                 read: Optional[Callable[[str], dict]] = None) -> None:
         self.write = write
+        self.read = read
 
     def get_state(self) -> Optional[dict]:
         from ray import tune
@@ -92,6 +101,10 @@ class TuneSession:
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
+            if self.read is not None:
+                return self.read(d)
+            import torch
+
             return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
 
     def report(self, metrics: dict, state: Optional[dict]) -> None:
@@ -116,6 +129,7 @@ def predict(model: nn.Module, data_list: list, y_mean: np.ndarray, y_std: np.nda
             batch_size: int = 256, device: Optional[torch.device] = None, return_attention: bool = False):
     """Predictions in target units, shape (n, n_targets).  With ``return_attention``, also the
     per-sample fusion attention weights (n, 2) of an attention-fused model (else None)."""
+    import torch
     from torch_geometric.loader import DataLoader
 
     device = device or next(model.parameters()).device
@@ -172,8 +186,11 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
     predictions (late fusion) before scoring.  Returns the final checkpoint state
     (``best_model`` weights, ``best_val_mae``, ``y_mean``, ``y_std``, ...).
     """
-    from .multitask import MultiTaskLoss
+    import torch
+    from torch import nn
     from torch_geometric.loader import DataLoader
+
+    from .multitask import MultiTaskLoss
 
     session = session or LocalSession()
     device = pick_device(settings.device)

@@ -10,7 +10,9 @@ checkpoint and predict.
      "multitask": {"weighting": "uncertainty"},
      "max_epochs": 30, "seed": 0, "patience": 20, "cpus": 1, "targets": ["K_VRH", "G_VRH"]}
 
-Families: ``rf`` (random forest on Magpie) and the graph encoders (``cgcnn``, ...), each
+Families: the tabular ones, ``rf`` (random forest), ``et`` (extra trees) and ``lgbm``
+(LightGBM, reporting every chunk of boosting rounds), trained on the descriptor matrix by
+:mod:`.tabular`, and the graph encoders (``cgcnn``, ...), each
 with a ``fusion``: ``none`` (graph only), ``early`` / ``attention`` (with the Magpie MLP
 branch, see :mod:`.fusion`), or ``late`` (alpha * RF + (1 - alpha) * GNN, alpha chosen on
 the inner validation predictions).
@@ -22,27 +24,29 @@ import pickle
 from typing import Optional
 
 import numpy as np
-import torch
 
-from .alignn import ALIGNN
-from .cgcnn import CGCNN
-from .fusion import FusedModel
+# torch and the graph models are imported where they are used: a tabular trial's Ray worker
+# then imports scikit-learn / LightGBM only (seconds less per worker on a busy machine)
 from .loop import (CHECKPOINT_FILE, LocalSession, LoopSettings, TuneSession, predict, seed_everything,
                    target_stats, train_torch_model, validation_score)
-from .multitask import MultiTaskLoss
 from .random_forest import random_forest
+from .tabular import ONE_SHOT_FAMILIES, TABULAR_FAMILIES, fit_tabular, predict_tabular
 from .trial_data import data_list
 
 RF_FILE = "model.pkl"
 
 
 def _cgcnn(hp: dict, node_features: int, edge_features: int, angle_features: int, n_targets: int):
+    from .cgcnn import CGCNN
+
     return CGCNN(node_features, edge_features, hidden=int(hp.get("hidden", 64)),
                  n_conv=int(hp.get("n_conv", 3)), head_hidden=int(hp.get("head_hidden", 128)),
                  dropout=float(hp.get("dropout", 0.0)), n_targets=n_targets)
 
 
 def _alignn(hp: dict, node_features: int, edge_features: int, angle_features: int, n_targets: int):
+    from .alignn import ALIGNN
+
     if angle_features <= 0:
         raise ValueError("alignn needs the line graph: featurize with features.line_graph=true")
     return ALIGNN(node_features, edge_features, angle_features, hidden=int(hp.get("hidden", 64)),
@@ -82,6 +86,8 @@ def loop_settings(config: dict) -> LoopSettings:
 def build_torch_model(config: dict, node_features: int, edge_features: int, n_targets: int = 1,
                       angle_features: int = 0, magpie_features: int = 132) -> torch.nn.Module:
     """The encoder of ``config["family"]``, fused with the Magpie branch if the fusion asks."""
+    from .fusion import FusedModel
+
     family = config["family"]
     if family not in ENCODERS:
         raise ValueError(f"unknown graph family {family!r}; known: {', '.join(ENCODERS)}")
@@ -98,6 +104,8 @@ def build_torch_model(config: dict, node_features: int, edge_features: int, n_ta
 
 def build_criterion(config: dict, n_tasks: int) -> MultiTaskLoss:
     """Fixed task weights (from config, default 1), searched ones, or learned uncertainty."""
+    from .multitask import MultiTaskLoss
+
     mt = config.get("multitask", {}) or {}
     names = list(config.get("targets") or [f"t{k}" for k in range(n_tasks)])
     weighting = mt.get("weighting", "fixed")
@@ -124,6 +132,8 @@ def scale(magpie: np.ndarray, scaler: dict) -> np.ndarray:
 
 
 def _graphs_with_magpie(part: dict, graph_params: dict, scaler: Optional[dict]) -> list:
+    import torch
+
     items = data_list(part, graph_params)
     if scaler is not None:
         z = torch.from_numpy(scale(part["magpie"], scaler))
@@ -171,26 +181,19 @@ def choose_late_alpha(rf_pred: np.ndarray, gnn_pred: np.ndarray, y: np.ndarray, 
 def fit_family(config: dict, data: dict, session=None) -> dict:
     """Train the family named by ``config["family"]`` on ``data`` (from ``pack_trial_data``)."""
     family = config["family"]
+    session = session or LocalSession()
+    if family in TABULAR_FAMILIES:  # seeded by their own seed parameter; no torch needed
+        return fit_tabular(config, data, session)
+    import torch
+
     seed_everything(int(config.get("seed", 0)))
     torch.set_num_threads(_threads(config))
-    session = session or LocalSession()
     tr, va = data["train"], data["val"]
     y_train = np.asarray(tr["y"], dtype=np.float64).reshape(len(tr["y"]), -1)
     y_val = np.asarray(va["y"], dtype=np.float64).reshape(len(va["y"]), -1)
     _, y_std = target_stats(y_train)
-    if family == "rf":
-        forests = fit_forests(config, tr["magpie"], y_train)
-        val_mae, task_maes = validation_score(predict_forests(forests, va["magpie"]), y_val, y_std)
-        train_mae, _ = validation_score(predict_forests(forests, tr["magpie"]), y_train, y_std)
-        metrics = {"epoch": 1, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": val_mae,
-                   "trial_finished": True}
-        if len(task_maes) > 1:
-            metrics.update({f"val_mae_{n}": m for n, m in zip(config.get("targets", []), task_maes)})
-        state = {"rf": forests}
-        session.report(metrics, state)
-        return state
     if family not in ENCODERS:
-        raise ValueError(f"unknown family {family!r}; known: rf, {', '.join(ENCODERS)}")
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(TABULAR_FAMILIES + TORCH_FAMILIES)}")
 
     fusion = fusion_of(config)
     scaler = fit_scaler(tr["magpie"]) if fusion in ("early", "attention") else None
@@ -218,22 +221,48 @@ def fit_family(config: dict, data: dict, session=None) -> dict:
                              target_names=config.get("targets"), extra_state=extra_state)
 
 
-def _write_rf(state: dict, directory: str) -> None:
+def _write_forests(state: dict, directory: str) -> None:
+    """The checkpoint of a one-shot forest trial (rf, et): its list of forests, pickled."""
+    family = "et" if "et" in state else "rf"
     with open(os.path.join(directory, RF_FILE), "wb") as fh:
-        pickle.dump(state["rf"], fh)
+        pickle.dump(state[family], fh)
+
+
+_write_rf = _write_forests  # the earlier name
+STATE_PICKLE = "state.pkl"  # the checkpoint of an lgbm trial (its trees as text: no torch needed)
+
+
+def _write_pickled_state(state: dict, directory: str) -> None:
+    with open(os.path.join(directory, STATE_PICKLE), "wb") as fh:
+        pickle.dump(state, fh)
+
+
+def _read_pickled_state(directory: str) -> dict:
+    with open(os.path.join(directory, STATE_PICKLE), "rb") as fh:
+        return pickle.load(fh)
 
 
 def run_trial(config: dict, data: dict) -> None:
-    """The trainable given to ``ray.tune.Tuner`` (via ``tune.with_parameters(run_trial, data=...)``)."""
-    session = TuneSession(write=_write_rf) if config["family"] == "rf" else TuneSession()
+    """The trainable given to ``ray.tune.Tuner`` (via ``tune.with_parameters(run_trial, data=...)``).
+    Forest trials checkpoint their pickled forests, lgbm trials their pickled state (``state.pkl``),
+    torch trials a ``state.pt``."""
+    family = config["family"]
+    if family in ONE_SHOT_FAMILIES:
+        session = TuneSession(write=_write_forests)
+    elif family in TABULAR_FAMILIES:
+        session = TuneSession(write=_write_pickled_state, read=_read_pickled_state)
+    else:
+        session = TuneSession()
     fit_family(config, data, session=session)
 
 
 def predict_from_state(config: dict, state: dict, part: dict, graph_params: dict) -> np.ndarray:
     """Predictions (n,) or (n, k) of a trained trial (its best weights) on a packed part."""
-    if config["family"] == "rf":
-        pred = predict_forests(state["rf"], part["magpie"])
+    if config["family"] in TABULAR_FAMILIES:
+        pred = predict_tabular(config, state, part["magpie"])
         return pred[:, 0] if pred.shape[1] == 1 else pred
+    import torch
+
     items = _graphs_with_magpie(part, graph_params, state.get("magpie_scaler"))
     node_f, edge_f, angle_f = _feature_widths(items[0])
     n_targets = len(np.atleast_1d(state["y_mean"]))
@@ -248,10 +277,14 @@ def predict_from_state(config: dict, state: dict, part: dict, graph_params: dict
 
 
 def load_trial_state(config: dict, checkpoint_dir: str) -> dict:
-    if config["family"] == "rf":
+    if config["family"] in ONE_SHOT_FAMILIES:
         with open(os.path.join(checkpoint_dir, RF_FILE), "rb") as fh:
             forests = pickle.load(fh)
-        return {"rf": forests if isinstance(forests, list) else [forests]}
+        return {config["family"]: forests if isinstance(forests, list) else [forests]}
+    if config["family"] in TABULAR_FAMILIES:
+        return _read_pickled_state(checkpoint_dir)
+    import torch
+
     return torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
 
 
