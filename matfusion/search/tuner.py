@@ -441,7 +441,13 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         client.log_dict(parent_id, space.describe(), "search_space.json")
 
     # -- Ray Tune
-    init_ray(s.address)
+    try:
+        init_ray(s.address)
+    except BaseException:
+        # e.g. the cluster refused the driver: leave no parent run RUNNING
+        client.set_tag(parent_id, "error", "could not connect to Ray")
+        _close_search(client, experiment_id, parent_id, "failed", "FAILED")
+        raise
     resources = trial_resources(s, cluster_gpu_count())
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data), resources)
     scheduler = None
