@@ -29,8 +29,16 @@ def test_density_of_cscl(cscl):
 
 
 def test_symmetry_of_cscl(cscl):
-    sg, system, centro, n_ops = D.symmetry_features(cscl)
-    assert (sg, system, centro, n_ops) == (221, 1, 1, 48)  # Pm-3m, cubic, centrosymmetric
+    sg, system, centro, order = D.symmetry_features(cscl)
+    assert (sg, system, centro, order) == (221, 1, 1, 48)  # Pm-3m, cubic, centrosymmetric, m-3m
+    # the same crystal in a 2x1x1 supercell, or rock salt in its conventional and primitive cells:
+    # the same values (the number of operations of the cell would differ)
+    np.testing.assert_array_equal(D.symmetry_features(cscl * (2, 1, 1)), D.symmetry_features(cscl))
+    rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    primitive = rocksalt.get_primitive_structure()
+    assert len(rocksalt) == 8 and len(primitive) == 2
+    np.testing.assert_array_equal(D.symmetry_features(rocksalt), D.symmetry_features(primitive))
+    assert list(D.symmetry_features(primitive)) == [225, 1, 1, 48]
 
 
 def test_bonds_of_cscl(cscl):
@@ -42,6 +50,12 @@ def test_bonds_of_cscl(cscl):
     assert v["nn_dist_std"] == pytest.approx(0.0, abs=1e-9) and v["cn_std"] == 0
     assert v["bond_mean"] == pytest.approx(nn) and v["bond_spread_mean"] == pytest.approx(0.0, abs=1e-9)
     assert v["nn_rel_cov_mean"] == pytest.approx(nn / (2.44 + 1.02), rel=0.05)  # Magpie covalent radii
+    # a CIF round trip (coordinates rounded) gives the same descriptors
+    from matfusion.ensembles.export import parse_structure
+
+    again = parse_structure(cscl.to(fmt="cif"))
+    for fz in (D.bond_features, D.density_features, D.symmetry_features):
+        np.testing.assert_array_equal(fz(again), fz(cscl))
     assert v["n_sites_log"] == pytest.approx(math.log(2))
     # a wider shell tolerance counts the 6 next-nearest too
     wide = dict(zip(D.BOND_COLUMNS, D.bond_features(cscl, tolerance=0.2)))

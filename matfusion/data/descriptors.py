@@ -12,9 +12,9 @@ name               needs      what
 ``stoichiometry``  comp.      6 p-norms of the element fractions (matminer ``Stoichiometry``)
 ``density``        structure  density, volume per atom, packing fraction (matminer
                               ``DensityFeatures``)
-``symmetry``       structure  space-group number, crystal-system int, centrosymmetric, number
-                              of symmetry operations (matminer ``GlobalSymmetryFeatures``,
-                              spglib)
+``symmetry``       structure  space-group number, crystal-system int (matminer's 1 cubic ..
+                              7 triclinic), centrosymmetric, point-group order (spglib via
+                              pymatgen; all independent of the cell choice)
 ``bonds``          structure  site statistics of nearest-neighbour distance, coordination
                               number and first-shell bond lengths, also relative to the sum of
                               covalent radii (our own periodic neighbour list, no CrystalNN)
@@ -84,31 +84,49 @@ def _density():
 
 
 def density_features(structure) -> np.ndarray:
-    """density (g/cm^3), volume per atom (A^3), packing fraction (atomic spheres / cell)."""
-    return np.asarray(_density().featurize(structure), dtype=np.float64)
+    """density (g/cm^3), volume per atom (A^3), packing fraction (atomic spheres / cell);
+    rounded to 6 decimals like the bond statistics."""
+    return np.round(np.asarray(_density().featurize(structure), dtype=np.float64), 6)
 
 
-SYMMETRY_COLUMNS = ("spacegroup_num", "crystal_system_int", "is_centrosymmetric", "n_symmetry_ops")
+SYMMETRY_COLUMNS = ("spacegroup_num", "crystal_system_int", "is_centrosymmetric", "point_group_order")
+# space-group number ranges of the crystal systems, numbered as matminer's GlobalSymmetryFeatures
+_SYSTEMS = ((2, 7), (15, 6), (74, 5), (142, 4), (167, 3), (194, 2), (230, 1))
 
 
-@lru_cache(maxsize=1)
-def _symmetry():
-    from matminer.featurizers.structure import GlobalSymmetryFeatures
+@lru_cache(maxsize=64)
+def point_group_order(symbol: str) -> int:
+    """Number of operations of the crystallographic point group ``symbol`` (Hermann-Mauguin)."""
+    from pymatgen.symmetry.groups import PointGroup
 
-    return GlobalSymmetryFeatures(desired_features=list(SYMMETRY_COLUMNS))
+    return len(PointGroup(symbol).symmetry_ops)
 
 
-def symmetry_features(structure) -> np.ndarray:
-    """space-group number, crystal system (1 cubic .. 7 triclinic), centrosymmetric (0/1),
-    number of symmetry operations (spglib, symprec 0.01)."""
-    return np.asarray(_symmetry().featurize(structure), dtype=np.float64)
+def symmetry_features(structure, symprec: float = 0.01) -> np.ndarray:
+    """space-group number, crystal system (1 cubic .. 7 triclinic), centrosymmetric (0/1) and
+    point-group order of the space group spglib finds (``symprec`` 0.01 A).  All four depend on
+    the crystal only, not on the cell: a primitive cell, a conventional one and a supercell give
+    the same values (matminer's number of symmetry operations does not: it counts the operations
+    of the given cell)."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    data = SpacegroupAnalyzer(structure, symprec=symprec).get_symmetry_dataset()
+    number = int(data.number)
+    symbol = str(data.pointgroup)
+    centro = symbol in _CENTROSYMMETRIC
+    system = next(code for top, code in _SYSTEMS if number <= top)
+    return np.array([number, system, float(centro), point_group_order(symbol)], dtype=np.float64)
+
+
+# the 11 centrosymmetric (Laue) point groups
+_CENTROSYMMETRIC = frozenset({"-1", "2/m", "mmm", "4/m", "4/mmm", "-3", "-3m", "6/m", "6/mmm", "m-3", "m-3m"})
 
 
 BOND_COLUMNS = (
     "nn_dist_min", "nn_dist_mean", "nn_dist_max", "nn_dist_std",
     "cn_min", "cn_mean", "cn_max", "cn_std",
     "bond_mean", "bond_std", "bond_spread_mean",
-    "nn_rel_cov_min", "nn_rel_cov_mean", "nn_rel_cov_max",
+    "nn_rel_cov_min", "nn_rel_cov_mean", "nn_rel_cov_max",  # min over the first shell of d / (r_i + r_j)
     "n_within_radius_mean", "n_sites_log",
 )
 
@@ -173,7 +191,8 @@ def bond_features(structure, radius: float = BOND_RADIUS, tolerance: float = SHE
             bond_mean[i] = float(bonds.mean())
             spread[i] = float((bonds.max() - bonds.min()) / bonds.mean())
             shell_bonds.append(bonds)
-            rel_cov[i] = d[0] / (radii[i] + radii[neighbors[a]])
+            # over the whole first shell: no dependence on the order of equidistant neighbours
+            rel_cov[i] = float(np.min(bonds / (radii[i] + radii[neighbors[a:b][shell]])))
     all_bonds = np.concatenate(shell_bonds) if shell_bonds else np.zeros(0)
     out = [*_stats(d0), *_stats(cn),
            float(np.nanmean(bond_mean)) if np.isfinite(bond_mean).any() else np.nan,
@@ -181,7 +200,9 @@ def bond_features(structure, radius: float = BOND_RADIUS, tolerance: float = SHE
            float(np.nanmean(spread)) if np.isfinite(spread).any() else np.nan]
     rc = _stats(rel_cov)
     out += [rc[0], rc[1], rc[2], float(count.mean()), float(np.log(n))]
-    return np.asarray(out, dtype=np.float64)
+    # rounded: float noise (a std of 1e-15 for equal bonds, 1e-8 A from a CIF round trip) must
+    # not decide a tree split
+    return np.round(np.asarray(out, dtype=np.float64), 6)
 
 
 @dataclass(frozen=True)
@@ -208,9 +229,10 @@ def registry() -> dict:
         "magpie": DescriptorSet("magpie", _magpie_columns(), None, structural=False),
         "stoichiometry": DescriptorSet("stoichiometry", ("0-norm", "2-norm", "3-norm", "5-norm", "7-norm", "10-norm"),
                                        stoichiometry_features, structural=False),
-        "density": DescriptorSet("density", ("density", "vpa", "packing_fraction"), density_features, structural=True),
-        "symmetry": DescriptorSet("symmetry", SYMMETRY_COLUMNS, symmetry_features, structural=True),
-        "bonds": DescriptorSet("bonds", BOND_COLUMNS, bond_features, structural=True, version=1),
+        "density": DescriptorSet("density", ("density", "vpa", "packing_fraction"), density_features, structural=True,
+                                 version=2),
+        "symmetry": DescriptorSet("symmetry", SYMMETRY_COLUMNS, symmetry_features, structural=True, version=2),
+        "bonds": DescriptorSet("bonds", BOND_COLUMNS, bond_features, structural=True, version=2),
     }
 
 
