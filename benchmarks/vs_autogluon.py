@@ -47,13 +47,21 @@ train["y"] = d["y_train"]
 test = pd.DataFrame(d["X_test"], columns=cols)
 np.random.seed(seed)
 t0 = time.time()
-predictor = TabularPredictor(label="y", eval_metric="mean_absolute_error", path=out_dir, verbosity=0).fit(
-    train, presets=presets, time_limit=budget, num_cpus=cpus)
+note = ""
+try:
+    predictor = TabularPredictor(label="y", eval_metric="mean_absolute_error", path=out_dir, verbosity=0).fit(
+        train, presets=presets, time_limit=budget, num_cpus=cpus)
+except AssertionError as err:  # best_quality's dynamic stacking used up the budget: fit again without it
+    note = f"first fit failed ({str(err)[:120]}); refit with dynamic_stacking=False, same time_limit"
+    t0 = time.time()
+    predictor = TabularPredictor(label="y", eval_metric="mean_absolute_error", path=out_dir + "-nodystack",
+                                 verbosity=0).fit(train, presets=presets, time_limit=budget, num_cpus=cpus,
+                                                  dynamic_stacking=False)
 fit_s = time.time() - t0
 pred = predictor.predict(test).to_numpy()
 lb = predictor.leaderboard(silent=True)
 json.dump({"pred": pred.tolist(), "fit_s": fit_s, "predict_s": time.time() - t0 - fit_s,
-           "best_model": str(predictor.model_best), "n_models": int(len(lb))}, open(out_dir + "/result.json", "w"))
+           "best_model": str(predictor.model_best), "n_models": int(len(lb)), "note": note}, open(out_dir + "/result.json", "w"))
 """
 
 
@@ -160,11 +168,15 @@ def run_autogluon(task: str, fold: int, args, workdir: Path, ds, fs) -> dict:
                           capture_output=True, text=True, timeout=args.budget * 6 + 600)
     wall = time.time() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"AutoGluon failed on {task} fold {fold}:\n{proc.stderr[-3000:]}")
+        print(f"AutoGluon failed on {task} fold {fold}:\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return {"mae": float("nan"), "wall_s": wall, "fit_s": float("nan"), "best_model": "failed", "n_models": 0,
+                "note": proc.stderr[-300:]}
     r = json.loads((out_dir / "result.json").read_text())
     pred = np.asarray(r["pred"], dtype=np.float64)
+    if r.get("note"):
+        print(f"  AutoGluon {task} fold {fold}: {r['note']}", flush=True)
     return {"mae": float(np.mean(np.abs(pred - ds.targets[split.test]))), "wall_s": wall, "fit_s": r["fit_s"],
-            "best_model": r["best_model"], "n_models": r["n_models"]}
+            "best_model": r["best_model"], "n_models": r["n_models"], "note": r.get("note", "")}
 
 
 def main(argv=None) -> int:
