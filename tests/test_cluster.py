@@ -450,3 +450,26 @@ def test_driver_without_the_token_is_refused_with_a_clear_message(ray_cluster, r
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "requires its authentication token" in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr
+    # the refused search left no MLflow run RUNNING: its parent run is closed as failed
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all(r.info.status == "FAILED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+
+
+def test_new_experiment_on_the_server_keeps_its_artifacts_on_the_server(mlflow_server):
+    """A search that creates its experiment on a tracking server leaves artifact storage to the
+    server (proxied), not to a folder on the driver's machine."""
+    from mlflow.tracking import MlflowClient
+
+    from matfusion.search.mlflow_logging import ensure_experiment
+
+    client = MlflowClient(mlflow_server["uri"])
+    exp_id = ensure_experiment(client, "created-by-a-search")
+    assert client.get_experiment(exp_id).artifact_location.startswith("mlflow-artifacts:")
+    run = client.create_run(exp_id)
+    client.log_dict(run.info.run_id, {"a": 1}, "trial_config.json")
+    client.set_terminated(run.info.run_id)
+    stored = list(Path(mlflow_server["artifacts"]).rglob("trial_config.json"))
+    assert any(run.info.run_id in str(f) for f in stored), stored

@@ -50,6 +50,9 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: Option
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if artifact_location is None and client.tracking_uri.startswith(("http://", "https://")):
+        # a tracking server (e.g. `matfusion mlflow-server`) stores the artifacts itself (proxied)
+        return client.create_experiment(name)
     location = artifact_location or str(Path("mlartifacts").resolve())
     if "://" not in location:
         location = Path(location).resolve().as_uri()
