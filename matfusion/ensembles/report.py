@@ -69,6 +69,14 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if math.isfinite(v) else "-"
 
 
+def _seconds(v) -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{v:.0f}" if math.isfinite(v) else "-"
+
+
 def _table(header: list, rows: list) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -170,7 +178,7 @@ def plot_families(info: dict, table: pd.DataFrame, path: Path) -> str:
     order = [g for g in table.index if g not in ("plain average of members", "stacked ensemble")]
     order = sorted(order, key=lambda g: -table.loc[g, "mean"]) + [
         g for g in ("plain average of members", "stacked ensemble") if g in table.index]
-    fig = _new_figure(8, 0.45 * len(order) + 1.8)
+    fig = _new_figure(10, 0.45 * len(order) + 1.8)
     ax = fig.add_subplot()
     colors = ["tab:blue" if g == "stacked ensemble" else "tab:gray" if g.startswith("plain") else "tab:orange"
               for g in order]
@@ -188,8 +196,8 @@ def plot_families(info: dict, table: pd.DataFrame, path: Path) -> str:
         ax.axvline(best[1], color="k", ls=":", lw=1.2, label=f"best published ({best[0]}) {best[1]:g}")
     n = len(info["folds"])
     ax.set_xlabel(f"mean test MAE over {n} fold(s)")
-    ax.set_title(f"{task}: best configuration of each family/fusion vs the ensemble")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{task}: best configuration of each family/fusion vs the ensemble", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -368,7 +376,7 @@ def write_report(out: Path) -> Path:
                      f"{s.get('best_member', '-')} {_fmt(s.get('best_member_mae'))}", _fmt(s.get("average_mae")),
                      f"{_fmt(s.get('best_val_mae'))} / {_fmt(s.get('best_test_mae_info'))}",
                      s.get("n_trials", "-"), s.get("n_stack_rows", "-"), s.get("n_test", "-"),
-                     f"{_fmt(s.get('search_wall_s'), 3)} / {_fmt(s.get('stack_wall_s'), 3)} / {_fmt(wall, 3)}"])
+                     " / ".join(_seconds(v) for v in (s.get("search_wall_s"), s.get("stack_wall_s"), wall))])
     if ks:
         rows.append(["mean", f"**{_fmt(mean)}**",
                      _fmt(np.mean([folds[k]["scores"].get("rmse", np.nan) for k in ks])), "", "", "", "", "", "", "",
