@@ -38,7 +38,8 @@ def test_fused_forward_shapes(phonons_small, fusion):
     scaler = fit_scaler(data["train"]["magpie"])
     items = _graphs_with_magpie(data["train"], data["graph_params"], scaler)[:5]
     for n_targets in (1, 3):
-        model = build_torch_model(_cfg(fusion), items[0].x.shape[1], items[0].edge_attr.shape[1], n_targets)
+        model = build_torch_model(_cfg(fusion), items[0].x.shape[1], items[0].edge_attr.shape[1], n_targets,
+                                  magpie_features=data["train"]["magpie"].shape[1])  # the descriptor matrix
         batch = next(iter(DataLoader(items, batch_size=5)))
         out = model(batch)
         assert out.shape == (5, n_targets) and torch.isfinite(out).all()
@@ -48,7 +49,8 @@ def test_attention_weights_sum_to_one_and_are_per_sample(phonons_small):
     _, _, data, _ = phonons_small
     scaler = fit_scaler(data["train"]["magpie"])
     items = _graphs_with_magpie(data["train"], data["graph_params"], scaler)[:8]
-    model = build_torch_model(_cfg("attention"), items[0].x.shape[1], items[0].edge_attr.shape[1], 1)
+    model = build_torch_model(_cfg("attention"), items[0].x.shape[1], items[0].edge_attr.shape[1], 1,
+                              magpie_features=data["train"]["magpie"].shape[1])
     batch = next(iter(DataLoader(items, batch_size=8)))
     pred, weights = model.forward_with_attention(batch)
     assert weights.shape == (8, 2)
