@@ -162,7 +162,9 @@ def _ensemble_config() -> type:
 
             enabled: bool = Field(False, description="build, evaluate and log an ensemble after a completed search")
             k: int = Field(2, ge=1, description="members per group (rf; each graph family x fusion)")
-            meta: Literal["nnls", "ridge", "gbm"] = "nnls"
+            meta: Literal["mae", "nnls", "ridge", "gbm"] = Field(
+                "mae", description="mae: convex blend minimizing the out-of-fold MAE; nnls: non-negative least squares; "
+                "ridge; gbm")
             n_folds: int = Field(5, ge=2, description="out-of-fold splits of the training rows")
             max_epochs: Optional[int] = Field(None, ge=1,
                                               description="override the members' max_epochs; default as searched")

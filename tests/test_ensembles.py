@@ -23,7 +23,7 @@ from matfusion.ensembles import (StackedEnsemble, evaluate_ensemble, export_mode
                                  predict_structures, register_ensemble, select_members)
 from matfusion.ensembles.commands import add_parsers
 from matfusion.ensembles.export import featurizer_spec, make_card
-from matfusion.ensembles.stacking import GBMMeta, NNLSMeta, RidgeMeta
+from matfusion.ensembles.stacking import ConvexMAEMeta, GBMMeta, NNLSMeta, RidgeMeta
 
 LIMIT = 150
 TASK = "matbench_phonons"
@@ -140,9 +140,37 @@ def test_meta_learners_on_errors_in_disjoint_halves():
     for meta in (NNLSMeta(), RidgeMeta()):
         pred = meta.fit(X, y).predict(X2)
         assert _mae(pred, y2) <= 1.02 * best_mae and _rmse(pred, y2) < 0.8 * best_rmse, meta.name
+    # the MAE blend optimizes MAE only: it matches the best member's MAE, no worse in RMSE
+    pred = ConvexMAEMeta().fit(X, y).predict(X2)
+    assert _mae(pred, y2) <= 1.02 * best_mae and _rmse(pred, y2) <= best_rmse
     # given the "which half" context, the gbm picks the good member per row
     ctx, ctx2 = np.column_stack([X, half]), np.column_stack([X2, half2])
     assert _mae(GBMMeta().fit(ctx, y).predict(ctx2), y2) < 0.6 * best_mae
+
+
+def test_mae_blend_is_convex_and_ignores_a_heavy_tail():
+    """The MAE blend is a convex combination minimizing the absolute error: on a target with a
+    few huge outliers that no member predicts, least squares rescales the members (and loses
+    MAE on the typical rows), the MAE blend does not."""
+    rng = np.random.default_rng(7)
+    n = 600
+    y = rng.normal(size=n)
+    y[:12] += 40.0  # a heavy tail no member sees
+    good = y + rng.normal(scale=0.2, size=n)
+    good[:12] -= 40.0
+    weak = y + rng.normal(scale=0.8, size=n)
+    weak[:12] -= 40.0
+    X = np.column_stack([good, weak])
+    blend = ConvexMAEMeta().fit(X, y)
+    assert np.all(blend.coef_ >= 0) and blend.coef_.sum() == pytest.approx(1.0) and blend.intercept_ == 0.0
+    assert blend.coef_[0] > 0.8  # mostly the good member
+    mae_blend = _mae(blend.predict(X), y)
+    assert mae_blend <= _mae(good, y) + 1e-9  # the LP optimum is at least as good as any vertex
+    assert mae_blend < _mae(NNLSMeta().fit(X, y).predict(X), y)
+    # the same weights as brute force over a fine grid of convex weights
+    grid = np.linspace(0, 1, 1001)
+    brute = min(_mae(a * good + (1 - a) * weak, y) for a in grid)
+    assert mae_blend == pytest.approx(brute, abs=1e-3)
 
 
 def test_nnls_intercept_by_centering():

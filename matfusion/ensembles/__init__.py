@@ -4,7 +4,7 @@ evaluate on the held-out test rows, export as an MLflow pyfunc model, predict ne
 Public API::
 
     select_members(client, experiment_id, parent_run_id, k=2, families=None) -> [trial config]
-    StackedEnsemble(members, meta="nnls", n_folds=5, context_features=0, seed=0)
+    StackedEnsemble(members, meta="mae", n_folds=5, context_features=0, seed=0)
         .fit(magpie, graphs, targets, rows, graph_params)   # rows: the outer fold's training rows
         .predict(magpie, graphs, rows, return_std=True)     # -> mean, std
     evaluate_ensemble(ensemble, magpie, graphs, targets, test_rows) -> Evaluation

@@ -39,11 +39,11 @@ def add_parsers(subparsers) -> None:
         "out-of-fold predictions, and the fold's test rows are used only for the final metrics.\n"
         "The result is a nested MLflow run (kind=ensemble) and a pyfunc model registered as\n"
         "matfusion-<task>; alias 'champion' moves to it only if its test MAE is better.",
-        epilog="example: matfusion ensemble --experiment phonons-smoke --k 2 --meta nnls --folds 5")
+        epilog="example: matfusion ensemble --experiment phonons-smoke --k 2 --meta mae --folds 5")
     p.add_argument("--experiment", required=True, help="MLflow experiment name of the search")
     p.add_argument("--k", type=_positive_int, default=2, help="members per group (default 2)")
-    p.add_argument("--meta", choices=META_LEARNERS, default="nnls",
-                   help="meta-learner: nnls (non-negative weights), ridge, gbm (default nnls)")
+    p.add_argument("--meta", choices=META_LEARNERS, default="mae",
+                   help="meta-learner: mae (convex blend minimizing the out-of-fold MAE), nnls (non-negative least squares), ridge, gbm (default mae)")
     p.add_argument("--folds", type=_positive_int, default=5, help="out-of-fold splits K (>= 2; default 5)")
     p.add_argument("--context-features", type=int, default=0,
                    help="append the first N Magpie features to the meta input (ridge/gbm only; default 0)")

@@ -40,7 +40,7 @@ class EnsembleResult:
 
 
 def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional[str] = None, k: int = 2,
-                               meta: str = "nnls", n_folds: int = 5, context_features: int = 0, seed: int = 0,
+                               meta: str = "mae", n_folds: int = 5, context_features: int = 0, seed: int = 0,
                                max_epochs: Optional[int] = None, families: Optional[Sequence[str]] = None,
                                data_dir: Optional[str] = None, register: bool = True,
                                progress: bool = True, parent_run_id: Optional[str] = None) -> EnsembleResult:

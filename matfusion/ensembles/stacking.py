@@ -11,6 +11,10 @@ meta-learner learns how members behave on unseen data, not how well they memoris
 
 Meta-learners (:func:`make_meta`):
 
+* ``mae`` (default): a convex blend, weights >= 0 summing to 1 and no intercept, that minimizes
+  the mean absolute error of the OOF predictions (an exact linear program).  It optimizes the
+  metric matbench scores, and a heavy-tailed target cannot pull it into rescaling the members
+  as a least-squares fit does;
 * ``nnls``: non-negative weights (``scipy.optimize.nnls``) on the centred OOF columns, the
   intercept is ``mean(y) - mean(X) @ w``; interpretable, cannot overfit much;
 * ``ridge``: ``sklearn.linear_model.Ridge`` (weights may be negative);
@@ -35,7 +39,7 @@ import numpy as np
 
 log = logging.getLogger("matfusion.ensembles")
 
-META_LEARNERS = ("nnls", "ridge", "gbm")
+META_LEARNERS = ("mae", "nnls", "ridge", "gbm")
 DEFAULT_GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
 # what predict_from_state needs of a torch state (the optimizer etc. are dropped)
 _STATE_KEYS = ("best_model", "y_mean", "y_std", "magpie_scaler", "fusion", "rf", "best_hook_state",
@@ -64,6 +68,42 @@ def unique_names(configs: Sequence[dict]) -> list[str]:
 
 
 # -- meta-learners ------------------------------------------------------------------------------
+
+class ConvexMAEMeta:
+    """min_w sum_i |y_i - X_i w|  subject to  w >= 0, sum(w) = 1 (no intercept).
+
+    Solved exactly as the linear program  min sum(u + v)  s.t.  X w + u - v = y,  w, u, v >= 0,
+    sum(w) = 1  (``scipy.optimize.linprog``, HiGHS; the constraint matrix is sparse)."""
+
+    name = "mae"
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "ConvexMAEMeta":
+        from scipy import sparse
+        from scipy.optimize import linprog
+
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        n, m = X.shape
+        eye = sparse.identity(n, format="csr")
+        A_eq = sparse.vstack([sparse.hstack([sparse.csr_matrix(X), eye, -eye]),
+                              sparse.hstack([sparse.csr_matrix(np.ones((1, m))), sparse.csr_matrix((1, 2 * n))])])
+        b_eq = np.concatenate([y, [1.0]])
+        cost = np.concatenate([np.zeros(m), np.ones(2 * n)])
+        res = linprog(cost, A_eq=A_eq.tocsr(), b_eq=b_eq, bounds=(0, None), method="highs")
+        if not res.success:  # cannot happen for a feasible LP; fall back to the best single column
+            log.warning("MAE blend: linprog failed (%s); using the best single member", res.message)
+            w = np.zeros(m)
+            w[int(np.argmin(np.abs(X - y[:, None]).mean(axis=0)))] = 1.0
+        else:
+            w = np.clip(res.x[:m], 0.0, None)
+            w = w / w.sum()
+        self.coef_ = w
+        self.intercept_ = 0.0
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=np.float64) @ self.coef_
+
 
 class NNLSMeta:
     """y ~ b + X @ w with w >= 0 (least squares); b absorbed by centring X and y."""
@@ -134,6 +174,8 @@ class GBMMeta:
 
 
 def make_meta(meta: str, seed: int = 0):
+    if meta == "mae":
+        return ConvexMAEMeta()
     if meta == "nnls":
         return NNLSMeta()
     if meta == "ridge":
@@ -188,7 +230,7 @@ class StackedEnsemble:
     Parameters
     ----------
     members: trial configs (dicts as the search's trials received them).
-    meta: ``nnls`` | ``ridge`` | ``gbm``.
+    meta: ``mae`` | ``nnls`` | ``ridge`` | ``gbm``.
     n_folds: K of the out-of-fold split of the training rows.
     context_features: append the first ``context_features`` Magpie columns to the meta input
         (ridge and gbm only).
@@ -218,7 +260,7 @@ class StackedEnsemble:
     ``oof_y_`` (n, k) with NaN for missing labels.
     """
 
-    def __init__(self, members: Sequence[dict], meta: str = "nnls", n_folds: int = 5, context_features: int = 0,
+    def __init__(self, members: Sequence[dict], meta: str = "mae", n_folds: int = 5, context_features: int = 0,
                  seed: int = 0, es_fraction: float = 0.15, member_overrides: Optional[dict] = None) -> None:
         if not members:
             raise ValueError("StackedEnsemble needs at least one member config")
@@ -228,8 +270,8 @@ class StackedEnsemble:
             raise ValueError(f"n_folds must be >= 2 (got {n_folds})")
         if context_features < 0:
             raise ValueError("context_features must be >= 0")
-        if context_features and meta == "nnls":
-            raise ValueError("context_features needs meta 'ridge' or 'gbm' (nnls weights are non-negative "
+        if context_features and meta in ("mae", "nnls"):
+            raise ValueError("context_features needs meta 'ridge' or 'gbm' (mae and nnls weights are non-negative "
                              "blend weights of members only)")
         if not 0.0 < es_fraction < 0.5:
             raise ValueError("es_fraction must be in (0, 0.5)")
