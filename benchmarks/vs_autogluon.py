@@ -100,7 +100,7 @@ def run_ours(task: str, fold: int, args, workdir: Path, features_cfg, ds, fs, ov
         "search": {"families": ["rf", "lgbm", "et"], "num_samples": 500, "max_epochs": args.max_epochs,
                    "grace_period": 2, "reduction_factor": 3, "seed": args.seed, "max_concurrent": args.cpus,
                    "cpus_per_trial": 1,
-                   "time_budget_s": max(10.0, args.search_share * (args.budget - overhead)),
+                   "time_budget_s": args.tune_budget or max(10.0, args.search_share * (args.budget - overhead)),
                    "early_stopping_patience": 5, "storage_path": str(workdir / "ray")},
         "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlruns.db'}", "experiment": name,
                    "artifact_location": str(workdir / "mlartifacts")},
@@ -189,6 +189,8 @@ def main(argv=None) -> int:
                    help="share of the budget given to the search (search.time_budget_s); the rest stacks "
                    "(members whose projected stacking time does not fit are left out)")
     p.add_argument("--final", choices=["stack", "best"], default="stack")
+    p.add_argument("--tune-budget", type=float, default=None,
+                   help="fixed search.time_budget_s (default: search_share x (budget - measured overhead))")
     p.add_argument("--overhead", type=float, default=20.0,
                    help="expected run_search time outside Tune's fit on the first fold (later folds: measured)")
     p.add_argument("--stack-folds", type=int, default=3)
