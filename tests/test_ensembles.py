@@ -429,7 +429,7 @@ def test_ensemble_command_end_to_end(tmp_path, phonons, capsys):
                               "cgcnn", "--tracking-uri", uri, "--quiet"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "Stacked ensemble (nnls, 2 folds)" in out and "registered matfusion-matbench_phonons version 1" in out
+    assert "Stacked ensemble (mae, 2 folds)" in out and "registered matfusion-matbench_phonons version 1" in out
     runs = client.search_runs([exp], filter_string="tags.kind = 'ensemble'")
     assert len(runs) == 1
     run = runs[0]
@@ -472,7 +472,7 @@ def test_real_search_then_ensemble_command(tmp_path, capsys, monkeypatch):
         "ensemble": {"enabled": True, "k": 1, "n_folds": 2}}))
     assert main(["search", str(config), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "Leaderboard of search 'ens-e2e'" in out and "Stacked ensemble (nnls, 2 folds)" in out
+    assert "Leaderboard of search 'ens-e2e'" in out and "Stacked ensemble (mae, 2 folds)" in out
     assert "registered matfusion-matbench_phonons version 1" in out
     client = MlflowClient(uri)
     parent = client.search_runs([client.get_experiment_by_name("ens-e2e").experiment_id],
@@ -490,7 +490,7 @@ def test_real_search_then_ensemble_command(tmp_path, capsys, monkeypatch):
     args = _parser().parse_args(["ensemble", "--experiment", "ens-e2e", "--k", "1", "--folds", "2",
                                  "--tracking-uri", uri, "--quiet", "--no-register"])
     assert args.func(args) == 0
-    assert "Stacked ensemble (nnls, 2 folds)" in capsys.readouterr().out
+    assert "Stacked ensemble (mae, 2 folds)" in capsys.readouterr().out
     runs = client.search_runs([exp_id], filter_string="tags.kind = 'ensemble'")
     assert len(runs) == 2 and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent_id}
     # same search, fold, members and seed: the command reproduces the hook's ensemble
@@ -612,7 +612,7 @@ def test_ensemble_config_section_validates():
     from matfusion.config import ConfigError, config_from_dict
 
     base = {"name": "x", "data": {"source": TASK}}
-    assert config_from_dict(base).ensemble.model_dump() == {"enabled": False, "k": 2, "meta": "nnls", "n_folds": 5,
+    assert config_from_dict(base).ensemble.model_dump() == {"enabled": False, "k": 2, "meta": "mae", "n_folds": 5,
                                                           "max_epochs": None, "register": True}
     cfg = config_from_dict(dict(base, ensemble={"enabled": True, "k": 1, "meta": "gbm", "max_epochs": 3,
                                                 "register": False}))
@@ -646,7 +646,7 @@ def test_search_hook_builds_ensemble_of_that_search(tmp_path, phonons, capsys):
     result.interrupted = False
     assert ensemble_after_search(cfg, result, progress=False) == 0
     out = capsys.readouterr().out
-    assert "Stacked ensemble (nnls, 2 folds)" in out and "plain average" in out and "member rf" in out
+    assert "Stacked ensemble (mae, 2 folds)" in out and "plain average" in out and "member rf" in out
     runs = ensembles()
     assert len(runs) == 1 and runs[0].data.tags["mlflow.parentRunId"] == pid
     assert runs[0].data.metrics["ensemble_mae"] > 0 and "registered_version" not in runs[0].data.tags
