@@ -193,6 +193,17 @@ def test_featurize_then_cache_hit(phonons40, tmp_path):
     assert_features_equal(first, second)
 
 
+def test_tabular_only_featurization_builds_no_graphs(phonons40, tmp_path):
+    """A search of tabular families only asks for no graphs: none are built or cached, and the
+    descriptor matrix is the same as with graphs."""
+    cfg = FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1)
+    tab = featurize(phonons40, cfg, progress=False, graphs=False)
+    assert tab.graphs is None and not list(tmp_path.glob("graph-*.npz"))
+    full = featurize(phonons40, cfg, progress=False)
+    assert full.graphs is not None and len(full.graphs) == 40
+    np.testing.assert_array_equal(tab.magpie, full.magpie)
+
+
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

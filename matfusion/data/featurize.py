@@ -137,13 +137,15 @@ def _store(start, m, g, magpie, graphs, bar):
     bar.update(k)
 
 
-def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Optional[FeatureCache] = None) -> FeatureSet:
-    """Magpie features and (for structure datasets) crystal graphs of every row, cached."""
+def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Optional[FeatureCache] = None,
+              graphs: bool = True) -> FeatureSet:
+    """The descriptor matrix and (for structure datasets, unless ``graphs=False``: a search of
+    tabular families only) crystal graphs of every row, cached."""
     from ..config import FeaturesConfig
 
     features = features or FeaturesConfig()
     cache = cache or FeatureCache(features.cache_dir)
-    want_graph = dataset.has_structures
+    want_graph = dataset.has_structures and graphs
     # format 2: bond vectors (edge_vec) and, optionally, the line graph
     graph_params = {"cutoff": features.cutoff, "max_neighbors": features.max_neighbors, "format": 2,
                     "line_graph": bool(features.line_graph)}
@@ -167,11 +169,11 @@ def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Opt
             graph_arrays = gs.arrays()
             cache.save(graph_key, graph_arrays)
 
-    graphs = None
+    graph_set = None
     if want_graph:
-        graphs = GraphSet(**graph_arrays, cutoff=features.cutoff, max_neighbors=features.max_neighbors)
-        if len(graphs) != len(dataset):
-            raise RuntimeError(f"graph cache holds {len(graphs)} graphs for {len(dataset)} rows")
+        graph_set = GraphSet(**graph_arrays, cutoff=features.cutoff, max_neighbors=features.max_neighbors)
+        if len(graph_set) != len(dataset):
+            raise RuntimeError(f"graph cache holds {len(graph_set)} graphs for {len(dataset)} rows")
     magpie = magpie_arrays["magpie"]
     if magpie.shape != (len(dataset), MAGPIE_WIDTH):
         raise RuntimeError(f"magpie cache has shape {magpie.shape} for {len(dataset)} rows")
@@ -182,7 +184,7 @@ def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Opt
     return FeatureSet(
         magpie=table,
         magpie_columns=desc.columns_of(sets),
-        graphs=graphs,
+        graphs=graph_set,
         from_cache=not (need_magpie or need_graph),
         descriptor_sets=tuple(sets),
     )

@@ -29,6 +29,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from ..config import TABULAR_FAMILIES
+
 log = logging.getLogger("matfusion.report")
 
 PARAM_PREFIX = "params."
@@ -52,7 +54,7 @@ def _all_runs(client, experiment_ids: list[str], filter_string: str, order_by=No
 
 
 def _fusion_of(family: str, params: dict) -> str:
-    if family == "rf":
+    if family in TABULAR_FAMILIES:
         return "-"
     return str(params.get(f"{family}.fusion", "none"))
 
@@ -83,7 +85,7 @@ def _collect(client, experiment_id: str, parent_run_id: str) -> tuple[pd.DataFra
             status = {"FINISHED": "completed", "FAILED": "failed", "KILLED": "failed"}.get(
                 run.info.status, str(run.info.status).lower())
         row = {"trial_id": trial_id, "run_id": run.info.run_id, "family": family,
-               "encoder": "-" if family == "rf" else family, "fusion": _fusion_of(family, params),
+               "encoder": "-" if family in TABULAR_FAMILIES else family, "fusion": _fusion_of(family, params),
                "status": status, "val_mae": val, "epochs": epochs,
                "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC")}
         row.update({PARAM_PREFIX + k: v for k, v in params.items()})

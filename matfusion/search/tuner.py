@@ -41,7 +41,7 @@ import pandas as pd
 from ray.tune import CLIReporter
 
 from .. import __version__
-from ..config import Config, ConfigError, SearchConfig
+from ..config import TABULAR_FAMILIES, Config, ConfigError, SearchConfig
 from ..data import load_dataset, split_fold
 from ..data.featurize import featurize
 from ..spaces import define_search_space
@@ -369,10 +369,10 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     # -- data and features (driver side, cached)
     dataset = load_dataset(cfg.data, seed=s.seed)
     print(dataset.summary(), flush=True)
-    graph_families = [f for f in s.families if f != "rf"]
+    graph_families = [f for f in s.families if f not in TABULAR_FAMILIES]
     if graph_families and not dataset.has_structures:
         raise ValueError(f"{dataset.name} has compositions only; family '{graph_families[0]}' needs crystal "
-                         "structures (use search.families: [rf])")
+                         f"structures (use tabular families only: search.families: {list(TABULAR_FAMILIES)})")
     targets = target_names(dataset)
     constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
                  "cpus": s.cpus_per_trial, "targets": targets,
@@ -383,7 +383,8 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=s.seed, n_folds=cfg.data.n_folds)
     # ALIGNN needs each graph's line graph, built (and cached) with the graphs
     features_cfg = cfg.features.model_copy(update={"line_graph": True}) if "alignn" in s.families else cfg.features
-    features = featurize(dataset, features_cfg, progress=progress)
+    # a search of tabular families only needs no crystal graphs
+    features = featurize(dataset, features_cfg, progress=progress, graphs=bool(graph_families))
     data = pack_trial_data(features.magpie, features.graphs, dataset.targets, split.train, split.val,
                            gaussian_bins=cfg.features.gaussian_bins, gaussian_width=cfg.features.gaussian_width)
     test_part = pack_rows(features.magpie, features.graphs, dataset.targets, split.test)
