@@ -29,7 +29,7 @@ import numpy as np
 # then imports scikit-learn / LightGBM only (seconds less per worker on a busy machine)
 from .loop import (CHECKPOINT_FILE, LocalSession, LoopSettings, TuneSession, predict, seed_everything,
                    target_stats, train_torch_model, validation_score)
-from .random_forest import random_forest
+from . import tabular
 from .tabular import ONE_SHOT_FAMILIES, TABULAR_FAMILIES, fit_tabular, predict_tabular
 from .trial_data import data_list
 
@@ -147,26 +147,14 @@ def _feature_widths(item) -> tuple[int, int, int]:
     return item.x.shape[1], item.edge_attr.shape[1], 0 if angle is None else angle.shape[1]
 
 
-# -- random forests (one per target: multi-task labels may be missing) -------------------------
-
-def _rf_from_config(config: dict):
-    hp = config.get("rf", {})
-    return random_forest(n_estimators=hp.get("n_estimators", 300), max_depth=hp.get("max_depth"),
-                         min_samples_leaf=hp.get("min_samples_leaf", 1), max_features=hp.get("max_features", 1.0),
-                         seed=int(config.get("seed", 0)), n_jobs=_threads(config))
-
+# -- the random forest of late fusion (one per target: multi-task labels may be missing) ------
 
 def fit_forests(config: dict, magpie: np.ndarray, y: np.ndarray) -> list:
-    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
-    forests = []
-    for k in range(y.shape[1]):
-        labelled = np.isfinite(y[:, k])
-        forests.append(_rf_from_config(config).fit(magpie[labelled], y[labelled, k]))
-    return forests
+    """The late-fusion random forests of a GNN trial (``config["rf"]`` parameters, else defaults)."""
+    return tabular.fit_forests(dict(config, family="rf"), magpie, y)
 
 
-def predict_forests(forests: list, magpie: np.ndarray) -> np.ndarray:
-    return np.stack([f.predict(magpie) for f in forests], axis=1)
+predict_forests = tabular.predict_forests
 
 
 def choose_late_alpha(rf_pred: np.ndarray, gnn_pred: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> tuple[float, float]:
