@@ -137,7 +137,15 @@ def test_spaces_and_config_know_the_tabular_families():
     space = define_search_space(["rf", "lgbm", "et", "cgcnn"], {"max_epochs": 5}, fusions=["none"],
                                 targets=["a", "b"], task_weighting=["tuned"])
     points = space.default_points()
-    assert [p["family"] for p in points] == ["rf", "lgbm", "et", "cgcnn"]
+    assert [p["family"] for p in points] == ["rf", "lgbm", "et", "cgcnn", "lgbm"]
+    assert points[1]["lgbm/objective"] == "l2" and points[4]["lgbm/objective"] == "l1"
+    assert {k: v for k, v in points[4].items() if k != "lgbm/objective"} == \
+        {k: v for k, v in points[1].items() if k != "lgbm/objective"}
+    # a space without l1 gets no L1 variant
+    narrowed = define_search_space(["lgbm"], {}, overrides={"lgbm.objective": ["l2", "huber"]})
+    assert [p["lgbm/objective"] for p in narrowed.default_points()] == ["l2"]
+    fixed = define_search_space(["lgbm"], {}, overrides={"lgbm.objective": "huber"})
+    assert [p["family"] for p in fixed.default_points()] == ["lgbm"]
     assert "fusion" not in str([p for p in points if p["family"] in ("lgbm", "et")])
     import optuna
 

@@ -131,33 +131,46 @@ class SearchSpace:
                 "task_weighting": self.task_weighting if len(self.targets) > 1 else None}
 
     def default_points(self) -> list[dict]:
-        """One known-good point per family (Optuna param names), to seed the search: each
-        family's DEFAULTS, with fusion ``early`` where allowed (else attention, none, late),
-        kept inside any narrowed range and without fixed parameters."""
-        points = []
+        """Known-good points (Optuna param names) to seed the search: each family's DEFAULTS,
+        with fusion ``early`` where allowed (else attention, none, late), kept inside any
+        narrowed range and without fixed parameters; then each family's ``ALTERNATIVES``
+        (variants of its DEFAULTS, e.g. lgbm with the L1 objective) that the space allows."""
+        points = [self._default_point(family, {}) for family in self.families]
         for family in self.families:
-            point: dict = {"family": family}
-            defaults = dict(FAMILIES[family].module.DEFAULTS)
-            if FAMILIES[family].graph:
-                fusion_spec = self.specs[family]["fusion"]
-                choices = fusion_spec.choices if isinstance(fusion_spec, Categorical) else (fusion_spec[1],)
-                preferred = [f for f in ("early", "attention", "none", "late") if f in choices]
-                defaults["fusion"] = preferred[0] if preferred else choices[0]
-                if defaults["fusion"] in ("early", "attention"):
-                    defaults.update({k: v for k, v in _fusion.DEFAULTS.items()
-                                     if k != "fusion_dim" or defaults["fusion"] == "attention"})
-            for param, value in defaults.items():
-                spec = self.specs[family].get(param)
-                if spec is None or isinstance(spec, tuple):
-                    continue  # fixed: not an Optuna parameter
-                if isinstance(spec, Categorical):
-                    if value not in spec.choices:
-                        value = spec.choices[0]
-                else:
-                    value = min(max(value, spec.low), spec.high)
-                point[f"{family}/{param}"] = value
-            points.append(point)
+            for variant in getattr(FAMILIES[family].module, "ALTERNATIVES", ()):
+                point = self._default_point(family, variant)
+                if point is not None and point not in points:
+                    points.append(point)
         return points
+
+    def _default_point(self, family: str, variant: dict) -> Optional[dict]:
+        """DEFAULTS updated by ``variant``; None when the space excludes a value of ``variant``."""
+        point: dict = {"family": family}
+        defaults = dict(FAMILIES[family].module.DEFAULTS)
+        if FAMILIES[family].graph:
+            fusion_spec = self.specs[family]["fusion"]
+            choices = fusion_spec.choices if isinstance(fusion_spec, Categorical) else (fusion_spec[1],)
+            preferred = [f for f in ("early", "attention", "none", "late") if f in choices]
+            defaults["fusion"] = preferred[0] if preferred else choices[0]
+            if defaults["fusion"] in ("early", "attention"):
+                defaults.update({k: v for k, v in _fusion.DEFAULTS.items()
+                                 if k != "fusion_dim" or defaults["fusion"] == "attention"})
+        defaults.update(variant)
+        for param, value in defaults.items():
+            spec = self.specs[family].get(param)
+            if spec is None or isinstance(spec, tuple):
+                if param in variant and isinstance(spec, tuple) and spec[1] != value:
+                    return None  # the variant's value is not the fixed one
+                continue  # fixed: not an Optuna parameter
+            if isinstance(spec, Categorical):
+                if value not in spec.choices:
+                    if param in variant:
+                        return None
+                    value = spec.choices[0]
+            else:
+                value = min(max(value, spec.low), spec.high)
+            point[f"{family}/{param}"] = value
+        return point
 
 
 def define_search_space(families: Sequence[str], constants: dict, **choices) -> SearchSpace:

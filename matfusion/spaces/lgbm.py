@@ -28,6 +28,12 @@ DEFAULTS = {"n_estimators": 1500, "learning_rate": 0.03, "num_leaves": 31, "min_
             "feature_fraction": 0.5, "bagging_fraction": 0.8, "lambda_l1": 1e-3, "lambda_l2": 1e-2,
             "objective": "l2", "max_bin": 63}
 
+# also seeded: the L1 objective fits the median, robust where a few labels are extreme.  DEFAULTS
+# measured on the inner validation rows (official folds 0 / 1): matbench_dielectric l2 0.503 /
+# 0.313, l1 0.331 / 0.136; matbench_phonons l2 24.2 / 27.4, l1 27.7 / 33.3.  Neither wins
+# everywhere, so the search starts from both and picks on the inner validation rows.
+ALTERNATIVES = ({"objective": "l1"},)
+
 
 def lgbm_space(s) -> None:
     s.all(PARAMS)
