@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 FAMILIES = ("rf", "lgbm", "et", "cgcnn", "alignn")
 # families trained on the descriptor matrix only (no crystal graph, no fusion)
 TABULAR_FAMILIES = ("rf", "lgbm", "et")
+# tabular families trained in one shot: one report, outside ASHA's rungs (lgbm reports every chunk
+# of boosting rounds, so ASHA may stop it)
+ONE_SHOT_FAMILIES = ("rf", "et")
 DESCRIPTOR_SETS = ("magpie", "stoichiometry", "density", "symmetry", "bonds")
 FUSIONS = ("none", "early", "attention", "late")
 TASK_WEIGHTINGS = ("fixed", "tuned", "uncertainty")

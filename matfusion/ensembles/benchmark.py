@@ -53,6 +53,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..config import TABULAR_FAMILIES
+
 RESULTS_FILE = "results.json.gz"
 STATE_FILE = "benchmark_state.json"
 REPORT_FILE = "report.md"
@@ -90,25 +92,15 @@ def _say(progress: bool):
 
 # -- families -----------------------------------------------------------------------------------
 
-def tabular_families() -> tuple:
-    """The composition-only (tabular) families: ``config.TABULAR_FAMILIES`` where it exists,
-    ``rf`` always."""
-    from .. import config as config_module
-
-    names = list(getattr(config_module, "TABULAR_FAMILIES", ()) or ())
-    return tuple(dict.fromkeys(["rf", *names]))
-
-
 def composition_only_families(families: Sequence[str], task: str) -> tuple[list, list]:
     """(kept, dropped): the tabular families of ``families`` and the others; raises
     :class:`BenchmarkError` when none is tabular."""
-    tabular = tabular_families()
-    kept = [f for f in families if f in tabular]
-    dropped = [f for f in families if f not in tabular]
+    kept = [f for f in families if f in TABULAR_FAMILIES]
+    dropped = [f for f in families if f not in TABULAR_FAMILIES]
     if not kept:
         raise BenchmarkError(f"{task} has compositions only (no crystal structures), and none of search.families "
                              f"{list(families)} works without structures; add a composition family: "
-                             f"{', '.join(tabular)}")
+                             f"{', '.join(TABULAR_FAMILIES)}")
     return kept, dropped
 
 
@@ -351,23 +343,6 @@ def _check_same_settings(state: dict, settings: dict, out: Path) -> None:
 
 # -- importances ------------------------------------------------------------------------------------
 
-def _fold_model_predictions(ensemble, part: dict, members: Optional[Sequence[int]] = None,
-                            base: Optional[np.ndarray] = None) -> np.ndarray:
-    """(K, n, M): each fold model's prediction of a packed ``part`` (rows as the part gives
-    them).  Only ``members`` are predicted; the others are copied from ``base``."""
-    from ..trainables.trial import predict_from_state
-
-    n = len(part["y"])
-    out = np.empty((ensemble.n_folds, n, len(ensemble.members))) if base is None else base.copy()
-    for k, states in enumerate(ensemble.fold_states_):
-        for j, state in enumerate(states):
-            if members is not None and j not in members:
-                continue
-            pred = predict_from_state(ensemble._member_config(j, k), state, part, ensemble.graph_params_)
-            out[k, :, j] = np.asarray(pred, dtype=np.float64).reshape(n)
-    return out
-
-
 def _mae(pred, y) -> float:
     return float(np.mean(np.abs(np.asarray(pred, dtype=np.float64) - y)))
 
@@ -375,7 +350,7 @@ def _mae(pred, y) -> float:
 def uses_modalities(config: dict) -> tuple[bool, bool]:
     """(uses the crystal graph, uses the Magpie vector) of a member config."""
     family = config.get("family")
-    if family in tabular_families():
+    if family in TABULAR_FAMILIES:
         return False, True
     fusion = str((config.get(family) or {}).get("fusion", "none"))
     return True, fusion in ("early", "attention", "late")
@@ -393,7 +368,7 @@ def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarra
     rows = np.asarray(rows, dtype=np.int64)
     y = np.asarray(targets, dtype=np.float64)[rows]
     base_part = pack_rows(magpie, graphs, targets, rows)
-    base = _fold_model_predictions(ensemble, base_part)
+    base = ensemble.fold_part_predictions(base_part)
     uses = [uses_modalities(m) for m in ensemble.members]
     fused = [j for j, (g, m) in enumerate(uses) if g and m]
     names = ["ensemble"] + [ensemble.names_[j] for j in fused]
@@ -414,12 +389,12 @@ def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarra
         # graphs shuffled, Magpie in place
         part = pack_rows(magpie, graphs, targets, rows[perm])
         part.update(magpie=base_part["magpie"], y=base_part["y"], row=rows)
-        s = scores(_fold_model_predictions(ensemble, part, [j for j, u in enumerate(uses) if u[0]], base))
+        s = scores(ensemble.fold_part_predictions(part, [j for j, u in enumerate(uses) if u[0]], base))
         for n in names:
             out["graph"][n] += (s[n] - base_scores[n]) / repeats
         # Magpie shuffled, graphs in place
         part = dict(base_part, magpie=np.ascontiguousarray(base_part["magpie"][perm]))
-        s = scores(_fold_model_predictions(ensemble, part, [j for j, u in enumerate(uses) if u[1]], base))
+        s = scores(ensemble.fold_part_predictions(part, [j for j, u in enumerate(uses) if u[1]], base))
         for n in names:
             out["magpie"][n] += (s[n] - base_scores[n]) / repeats
     return out
@@ -434,9 +409,8 @@ def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Seque
     column is shuffled across the rows.  None without a tabular member."""
     from ..trainables.trial import predict_from_state
 
-    tabular = tabular_families()
     candidates = [i for i, m in enumerate(ensemble.members) if m.get("family") == "rf"]
-    candidates += [i for i, m in enumerate(ensemble.members) if m.get("family") in tabular and i not in candidates]
+    candidates += [i for i, m in enumerate(ensemble.members) if m.get("family") in TABULAR_FAMILIES and i not in candidates]
     if not candidates:
         return None
     j = candidates[0]
@@ -840,7 +814,7 @@ examples:
   matfusion benchmark matbench_phonons --config configs/benchmark.yaml
   matfusion benchmark matbench_phonons --config configs/benchmark.yaml --folds 0 --out results/try
   matfusion benchmark matbench_dielectric --config configs/benchmark_dielectric.yaml
-  matfusion benchmark matbench_expt_gap --config configs/benchmark.yaml    composition only: rf (tabular) families
+  matfusion benchmark matbench_expt_gap --config configs/benchmark.yaml    composition only: the tabular families
   matfusion report results/matbench_phonons
 
 Per fold: search the fold's training part (budget search.time_budget_s), stack the best trials

@@ -424,19 +424,30 @@ class StackedEnsemble:
 
     def fold_member_predictions(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
         """(K, n, n_members) (k targets: (K, n, n_members, k)): each fold model's prediction of ``rows``."""
-        from ..trainables.trial import predict_from_state
         from ..trainables.trial_data import pack_rows
 
         self._check_fitted()
         rows = np.asarray(rows, dtype=np.int64)
-        part = pack_rows(magpie, graphs, np.zeros(len(magpie)), rows)
+        return self.fold_part_predictions(pack_rows(magpie, graphs, np.zeros(len(magpie)), rows))
+
+    def fold_part_predictions(self, part: dict, members: Optional[Sequence[int]] = None,
+                              base: Optional[np.ndarray] = None) -> np.ndarray:
+        """Each fold model's prediction of a packed ``part`` (rows in the part's order), shaped as
+        :meth:`fold_member_predictions`.  With ``members`` (indices) only those members are
+        predicted and the others are copied from ``base`` (an earlier result of this method)."""
+        from ..trainables.trial import predict_from_state
+
         n_targets = getattr(self, "n_targets_", 1)
-        out = np.empty((self.n_folds, len(rows), len(self.members), n_targets))
+        n = len(part["y"])
+        per_row = (n_targets,) if n_targets > 1 else ()
+        out = np.empty((self.n_folds, n, len(self.members)) + per_row) if base is None else np.array(base, dtype=np.float64)
         for k, states in enumerate(self.fold_states_):
             for j, state in enumerate(states):
-                out[k, :, j, :] = np.asarray(predict_from_state(self._member_config(j, k), state, part,
-                                                                self.graph_params_)).reshape(len(rows), n_targets)
-        return out if n_targets > 1 else out[..., 0]
+                if members is not None and j not in members:
+                    continue
+                pred = predict_from_state(self._member_config(j, k), state, part, self.graph_params_)
+                out[k, :, j] = np.asarray(pred, dtype=np.float64).reshape((n,) + per_row)
+        return out
 
     def member_predictions(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
         """(n, n_members) (k targets: (n, n_members, k)): each member's fold-model average."""

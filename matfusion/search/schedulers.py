@@ -24,11 +24,12 @@ from typing import Optional
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.stopper import Stopper
 
+from ..config import ONE_SHOT_FAMILIES
+
 log = logging.getLogger("matfusion.search")
 
-# families trained in one shot (no epochs): outside ASHA's rungs. The name is kept for its users;
-# these are the one-shot tabular families of matfusion.trainables.tabular.ONE_SHOT_FAMILIES
-TABULAR_FAMILIES = frozenset({"rf", "et"})  # lgbm reports every chunk of rounds: ASHA prunes it
+# families trained in one shot (no epochs): outside ASHA's rungs (the name is kept for its users)
+TABULAR_FAMILIES = frozenset(ONE_SHOT_FAMILIES)
 
 RESULT_FILE = "result.json"
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 import math
 import numpy as np
 
+from ..config import ONE_SHOT_FAMILIES, TABULAR_FAMILIES  # noqa: F401  (re-exported for the trainables)
 from .extra_trees import extra_trees
 from .lgbm import ChunkedLGBM
 from .loop import LocalSession, target_stats, validation_score
 from .random_forest import random_forest
-
-TABULAR_FAMILIES = ("rf", "lgbm", "et")
-ONE_SHOT_FAMILIES = ("rf", "et")  # one report; the search's ASHA bypasses them
 
 
 def _threads(config: dict) -> int:
