@@ -425,8 +425,12 @@ def test_search_survives_a_killed_worker_node(ray_cluster, ray_env, mlflow_serve
     trial_id, at_epoch = killed_trial
     after = [r for r in results[trial_id] if r.get("node_id") == ray_cluster.head]
     assert after and max(r["epoch"] for r in after) == epochs and after[-1]["trial_finished"], results[trial_id]
-    # resumed from its last checkpoint (every epoch has one), not from epoch 1 anew
-    assert 1 < min(r["epoch"] for r in after) <= at_epoch + 2, results[trial_id]
+    # resumed from its last checkpoint (every epoch has one), not from epoch 1 anew: right after the
+    # last epoch the worker reported (it may report a few more between being caught at `at_epoch`
+    # and its raylet dying, more on an idle machine)
+    on_worker = [r["epoch"] for r in results[trial_id] if r.get("node_id") == worker]
+    assert on_worker and min(on_worker) == 1 and max(on_worker) >= at_epoch, results[trial_id]
+    assert 1 < min(r["epoch"] for r in after) == max(on_worker) + 1, results[trial_id]
     retried = {t.trial_id: t.run_metadata.num_failures for t in trials}
     assert retried[trial_id] >= 1, retried
 
