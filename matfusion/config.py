@@ -96,6 +96,10 @@ class SearchConfig(_Strict):
     checkpoint_every: int = Field(
         1, gt=0, description="epochs between trial checkpoints (the last epoch always has one); "
         "a resumed trial restarts from its last checkpoint")
+    lr_schedule: Literal["auto", "cosine", "rungs"] = Field(
+        "auto", description="GNN learning rate: cosine (one cycle over max_epochs) or rungs (cosine cycles that end "
+        "at each ASHA rung milestone, so every rung compares annealed models; warm restart when a trial goes on); "
+        "auto: rungs under ASHA, cosine otherwise")
     points_to_evaluate: bool = Field(True, description="seed the search with one known-good config per family")
     num_samples: int = Field(8, gt=0)
     max_epochs: int = Field(30, gt=0)
@@ -171,6 +175,9 @@ def _ensemble_config() -> type:
             n_folds: int = Field(5, ge=2, description="out-of-fold splits of the training rows")
             max_epochs: Optional[int] = Field(None, ge=1,
                                               description="override the members' max_epochs; default as searched")
+            refit: bool = Field(True, description="train every weighted member once more on all the training rows "
+                                "for the point prediction (weights still from the out-of-fold predictions); false: "
+                                "predict with the K fold models")
             register: bool = Field(True, description="register the model as matfusion-<task> (champion if better)")
 
     EnsembleConfig.__qualname__ = "EnsembleConfig"  # picklable by reference as matfusion.config.EnsembleConfig
@@ -190,6 +197,9 @@ class BenchmarkConfig(_Strict):
     max_groups: Optional[int] = Field(
         None, gt=0, description="stack the best N groups (rf; graph family x fusion) by inner-validation MAE; "
         "default: every group the search tried")
+    graph_member: bool = Field(
+        True, description="with max_groups: also stack the best graph-model group (family x fusion) when none of the "
+        "best max_groups is one; the meta-learner then weighs it on out-of-fold predictions like any member")
     permutation_repeats: int = Field(3, ge=0, description="shuffles per feature/modality of the permutation "
                                      "importances in the report (0: impurity importance only)")
 

@@ -127,6 +127,27 @@ def _feed(scheduler, with_rf: bool):
     return decisions
 
 
+@pytest.mark.parametrize("max_t, grace, rf", [(27, 3, 3), (40, 5, 3), (30, 1, 2), (8, 8, 3)])
+def test_lr_restarts_are_ashas_rung_milestones(max_t, grace, rf):
+    """Under ASHA (lr_schedule auto/rungs) GNN trials restart their cosine schedule at the rung
+    milestones of the very scheduler the search builds; FIFO or lr_schedule cosine: none."""
+    from matfusion.search.schedulers import rung_milestones
+    from matfusion.search.tuner import lr_restarts
+
+    asha = build_scheduler(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf))
+    milestones = sorted(int(m) for b in asha._brackets for m, _ in b._rungs)
+    assert rung_milestones(max_t, grace, rf) == milestones
+    expect = [m for m in milestones if m < max_t]
+    for schedule in ("auto", "rungs"):
+        cfg = SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf,
+                           lr_schedule=schedule)
+        assert lr_restarts(cfg) == expect
+    assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, scheduler="fifo")) == []
+    assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, lr_schedule="cosine")) == []
+    assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf,
+                                    scheduler="fifo", lr_schedule="rungs")) == expect
+
+
 def test_rf_trials_never_enter_the_rungs():
     assert "rf" in TABULAR_FAMILIES
     ours = _asha(TabularAwareASHA)

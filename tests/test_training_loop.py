@@ -202,3 +202,32 @@ def test_checkpoint_every_n_epochs_and_always_the_last(reference, setup):
     ref_session, ref_state = reference
     np.testing.assert_allclose(curve(session.history, "val_mae"), curve(ref_session.history, "val_mae"), rtol=1e-6)
     assert state["best_epoch"] == ref_state["best_epoch"]
+
+
+def test_learning_rate_restarts_at_given_epochs(reference, setup):
+    """``lr_restarts`` cuts the cosine schedule into cycles that each anneal (ASHA's rungs use
+    it); each epoch reports the learning rate it trained with; a run resumed right after a
+    cycle's end continues exactly as the uninterrupted one."""
+    from matfusion.trainables.loop import lr_cycles, lr_factor
+
+    data = setup[2]
+    config = dict(copy.deepcopy(CGCNN_CONFIG), lr_restarts=[2])
+    session = LocalSession()
+    fit_family(copy.deepcopy(config), data, session)
+    lrs = curve(session.history, "lr")
+    cycles = lr_cycles(6, [2])
+    assert cycles == [(0, 2), (2, 6)]
+    np.testing.assert_allclose(lrs, [5e-3 * lr_factor(t, cycles) for t in range(6)], rtol=1e-9)
+    assert lrs[1] < 0.3 * lrs[0] and lrs[2] > 0.9 * lrs[0]  # annealed at the end of cycle 1, restarted at epoch 3
+    assert np.all(np.diff(lrs[2:]) < 0)
+    # without restarts: one cosine cycle, which reaches the floor at the last epoch
+    ref_lrs = curve(reference[0].history, "lr")
+    np.testing.assert_allclose(ref_lrs, [5e-3 * lr_factor(t, lr_cycles(6)) for t in range(6)], rtol=1e-9)
+    assert np.all(np.diff(ref_lrs) < 0) and ref_lrs[-1] < 0.05 * ref_lrs[0]
+
+    first = InterruptedSession(stop_after=2)
+    with pytest.raises(Interrupted):
+        fit_family(copy.deepcopy(config), data, first)
+    resumed = LocalSession(resume_state=first.last_state)
+    fit_family(copy.deepcopy(config), data, resumed)
+    _assert_same_epochs(resumed.history, session.history, [3, 4, 5, 6])

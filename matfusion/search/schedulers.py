@@ -34,6 +34,14 @@ TABULAR_FAMILIES = frozenset(ONE_SHOT_FAMILIES)
 RESULT_FILE = "result.json"
 
 
+def rung_milestones(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """The epochs at which ASHA (as :func:`~matfusion.search.tuner.build_scheduler` builds it: one
+    bracket) compares trials, lowest first, read from a real Ray scheduler so they always match."""
+    asha = AsyncHyperBandScheduler(time_attr="training_iteration", metric="m", mode="min", max_t=max_t,
+                                   grace_period=grace_period, reduction_factor=reduction_factor)
+    return sorted(int(m) for m, _ in asha._brackets[0]._rungs)
+
+
 def is_tabular(trial, tabular=TABULAR_FAMILIES) -> bool:
     config = getattr(trial, "config", None) or {}
     return str(config.get("family")) in tabular

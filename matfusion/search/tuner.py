@@ -123,6 +123,18 @@ def n_startup_trials(search: SearchConfig) -> int:
     return min(5, search.num_samples)
 
 
+def lr_restarts(search: SearchConfig) -> list[int]:
+    """Epochs after which GNN trials restart their cosine learning rate: ASHA's rung milestones
+    below ``max_epochs`` when ``search.lr_schedule`` is ``rungs`` (or ``auto`` under ASHA), else none."""
+    schedule = getattr(search, "lr_schedule", "auto")
+    if schedule == "cosine" or (schedule == "auto" and getattr(search, "scheduler", "asha") != "asha"):
+        return []
+    from .schedulers import rung_milestones
+
+    return [m for m in rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
+            if m < search.max_epochs]
+
+
 def build_sampler(search: SearchConfig):
     """Optuna sampler of the search: multivariate TPE (grouped by family, constant liar for the
     trials still running), or random search (``search.sampler: random``)."""
@@ -376,7 +388,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     targets = target_names(dataset)
     constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
                  "cpus": s.cpus_per_trial, "targets": targets,
-                 "checkpoint_every": s.checkpoint_every}
+                 "checkpoint_every": s.checkpoint_every, "lr_restarts": lr_restarts(s)}
     space = define_search_space(s.families, constants, fusions=s.fusions, targets=targets,
                                 task_weighting=s.task_weighting, task_weights=s.task_weights,
                                 preset=s.preset, overrides=s.space)

@@ -1,6 +1,7 @@
 """The one training loop for every torch model of matfusion.
 
-Per epoch: one pass over the training graphs (AdamW, cosine LR, gradient clipping), then the
+Per epoch: one pass over the training graphs (AdamW, cosine LR, optionally
+restarted at given epochs such as ASHA's rungs; gradient clipping), then the
 MAE on the inner validation part (in target units), then a report with a checkpoint.  Under
 Ray Tune the report is ``ray.tune.report(metrics, checkpoint=...)`` and a restarted trial
 resumes from ``ray.tune.get_checkpoint()``; outside Tune (tests, refits) a
@@ -13,6 +14,7 @@ clear error.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import tempfile
@@ -59,6 +61,32 @@ class LoopSettings:
     seed: int = 0
     device: Optional[str] = None
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always has one)
+    # epochs after which the cosine schedule restarts (warm restarts, e.g. ASHA's rung milestones):
+    # () = one cosine cycle over max_epochs
+    lr_restarts: tuple = ()
+
+
+def lr_cycles(max_epochs: int, restarts=()) -> list[tuple[int, int]]:
+    """The cosine cycles ``[(start, end), ...]`` (epochs, end exclusive as 0-based epoch indices)
+    cut at every restart epoch in ``(0, max_epochs)``."""
+    cuts = sorted({int(r) for r in restarts if 0 < int(r) < max_epochs})
+    bounds = [0] + cuts + [max(1, int(max_epochs))]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def lr_factor(t: int, cycles: list[tuple[int, int]], floor: float = 0.01) -> float:
+    """Multiplier of the base learning rate during 0-based epoch ``t``: within its cycle
+    [a, b),  floor + (1 - floor) * (1 + cos(pi * (t - a + 1/2) / (b - a))) / 2,
+    i.e. the cosine taken at the middle of the epoch, so that even a 3-epoch cycle ends with a
+    small learning rate (0.93, 0.50, 0.07 of the base; one cycle of 30 epochs goes from
+    1.00 to 0.01).  With
+    restarts at ASHA's rung milestones every rung compares models whose learning rate has just
+    been annealed, i.e. models as good as that many epochs can make them, instead of snapshots
+    taken at a high learning rate; a trial that is promoted restarts warm from its weights."""
+    for a, b in cycles:
+        if a <= t < b:
+            return floor + (1.0 - floor) * (1.0 + math.cos(math.pi * (t - a + 0.5) / (b - a))) / 2.0
+    return floor
 
 
 class LocalSession:
@@ -204,7 +232,8 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
 
     params = list(model.parameters()) + list(criterion.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.max_epochs), eta_min=settings.lr * 0.01)
+    cycles = lr_cycles(settings.max_epochs, settings.lr_restarts)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cycles))
     gen = torch.Generator().manual_seed(settings.seed)
     mean_t = torch.tensor(y_mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(y_std, dtype=torch.float32, device=device)
@@ -228,6 +257,7 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
     state = resume
     for epoch in range(start_epoch, settings.max_epochs + 1):
         model.train()
+        epoch_lr = opt.param_groups[0]["lr"]  # the learning rate of this epoch (reported below)
         total, count = 0.0, 0
         for batch in loader:
             batch = batch.to(device)
@@ -262,7 +292,7 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
         finished = epoch >= settings.max_epochs or epoch - best_epoch >= settings.patience
         metrics = {
             "epoch": epoch, "train_loss": train_loss, "val_mae": val_mae, "best_val_mae": best_val,
-            "lr": opt.param_groups[0]["lr"], "trial_finished": bool(finished),
+            "lr": epoch_lr, "trial_finished": bool(finished),
             **epoch_metrics, **(extra_metrics or {}),
         }
         if n_tasks > 1:

@@ -80,6 +80,7 @@ def loop_settings(config: dict) -> LoopSettings:
         loss=str(hp.get("loss", "l1")),
         seed=int(config.get("seed", 0)),
         checkpoint_every=int(config.get("checkpoint_every", 1)),
+        lr_restarts=tuple(int(e) for e in config.get("lr_restarts") or ()),
     )
 
 
