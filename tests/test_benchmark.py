@@ -317,3 +317,14 @@ def test_composition_only_task_all_folds_loads_back_in_matbench(tmp_path, data_d
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "report.md").is_file()
+
+
+def test_stacked_groups_keeps_the_best_graph_group():
+    from matfusion.ensembles.benchmark import stacked_groups
+
+    ordered = ["lgbm", "et", "rf", "cgcnn-early", "cgcnn-late"]
+    assert stacked_groups(ordered, 3) == ["lgbm", "et", "rf"]
+    assert stacked_groups(ordered, 3, graph_member=True) == ["lgbm", "et", "rf", "cgcnn-early"]
+    assert stacked_groups(ordered, 4, graph_member=True) == ["lgbm", "et", "rf", "cgcnn-early"]
+    assert stacked_groups(["cgcnn-late", "lgbm", "et"], 2, graph_member=True) == ["cgcnn-late", "lgbm"]
+    assert stacked_groups(["lgbm", "et"], 1, graph_member=True) == ["lgbm"]  # no graph group searched

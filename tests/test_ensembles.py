@@ -242,6 +242,49 @@ def test_predict_mean_and_std(phonons, fitted):
     np.testing.assert_allclose(fitted.predict(fs.magpie, fs.graphs, split.test, return_std=False), mean)
 
 
+def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
+    """The point prediction comes from members refitted on all the training rows (less an
+    early-stopping share), never a test row; the K fold models remain for the spread."""
+    ds, split, fs = phonons
+    train_rows = set(split.train.tolist()) | set(split.val.tolist())
+    fit_rows, es_rows = set(fitted.refit_train_rows_.tolist()), set(fitted.refit_es_rows_.tolist())
+    assert fit_rows | es_rows == train_rows and not fit_rows & es_rows and es_rows
+    assert len(fit_rows) > max(len(r) for r in fitted.fold_train_rows_)  # more rows than any fold model
+    weighted = fitted.weighted_members()
+    assert weighted and all((fitted.refit_states_[j] is not None) == (j in weighted) for j in range(len(fitted.members)))
+    for j in weighted:
+        if fitted.members[j]["family"] == "cgcnn":  # standardized on exactly the refit's training rows
+            assert float(np.ravel(fitted.refit_states_[j]["y_mean"])[0]) == pytest.approx(
+                ds.targets[fitted.refit_train_rows_].mean())
+    assert fitted.summary()["refit"] == [fitted.names_[j] for j in weighted]
+
+    out = fitted.predict_all(fs.magpie, fs.graphs, split.test)
+    fold_mean = fitted.stack_folds(out["per_fold"], fs.magpie, split.test).mean(axis=0)
+    assert not np.allclose(out["mean"], fold_mean)  # the refit changes the point prediction ...
+    np.testing.assert_allclose(out["std"], fitted.stack_folds(out["per_fold"], fs.magpie, split.test).std(axis=0))
+    # ... and without refit states the ensemble predicts with its fold models, as refit=False does
+    import copy
+
+    plain = copy.copy(fitted)
+    plain.refit_states_ = [None] * len(fitted.members)
+    np.testing.assert_allclose(plain.predict(fs.magpie, fs.graphs, split.test, return_std=False), fold_mean)
+
+
+def test_refit_false_fits_no_extra_model(phonons):
+    ds, split, fs = phonons
+    rows = np.sort(np.concatenate([split.train, split.val]))
+    ens = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=0, refit=False).fit(fs.magpie, None, ds.targets, rows)
+    assert ens.refit_states_ == [None, None] and not ens.refitted and ens.summary()["refit"] == []
+    mean = ens.predict(fs.magpie, None, split.test, return_std=False)
+    per_fold = ens.fold_member_predictions(fs.magpie, None, split.test)
+    np.testing.assert_allclose(mean, ens.stack_folds(per_fold, fs.magpie, split.test).mean(axis=0))
+    # with refit the zero-weight member is not refitted
+    ens2 = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=0).fit(fs.magpie, None, ds.targets, rows)
+    zero = [j for j, n in enumerate(ens2.names_) if ens2.weights_[n] == 0.0]
+    assert all(ens2.refit_states_[j] is None for j in zero)
+    assert all(ens2.refit_states_[j] is not None for j in ens2.weighted_members())
+
+
 def test_ridge_with_context_features(phonons):
     ds, split, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
@@ -613,7 +656,7 @@ def test_ensemble_config_section_validates():
 
     base = {"name": "x", "data": {"source": TASK}}
     assert config_from_dict(base).ensemble.model_dump() == {"enabled": False, "k": 2, "meta": "mae", "n_folds": 5,
-                                                          "max_epochs": None, "register": True}
+                                                          "max_epochs": None, "refit": True, "register": True}
     cfg = config_from_dict(dict(base, ensemble={"enabled": True, "k": 1, "meta": "gbm", "max_epochs": 3,
                                                 "register": False}))
     assert cfg.ensemble.enabled and cfg.ensemble.meta == "gbm" and cfg.ensemble.register is False

@@ -368,15 +368,13 @@ def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarra
     rows = np.asarray(rows, dtype=np.int64)
     y = np.asarray(targets, dtype=np.float64)[rows]
     base_part = pack_rows(magpie, graphs, targets, rows)
-    base = ensemble.fold_part_predictions(base_part)
+    base = ensemble.part_outputs(base_part, magpie, rows)
     uses = [uses_modalities(m) for m in ensemble.members]
     fused = [j for j, (g, m) in enumerate(uses) if g and m]
     names = ["ensemble"] + [ensemble.names_[j] for j in fused]
 
-    def scores(per_fold):
-        members = per_fold.mean(axis=0)
-        stacked = ensemble.stack_folds(per_fold, magpie, rows).mean(axis=0)
-        return {"ensemble": _mae(stacked, y), **{ensemble.names_[j]: _mae(members[:, j], y) for j in fused}}
+    def scores(out):
+        return {"ensemble": _mae(out["mean"], y), **{ensemble.names_[j]: _mae(out["members"][:, j], y) for j in fused}}
 
     base_scores = scores(base)
     out = {"base_mae": base_scores, "graph": dict.fromkeys(names, 0.0), "magpie": dict.fromkeys(names, 0.0),
@@ -389,12 +387,12 @@ def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarra
         # graphs shuffled, Magpie in place
         part = pack_rows(magpie, graphs, targets, rows[perm])
         part.update(magpie=base_part["magpie"], y=base_part["y"], row=rows)
-        s = scores(ensemble.fold_part_predictions(part, [j for j, u in enumerate(uses) if u[0]], base))
+        s = scores(ensemble.part_outputs(part, magpie, rows, [j for j, u in enumerate(uses) if u[0]], base))
         for n in names:
             out["graph"][n] += (s[n] - base_scores[n]) / repeats
         # Magpie shuffled, graphs in place
         part = dict(base_part, magpie=np.ascontiguousarray(base_part["magpie"][perm]))
-        s = scores(ensemble.fold_part_predictions(part, [j for j, u in enumerate(uses) if u[1]], base))
+        s = scores(ensemble.part_outputs(part, magpie, rows, [j for j, u in enumerate(uses) if u[1]], base))
         for n in names:
             out["magpie"][n] += (s[n] - base_scores[n]) / repeats
     return out
@@ -471,7 +469,20 @@ def _check_search_run(client, parent_id: str, search_ds, split) -> None:
             raise BenchmarkError(f"search run {parent_id}: {key} {params.get(key)} logged, {n} rebuilt")
 
 
-def _select(client, experiment_id: str, parent_id: str, k: int, families, max_groups: Optional[int]):
+def stacked_groups(ordered: list[str], max_groups: int, graph_member: bool = False) -> list[str]:
+    """The first ``max_groups`` of ``ordered`` (groups, best inner-val MAE first); with
+    ``graph_member`` the best graph-model group is added when none of them is one."""
+    groups = list(ordered[:max_groups])
+    graph_groups = [g for g in ordered if g not in TABULAR_FAMILIES]
+    if graph_member and graph_groups and not set(groups) & set(graph_groups):
+        groups.append(graph_groups[0])
+    return groups
+
+
+def _select(client, experiment_id: str, parent_id: str, k: int, families, max_groups: Optional[int],
+            graph_member: bool = False):
+    """The stack's members: the best ``max_groups`` groups by inner-validation MAE; with
+    ``graph_member``, plus the best graph-model group if none of those is one."""
     from .select import load_trial_config, ranked_candidates
 
     chosen = ranked_candidates(client, experiment_id, parent_id, k=k, families=families)
@@ -479,7 +490,7 @@ def _select(client, experiment_id: str, parent_id: str, k: int, families, max_gr
         raise BenchmarkError(f"search run {parent_id} has no finished trial with a val_mae"
                              f" among families {', '.join(families)}")
     if max_groups:
-        groups = list(dict.fromkeys(chosen["group"]))[:max_groups]
+        groups = stacked_groups(list(dict.fromkeys(chosen["group"])), max_groups, graph_member)
         chosen = chosen[chosen["group"].isin(groups)].reset_index(drop=True)
     return chosen, [load_trial_config(client, run_id) for run_id in chosen["run_id"]]
 
@@ -562,7 +573,8 @@ def run_fold(cfg, task: str, fold: int, full, mb, test_ids: list[str], out: Path
     # -- stacking on exactly the search's rows, prediction of every test row
     t_stack = time.time()
     families = list(fcfg.search.families)
-    chosen, members = _select(client, experiment_id, parent_id, cfg.ensemble.k, families, cfg.benchmark.max_groups)
+    chosen, members = _select(client, experiment_id, parent_id, cfg.ensemble.k, families, cfg.benchmark.max_groups,
+                              cfg.benchmark.graph_member)
     say(f"fold {fold}: stacking {len(members)} member(s): " + ", ".join(
         f"{g} (val {v:.4g})" for g, v in zip(chosen["group"], chosen["val_mae"])))
     stack_ids = sorted(search_train_ids + search_val_ids)
@@ -579,13 +591,15 @@ def run_fold(cfg, task: str, fold: int, full, mb, test_ids: list[str], out: Path
     features_cfg = fcfg.features.model_copy(update={"line_graph": True}) if line else fcfg.features
     features = featurize(eval_ds, features_cfg, progress=progress)
     ensemble = StackedEnsemble(members, meta=cfg.ensemble.meta, n_folds=cfg.ensemble.n_folds, seed=fcfg.search.seed,
+                               refit=cfg.ensemble.refit,
                                member_overrides={"max_epochs": int(cfg.ensemble.max_epochs)}
                                if cfg.ensemble.max_epochs else None)
     ensemble.fit(features.magpie, features.graphs, eval_ds.targets, stack_rows,
                  graph_params={"gaussian_bins": fcfg.features.gaussian_bins,
                                "gaussian_width": fcfg.features.gaussian_width}, progress=progress)
     used = set(ensemble.meta_rows_.tolist())
-    for part in (*ensemble.fold_train_rows_, *ensemble.fold_es_rows_, *ensemble.fold_heldout_rows_):
+    for part in (*ensemble.fold_train_rows_, *ensemble.fold_es_rows_, *ensemble.fold_heldout_rows_,
+                 ensemble.refit_train_rows_, ensemble.refit_es_rows_):
         used |= set(np.asarray(part).tolist())
     used_ids = sorted(eval_ds.ids[r] for r in used)
     _leak_check(f"fold {fold} fitted ensemble", used_ids, test_set)

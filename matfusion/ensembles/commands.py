@@ -53,6 +53,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the K-fold and early-stopping splits (default 0)")
     p.add_argument("--data-dir", default=None, help="data dir (default: $MATFUSION_DATA or ../shared/data)")
     p.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    p.add_argument("--no-refit", action="store_true",
+                   help="predict with the K fold models instead of refitting every weighted member on all rows")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _tracking(p)
     p.set_defaults(func=run_ensemble)
@@ -103,7 +105,8 @@ def run_ensemble(args) -> int:
         res = build_ensemble_from_search(args.experiment, tracking_uri=args.tracking_uri, k=args.k, meta=args.meta,
                                          n_folds=args.folds, context_features=args.context_features, seed=args.seed,
                                          max_epochs=args.max_epochs, families=args.families, data_dir=args.data_dir,
-                                         register=not args.no_register, progress=not args.quiet)
+                                         register=not args.no_register, progress=not args.quiet,
+                                         refit=not args.no_refit)
     except ValueError as err:
         print(f"matfusion ensemble: {err}", file=sys.stderr)
         return 2

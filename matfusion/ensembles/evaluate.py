@@ -86,10 +86,8 @@ def evaluate_ensemble(ensemble: StackedEnsemble, magpie: np.ndarray, graphs, tar
         raise ValueError(f"targets of shape {y_all.shape} do not match the ensemble's "
                          f"{getattr(ensemble, 'n_targets_', 1)} target(s)")
     y = y_all[test_rows]
-    per_fold = ensemble.fold_member_predictions(magpie, graphs, test_rows)
-    members = per_fold.mean(axis=0)
-    stacked = ensemble.stack_folds(per_fold, magpie, test_rows)
-    pred, std = stacked.mean(axis=0), stacked.std(axis=0)
+    out = ensemble.predict_all(magpie, graphs, test_rows)
+    members, pred, std = out["members"], out["mean"], out["std"]
     average = members.mean(axis=1)
     if not ensemble.multi_target:
         metrics = _block(ensemble, pred, std, members, y, "")
@@ -165,7 +163,8 @@ def log_evaluation(client, experiment_id: str, parent_run_id: str, evaluation: E
     params = [Param("meta", str(summary.get("meta"))), Param("n_folds", str(summary.get("n_folds"))),
               Param("context_features", str(summary.get("context_features"))),
               Param("seed", str(summary.get("seed"))), Param("n_members", str(len(summary.get("members", [])))),
-              Param("n_meta_rows", str(summary.get("n_meta_rows")))]
+              Param("n_meta_rows", str(summary.get("n_meta_rows"))),
+              Param("refit", ",".join(summary.get("refit") or []) or "none")]
     client.log_batch(run_id, metrics=metrics, params=params)
     client.log_dict(run_id, evaluation.weights or {}, "weights.json")
     client.log_dict(run_id, {"members": summary.get("members"), "configs": summary.get("member_configs")},

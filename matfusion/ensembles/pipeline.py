@@ -43,7 +43,8 @@ def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional
                                meta: str = "mae", n_folds: int = 5, context_features: int = 0, seed: int = 0,
                                max_epochs: Optional[int] = None, families: Optional[Sequence[str]] = None,
                                data_dir: Optional[str] = None, register: bool = True,
-                               progress: bool = True, parent_run_id: Optional[str] = None) -> EnsembleResult:
+                               progress: bool = True, parent_run_id: Optional[str] = None,
+                               refit: bool = True) -> EnsembleResult:
     """Stack the latest search of ``experiment`` or, given ``parent_run_id``, that search
     parent run (``experiment`` is then not needed)."""
     from mlflow.tracking import MlflowClient
@@ -89,6 +90,7 @@ def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional
     features = featurize(dataset, features_cfg, progress=progress)
     rows = np.sort(np.concatenate([split.train, split.val]))
     ensemble = StackedEnsemble(members, meta=meta, n_folds=n_folds, context_features=context_features, seed=seed,
+                               refit=refit,
                                member_overrides={"max_epochs": int(max_epochs)} if max_epochs else None)
     ensemble.fit(features.magpie, features.graphs, dataset.targets, rows,
                  graph_params={"gaussian_bins": cfg.features.gaussian_bins,
