@@ -174,7 +174,8 @@ def _ensemble_config() -> type:
                 "ridge; gbm")
             n_folds: int = Field(5, ge=2, description="out-of-fold splits of the training rows")
             max_epochs: Optional[int] = Field(None, ge=1,
-                                              description="override the members' max_epochs; default as searched")
+                                              description="epochs of the graph (GNN) members; default as searched "
+                                              "(trials the search stopped early are then trained this long)")
             refit: bool = Field(True, description="train every weighted member once more on all the training rows "
                                 "for the point prediction (weights still from the out-of-fold predictions); false: "
                                 "predict with the K fold models")

@@ -226,7 +226,12 @@ def test_miniature_benchmark_two_folds_records_reports_and_resumes(tmp_path, dat
     assert bm.recorded_folds(back, "matbench_phonons") == [0, 1]
 
     # no test-fold row reached a search trial or a stacking fit (rows actually packed)
-    assert len(rec.search) == 2 and len(rec.stacking) == 2 * 2  # 2 folds x 2 stacking folds (members share them)
+    # 2 folds x (2 stacking folds + the refit on all stacking rows); members share them
+    assert len(rec.search) == 2 and len(rec.stacking) == 2 * 3
+    refits = [rec.stacking[2], rec.stacking[5]]
+    for k, (fit_ids, es_ids) in zip((0, 1), refits):  # the refit trains on all the stacking rows
+        audit = json.loads((out / f"fold_{k}" / "rows.json").read_text())
+        assert sorted(set(fit_ids) | set(es_ids)) == sorted(audit["stacking_ids"])
     for k, (train, val) in zip((0, 1), rec.search):
         test = set(official[k])
         assert train and val and not (set(train) | set(val)) & test
@@ -235,7 +240,7 @@ def test_miniature_benchmark_two_folds_records_reports_and_resumes(tmp_path, dat
         assert audit["test_ids"] == official[k]
         assert not set(audit["stacking_ids"]) & test and not set(audit["ensemble_used_ids"]) & test
         assert 40 <= len(audit["stacking_ids"]) <= 80  # train_limit 60
-    for k, fits in zip((0, 1), (rec.stacking[:2], rec.stacking[2:])):
+    for k, fits in zip((0, 1), (rec.stacking[:3], rec.stacking[3:])):
         audit = json.loads((out / f"fold_{k}" / "rows.json").read_text())
         for fit_ids, es_ids in fits:
             assert not (set(fit_ids) | set(es_ids)) & set(official[k])
@@ -294,9 +299,9 @@ def test_composition_only_task_all_folds_loads_back_in_matbench(tmp_path, data_d
         summary = json.loads((out / f"fold_{k}" / "summary.json").read_text())
         assert summary["families"] == ["rf"] and summary["members"] == ["rf"]
         assert summary["n_test"] == len(official[k])
-    assert len(rec.stacking) == 5 * 2  # 5 folds x 2 stacking folds
+    assert len(rec.stacking) == 5 * 3  # 5 folds x (2 stacking folds + the refit)
     for k in range(5):
-        for fit_ids, es_ids in rec.stacking[2 * k: 2 * k + 2]:
+        for fit_ids, es_ids in rec.stacking[3 * k: 3 * k + 3]:
             assert fit_ids and not (set(fit_ids) | set(es_ids)) & set(official[k])
 
     # matbench loads the complete file back with its own validation (from_file reads plain JSON)

@@ -257,6 +257,7 @@ def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
             assert float(np.ravel(fitted.refit_states_[j]["y_mean"])[0]) == pytest.approx(
                 ds.targets[fitted.refit_train_rows_].mean())
     assert fitted.summary()["refit"] == [fitted.names_[j] for j in weighted]
+    assert all(m["lr_restarts"] == [] for m in fitted.members)  # members anneal once, whatever the search did
 
     out = fitted.predict_all(fs.magpie, fs.graphs, split.test)
     fold_mean = fitted.stack_folds(out["per_fold"], fs.magpie, split.test).mean(axis=0)

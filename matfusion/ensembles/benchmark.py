@@ -592,8 +592,7 @@ def run_fold(cfg, task: str, fold: int, full, mb, test_ids: list[str], out: Path
     features = featurize(eval_ds, features_cfg, progress=progress)
     ensemble = StackedEnsemble(members, meta=cfg.ensemble.meta, n_folds=cfg.ensemble.n_folds, seed=fcfg.search.seed,
                                refit=cfg.ensemble.refit,
-                               member_overrides={"max_epochs": int(cfg.ensemble.max_epochs)}
-                               if cfg.ensemble.max_epochs else None)
+                               graph_max_epochs=cfg.ensemble.max_epochs)
     ensemble.fit(features.magpie, features.graphs, eval_ds.targets, stack_rows,
                  graph_params={"gaussian_bins": fcfg.features.gaussian_bins,
                                "gaussian_width": fcfg.features.gaussian_width}, progress=progress)

@@ -49,7 +49,7 @@ def add_parsers(subparsers) -> None:
                    help="append the first N Magpie features to the meta input (ridge/gbm only; default 0)")
     p.add_argument("--families", nargs="+", default=None, help="only these families (default: all)")
     p.add_argument("--max-epochs", type=_positive_int, default=None,
-                   help="override the members' max_epochs (default: as searched)")
+                   help="epochs of the graph (GNN) members (default: as searched)")
     p.add_argument("--seed", type=int, default=0, help="seed of the K-fold and early-stopping splits (default 0)")
     p.add_argument("--data-dir", default=None, help="data dir (default: $MATFUSION_DATA or ../shared/data)")
     p.add_argument("--no-register", action="store_true", help="log the model but do not register it")

@@ -91,7 +91,7 @@ def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional
     rows = np.sort(np.concatenate([split.train, split.val]))
     ensemble = StackedEnsemble(members, meta=meta, n_folds=n_folds, context_features=context_features, seed=seed,
                                refit=refit,
-                               member_overrides={"max_epochs": int(max_epochs)} if max_epochs else None)
+                               graph_max_epochs=max_epochs)
     ensemble.fit(features.magpie, features.graphs, dataset.targets, rows,
                  graph_params={"gaussian_bins": cfg.features.gaussian_bins,
                                "gaussian_width": cfg.features.gaussian_width}, progress=progress,

@@ -236,10 +236,13 @@ class StackedEnsemble:
         (ridge and gbm only).
     seed: seeds the K-fold split, the early-stopping splits and the meta-learner.
     refit: train every weighted member once more on all the rows for the point prediction.
+    graph_max_epochs: epochs of the graph (torch) members; default as searched (an lgbm
+        member's rounds do not depend on it).
     es_fraction: share of each fold model's training rows held out for its early stopping
         (and, for late fusion, its alpha); never rows of the held-out fold.
     member_overrides: top-level config keys to override in every member (e.g.
-        ``{"max_epochs": 5}`` for a quick run).
+        ``{"max_epochs": 5}`` for a quick run).  Members never restart their learning rate
+        (``lr_restarts`` is emptied: the search's restarts at ASHA's rungs serve the pruning).
 
     Inference.  With ``refit`` (default) every member the meta-learner gives a weight is trained
     once more, on all the rows (less the same ``es_fraction`` for its early stopping), and
@@ -268,7 +271,7 @@ class StackedEnsemble:
 
     def __init__(self, members: Sequence[dict], meta: str = "mae", n_folds: int = 5, context_features: int = 0,
                  seed: int = 0, es_fraction: float = 0.15, member_overrides: Optional[dict] = None,
-                 refit: bool = True) -> None:
+                 refit: bool = True, graph_max_epochs: Optional[int] = None) -> None:
         if not members:
             raise ValueError("StackedEnsemble needs at least one member config")
         if meta not in META_LEARNERS:
@@ -282,7 +285,16 @@ class StackedEnsemble:
                              "blend weights of members only)")
         if not 0.0 < es_fraction < 0.5:
             raise ValueError("es_fraction must be in (0, 0.5)")
-        self.members = [dict(m, **(member_overrides or {})) for m in members]
+        from ..config import TABULAR_FAMILIES
+
+        if graph_max_epochs is not None and graph_max_epochs < 1:
+            raise ValueError(f"graph_max_epochs must be >= 1 (got {graph_max_epochs})")
+        # members train to the end: one cosine cycle, not the restarts at ASHA's rungs the search used
+        self.members = [{**m, "lr_restarts": [], **(member_overrides or {})} for m in members]
+        if graph_max_epochs:
+            self.members = [m if m["family"] in TABULAR_FAMILIES else dict(m, max_epochs=int(graph_max_epochs))
+                            for m in self.members]
+        self.graph_max_epochs = graph_max_epochs
         self.meta = meta
         self.n_folds = int(n_folds)
         self.context_features = int(context_features)
