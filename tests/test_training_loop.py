@@ -231,3 +231,38 @@ def test_learning_rate_restarts_at_given_epochs(reference, setup):
     resumed = LocalSession(resume_state=first.last_state)
     fit_family(copy.deepcopy(config), data, resumed)
     _assert_same_epochs(resumed.history, session.history, [3, 4, 5, 6])
+
+
+def test_batch_norm_refresh_matches_the_current_weights(setup):
+    """refresh_batch_norm sets every BatchNorm's running statistics to those of the current
+    weights on the given graphs (what a fresh pass in training mode sees), restores the
+    momentum and the mode, and leaves models without BatchNorm alone."""
+    from torch import nn
+
+    from matfusion.trainables.loop import refresh_batch_norm
+    from matfusion.trainables.trial import _feature_widths, _graphs_with_magpie, build_torch_model
+
+    data = setup[2]
+    graphs = _graphs_with_magpie(data["train"], data["graph_params"], None)[:64]
+    node_f, edge_f, _ = _feature_widths(graphs[0])
+    torch.manual_seed(0)
+    model = build_torch_model(CGCNN_CONFIG, node_f, edge_f, 1)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms and all(float(m.running_var.mean()) == 1.0 for m in norms)  # PyTorch's initial state
+    # what the first BatchNorm sees: its input on all 64 graphs at once, in one pass
+    seen = []
+    hook = norms[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    model.train()
+    with torch.no_grad():
+        from torch_geometric.data import Batch
+        model(Batch.from_data_list(graphs))
+    hook.remove()
+    x = seen[0]
+    for m in norms:
+        m.reset_running_stats()
+    model.eval()
+    assert refresh_batch_norm(model, graphs, batch_size=64) is True
+    assert not model.training and all(m.momentum == 0.1 for m in norms)
+    torch.testing.assert_close(norms[0].running_mean, x.mean(dim=0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norms[0].running_var, x.var(dim=0, unbiased=True), rtol=1e-3, atol=1e-5)
+    assert refresh_batch_norm(nn.Sequential(nn.Linear(2, 2)), graphs, 64) is False
