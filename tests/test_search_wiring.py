@@ -83,6 +83,46 @@ def test_same_seed_same_configs():
     assert suggest_sequence(seed=8)[:5] != a[:5]
 
 
+def test_trials_cut_short_end_pruned_in_optuna():
+    """A GNN trial ASHA stops at a rung ends PRUNED in Optuna with its per-epoch scores, so TPE ranks
+    it below every finished trial; finished, one-shot (rf) and failed trials keep their states."""
+    import optuna
+
+    from matfusion.search.tuner import SCORE
+
+    s = SearchConfig(seed=3, num_samples=8, max_concurrent=4, families=["rf", "cgcnn"])
+    limiter = build_searcher(s, _space(3))
+    ids = [f"t{k}" for k in range(4)]
+    for tid in ids:
+        assert limiter.suggest(tid) is not None
+
+    def epochs(tid, scores, finished_at):
+        for epoch, v in enumerate(scores, start=1):
+            r = {"training_iteration": epoch, "epoch": epoch, SCORE: v, "trial_finished": epoch == finished_at}
+            limiter.on_trial_result(tid, r)
+        return r
+
+    cut = epochs("t0", [0.5, 0.4], finished_at=4)            # stopped by ASHA after 2 of 4 epochs
+    done = epochs("t1", [2.0, 1.9, 1.8, 1.7], finished_at=4)  # ran to its end, worse scores
+    one_shot = epochs("t2", [1.2], finished_at=1)            # a tabular trial: one report
+    for tid, r in (("t0", cut), ("t1", done), ("t2", one_shot)):
+        limiter.on_trial_complete(tid, result=r)
+    limiter.on_trial_complete("t3", result=None, error=True)
+
+    study = limiter.searcher._ot_study
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    states = [by_number[k].state for k in range(4)]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
+                      optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert by_number[0].intermediate_values == {1: 0.5, 2: 0.4}  # Optuna keeps the last as its value
+    assert by_number[1].value == 1.7 and by_number[2].value == 1.2
+    # TPE's split puts the two finished trials before the pruned one, although its score is lower
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    below, above = _split_trials(study, list(by_number.values())[:3], n_below=2)
+    assert sorted(t.number for t in below) == [1, 2] and [t.number for t in above] == [0]
+
+
 # ----------------------------------------------------------------------------- scheduler
 def _trial(trial_id, family, storage=None):
     return Trial("run_trial", trial_id=trial_id, stub=True, storage=storage,

@@ -152,12 +152,14 @@ def build_sampler(search: SearchConfig):
 
 
 def build_searcher(search: SearchConfig, space, points_to_evaluate: Optional[list] = None):
-    """OptunaSearch over the define-by-run ``space``, at most ``max_concurrent`` trials at once."""
+    """OptunaSearch over the define-by-run ``space``, at most ``max_concurrent`` trials at once;
+    trials ASHA stops at a rung end PRUNED in Optuna (see :mod:`.optuna_search`)."""
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(space=space, metric=SCORE, mode="min", sampler=build_sampler(search),
-                            points_to_evaluate=points_to_evaluate or None)
+    from .optuna_search import PrunedAwareOptunaSearch
+
+    searcher = PrunedAwareOptunaSearch(space=space, metric=SCORE, mode="min", sampler=build_sampler(search),
+                                       points_to_evaluate=points_to_evaluate or None)
     return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
 
 
