@@ -365,7 +365,7 @@ def write_report(out: Path) -> Path:
               f"{', '.join(any_s.get('families', [])) or '?'}; matbench results: `{RESULTS_FILE}` "
               f"(written {info.get('datestamp') or '?'} UTC).")
     md.append("")
-    md.append(f"**Mean test MAE over {len(ks)} fold(s): {_fmt(mean)} {unit}**"
+    md.append(f"**Mean test MAE over {len(ks)} fold(s): {_fmt(mean)}{' ' + unit if unit else ''}**"
               + ("" if complete else " — not comparable to the leaderboard until all 5 folds are recorded."))
     md += ["", "## Test MAE per fold", ""]
     rows = []
