@@ -77,6 +77,7 @@ def run_method(method: str, seed: int, args, workdir: Path) -> list[float]:
             "num_samples": args.trials if scheduler == "fifo" else args.trials * 20,
             "max_total_epochs": budget, "max_epochs": args.max_epochs,
             "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+            "asha_mode": args.asha_mode,
             "early_stopping_patience": 10 * args.max_epochs, "seed": seed,
             "max_concurrent": args.max_concurrent, "cpus_per_trial": 2 / args.max_concurrent,
             "storage_path": str(workdir / "ray"),
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-epochs", type=int, default=27)
     p.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung (rungs 1, 3, 9, 27)")
     p.add_argument("--reduction-factor", type=int, default=3)
+    p.add_argument("--asha-mode", choices=["stop", "promote"], default="stop",
+                   help="ASHA's rule at a rung (search.asha_mode): Ray's stopping rule or the paper's promotion rule")
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--target", type=float, default=1 / 3, help="pass if ASHA+TPE needs <= this share of random's epochs")

@@ -91,6 +91,12 @@ class SearchConfig(_Strict):
         "'rf.max_depth': [0, 20], 'cgcnn.fusion': [none, early]}")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler proposing trials")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops bad trials early; fifo runs every trial to the end")
+    asha_mode: Literal["stop", "promote"] = Field(
+        "stop", description="ASHA's rule at a rung: stop (Ray's: a trial goes on unless it is below the best "
+        "1/reduction_factor of the results its rung holds so far, so the first trials go on unopposed) or promote "
+        "(as published: a trial goes on only when its rung holds at least reduction_factor results and it is among "
+        "the best 1/reduction_factor of them; the others are paused with their checkpoint and resumed if they "
+        "become so)")
     max_total_epochs: Optional[int] = Field(
         None, gt=0, description="stop the search once all trials together reported this many epochs")
     checkpoint_every: int = Field(

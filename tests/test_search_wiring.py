@@ -123,6 +123,50 @@ def test_trials_cut_short_end_pruned_in_optuna():
     assert sorted(t.number for t in below) == [1, 2] and [t.number for t in above] == [0]
 
 
+def test_paused_trial_frees_its_slot_and_reaches_optuna_twice():
+    """PauseAwareLimiter + PrunedAwareOptunaSearch as PromotingASHA drives them: a paused trial gives
+    up its slot (a new trial may be suggested) and is PRUNED in Optuna at its rung; resumed, it takes
+    a slot again; finished, TPE gets a COMPLETE copy of its params with the final score."""
+    import optuna
+
+    from matfusion.search.tuner import SCORE
+
+    s = SearchConfig(seed=5, num_samples=8, max_concurrent=2, families=["rf", "cgcnn"])
+    limiter = build_searcher(s, _space(5))
+    assert limiter.suggest("a") is not None and limiter.suggest("b") is not None
+    assert limiter.suggest("c") is None  # two running: no slot
+    r1 = {"training_iteration": 1, SCORE: 0.9, "trial_finished": False}
+    limiter.on_trial_result("a", r1)
+    limiter.pause("a", r1)
+    assert limiter.suggest("c") is not None  # a's slot went to c
+    limiter.resume("a")
+    assert limiter.suggest("d") is None  # a holds a slot again
+    limiter.on_trial_result("a", {"training_iteration": 2, SCORE: 0.5, "trial_finished": False})  # ignored
+    limiter.on_trial_complete("a", result={"training_iteration": 3, SCORE: 0.4, "trial_finished": True})
+    assert limiter.live_trials == {"b", "c"}
+
+    study = limiter.searcher._ot_study
+    trials = study.get_trials(deepcopy=False)
+    a = trials[0]
+    assert a.state == optuna.trial.TrialState.PRUNED and a.intermediate_values == {1: 0.9}
+    copies = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(copies) == 1 and copies[0].params == a.params and copies[0].value == 0.4
+
+
+def test_promotion_rule_of_promoting_asha():
+    """floor(n / rf) best of a rung may go on while trials come; ceil(n / rf) once none will."""
+    from matfusion.search.schedulers import PromotingASHA
+
+    asha = PromotingASHA(time_attr="training_iteration", metric="val_mae", mode="min", max_t=9,
+                         grace_period=1, reduction_factor=3)
+    recorded = {"t1": -5.0, "t2": -1.0, "t3": -3.0, "t4": -2.0}  # metric_op * val_mae: higher is better
+    assert asha.promotable(1, recorded) == ["t2"]
+    assert asha.promotable(1, recorded, final=True) == ["t2", "t4"]
+    assert asha.promotable(1, {"t1": -5.0, "t2": -1.0}) == []
+    asha._promoted.add(("t2", 1))
+    assert asha.promotable(1, recorded) == [] and asha.promotable(1, recorded, final=True) == ["t4"]
+
+
 # ----------------------------------------------------------------------------- scheduler
 def _trial(trial_id, family, storage=None):
     return Trial("run_trial", trial_id=trial_id, stub=True, storage=storage,
@@ -319,3 +363,61 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
     vals = [float(r[5]) for r in rows]
     assert vals == sorted(vals)
     assert not re.search(r"^\s*Trial name\s", proc.stdout, re.M)
+
+
+def test_real_search_promote_mode_pauses_until_a_rung_can_compare(tmp_path, data_dir):
+    """search.asha_mode: promote, real Ray and MLflow: no GNN trial leaves a rung before the rung
+    holds reduction_factor results (Ray's rule lets the first trial run on alone); paused trials
+    resume from their rung's checkpoint (no epoch trained twice), the best reach max_epochs, and
+    no MLflow run is left open."""
+    db = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    num_samples, max_epochs, rf = 7, 3, 3  # rungs at epochs 1 and 3
+    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
+           "--data-dir", str(data_dir),
+           "--set", "data.limit=100", "--set", f"search.num_samples={num_samples}",
+           "--set", f"search.max_epochs={max_epochs}", "--set", "search.grace_period=1",
+           "--set", f"search.reduction_factor={rf}", "--set", "search.families=[cgcnn]",
+           "--set", "search.fusions=[none]", "--set", "search.preset=quick", "--set", "search.asha_mode=promote",
+           "--set", "search.points_to_evaluate=false", "--set", "search.checkpoint_every=5",
+           "--set", "search.max_concurrent=2", "--set", "search.cpus_per_trial=1",
+           "--set", f"mlflow.tracking_uri={db}", "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
+           "--set", f"search.storage_path={tmp_path / 'ray'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("phonons-smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(nested) == num_samples
+    assert {r.info.status for r in nested} == {"FINISHED"}
+    assert {r.data.tags["status"] for r in nested} <= {"completed", "pruned"}
+
+    history = {r.data.tags["trial_id"]: client.get_metric_history(r.info.run_id, "val_mae") for r in nested}
+    for tid, h in history.items():  # resumed from the rung's checkpoint: epochs 1..k, each once
+        assert sorted(m.step for m in h) == list(range(1, len(h) + 1)), (tid, [m.step for m in h])
+    first_at = {tid: {m.step: m.timestamp for m in h} for tid, h in history.items()}
+    for milestone in (1,):  # the rung below max_epochs
+        for tid, steps in first_at.items():
+            if milestone + 1 not in steps:
+                continue
+            went_on = steps[milestone + 1]
+            at_rung = [t for t, s in first_at.items() if milestone in s and s[milestone] <= went_on]
+            assert len(at_rung) >= rf, (tid, milestone, at_rung)
+    finished = [tid for tid, h in history.items() if len(h) == max_epochs]
+    assert finished, {tid: len(h) for tid, h in history.items()}
+    # the trial that reached rung 1 first was paused there (Ray's rule would let it go on alone):
+    # Tune restarts a paused trial from its checkpoint, so iterations_since_restore starts again
+    results = {}
+    for f in (tmp_path / "ray" / "phonons-smoke").glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        results[rows[0]["trial_id"]] = rows
+    assert set(results) == set(history)
+    first = min(first_at, key=lambda t: first_at[t][1])
+    first_results = results[first]
+    assert len(first_results) == 1 or first_results[1]["iterations_since_restore"] == 1, first_results[:2]
+    resumed = [t for t, rows in results.items() if any(r["iterations_since_restore"] < r["training_iteration"]
+                                                       for r in rows)]
+    assert resumed, {t: [(r["training_iteration"], r["iterations_since_restore"]) for r in rows]
+                     for t, rows in results.items()}

@@ -7,13 +7,16 @@ own last epoch (``trial_finished`` false in its last result: stopped by ASHA at 
 the search's time or epoch budget) is told to Optuna as PRUNED.  TPE then splits its trials the
 way Optuna's own pruners intend: finished trials by score first, then pruned trials by how far
 they got (the step of their last report) and by their score there.  Trials that finished
-(all epochs, early stopping by patience, one-shot tabular models) stay COMPLETE.
+(all epochs, early stopping by patience, one-shot tabular models) stay COMPLETE.  A trial told
+PRUNED at a pause (``search.asha_mode: promote``) that later runs to its end is added again as a
+COMPLETE trial with its final score.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 
@@ -25,10 +28,43 @@ def cut_short(result: Optional[dict]) -> bool:
 class PrunedAwareOptunaSearch(OptunaSearch):
     """OptunaSearch whose trials stopped by the scheduler (or the budget) end PRUNED in Optuna."""
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:  # resumed after a pause: Optuna has its record
+            return
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
-        if error or ot_trial is None or trial_id in self._completed_trials or not cut_short(result):
+        if ot_trial is not None and trial_id in self._completed_trials:
+            self._finished_after_pause(ot_trial, result, error)
+            return
+        if error or ot_trial is None or not cut_short(result):
             return super().on_trial_complete(trial_id, result, error)
         # its intermediate scores are already in Optuna (on_trial_result); TPE reads the last one
         self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+    def _finished_after_pause(self, ot_trial, result: Optional[dict], error: bool) -> None:
+        """A trial told PRUNED when it was paused at a rung, then resumed, ran to its end: Optuna
+        cannot change a finished trial, so TPE gets a COMPLETE copy with the final score."""
+        if error or not result or cut_short(result) or result.get(self._metric) is None:
+            return
+        frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+        self._ot_study.add_trial(create_trial(params=frozen.params, distributions=frozen.distributions,
+                                              value=float(result[self._metric]), state=TrialState.COMPLETE))
+
+
+class PauseAwareLimiter(ConcurrencyLimiter):
+    """ConcurrencyLimiter in which a trial paused by the scheduler does not hold a slot.
+
+    :class:`~matfusion.search.schedulers.PromotingASHA` calls :meth:`pause` when it pauses a trial
+    (the searcher hears of it as a trial cut short at a rung, and a new trial may start) and
+    :meth:`resume` when the trial takes a slot again."""
+
+    def pause(self, trial_id: str, result: Optional[dict]) -> None:
+        self.on_trial_complete(trial_id, result=result)
+
+    def resume(self, trial_id: str) -> None:
+        if trial_id not in self.live_trials:
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1

@@ -115,6 +115,119 @@ class TabularAwareASHA(AsyncHyperBandScheduler):
             bracket.on_result(trial, t, self._metric_op * value)
 
 
+class PromotingASHA(TabularAwareASHA):
+    """ASHA with the promotion rule of its paper (Li et al., 2020) instead of Ray's stopping rule.
+
+    Ray's ASHA lets a trial go on from a rung unless it falls below the best
+    ``1/reduction_factor`` of the results the rung holds so far, so a trial that reaches a rung
+    first (the first, start-up trials of a search) goes on unopposed to ``max_t``.  Here a trial
+    at rung ``m`` goes on only if it is among the best ``floor(n / reduction_factor)`` of the ``n``
+    results rung ``m`` holds (itself included) and was not sent on from it before; otherwise it
+    is PAUSED (Tune keeps its checkpoint: the trainable checkpoints at the rungs) and waits.
+    Whenever a slot frees up, a waiting trial that has become promotable is resumed first
+    (highest rung first), then a new trial starts.  Once the searcher has no more trials and
+    nothing runs, each rung sends on its best ``ceil(n / reduction_factor)`` (so a small search
+    still trains its best trials to ``max_t``), and the trials still waiting then end (pruned).
+
+    ``on_pause(trial_id, result)`` and ``on_resume(trial_id)`` tell the searcher (see
+    :class:`~matfusion.search.optuna_search.PauseAwareLimiter`) that a trial gave up or took
+    back its slot.  Tabular one-shot trials are outside the rungs, as in :class:`TabularAwareASHA`.
+    """
+
+    def __init__(self, *args, on_pause=None, on_resume=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_pause, self._on_resume = on_pause, on_resume
+        self._promoted: set[tuple[str, float]] = set()  # (trial_id, milestone) already sent on
+        self._waiting: dict[str, float] = {}  # trial_id -> the milestone it is paused at
+
+    def promotable(self, milestone: float, recorded: dict, final: bool = False) -> list[str]:
+        """Trials of a rung that may go on, best first: its best ``n // reduction_factor``
+        (``ceil`` when ``final``), less those already sent on from it."""
+        n, rf = len(recorded), self._reduction_factor
+        k = int(-(-n // rf)) if final else int(n // rf)
+        best = sorted(recorded, key=lambda t: recorded[t], reverse=True)[:k]  # values are metric_op * metric
+        return [t for t in best if (t, milestone) not in self._promoted]
+
+    def waiting(self) -> dict[str, float]:
+        """trial_id -> milestone of every paused trial."""
+        return dict(self._waiting)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if self._tabular(trial) or self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        t = result[self._time_attr]
+        if t >= self._max_t:
+            return TrialScheduler.STOP
+        bracket = self._trial_info.get(trial.trial_id)
+        if bracket is None:
+            return TrialScheduler.CONTINUE
+        for milestone, recorded in bracket._rungs:  # highest milestone first
+            if t < milestone or trial.trial_id in recorded:
+                continue
+            recorded[trial.trial_id] = self._metric_op * result[self._metric]
+            if trial.trial_id in self.promotable(milestone, recorded):
+                self._promoted.add((trial.trial_id, milestone))
+                return TrialScheduler.CONTINUE
+            self._waiting[trial.trial_id] = milestone
+            if self._on_pause is not None:
+                self._on_pause(trial.trial_id, result)
+            return TrialScheduler.PAUSE
+        return TrialScheduler.CONTINUE
+
+    def _promotion(self, paused: dict, final: bool = False):
+        for bracket in self._brackets:
+            for milestone, recorded in bracket._rungs:  # highest milestone first
+                for trial_id in self.promotable(milestone, recorded, final):
+                    if self._waiting.get(trial_id) == milestone and trial_id in paused:
+                        self._promoted.add((trial_id, milestone))
+                        del self._waiting[trial_id]
+                        if self._on_resume is not None:
+                            self._on_resume(trial_id)
+                        return paused[trial_id]
+        return None
+
+    def choose_trial_to_run(self, tune_controller):
+        from ray.tune.experiment import Trial
+
+        trials = tune_controller.get_trials()
+        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED and t.trial_id in self._waiting}
+        trial = self._promotion(paused)
+        if trial is not None:
+            return trial
+        for t in trials:
+            if t.status == Trial.PENDING:
+                return t
+        search_alg = getattr(tune_controller, "search_alg", None)
+        if (not paused or any(t.status == Trial.RUNNING for t in trials)
+                or (search_alg is not None and not search_alg.is_finished())):
+            return None
+        # no more trials to come and nothing runs: finish the rungs, then end the waiting trials
+        trial = self._promotion(paused, final=True)
+        if trial is None:
+            # Tune re-snapshots only the trials it marks; one stopped while PAUSED is not, so the
+            # experiment would keep it as PAUSED (a resume would run it on): mark it here
+            controller = getattr(tune_controller, "_tune_controller", tune_controller)
+            mark = getattr(controller, "_mark_trial_to_checkpoint", None)
+            for t in paused.values():
+                self._waiting.pop(t.trial_id, None)
+                tune_controller.stop_trial(t)
+                if mark is not None:
+                    mark(t)
+        return trial
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._waiting.pop(trial.trial_id, None)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._waiting.pop(trial.trial_id, None)
+        super().on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._waiting.pop(trial.trial_id, None)
+        super().on_trial_error(tune_controller, trial)
+
+
 class TotalEpochsStopper(Stopper):
     """Stop the whole search once its trials together reported ``max_total_epochs`` results
     (one result = one epoch; a one-shot tabular trial counts one).  The count restarts when a

@@ -51,7 +51,7 @@ from ..trainables.trial_data import pack_rows, pack_trial_data
 from .mlflow_logging import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten, nested_runs,
                              resolve_tracking_uri, trial_fusion)
 from .report import log_search_report
-from .schedulers import TabularAwareASHA, TotalEpochsStopper
+from .schedulers import PromotingASHA, TabularAwareASHA, TotalEpochsStopper
 
 log = logging.getLogger("matfusion.search")
 
@@ -152,27 +152,40 @@ def build_sampler(search: SearchConfig):
 
 
 def build_searcher(search: SearchConfig, space, points_to_evaluate: Optional[list] = None):
-    """OptunaSearch over the define-by-run ``space``, at most ``max_concurrent`` trials at once;
-    trials ASHA stops at a rung end PRUNED in Optuna (see :mod:`.optuna_search`)."""
-    from ray.tune.search import ConcurrencyLimiter
-
-    from .optuna_search import PrunedAwareOptunaSearch
+    """OptunaSearch over the define-by-run ``space``, at most ``max_concurrent`` trials running at
+    once (a trial paused at an ASHA rung does not count); trials ASHA stops or pauses at a rung
+    end PRUNED in Optuna (see :mod:`.optuna_search`)."""
+    from .optuna_search import PauseAwareLimiter, PrunedAwareOptunaSearch
 
     searcher = PrunedAwareOptunaSearch(space=space, metric=SCORE, mode="min", sampler=build_sampler(search),
                                        points_to_evaluate=points_to_evaluate or None)
-    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+    return PauseAwareLimiter(searcher, max_concurrent=search.max_concurrent)
 
 
-def build_scheduler(search: SearchConfig):
-    """ASHA over epochs that leaves one-shot (tabular) trials out of its rungs, or FIFO
-    (``search.scheduler: fifo``: every trial runs to its end)."""
+def build_scheduler(search: SearchConfig, searcher=None):
+    """ASHA over epochs that leaves one-shot (tabular) trials out of its rungs (``search.asha_mode``:
+    Ray's stopping rule, or the paper's promotion rule with paused trials, told to ``searcher``),
+    or FIFO (``search.scheduler: fifo``: every trial runs to its end)."""
     from ray.tune.schedulers import FIFOScheduler
 
     if getattr(search, "scheduler", "asha") == "fifo":
         return FIFOScheduler()
-    return TabularAwareASHA(time_attr="training_iteration", metric=SCORE, mode="min",
-                            max_t=search.max_epochs, grace_period=search.grace_period,
-                            reduction_factor=search.reduction_factor)
+    kwargs = dict(time_attr="training_iteration", metric=SCORE, mode="min", max_t=search.max_epochs,
+                  grace_period=search.grace_period, reduction_factor=search.reduction_factor)
+    if getattr(search, "asha_mode", "stop") == "promote":
+        return PromotingASHA(**kwargs, on_pause=getattr(searcher, "pause", None),
+                             on_resume=getattr(searcher, "resume", None))
+    return TabularAwareASHA(**kwargs)
+
+
+def checkpoint_epochs(search: SearchConfig) -> list[int]:
+    """Epochs every trial checkpoints at besides ``checkpoint_every``: the rungs, where
+    ``asha_mode: promote`` may pause a trial (it resumes from that checkpoint)."""
+    if getattr(search, "scheduler", "asha") != "asha" or getattr(search, "asha_mode", "stop") != "promote":
+        return []
+    from .schedulers import rung_milestones
+
+    return rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
 
 
 
@@ -353,7 +366,11 @@ def _restored_scheduler(tuner):
     """The scheduler a restored Tuner runs with (unpickled from the experiment), to log its
     rungs; None where Ray keeps it elsewhere."""
     tune_config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
-    return getattr(tune_config, "scheduler", None)
+    scheduler = getattr(tune_config, "scheduler", None)
+    searcher = getattr(tune_config, "search_alg", None)
+    if isinstance(scheduler, PromotingASHA) and hasattr(searcher, "pause"):
+        scheduler._on_pause, scheduler._on_resume = searcher.pause, searcher.resume  # the restored searcher
+    return scheduler
 
 
 # -- the search --------------------------------------------------------------------------------
@@ -390,7 +407,8 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     targets = target_names(dataset)
     constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
                  "cpus": s.cpus_per_trial, "targets": targets,
-                 "checkpoint_every": s.checkpoint_every, "lr_restarts": lr_restarts(s)}
+                 "checkpoint_every": s.checkpoint_every, "lr_restarts": lr_restarts(s),
+                 "checkpoint_at": checkpoint_epochs(s)}
     space = define_search_space(s.families, constants, fusions=s.fusions, targets=targets,
                                 task_weighting=s.task_weighting, task_weights=s.task_weights,
                                 preset=s.preset, overrides=s.space)
@@ -473,11 +491,12 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         scheduler = _restored_scheduler(tuner)
     else:
         points = space.default_points() if getattr(s, "points_to_evaluate", False) else None
-        scheduler = build_scheduler(s)
+        searcher = build_searcher(s, space, points)
+        scheduler = build_scheduler(s, searcher)
         max_total = getattr(s, "max_total_epochs", None)
         tuner = Tuner(
             trainable,
-            tune_config=TuneConfig(search_alg=build_searcher(s, space, points), scheduler=scheduler,
+            tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler,
                                    num_samples=s.num_samples, time_budget_s=s.time_budget_s,
                                    reuse_actors=True),
             run_config=RunConfig(

@@ -67,6 +67,8 @@ class LoopSettings:
     # epochs after which the cosine schedule restarts (warm restarts, e.g. ASHA's rung milestones):
     # () = one cosine cycle over max_epochs
     lr_restarts: tuple = ()
+    # epochs that always get a checkpoint (e.g. ASHA's rungs, where a trial may be paused)
+    checkpoint_at: tuple = ()
 
 
 def lr_cycles(max_epochs: int, restarts=()) -> list[tuple[int, int]]:
@@ -345,7 +347,7 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
                 metrics[f"task_weight_{name}"] = float(weights[k])
         if attention is not None:
             metrics["attention_graph"] = float(attention[:, 0].mean())
-        if not (finished or epoch % max(1, settings.checkpoint_every) == 0):
+        if not (finished or epoch % max(1, settings.checkpoint_every) == 0 or epoch in settings.checkpoint_at):
             session.report(metrics, None)
             continue
         state = {

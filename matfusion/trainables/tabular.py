@@ -106,6 +106,7 @@ def fit_lgbm(config: dict, data: dict, session=None) -> dict:
     max_epochs = int(config.get("max_epochs", 30))
     patience = int(config.get("patience", 20))
     every = max(1, int(config.get("checkpoint_every", 1)))
+    checkpoint_at = {int(e) for e in config.get("checkpoint_at") or ()}
     chunk = rounds_per_epoch(config)
     labelled = [np.isfinite(y_tr[:, k]) for k in range(y_tr.shape[1])]
 
@@ -139,7 +140,7 @@ def fit_lgbm(config: dict, data: dict, session=None) -> dict:
                    "rounds": epoch * chunk, "trial_finished": bool(finished)}
         if len(task_maes) > 1:
             metrics.update({f"val_mae_{n}": m for n, m in zip(names, task_maes)})
-        if not (finished or epoch % every == 0):
+        if not (finished or epoch % every == 0 or epoch in checkpoint_at):
             session.report(metrics, None)
             continue
         state = {"family": "lgbm", "lgbm": [m.get_state() for m in models], "epoch": epoch,

@@ -81,6 +81,7 @@ def loop_settings(config: dict) -> LoopSettings:
         seed=int(config.get("seed", 0)),
         checkpoint_every=int(config.get("checkpoint_every", 1)),
         lr_restarts=tuple(int(e) for e in config.get("lr_restarts") or ()),
+        checkpoint_at=tuple(int(e) for e in config.get("checkpoint_at") or ()),
     )
 
 
