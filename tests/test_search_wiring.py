@@ -421,3 +421,28 @@ def test_real_search_promote_mode_pauses_until_a_rung_can_compare(tmp_path, data
                                                        for r in rows)]
     assert resumed, {t: [(r["training_iteration"], r["iterations_since_restore"]) for r in rows]
                      for t, rows in results.items()}
+
+
+def test_real_search_promote_mode_ends_paused_trials_at_the_time_budget(tmp_path, data_dir):
+    """When the time budget ends a promote-mode search, trials paused at a rung end with it (not an
+    interrupted, resumable search): exit 0, every trial run closed, none 'interrupted'."""
+    db = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
+           "--data-dir", str(data_dir), "--set", "data.limit=100", "--set", "search.num_samples=200",
+           "--set", "search.max_epochs=9", "--set", "search.grace_period=1", "--set", "search.reduction_factor=3",
+           "--set", "search.families=[cgcnn]", "--set", "search.fusions=[none]", "--set", "search.preset=quick",
+           "--set", "search.asha_mode=promote", "--set", "search.time_budget_s=60",
+           "--set", f"mlflow.tracking_uri={db}", "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
+           "--set", f"search.storage_path={tmp_path / 'ray'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "interrupted" not in proc.stdout
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("phonons-smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    statuses = [r.data.tags["status"] for r in nested]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert set(statuses) <= {"completed", "pruned", "stopped"} and "completed" in statuses, statuses
+    epochs = [len(client.get_metric_history(r.info.run_id, "val_mae")) for r in nested]
+    assert max(epochs) == 9 and epochs.count(1) > epochs.count(9), epochs  # most wait at rung 1

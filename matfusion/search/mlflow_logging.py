@@ -142,6 +142,8 @@ class MlflowTrialLogger(Callback):
         self.logged_steps: dict[str, dict[str, set]] = {}
         self.last_result: dict[str, dict] = {}
         self.status: dict[str, str] = {}
+        # trial_id -> Tune status when the experiment ended (None until it ends)
+        self.final_statuses: Optional[dict[str, str]] = None
 
     @property
     def client(self) -> MlflowClient:
@@ -263,6 +265,10 @@ class MlflowTrialLogger(Callback):
         last = self._last(trial)
         status = "completed" if last.get("trial_finished") else "pruned"
         self._finish(trial, status, "FINISHED")
+
+    def on_experiment_end(self, trials, **info):
+        # Tune's last snapshot may still hold a trial stopped while PAUSED (no actor) as PAUSED
+        self.final_statuses = {t.trial_id: t.status for t in trials}
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = None

@@ -362,6 +362,12 @@ def discard_orphan_runs(client, experiment_id: str, parent_id: str, known: set) 
     return discarded
 
 
+def _trial_logger(tuner):
+    """The MlflowTrialLogger the Tuner runs with (the unpickled one after a restore)."""
+    run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+    return next((c for c in getattr(run_config, "callbacks", None) or [] if isinstance(c, MlflowTrialLogger)), None)
+
+
 def _restored_scheduler(tuner):
     """The scheduler a restored Tuner runs with (unpickled from the experiment), to log its
     rungs; None where Ray keeps it elsewhere."""
@@ -524,8 +530,11 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         raise
     fit_s = time.time() - t_fit
 
-    # -- how it ended: interrupted (Ctrl-C: resumable), or done (trials cut by a budget: "stopped")
-    unfinished = experiment_unfinished(path)
+    # -- how it ended: interrupted (Ctrl-C: resumable), or done (trials cut by a budget: "stopped");
+    # a trial the budget ended while it was paused at a rung (asha_mode: promote) may still be
+    # PAUSED in Tune's last snapshot: Tune's own final statuses tell
+    final = getattr(_trial_logger(tuner), "final_statuses", None) or {}
+    unfinished = [t for t in experiment_unfinished(path) if final.get(t) not in ("TERMINATED", "ERROR")]
     if unfinished:
         close_open_trial_runs(client, experiment_id, parent_id, "interrupted", "KILLED")
     else:
