@@ -115,12 +115,14 @@ def kill_leftovers(procs: set, grace_s: float = 15.0) -> set:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_finishes_each_trial_once(tmp_path, data_dir):
+@pytest.mark.parametrize("asha_mode", ["stop", "promote"])
+def test_sigkill_then_resume_finishes_each_trial_once(tmp_path, data_dir, asha_mode):
+    mode = ("--set", f"search.asha_mode={asha_mode}")
     exp_dir = tmp_path / "ray" / NAME
     db = f"sqlite:///{tmp_path / 'mlruns.db'}"
     ray_tmp = tempfile.mkdtemp(prefix="mfray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     log1 = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(search_cmd(tmp_path, data_dir), cwd=tmp_path, stdout=log1, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(search_cmd(tmp_path, data_dir, *mode), cwd=tmp_path, stdout=log1, stderr=subprocess.STDOUT,
                             env=dict(os.environ, RAY_TMPDIR=ray_tmp), start_new_session=True)
     procs = set()
     try:
@@ -161,7 +163,7 @@ def test_sigkill_then_resume_finishes_each_trial_once(tmp_path, data_dir):
 
     ray_tmp2 = tempfile.mkdtemp(prefix="mfray-", dir="/tmp")
     try:
-        proc2 = subprocess.run(search_cmd(tmp_path, data_dir, "--resume"), cwd=tmp_path, capture_output=True,
+        proc2 = subprocess.run(search_cmd(tmp_path, data_dir, *mode, "--resume"), cwd=tmp_path, capture_output=True,
                                text=True, timeout=400, env=dict(os.environ, RAY_TMPDIR=ray_tmp2))
     finally:
         kill_leftovers(run_processes(-1, ray_tmp2), grace_s=5)

@@ -190,6 +190,11 @@ class PromotingASHA(TabularAwareASHA):
         from ray.tune.experiment import Trial
 
         trials = tune_controller.get_trials()
+        for t in trials:  # paused, but not by this scheduler (e.g. restored from a snapshot): it goes on
+            if t.status == Trial.PAUSED and t.trial_id not in self._waiting:
+                if self._on_resume is not None:
+                    self._on_resume(t.trial_id)
+                return t
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED and t.trial_id in self._waiting}
         trial = self._promotion(paused)
         if trial is not None:
