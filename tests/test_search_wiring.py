@@ -288,30 +288,36 @@ def test_progress_table_columns_and_order():
 
 
 # ----------------------------------------------------------------------------- one real search
-@pytest.mark.slow
-def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir):
+def smoke_search(tmp_path, data_dir, settings: dict, timeout: int = 500):
+    """`matfusion search configs/smoke.yaml` on 100 phonons rows with ``settings`` (key -> value
+    for --set) in a subprocess; returns the process, the MLflow client, the parent run and the
+    trial runs."""
     db = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    num_samples, max_epochs = 8, 4
+    base = {"data.limit": 100, "search.grace_period": 1, "search.fusions": "[none]", "search.preset": "quick",
+            "search.points_to_evaluate": "false", "mlflow.tracking_uri": db,
+            "mlflow.artifact_location": tmp_path / "artifacts", "search.storage_path": tmp_path / "ray"}
     cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
-           "--data-dir", str(data_dir),
-           "--set", "data.limit=100", "--set", f"search.num_samples={num_samples}",
-           "--set", f"search.max_epochs={max_epochs}", "--set", "search.grace_period=1",
-           "--set", "search.reduction_factor=2", "--set", "search.families=[rf, cgcnn]",
-           "--set", "search.fusions=[none]", "--set", "search.preset=quick",
-           "--set", "search.points_to_evaluate=false",
-           # resources would let 4 trials run at once: only the limiter holds them to 2
-           "--set", "search.max_concurrent=2", "--set", "search.cpus_per_trial=0.5",
-           "--set", f"mlflow.tracking_uri={db}", "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
-           "--set", f"search.storage_path={tmp_path / 'ray'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=400)
+           "--data-dir", str(data_dir)]
+    for key, value in {**base, **settings}.items():
+        cmd += ["--set", f"{key}={value}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Both 'metric' and 'mode' must be set" not in proc.stdout + proc.stderr
-
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("phonons-smoke")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return proc, client, parent, nested
+
+
+@pytest.mark.slow
+def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir):
+    num_samples, max_epochs = 8, 4
+    # resources would let 4 trials run at once: only the limiter holds them to 2
+    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
+        "search.num_samples": num_samples, "search.max_epochs": max_epochs, "search.reduction_factor": 2,
+        "search.families": "[rf, cgcnn]", "search.max_concurrent": 2, "search.cpus_per_trial": 0.5}, timeout=400)
+    assert "Both 'metric' and 'mode' must be set" not in proc.stdout + proc.stderr
     assert len(nested) == num_samples
 
     # concurrency: trial runs open from the trial's start to its end
@@ -365,31 +371,17 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
     assert not re.search(r"^\s*Trial name\s", proc.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_real_search_promote_mode_pauses_until_a_rung_can_compare(tmp_path, data_dir):
     """search.asha_mode: promote, real Ray and MLflow: no GNN trial leaves a rung before the rung
     holds reduction_factor results (Ray's rule lets the first trial run on alone); paused trials
     resume from their rung's checkpoint (no epoch trained twice), the best reach max_epochs, and
     no MLflow run is left open."""
-    db = f"sqlite:///{tmp_path / 'mlruns.db'}"
     num_samples, max_epochs, rf = 7, 3, 3  # rungs at epochs 1 and 3
-    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
-           "--data-dir", str(data_dir),
-           "--set", "data.limit=100", "--set", f"search.num_samples={num_samples}",
-           "--set", f"search.max_epochs={max_epochs}", "--set", "search.grace_period=1",
-           "--set", f"search.reduction_factor={rf}", "--set", "search.families=[cgcnn]",
-           "--set", "search.fusions=[none]", "--set", "search.preset=quick", "--set", "search.asha_mode=promote",
-           "--set", "search.points_to_evaluate=false", "--set", "search.checkpoint_every=5",
-           "--set", "search.max_concurrent=2", "--set", "search.cpus_per_trial=1",
-           "--set", f"mlflow.tracking_uri={db}", "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
-           "--set", f"search.storage_path={tmp_path / 'ray'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    client = MlflowClient(db)
-    exp = client.get_experiment_by_name("phonons-smoke")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
+        "search.num_samples": num_samples, "search.max_epochs": max_epochs, "search.reduction_factor": rf,
+        "search.families": "[cgcnn]", "search.asha_mode": "promote", "search.checkpoint_every": 5,
+        "search.max_concurrent": 2, "search.cpus_per_trial": 1})
     assert len(nested) == num_samples
     assert {r.info.status for r in nested} == {"FINISHED"}
     assert {r.data.tags["status"] for r in nested} <= {"completed", "pruned"}
@@ -423,24 +415,15 @@ def test_real_search_promote_mode_pauses_until_a_rung_can_compare(tmp_path, data
                      for t, rows in results.items()}
 
 
+@pytest.mark.slow
 def test_real_search_promote_mode_ends_paused_trials_at_the_time_budget(tmp_path, data_dir):
     """When the time budget ends a promote-mode search, trials paused at a rung end with it (not an
     interrupted, resumable search): exit 0, every trial run closed, none 'interrupted'."""
-    db = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
-           "--data-dir", str(data_dir), "--set", "data.limit=100", "--set", "search.num_samples=200",
-           "--set", "search.max_epochs=9", "--set", "search.grace_period=1", "--set", "search.reduction_factor=3",
-           "--set", "search.families=[cgcnn]", "--set", "search.fusions=[none]", "--set", "search.preset=quick",
-           "--set", "search.asha_mode=promote", "--set", "search.time_budget_s=60",
-           "--set", f"mlflow.tracking_uri={db}", "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
-           "--set", f"search.storage_path={tmp_path / 'ray'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
+        "search.num_samples": 200, "search.max_epochs": 9, "search.reduction_factor": 3,
+        "search.families": "[cgcnn]", "search.asha_mode": "promote", "search.time_budget_s": 60})
     assert "interrupted" not in proc.stdout
-    client = MlflowClient(db)
-    exp = client.get_experiment_by_name("phonons-smoke")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    runs = [parent] + nested
     statuses = [r.data.tags["status"] for r in nested]
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert set(statuses) <= {"completed", "pruned", "stopped"} and "completed" in statuses, statuses
