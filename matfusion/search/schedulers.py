@@ -148,10 +148,6 @@ class PromotingASHA(TabularAwareASHA):
         best = sorted(recorded, key=lambda t: recorded[t], reverse=True)[:k]  # values are metric_op * metric
         return [t for t in best if (t, milestone) not in self._promoted]
 
-    def waiting(self) -> dict[str, float]:
-        """trial_id -> milestone of every paused trial."""
-        return dict(self._waiting)
-
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if self._tabular(trial) or self._time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
