@@ -18,7 +18,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from conftest import REPO
 from matfusion.config import SearchConfig
 from matfusion.search.schedulers import TABULAR_FAMILIES, TabularAwareASHA
-from matfusion.search.tuner import SearchProgress, build_scheduler, build_searcher, trial_resources
+from matfusion.search.tuner import (SearchProgress, build_scheduler, build_searcher, snapshot_trials,
+                                    trial_resources)
 from matfusion.spaces import define_search_space
 
 
@@ -288,10 +289,10 @@ def test_progress_table_columns_and_order():
 
 
 # ----------------------------------------------------------------------------- one real search
-def smoke_search(tmp_path, data_dir, settings: dict, timeout: int = 500):
+def smoke_search(tmp_path, data_dir, settings: dict, timeout: int = 500, extra_args: tuple = ()):
     """`matfusion search configs/smoke.yaml` on 100 phonons rows with ``settings`` (key -> value
-    for --set) in a subprocess; returns the process, the MLflow client, the parent run and the
-    trial runs."""
+    for --set) and ``extra_args`` in a subprocess; returns the process, the MLflow client, the
+    parent run and the trial runs."""
     db = f"sqlite:///{tmp_path / 'mlruns.db'}"
     base = {"data.limit": 100, "search.grace_period": 1, "search.fusions": "[none]", "search.preset": "quick",
             "search.points_to_evaluate": "false", "mlflow.tracking_uri": db,
@@ -300,6 +301,7 @@ def smoke_search(tmp_path, data_dir, settings: dict, timeout: int = 500):
            "--data-dir", str(data_dir)]
     for key, value in {**base, **settings}.items():
         cmd += ["--set", f"{key}={value}"]
+    cmd += list(extra_args)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(db)
@@ -418,14 +420,29 @@ def test_real_search_promote_mode_pauses_until_a_rung_can_compare(tmp_path, data
 @pytest.mark.slow
 def test_real_search_promote_mode_ends_paused_trials_at_the_time_budget(tmp_path, data_dir):
     """When the time budget ends a promote-mode search, trials paused at a rung end with it (not an
-    interrupted, resumable search): exit 0, every trial run closed, none 'interrupted'."""
-    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
-        "search.num_samples": 200, "search.max_epochs": 9, "search.reduction_factor": 3,
-        "search.families": "[cgcnn]", "search.asha_mode": "promote", "search.time_budget_s": 60})
+    interrupted, resumable search): exit 0, every trial run closed, none 'interrupted'; a later
+    --resume of the finished search trains nothing more."""
+    settings = {"search.num_samples": 200, "search.max_epochs": 9, "search.reduction_factor": 3,
+                "search.families": "[cgcnn]", "search.asha_mode": "promote", "search.time_budget_s": 60}
+    proc, client, parent, nested = smoke_search(tmp_path, data_dir, settings)
     assert "interrupted" not in proc.stdout
     runs = [parent] + nested
     statuses = [r.data.tags["status"] for r in nested]
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert set(statuses) <= {"completed", "pruned", "stopped"} and "completed" in statuses, statuses
-    epochs = [len(client.get_metric_history(r.info.run_id, "val_mae")) for r in nested]
-    assert max(epochs) == 9 and epochs.count(1) > epochs.count(9), epochs  # most wait at rung 1
+    epochs = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_mae")) for r in nested}
+    counts = list(epochs.values())
+    assert max(counts) == 9 and counts.count(1) > counts.count(9), counts  # most wait at rung 1
+
+    # Tune's last snapshot still holds the trials it stopped while they were paused as PAUSED;
+    # --resume of this finished search must not run them on (Tune restores the time budget as
+    # spent): nothing trains, no trial is added, every run keeps its status and stays closed
+    paused = [t for t, status in snapshot_trials(tmp_path / "ray" / "phonons-smoke").items() if status == "PAUSED"]
+    assert paused
+    proc, client, parent2, nested2 = smoke_search(tmp_path, data_dir, settings, extra_args=("--resume",))
+    assert "resuming search 'phonons-smoke'" in proc.stdout and "interrupted" not in proc.stdout
+    assert parent2.info.run_id == parent.info.run_id
+    assert {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_mae")) for r in nested2} == epochs
+    assert {r.info.run_id: r.data.tags["status"] for r in nested2} == {r.info.run_id: r.data.tags["status"]
+                                                                     for r in nested}
+    assert {r.info.status for r in [parent2] + nested2} == {"FINISHED"}
