@@ -9,6 +9,9 @@ epochs random search needs (epochs summed over the seeds, so that one lucky earl
 does not decide it; the mean of the per-seed ratios is printed too).  TPE and ASHA compare
 trials by their best inner-validation MAE so far (``best_val_mae``), as the real search does.
 None of the methods is seeded with the known-good defaults (``points_to_evaluate: false``).
+Random search runs first and to the end (its final best is the target); TPE and ASHA+TPE then
+stop as soon as a trial reaches that target (``search.stop_at_val_mae``: the epochs after it do
+not change the count; ``--full-runs`` runs them to the end of the budget too).
 
     python benchmarks/search_efficiency.py                # 3 seeds x 3 methods x 432 epochs, ~75 min on 2 cores
     python benchmarks/search_efficiency.py --seeds 0 --limit 300 --trials 8   # quick look
@@ -63,7 +66,7 @@ def epochs_to_reach(timeline: list[float], target: float) -> float:
     return float("inf")
 
 
-def run_method(method: str, seed: int, args, workdir: Path) -> list[float]:
+def run_method(method: str, seed: int, args, workdir: Path, stop_at=None) -> list[float]:
     sampler, scheduler = METHODS[method]
     budget = args.trials * args.max_epochs
     name = f"eff-{method.replace('+', '-')}-s{seed}"
@@ -75,7 +78,7 @@ def run_method(method: str, seed: int, args, workdir: Path) -> list[float]:
             "families": ["cgcnn"], "fusions": ["none", "early"], "preset": "quick",
             "sampler": sampler, "scheduler": scheduler, "points_to_evaluate": False,
             "num_samples": args.trials if scheduler == "fifo" else args.trials * 20,
-            "max_total_epochs": budget, "max_epochs": args.max_epochs,
+            "max_total_epochs": budget, "max_epochs": args.max_epochs, "stop_at_val_mae": stop_at,
             "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
             "asha_mode": args.asha_mode,
             "early_stopping_patience": 10 * args.max_epochs, "seed": seed,
@@ -91,7 +94,8 @@ def run_method(method: str, seed: int, args, workdir: Path) -> list[float]:
     t0 = time.time()
     res = run_search(cfg, progress=False)
     timeline = epoch_timeline(res.tracking_uri, name)[:budget]
-    print(f"  {method:9s} seed {seed}: {len(res.leaderboard)} trials, {len(timeline)} epochs, "
+    cut = " (stopped at the target)" if stop_at is not None and min(timeline) <= stop_at else ""
+    print(f"  {method:9s} seed {seed}: {len(res.leaderboard)} trials, {len(timeline)} epochs{cut}, "
           f"best val_mae {min(timeline):.2f}, {time.time() - t0:.0f} s", flush=True)
     return timeline
 
@@ -110,6 +114,8 @@ def main(argv=None) -> int:
                    help="ASHA's rule at a rung (search.asha_mode): Ray's stopping rule or the paper's promotion rule")
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--full-runs", action="store_true",
+                   help="run TPE and ASHA+TPE to the end of the budget (default: stop once random's best is reached)")
     p.add_argument("--target", type=float, default=1 / 3, help="pass if ASHA+TPE needs <= this share of random's epochs")
     args = p.parse_args(argv)
 
@@ -117,8 +123,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             print(f"seed {seed}: budget {args.trials * args.max_epochs} epochs per method", flush=True)
-            timelines = {m: run_method(m, seed, args, Path(tmp) / f"{m}-{seed}") for m in METHODS}
+            timelines = {"random": run_method("random", seed, args, Path(tmp) / f"random-{seed}")}
             target = min(timelines["random"])
+            for m in METHODS:
+                if m != "random":
+                    timelines[m] = run_method(m, seed, args, Path(tmp) / f"{m}-{seed}",
+                                              stop_at=None if args.full_runs else target)
             need = {m: epochs_to_reach(t, target) for m, t in timelines.items()}
             rows.append((seed, target, need))
 

@@ -99,6 +99,9 @@ class SearchConfig(_Strict):
         "become so)")
     max_total_epochs: Optional[int] = Field(
         None, gt=0, description="stop the search once all trials together reported this many epochs")
+    stop_at_val_mae: Optional[float] = Field(
+        None, description="stop the search as soon as any trial reports a val_mae at or below this (good enough: "
+        "e.g. a known baseline's score)")
     checkpoint_every: int = Field(
         1, gt=0, description="epochs between trial checkpoints (the last epoch always has one); "
         "a resumed trial restarts from its last checkpoint")

@@ -17,7 +17,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from conftest import REPO
 from matfusion.config import SearchConfig
-from matfusion.search.schedulers import TABULAR_FAMILIES, TabularAwareASHA
+from matfusion.search.schedulers import (TABULAR_FAMILIES, TabularAwareASHA, TargetReachedStopper,
+                                         TotalEpochsStopper)
 from matfusion.search.tuner import (SearchProgress, build_scheduler, build_searcher, snapshot_trials,
                                     trial_resources)
 from matfusion.spaces import define_search_space
@@ -249,6 +250,21 @@ def test_rf_trials_never_enter_the_rungs():
     assert {"rf0", "rf1", "rf2"} <= set(plain._brackets[0]._rungs[-1][1])
 
 
+def test_search_stoppers_end_at_the_epoch_budget_or_the_target():
+    budget = TotalEpochsStopper(3)
+    ends = []
+    for trial_id in ("a", "b", "a"):
+        assert budget(trial_id, {"val_mae": 1.0}) is False  # no single trial is stopped
+        ends.append(budget.stop_all())
+    assert ends == [False, False, True]
+
+    target = TargetReachedStopper(10.0)
+    assert target("a", {"epoch": 1}) is False and not target.stop_all()  # a result without val_mae
+    assert target("a", {"val_mae": 10.5}) is False and not target.stop_all()
+    assert target("b", {"val_mae": 10.0}) is False and target.stop_all()
+    assert target("a", {"val_mae": 50.0}) is False and target.stop_all()  # reached stays reached
+
+
 def test_more_tabular_families():
     sched = _asha(TabularAwareASHA, tabular_families={"xgb"})
     sched.on_trial_add(None, _trial("x", "xgb"))
@@ -371,6 +387,22 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
     vals = [float(r[5]) for r in rows]
     assert vals == sorted(vals)
     assert not re.search(r"^\s*Trial name\s", proc.stdout, re.M)
+
+
+@pytest.mark.slow
+def test_real_search_stops_once_a_trial_reaches_stop_at_val_mae(tmp_path, data_dir):
+    """search.stop_at_val_mae: the whole search ends right after the first epoch at or below it
+    (here any epoch: 1e9), not an interrupted search: exit 0, every run closed."""
+    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
+        "search.num_samples": 6, "search.max_epochs": 8, "search.families": "[cgcnn]",
+        "search.stop_at_val_mae": 1e9, "search.max_concurrent": 2})
+    assert "interrupted" not in proc.stdout
+    epochs = [len(client.get_metric_history(r.info.run_id, "val_mae")) for r in nested]
+    # without the stop the first trial goes on to epoch 8 (no rung can stop it: it is first);
+    # with it the search ends at the first epoch, plus what the two running trials reported
+    # before the driver acted on it (Tune may handle a few queued results in the same step)
+    assert 1 <= sum(epochs) <= 4 and len(nested) <= 2, epochs
+    assert {r.info.status for r in [parent] + nested} == {"FINISHED"}
 
 
 @pytest.mark.slow

@@ -246,6 +246,23 @@ class TotalEpochsStopper(Stopper):
         return self.total >= self.max_total_epochs
 
 
+class TargetReachedStopper(Stopper):
+    """Stop the whole search as soon as any trial reports ``metric`` at or below ``target``."""
+
+    def __init__(self, target: float, metric: str = "val_mae") -> None:
+        self.target, self.metric = float(target), metric
+        self.reached = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        value = result.get(self.metric)
+        if value is not None and value <= self.target:
+            self.reached = True
+        return False
+
+    def stop_all(self) -> bool:
+        return self.reached
+
+
 def _result_history(trial) -> list[dict]:
     path: Optional[str] = None
     # the trial's folder in the experiment (storage) first: the driver staging folder of a

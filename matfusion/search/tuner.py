@@ -51,7 +51,7 @@ from ..trainables.trial_data import pack_rows, pack_trial_data
 from .mlflow_logging import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten, nested_runs,
                              resolve_tracking_uri, trial_fusion)
 from .report import log_search_report
-from .schedulers import PromotingASHA, TabularAwareASHA, TotalEpochsStopper
+from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper
 
 log = logging.getLogger("matfusion.search")
 
@@ -389,6 +389,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.stopper import CombinedStopper
 
     t0 = time.time()
     s = cfg.search
@@ -499,7 +500,9 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         points = space.default_points() if getattr(s, "points_to_evaluate", False) else None
         searcher = build_searcher(s, space, points)
         scheduler = build_scheduler(s, searcher)
-        max_total = getattr(s, "max_total_epochs", None)
+        stoppers = [TotalEpochsStopper(s.max_total_epochs)] if s.max_total_epochs else []
+        if s.stop_at_val_mae is not None:
+            stoppers.append(TargetReachedStopper(s.stop_at_val_mae))
         tuner = Tuner(
             trainable,
             tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -508,7 +511,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
             run_config=RunConfig(
                 name=cfg.name, storage_path=str(path.parent),
                 callbacks=[MlflowTrialLogger(tracking_uri, experiment_id, parent_id)],
-                stop=TotalEpochsStopper(max_total) if max_total else None,
+                stop=(CombinedStopper(*stoppers) if len(stoppers) > 1 else stoppers[0]) if stoppers else None,
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 failure_config=FailureConfig(max_failures=s.max_failures), progress_reporter=SearchProgress(),
                 verbose=1 if progress else 0,
