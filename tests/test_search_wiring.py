@@ -253,10 +253,11 @@ def test_rf_trials_never_enter_the_rungs():
 def test_search_stoppers_end_at_the_epoch_budget_or_the_target():
     budget = TotalEpochsStopper(3)
     ends = []
-    for trial_id in ("a", "b", "a"):
-        assert budget(trial_id, {"val_mae": 1.0}) is False  # no single trial is stopped
+    # Tune passes a finished trial's last result twice (b's iteration 1): it counts once
+    for trial_id, iteration in (("a", 1), ("b", 1), ("b", 1), ("a", 2)):
+        assert budget(trial_id, {"val_mae": 1.0, "training_iteration": iteration}) is False  # no trial is stopped
         ends.append(budget.stop_all())
-    assert ends == [False, False, True]
+    assert ends == [False, False, False, True]
 
     target = TargetReachedStopper(10.0)
     assert target("a", {"epoch": 1}) is False and not target.stop_all()  # a result without val_mae

@@ -231,15 +231,23 @@ class PromotingASHA(TabularAwareASHA):
 
 class TotalEpochsStopper(Stopper):
     """Stop the whole search once its trials together reported ``max_total_epochs`` results
-    (one result = one epoch; a one-shot tabular trial counts one).  The count restarts when a
-    search is resumed (Tune does not save stoppers)."""
+    (one result = one epoch; a one-shot tabular trial counts one).  Tune hands a stopper the
+    last result of a finished trial a second time (its "duplicate" end-of-trial result), so a
+    trial's results count once per ``training_iteration``.  The count restarts when a search
+    is resumed (Tune does not save stoppers)."""
 
     def __init__(self, max_total_epochs: int) -> None:
         self.max_total_epochs = int(max_total_epochs)
         self.total = 0
+        self._last: dict[str, int] = {}  # trial_id -> the last training_iteration counted
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.total += 1
+        iteration = result.get("training_iteration")
+        if iteration is None:
+            self.total += 1
+        elif iteration > self._last.get(trial_id, 0):
+            self._last[trial_id] = iteration
+            self.total += 1
         return False
 
     def stop_all(self) -> bool:
