@@ -381,6 +381,18 @@ def _restored_scheduler(tuner):
 
 # -- the search --------------------------------------------------------------------------------
 
+def result_config(result) -> dict:
+    """The config of one trial of a ResultGrid.  A restored grid gives ``config=None`` for a
+    trial that never reported (e.g. started just before the budget ended); its ``params.json``
+    still has it, and it stays on the leaderboard either way ({} if nothing can be read)."""
+    if result.config is not None:
+        return result.config
+    try:
+        return json.loads((Path(result.path) / "params.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return {}
+
+
 def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> SearchResult:
     """Run the search that ``cfg`` describes and return its leaderboard.  With ``resume``,
     continue the interrupted search of the same name (see the module docstring)."""
@@ -549,14 +561,13 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     statuses = trial_statuses(client, experiment_id, parent_id)
     rows, best = [], None
     for r in results:
-        if r.config is None:
-            continue
+        config = result_config(r)
         df = r.metrics_dataframe
         val = float(df["val_mae"].min()) if df is not None and "val_mae" in df else float("nan")
         epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         trial_id = (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "?")
         status = statuses.get(trial_id, "failed" if r.error else "completed")
-        rows.append({"trial_id": trial_id, "family": r.config.get("family"), "fusion": trial_fusion(r.config),
+        rows.append({"trial_id": trial_id, "family": config.get("family"), "fusion": trial_fusion(config),
                      "val_mae": val,
                      "epochs": epochs, "status": status})
         if r.error is None and np.isfinite(val) and r.checkpoint is not None and (best is None or val < best[0]):
