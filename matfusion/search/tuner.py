@@ -51,7 +51,7 @@ from ..trainables.trial_data import pack_rows, pack_trial_data
 from .mlflow_logging import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten, nested_runs,
                              resolve_tracking_uri, trial_fusion)
 from .report import log_search_report
-from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper
+from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 
 log = logging.getLogger("matfusion.search")
 
@@ -129,8 +129,6 @@ def lr_restarts(search: SearchConfig) -> list[int]:
     schedule = getattr(search, "lr_schedule", "auto")
     if schedule == "cosine" or (schedule == "auto" and getattr(search, "scheduler", "asha") != "asha"):
         return []
-    from .schedulers import rung_milestones
-
     return [m for m in rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
             if m < search.max_epochs]
 
@@ -183,8 +181,6 @@ def checkpoint_epochs(search: SearchConfig) -> list[int]:
     ``asha_mode: promote`` may pause a trial (it resumes from that checkpoint)."""
     if getattr(search, "scheduler", "asha") != "asha" or getattr(search, "asha_mode", "stop") != "promote":
         return []
-    from .schedulers import rung_milestones
-
     return rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
 
 
@@ -523,7 +519,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
             run_config=RunConfig(
                 name=cfg.name, storage_path=str(path.parent),
                 callbacks=[MlflowTrialLogger(tracking_uri, experiment_id, parent_id)],
-                stop=(CombinedStopper(*stoppers) if len(stoppers) > 1 else stoppers[0]) if stoppers else None,
+                stop=CombinedStopper(*stoppers) if stoppers else None,
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 failure_config=FailureConfig(max_failures=s.max_failures), progress_reporter=SearchProgress(),
                 verbose=1 if progress else 0,
