@@ -105,10 +105,11 @@ class SearchConfig(_Strict):
     checkpoint_every: int = Field(
         1, gt=0, description="epochs between trial checkpoints (the last epoch always has one); "
         "a resumed trial restarts from its last checkpoint")
-    lr_schedule: Literal["auto", "cosine", "rungs"] = Field(
-        "auto", description="GNN learning rate: cosine (one cycle over max_epochs) or rungs (cosine cycles that end "
-        "at each ASHA rung milestone, so every rung compares annealed models; warm restart when a trial goes on); "
-        "auto: rungs under ASHA, cosine otherwise")
+    lr_schedule: Literal["cosine", "rungs"] = Field(
+        "cosine", description="GNN learning rate: cosine (one cycle over max_epochs, as a trial trained alone; an "
+        "ASHA rung then compares models mid-schedule) or rungs (cosine cycles that end at each ASHA rung milestone, "
+        "so every rung compares annealed models, with a warm restart when a trial goes on; the restarts cost "
+        "accuracy at max_epochs, see benchmarks/README.md)")
     points_to_evaluate: bool = Field(True, description="seed the search with one known-good config per family")
     num_samples: int = Field(8, gt=0)
     max_epochs: int = Field(30, gt=0)

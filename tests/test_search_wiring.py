@@ -215,8 +215,8 @@ def _feed(scheduler, with_rf: bool):
 
 @pytest.mark.parametrize("max_t, grace, rf", [(27, 3, 3), (40, 5, 3), (30, 1, 2), (8, 8, 3)])
 def test_lr_restarts_are_ashas_rung_milestones(max_t, grace, rf):
-    """Under ASHA (lr_schedule auto/rungs) GNN trials restart their cosine schedule at the rung
-    milestones of the very scheduler the search builds; FIFO or lr_schedule cosine: none."""
+    """With lr_schedule rungs GNN trials restart their cosine schedule at the rung milestones of
+    the very scheduler the search builds; with cosine (the default, under ASHA too): none."""
     from matfusion.search.schedulers import rung_milestones
     from matfusion.search.tuner import lr_restarts
 
@@ -224,10 +224,10 @@ def test_lr_restarts_are_ashas_rung_milestones(max_t, grace, rf):
     milestones = sorted(int(m) for b in asha._brackets for m, _ in b._rungs)
     assert rung_milestones(max_t, grace, rf) == milestones
     expect = [m for m in milestones if m < max_t]
-    for schedule in ("auto", "rungs"):
-        cfg = SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf,
-                           lr_schedule=schedule)
-        assert lr_restarts(cfg) == expect
+    cfg = SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf,
+                       lr_schedule="rungs")
+    assert lr_restarts(cfg) == expect
+    assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf)) == []
     assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, scheduler="fifo")) == []
     assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, lr_schedule="cosine")) == []
     assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf,

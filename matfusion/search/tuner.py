@@ -125,9 +125,8 @@ def n_startup_trials(search: SearchConfig) -> int:
 
 def lr_restarts(search: SearchConfig) -> list[int]:
     """Epochs after which GNN trials restart their cosine learning rate: ASHA's rung milestones
-    below ``max_epochs`` when ``search.lr_schedule`` is ``rungs`` (or ``auto`` under ASHA), else none."""
-    schedule = getattr(search, "lr_schedule", "auto")
-    if schedule == "cosine" or (schedule == "auto" and getattr(search, "scheduler", "asha") != "asha"):
+    below ``max_epochs`` when ``search.lr_schedule`` is ``rungs``, else none (one cosine cycle)."""
+    if getattr(search, "lr_schedule", "cosine") != "rungs":
         return []
     return [m for m in rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
             if m < search.max_epochs]
