@@ -13,7 +13,7 @@ Random search runs first and to the end (its final best is the target); TPE and 
 stop as soon as a trial reaches that target (``search.stop_at_val_mae``: the epochs after it do
 not change the count; ``--full-runs`` runs them to the end of the budget too).
 
-    python benchmarks/search_efficiency.py                # 3 seeds x 3 methods x 1296 epochs, ~60 min on 2 cores
+    python benchmarks/search_efficiency.py                # 3 seeds x 3 methods x 1296 epochs, ~55 min on 2 cores
     python benchmarks/search_efficiency.py --seeds 0 --limit 300 --trials 8   # quick look
 """
 from __future__ import annotations
