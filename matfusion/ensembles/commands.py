@@ -102,11 +102,13 @@ def run_ensemble(args) -> int:
         print("matfusion ensemble: --folds must be >= 2", file=sys.stderr)
         return 2
     try:
-        res = build_ensemble_from_search(args.experiment, tracking_uri=args.tracking_uri, k=args.k, meta=args.meta,
-                                         n_folds=args.folds, context_features=args.context_features, seed=args.seed,
-                                         max_epochs=args.max_epochs, families=args.families, data_dir=args.data_dir,
-                                         register=not args.no_register, progress=not args.quiet,
-                                         refit=not args.no_refit)
+        from ..config import EnsembleConfig
+
+        settings = EnsembleConfig(k=args.k, meta=args.meta, n_folds=args.folds, max_epochs=args.max_epochs,
+                                  refit=not args.no_refit, register=not args.no_register)
+        res = build_ensemble_from_search(args.experiment, settings=settings, tracking_uri=args.tracking_uri,
+                                         context_features=args.context_features, seed=args.seed,
+                                         families=args.families, data_dir=args.data_dir, progress=not args.quiet)
     except ValueError as err:
         print(f"matfusion ensemble: {err}", file=sys.stderr)
         return 2
