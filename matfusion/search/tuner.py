@@ -420,8 +420,9 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         _write_new_state(cfg, path, prep, parent)
     results, fit_s = _fit(tuner, parent)
     unfinished = _how_it_ended(tuner, path, parent, fit_s)
-    board, best = _leaderboard(results, parent)
-    best_val, best_test, best_config = _best_trial_test_mae(None if unfinished else best, prep)
+    board = _leaderboard(results, parent)
+    best = None if unfinished else _best_result(results)
+    best_val, best_test, best_config = _best_trial_test_mae(best, prep)
     wall = time.time() - t0
     _log_report(parent, scheduler)
     result = SearchResult(cfg.name, parent.experiment_id, parent.run_id, parent.tracking_uri, board, best_config,
@@ -644,25 +645,39 @@ def _how_it_ended(tuner, path: Path, parent: _ParentRun, fit_s: float) -> list[s
     return unfinished
 
 
-def _leaderboard(results, parent: _ParentRun):
-    """(leaderboard, best): one row per trial of the ResultGrid (status from its MLflow run),
-    lowest val_mae first; best = (val_mae, result) of the best finished trial with a checkpoint,
-    or None."""
+def _leaderboard(results, parent: _ParentRun) -> pd.DataFrame:
+    """One row per trial of the ResultGrid (status from its MLflow run), lowest val_mae first.
+    (The same table as the MLflow leaderboard of search/report.py; one of the two goes at the merge.)"""
     statuses = trial_statuses(parent.client, parent.experiment_id, parent.run_id)
-    rows, best = [], None
+    rows = []
     for r in results:
         config = result_config(r)
-        df = r.metrics_dataframe
-        val = float(df["val_mae"].min()) if df is not None and "val_mae" in df else float("nan")
-        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
+        val, epochs = _val_and_epochs(r)
         trial_id = (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "?")
         status = statuses.get(trial_id, "failed" if r.error else "completed")
         rows.append({"trial_id": trial_id, "family": config.get("family"), "fusion": trial_fusion(config),
                      "val_mae": val, "epochs": epochs, "status": status})
+    board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS).sort_values("val_mae", na_position="last")
+    return board.reset_index(drop=True)
+
+
+def _val_and_epochs(result) -> tuple[float, int]:
+    """(best val_mae, last epoch) of one trial of a ResultGrid (NaN, 0 when it reported none)."""
+    df = result.metrics_dataframe
+    val = float(df["val_mae"].min()) if df is not None and "val_mae" in df else float("nan")
+    epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
+    return val, epochs
+
+
+def _best_result(results):
+    """(val_mae, result) of the best trial that finished without error and has a checkpoint
+    (the first of equals), or None."""
+    best = None
+    for r in results:
+        val, _ = _val_and_epochs(r)
         if r.error is None and np.isfinite(val) and r.checkpoint is not None and (best is None or val < best[0]):
             best = (val, r)
-    board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS).sort_values("val_mae", na_position="last")
-    return board.reset_index(drop=True), best
+    return best
 
 
 def _best_trial_test_mae(best, prep) -> tuple[float, float, Optional[dict]]:
