@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from matfusion.cli import main
-from matfusion.search.mlflow_logging import MlflowTrialLogger, ensure_experiment
-from matfusion.search.report import (BASE_COLUMNS, leaderboard, log_search_report, param_importances,
-                                     search_trials)
+from matfusion.tracking.leaderboard import BASE_COLUMNS, leaderboard, search_trials
+from matfusion.tracking.logger import MlflowTrialLogger, ensure_experiment
+from matfusion.tracking.report import log_search_report, param_importances
 
 CONSTANTS = {"max_epochs": 4, "seed": 0, "patience": 20, "cpus": 1, "targets": ["last phdos peak"]}
 
