@@ -57,7 +57,7 @@ from .matbench_io import (check_alignment, check_task, ensure_matminer_data, fol
 
 __all__ = ["BenchmarkError", "BenchmarkResult", "N_OFFICIAL_FOLDS", "REPORT_FILE", "RESULTS_FILE", "STATE_FILE",
            "composition_only_families", "fold_config", "format_result", "parse_folds", "prepare_config",
-           "read_state", "run_benchmark", "run_fold", "stacked_groups", "write_state"]
+           "read_state", "run_benchmark", "write_state"]
 
 # config keys that may differ between the first call of a benchmark and its resumption
 _RESUME_FREE_KEYS = ("data.data_dir", "features.n_jobs", "features.cache_dir", "search.address",
