@@ -1,4 +1,10 @@
-"""The ``matfusion`` console script."""
+"""The ``matfusion`` console script: argument parsing and dispatch.
+
+``search``, ``featurize`` and ``validate`` are registered here; each package registers its own
+subcommands: ``leaderboard`` and ``mlflow-server`` (:mod:`matfusion.tracking.commands`),
+``ensemble``, ``export`` and ``predict`` (:mod:`matfusion.ensembles.commands`), ``benchmark`` and
+``report`` (:mod:`matfusion.benchmark.commands`).
+"""
 from __future__ import annotations
 
 import argparse
