@@ -1,4 +1,4 @@
-"""One fold of ``matfusion benchmark``: search, stack, predict, record (see the runner's docstring).
+"""One fold of ``matfusion benchmark``: search, stack, predict, record (see :mod:`.runner`).
 
 ``run_fold`` is a short sequence of named steps:
 
@@ -27,9 +27,10 @@ from typing import Optional
 import numpy as np
 
 from ..config import TABULAR_FAMILIES
-# at the merge these come from matfusion.benchmark.runner / matbench_io / importances
-from ..ensembles.benchmark import (RESULTS_FILE, BenchmarkError, _say, fold_config, modality_importance,
-                                   rf_importance, write_results, write_state)
+from .base import RESULTS_FILE, BenchmarkError
+from .importances import modality_importance, rf_importance
+from .matbench_io import write_results
+from .runner import _say, fold_config, write_state
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _open_fold(cfg, task: str, fold: int, full, test_ids: list[str], out: Path, 
     """The fold's config, folder, state entry and MLflow client."""
     from mlflow.tracking import MlflowClient
 
-    from ..search.mlflow_logging import resolve_tracking_uri
+    from ..tracking.logger import resolve_tracking_uri
 
     fold_dir = out / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +195,7 @@ def _search(f: _Fold, progress: bool) -> Optional[tuple[str, float]]:
 def _checked_search_run(f: _Fold, parent_id: str, search_ds, split):
     """(parent run, trials table) of the fold's search, after checking it ran on ``search_ds`` and
     ``split``."""
-    from ..search.report import search_trials
+    from ..tracking.leaderboard import search_trials
 
     parent = f.client.get_run(parent_id)
     _check_search_run(f.client, parent_id, search_ds, split)

@@ -20,7 +20,8 @@ import numpy as np
 
 from .evaluate import Evaluation, evaluate_ensemble, log_evaluation
 from .export import featurizer_spec, log_ensemble_model, make_card, register_ensemble
-from .select import latest_search_parent, load_run_dict, ranked_candidates, select_members
+from ..tracking.runs import latest_search_parent, load_run_dict
+from .select import ranked_candidates, select_members
 from .stacking import StackedEnsemble
 
 
@@ -51,7 +52,7 @@ def build_ensemble_from_search(experiment: Optional[str] = None, *, settings=Non
 
     from ..config import EnsembleConfig
     from ..data.prepare import prepare_fold
-    from ..search.mlflow_logging import resolve_tracking_uri
+    from ..tracking.logger import resolve_tracking_uri
 
     t0 = time.time()
     settings = EnsembleConfig() if settings is None else settings

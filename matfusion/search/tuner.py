@@ -47,9 +47,11 @@ from ..data.prepare import check_structures, prepare_fold
 from ..spaces import define_search_space
 from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
-from .mlflow_logging import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten, nested_runs,
-                             resolve_tracking_uri, trial_fusion)
-from .report import log_search_report
+from ..tracking.leaderboard import search_leaderboard
+from ..tracking.logger import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten,
+                               resolve_tracking_uri, trial_fusion)
+from ..tracking.report import log_search_report
+from ..tracking.runs import nested_runs
 from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 
 log = logging.getLogger("matfusion.search")
@@ -57,7 +59,6 @@ log = logging.getLogger("matfusion.search")
 # what TPE learns from and ASHA compares at its rungs: a trial's best inner-validation MAE so far
 # (its last epoch's val_mae is noisier, and after early stopping not the weights it keeps)
 SCORE = "best_val_mae"
-LEADERBOARD_COLUMNS = ["trial_id", "family", "fusion", "val_mae", "epochs", "status"]
 STATE_FILE = "matfusion_search.json"  # in the experiment folder: the MLflow parent run, for --resume
 TUNER_FILE = "tuner.pkl"
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
@@ -243,12 +244,6 @@ def target_names(dataset) -> list[str]:
     return names if len(names) == n else [f"t{k}" for k in range(n)]
 
 
-def trial_statuses(client, experiment_id: str, parent_id: str) -> dict:
-    """trial_id -> status tag of the nested runs of a search."""
-    return {r.data.tags.get("trial_id"): r.data.tags.get("status", "?")
-            for r in nested_runs(client, experiment_id, parent_id)}
-
-
 # -- experiment folder and resume --------------------------------------------------------------
 
 def experiment_path(cfg: Config) -> Path:
@@ -420,7 +415,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         _write_new_state(cfg, path, prep, parent)
     results, fit_s = _fit(tuner, parent)
     unfinished = _how_it_ended(tuner, path, parent, fit_s)
-    board = _leaderboard(results, parent)
+    board = search_leaderboard(parent.client, parent.experiment_id, parent.run_id)
     best = None if unfinished else _best_result(results)
     best_val, best_test, best_config = _best_trial_test_mae(best, prep)
     wall = time.time() - t0
@@ -645,36 +640,13 @@ def _how_it_ended(tuner, path: Path, parent: _ParentRun, fit_s: float) -> list[s
     return unfinished
 
 
-def _leaderboard(results, parent: _ParentRun) -> pd.DataFrame:
-    """One row per trial of the ResultGrid (status from its MLflow run), lowest val_mae first.
-    (The same table as the MLflow leaderboard of search/report.py; one of the two goes at the merge.)"""
-    statuses = trial_statuses(parent.client, parent.experiment_id, parent.run_id)
-    rows = []
-    for r in results:
-        config = result_config(r)
-        val, epochs = _val_and_epochs(r)
-        trial_id = (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "?")
-        status = statuses.get(trial_id, "failed" if r.error else "completed")
-        rows.append({"trial_id": trial_id, "family": config.get("family"), "fusion": trial_fusion(config),
-                     "val_mae": val, "epochs": epochs, "status": status})
-    board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS).sort_values("val_mae", na_position="last")
-    return board.reset_index(drop=True)
-
-
-def _val_and_epochs(result) -> tuple[float, int]:
-    """(best val_mae, last epoch) of one trial of a ResultGrid (NaN, 0 when it reported none)."""
-    df = result.metrics_dataframe
-    val = float(df["val_mae"].min()) if df is not None and "val_mae" in df else float("nan")
-    epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
-    return val, epochs
-
-
 def _best_result(results):
-    """(val_mae, result) of the best trial that finished without error and has a checkpoint
-    (the first of equals), or None."""
+    """(val_mae, result) of the best trial of the ResultGrid that finished without error and has
+    a checkpoint (the first of equals), or None."""
     best = None
     for r in results:
-        val, _ = _val_and_epochs(r)
+        df = r.metrics_dataframe
+        val = float(df["val_mae"].min()) if df is not None and "val_mae" in df else float("nan")
         if r.error is None and np.isfinite(val) and r.checkpoint is not None and (best is None or val < best[0]):
             best = (val, r)
     return best
