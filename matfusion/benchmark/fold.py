@@ -27,10 +27,9 @@ from typing import Optional
 import numpy as np
 
 from ..config import TABULAR_FAMILIES
-from .base import RESULTS_FILE, BenchmarkError
+from .base import RESULTS_FILE, BenchmarkError, printer, write_state
 from .importances import modality_importance, rf_importance
 from .matbench_io import write_results
-from .runner import _say, fold_config, write_state
 
 
 @dataclass
@@ -107,6 +106,28 @@ def run_fold(cfg, task: str, fold: int, full, mb, test_ids: list[str], out: Path
 
 # -- the steps ---------------------------------------------------------------------------------------
 
+def fold_config(cfg, fold: int, n_rows: int, n_test: int):
+    """The search config of one fold: ``data.fold``, the search name ``<name>-fold<k>``, the
+    MLflow experiment (``mlflow.experiment`` or the benchmark's name), no ensemble step of its
+    own, and, with ``benchmark.train_limit``, ``data.limit`` sized so that the fold's training
+    part of the seeded subset has about that many rows (the subset's test rows are held out by
+    the search as always)."""
+    from ..config import config_from_dict
+
+    raw = cfg.model_dump(mode="json")
+    raw["name"] = f"{cfg.name}-fold{fold}"
+    raw["data"]["fold"] = fold
+    raw["data"]["limit"] = None
+    n_train = n_rows - n_test
+    limit = cfg.benchmark.train_limit
+    if limit is not None and limit < n_train:
+        raw["data"]["limit"] = min(n_rows, int(math.ceil(limit * n_rows / n_train)))
+    raw["mlflow"]["experiment"] = cfg.mlflow.experiment or cfg.name
+    raw["ensemble"]["enabled"] = False
+    return config_from_dict(raw, origin=f"benchmark fold {fold}")
+
+
+
 def _open_fold(cfg, task: str, fold: int, full, test_ids: list[str], out: Path, state: dict, progress: bool) -> _Fold:
     """The fold's config, folder, state entry and MLflow client."""
     from mlflow.tracking import MlflowClient
@@ -119,7 +140,7 @@ def _open_fold(cfg, task: str, fold: int, full, test_ids: list[str], out: Path, 
     tracking_uri = resolve_tracking_uri(fcfg.mlflow.tracking_uri)
     fstate = state.setdefault("folds", {}).setdefault(str(fold), {})
     return _Fold(cfg=cfg, fcfg=fcfg, task=task, fold=fold, test_ids=list(test_ids), out=out, state=state,
-                 fstate=fstate, fold_dir=fold_dir, say=_say(progress), client=MlflowClient(tracking_uri),
+                 fstate=fstate, fold_dir=fold_dir, say=printer(progress), client=MlflowClient(tracking_uri),
                  tracking_uri=tracking_uri)
 
 

@@ -39,9 +39,6 @@ left out with a message.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +47,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import TABULAR_FAMILIES
-from .base import N_OFFICIAL_FOLDS, REPORT_FILE, RESULTS_FILE, STATE_FILE, BenchmarkError
+from .base import (N_OFFICIAL_FOLDS, REPORT_FILE, RESULTS_FILE, STATE_FILE, BenchmarkError, printer, read_state,
+                   write_state)
+from .fold import fold_config, run_fold
 from .matbench_io import (check_alignment, check_task, ensure_matminer_data, fold_scores, open_benchmark,
                           recorded_folds)
 
@@ -79,10 +78,6 @@ class BenchmarkResult:
     @property
     def mean_mae(self) -> float:
         return float(np.mean(list(self.fold_mae.values()))) if self.fold_mae else float("nan")
-
-
-def _say(progress: bool):
-    return (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
 
 
 # -- families -----------------------------------------------------------------------------------
@@ -145,44 +140,7 @@ def _flat(cfg) -> dict:
             if not any(k == p or k.startswith(p) for p in _RESUME_FREE_KEYS) and k != "data.fold"}
 
 
-def fold_config(cfg, fold: int, n_rows: int, n_test: int):
-    """The search config of one fold: ``data.fold``, the search name ``<name>-fold<k>``, the
-    MLflow experiment (``mlflow.experiment`` or the benchmark's name), no ensemble step of its
-    own, and, with ``benchmark.train_limit``, ``data.limit`` sized so that the fold's training
-    part of the seeded subset has about that many rows (the subset's test rows are held out by
-    the search as always)."""
-    from ..config import config_from_dict
-
-    raw = cfg.model_dump(mode="json")
-    raw["name"] = f"{cfg.name}-fold{fold}"
-    raw["data"]["fold"] = fold
-    raw["data"]["limit"] = None
-    n_train = n_rows - n_test
-    limit = cfg.benchmark.train_limit
-    if limit is not None and limit < n_train:
-        raw["data"]["limit"] = min(n_rows, int(math.ceil(limit * n_rows / n_train)))
-    raw["mlflow"]["experiment"] = cfg.mlflow.experiment or cfg.name
-    raw["ensemble"]["enabled"] = False
-    return config_from_dict(raw, origin=f"benchmark fold {fold}")
-
-
-# -- state ----------------------------------------------------------------------------------------
-
-def read_state(out: Path) -> dict:
-    try:
-        return json.loads((out / STATE_FILE).read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as err:
-        raise BenchmarkError(f"{out / STATE_FILE} is not valid JSON ({err}); move it aside to start afresh") from None
-
-
-def write_state(out: Path, state: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    os.replace(tmp, out / STATE_FILE)
-
+# -- state (read_state / write_state: .base) ---------------------------------------------------------
 
 def _check_same_settings(state: dict, settings: dict, out: Path) -> None:
     before = state.get("settings")
@@ -211,7 +169,7 @@ def run_benchmark(cfg, task: str, folds: Optional[Sequence[int]] = None, out: Op
     from ..data import default_data_dir, load_dataset
 
     t0 = time.time()
-    say = _say(progress)
+    say = printer(progress)
     import logging
 
     logging.getLogger("matbench").setLevel(logging.WARNING)  # its INFO lines would drown the progress output
@@ -269,8 +227,6 @@ def run_benchmark(cfg, task: str, folds: Optional[Sequence[int]] = None, out: Op
             mb.add_metadata({"algorithm": "matfusion", "matfusion_version": __version__, "config": cfg.name,
                              "description": "Ray Tune + Optuna TPE + ASHA search over RF on Magpie and "
                              "CGCNN/ALIGNN (fused with Magpie), out-of-fold stacked ensemble per fold"})
-        from .fold import run_fold  # here, not at the top: fold.py imports fold_config and write_state from here
-
         for k in todo:
             summary = run_fold(cfg, task, k, full, mb, test_ids[k], out, state, progress=progress)
             if summary is None:
