@@ -167,6 +167,21 @@ def test_promotion_rule_of_promoting_asha():
     assert asha.promotable(1, recorded) == [] and asha.promotable(1, recorded, final=True) == ["t4"]
 
 
+def test_promoting_asha_tells_the_searcher_it_listens_to():
+    """A restored search re-attaches the scheduler to the restored searcher with ``listen``: the
+    pauses go to the new listener only."""
+    from matfusion.search.schedulers import PromotingASHA
+
+    old, new = [], []
+    asha = PromotingASHA(time_attr="training_iteration", metric="val_mae", mode="min", max_t=9,
+                         grace_period=1, reduction_factor=3, on_pause=lambda tid, r: old.append(tid))
+    asha.listen(lambda tid, r: new.append((tid, r["val_mae"])), lambda tid: new.append(tid))
+    trial = _trial("g1", "cgcnn")
+    asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, trial, _res(1, 2.0)) == TrialScheduler.PAUSE  # alone at rung 1: waits
+    assert old == [] and new == [("g1", 2.0)]
+
+
 # ----------------------------------------------------------------------------- scheduler
 def _trial(trial_id, family, storage=None):
     return Trial("run_trial", trial_id=trial_id, stub=True, storage=storage,

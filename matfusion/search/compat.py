@@ -17,7 +17,8 @@ Checked against: ray 2.60.0 (``ray[tune]``), optuna 5.0.0 (MLflow: no private ac
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 CHECKED_RAY = "2.60"
 CHECKED_OPTUNA = "5.0"
@@ -183,7 +184,7 @@ def tuner_searcher(tuner):
 
 # -- Ray Tune: CLIReporter (ray/tune/progress_reporter.py) ----------------------------------------
 
-def reporter_max_rows(reporter) -> Optional[int]:
+def reporter_max_rows(reporter) -> int | None:
     """``max_progress_rows`` a ``CLIReporter`` was built with (``_max_progress_rows``).
     Checked: ray 2.60.0."""
     return reporter._max_progress_rows
