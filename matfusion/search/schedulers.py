@@ -137,7 +137,6 @@ class PromotingASHA(TabularAwareASHA):
 
     def __init__(self, *args, on_pause=None, on_resume=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._on_pause, self._on_resume = None, None
         self.listen(on_pause, on_resume)
         self._promoted: set[tuple[str, float]] = set()  # (trial_id, milestone) already sent on
         self._waiting: dict[str, float] = {}  # trial_id -> the milestone it is paused at
