@@ -126,7 +126,7 @@ def n_startup_trials(search: SearchConfig) -> int:
 def lr_restarts(search: SearchConfig) -> list[int]:
     """Epochs after which GNN trials restart their cosine learning rate: ASHA's rung milestones
     below ``max_epochs`` when ``search.lr_schedule`` is ``rungs``, else none (one cosine cycle)."""
-    if getattr(search, "lr_schedule", "cosine") != "rungs":
+    if search.lr_schedule != "rungs":
         return []
     return [m for m in rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
             if m < search.max_epochs]
@@ -140,7 +140,7 @@ def build_sampler(search: SearchConfig):
     from optuna.exceptions import ExperimentalWarning
     from optuna.samplers import RandomSampler, TPESampler
 
-    if getattr(search, "sampler", "tpe") == "random":
+    if search.sampler == "random":
         return RandomSampler(seed=search.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -165,11 +165,11 @@ def build_scheduler(search: SearchConfig, searcher=None):
     or FIFO (``search.scheduler: fifo``: every trial runs to its end)."""
     from ray.tune.schedulers import FIFOScheduler
 
-    if getattr(search, "scheduler", "asha") == "fifo":
+    if search.scheduler == "fifo":
         return FIFOScheduler()
     kwargs = dict(time_attr="training_iteration", metric=SCORE, mode="min", max_t=search.max_epochs,
                   grace_period=search.grace_period, reduction_factor=search.reduction_factor)
-    if getattr(search, "asha_mode", "stop") == "promote":
+    if search.asha_mode == "promote":
         return PromotingASHA(**kwargs, on_pause=getattr(searcher, "pause", None),
                              on_resume=getattr(searcher, "resume", None))
     return TabularAwareASHA(**kwargs)
@@ -178,7 +178,7 @@ def build_scheduler(search: SearchConfig, searcher=None):
 def checkpoint_epochs(search: SearchConfig) -> list[int]:
     """Epochs every trial checkpoints at besides ``checkpoint_every``: the rungs, where
     ``asha_mode: promote`` may pause a trial (it resumes from that checkpoint)."""
-    if getattr(search, "scheduler", "asha") != "asha" or getattr(search, "asha_mode", "stop") != "promote":
+    if search.scheduler != "asha" or search.asha_mode != "promote":
         return []
     return rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
 
@@ -359,18 +359,21 @@ def discard_orphan_runs(client, experiment_id: str, parent_id: str, known: set) 
 
 def _trial_logger(tuner):
     """The MlflowTrialLogger the Tuner runs with (the unpickled one after a restore)."""
-    run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
-    return next((c for c in getattr(run_config, "callbacks", None) or [] if isinstance(c, MlflowTrialLogger)), None)
+    from . import compat
+
+    return next((c for c in compat.tuner_callbacks(tuner) if isinstance(c, MlflowTrialLogger)), None)
 
 
 def _restored_scheduler(tuner):
     """The scheduler a restored Tuner runs with (unpickled from the experiment), to log its
-    rungs; None where Ray keeps it elsewhere."""
-    tune_config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
-    scheduler = getattr(tune_config, "scheduler", None)
-    searcher = getattr(tune_config, "search_alg", None)
-    if isinstance(scheduler, PromotingASHA) and hasattr(searcher, "pause"):
-        scheduler._on_pause, scheduler._on_resume = searcher.pause, searcher.resume  # the restored searcher
+    rungs; None where Ray keeps it elsewhere.  A promote-mode scheduler is told of its pauses
+    and resumes through the restored searcher."""
+    from . import compat
+    from .optuna_search import PauseAwareLimiter
+
+    scheduler, searcher = compat.tuner_scheduler(tuner), compat.tuner_searcher(tuner)
+    if isinstance(scheduler, PromotingASHA) and isinstance(searcher, PauseAwareLimiter):
+        scheduler.listen(searcher.pause, searcher.resume)  # the restored searcher
     return scheduler
 
 
@@ -504,7 +507,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
                               resume_errored=True, restart_errored=False)
         scheduler = _restored_scheduler(tuner)
     else:
-        points = space.default_points() if getattr(s, "points_to_evaluate", False) else None
+        points = space.default_points() if s.points_to_evaluate else None
         searcher = build_searcher(s, space, points)
         scheduler = build_scheduler(s, searcher)
         stoppers = [TotalEpochsStopper(s.max_total_epochs)] if s.max_total_epochs else []
