@@ -175,7 +175,13 @@ def _ensemble_config() -> type:
         warnings.filterwarnings("ignore", message='Field name "register"')
 
         class EnsembleConfig(_Strict):
-            """Stack the best trials into an ensemble when a search completes (``matfusion ensemble``)."""
+            """Stack the best trials into an ensemble when a search completes (``matfusion ensemble``).
+
+            The one home of the ensemble defaults: ``matfusion ensemble``'s flags default to these
+            fields (``ensembles.commands.settings_from_args``), ``build_ensemble_from_search`` takes
+            an instance (``settings``), and ``StackedEnsemble``'s ``meta`` / ``n_folds`` / ``refit`` /
+            ``graph_max_epochs`` defaults are ``meta`` / ``n_folds`` / ``refit`` / ``max_epochs`` here;
+            ``meta``'s literal is the list of meta-learners (``stacking.META_LEARNERS``)."""
 
             enabled: bool = Field(False, description="build, evaluate and log an ensemble after a completed search")
             k: int = Field(2, ge=1, description="members per group (rf; each graph family x fusion)")
