@@ -56,7 +56,7 @@ def under_tune(configs, data, threads: int, workdir: Path) -> float:
     from ray import tune
     from ray.tune import CheckpointConfig, RunConfig, TuneConfig, Tuner
 
-    from matfusion.search.mlflow_logging import MlflowTrialLogger, ensure_experiment
+    from matfusion.tracking.logger import MlflowTrialLogger, ensure_experiment
 
     uri = f"sqlite:///{workdir / 'mlruns.db'}"
     client = MlflowClient(uri)

@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,8 +17,9 @@ import pytest
 
 from conftest import REPO
 from matfusion.config import ConfigError, config_from_dict
-from matfusion.ensembles import benchmark as bm
-from matfusion.ensembles import report as rp
+from matfusion.benchmark import matbench_io as mio
+from matfusion.benchmark import report as rp
+from matfusion.benchmark import runner as bm
 
 
 def _mini(tmp_path, name="mini", families=("rf", "cgcnn"), **search):
@@ -99,9 +99,9 @@ def test_parse_folds_and_task_errors_name_the_item():
     with pytest.raises(bm.BenchmarkError, match="'x' is not a fold number"):
         bm.parse_folds("0,x")
     with pytest.raises(bm.BenchmarkError, match="matbench_nope.*not a matbench v0.1 task"):
-        bm.check_task("matbench_nope")
+        mio.check_task("matbench_nope")
     with pytest.raises(bm.BenchmarkError, match="classification"):
-        bm.check_task("matbench_glass")
+        mio.check_task("matbench_glass")
 
 
 def test_config_section_and_data_limit_refused(tmp_path):
@@ -133,32 +133,32 @@ def test_our_rows_line_up_with_matbench_and_a_missing_test_row_is_named(tmp_path
     from matfusion.data.matbench import load_matbench
 
     monkeypatch.delenv("MATMINER_DATA", raising=False)
-    assert bm.ensure_matminer_data("matbench_phonons", data_dir) == str(data_dir / "matbench")
+    assert mio.ensure_matminer_data("matbench_phonons", data_dir) == str(data_dir / "matbench")
     mb = MatbenchBenchmark(autoload=False, subset=["matbench_phonons"])
     task = mb.tasks_map["matbench_phonons"]
     task.load()
     ds = load_matbench("matbench_phonons", data_dir)
-    ids = bm.check_alignment(task, ds)
+    ids = mio.check_alignment(task, ds)
     official = _official_test_ids("matbench_phonons")
     assert ids == official and sum(len(v) for v in ids.values()) == len(ds)
     missing = official[2][5]
     keep = [i for i, rid in enumerate(ds.ids) if rid != missing]
     with pytest.raises(bm.BenchmarkError, match=f"fold 2: 1 of matbench's test rows .*first: {missing}"):
-        bm.check_alignment(task, ds.subset(keep))
+        mio.check_alignment(task, ds.subset(keep))
     # a partial results file round-trips (hash checked) and a tampered one is refused
     rng = np.random.default_rng(0)
     y = task.get_test_data(0, as_type="df", include_target=True)[task.metadata.target].to_numpy()
     task.record(0, y + rng.normal(0, 1, len(y)))
-    path = bm.write_results(mb, tmp_path / "results.json.gz")
+    path = mio.write_results(mb, tmp_path / "results.json.gz")
     assert path.read_bytes()[:2] == b"\x1f\x8b"
-    back = bm.open_benchmark("matbench_phonons", path)
-    assert bm.recorded_folds(back, "matbench_phonons") == [0]
-    d = bm.read_results_dict(path)
+    back = mio.open_benchmark("matbench_phonons", path)
+    assert mio.recorded_folds(back, "matbench_phonons") == [0]
+    d = mio.read_results_dict(path)
     d["tasks"]["matbench_phonons"]["results"]["fold_0"]["scores"]["mae"] = 0.0
     with gzip.open(path, "wt") as fh:
         json.dump(d, fh)
     with pytest.raises(bm.BenchmarkError, match="hash does not match"):
-        bm.open_benchmark("matbench_phonons", path)
+        mio.open_benchmark("matbench_phonons", path)
 
 
 def test_leaderboard_constants_match_anchors_file():
@@ -212,7 +212,7 @@ def test_miniature_benchmark_two_folds_records_reports_and_resumes(tmp_path, dat
 
     # matbench's file: both folds recorded, every test row predicted, in matbench's id order
     official = _official_test_ids("matbench_phonons")
-    d = bm.read_results_dict(out / "results.json.gz")
+    d = mio.read_results_dict(out / "results.json.gz")
     results = d["tasks"]["matbench_phonons"]["results"]
     for k in (0, 1):
         assert list(results[f"fold_{k}"]["data"]) == official[k]
@@ -222,8 +222,8 @@ def test_miniature_benchmark_two_folds_records_reports_and_resumes(tmp_path, dat
         assert res.fold_mae[k] == pytest.approx(results[f"fold_{k}"]["scores"]["mae"])
         assert all(u["std"] > 0 for u in results[f"fold_{k}"]["uncertainty"].values())
     assert not results["fold_2"]["data"]
-    back = bm.open_benchmark("matbench_phonons", out / "results.json.gz")
-    assert bm.recorded_folds(back, "matbench_phonons") == [0, 1]
+    back = mio.open_benchmark("matbench_phonons", out / "results.json.gz")
+    assert mio.recorded_folds(back, "matbench_phonons") == [0, 1]
 
     # no test-fold row reached a search trial or a stacking fit (rows actually packed)
     # 2 folds x (2 stacking folds + the refit on all stacking rows); members share them
@@ -311,7 +311,7 @@ def test_composition_only_task_all_folds_loads_back_in_matbench(tmp_path, data_d
     task = mb.tasks_map["matbench_expt_gap"]
     assert task.all_folds_recorded
     assert task.scores["mae"]["mean"] == pytest.approx(res.mean_mae)
-    assert bm.load_results(out / "results.json.gz").tasks_map["matbench_expt_gap"].all_folds_recorded
+    assert mio.load_results(out / "results.json.gz").tasks_map["matbench_expt_gap"].all_folds_recorded
     text = (out / "report.md").read_text()
     assert "MODNet" in text and "not comparable" not in text and "composition-only" in text
     assert not (out / "modality_importance.png").exists()
@@ -325,7 +325,7 @@ def test_composition_only_task_all_folds_loads_back_in_matbench(tmp_path, data_d
 
 
 def test_stacked_groups_keeps_the_best_graph_group():
-    from matfusion.ensembles.benchmark import stacked_groups
+    from matfusion.benchmark.runner import stacked_groups
 
     ordered = ["lgbm", "et", "rf", "cgcnn-early", "cgcnn-late"]
     assert stacked_groups(ordered, 3) == ["lgbm", "et", "rf"]

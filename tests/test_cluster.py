@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -103,7 +102,7 @@ def test_explicit_address_turns_on_token_auth_only_with_a_token(tmp_path, monkey
 
 
 def test_mlflow_server_command_is_loopback_sql_and_proxied(tmp_path, monkeypatch):
-    from matfusion.search.mlflow_server import server_command, tracking_uri
+    from matfusion.tracking.server import server_command, tracking_uri
 
     monkeypatch.chdir(tmp_path)
     cmd = server_command()
@@ -467,7 +466,7 @@ def test_new_experiment_on_the_server_keeps_its_artifacts_on_the_server(mlflow_s
     server (proxied), not to a folder on the driver's machine."""
     from mlflow.tracking import MlflowClient
 
-    from matfusion.search.mlflow_logging import ensure_experiment
+    from matfusion.tracking.logger import ensure_experiment
 
     client = MlflowClient(mlflow_server["uri"])
     exp_id = ensure_experiment(client, "created-by-a-search")

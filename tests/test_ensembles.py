@@ -407,7 +407,7 @@ def _trial_run(client, exp, parent, trial_id, config, val_maes, status, with_art
     run = client.create_run(exp, run_name=trial_id, tags={"mlflow.parentRunId": parent, "trial_id": trial_id,
                                                            "family": config["family"], "status": status})
     rid = run.info.run_id
-    from matfusion.search.mlflow_logging import flatten
+    from matfusion.tracking.logger import flatten
 
     client.log_batch(rid, params=[mlflow.entities.Param(k, str(v)) for k, v in flatten(config).items()],
                      metrics=[mlflow.entities.Metric("val_mae", v, 0, i + 1) for i, v in enumerate(val_maes)])

@@ -12,9 +12,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from matfusion.cli import main
-from matfusion.search.mlflow_logging import MlflowTrialLogger, ensure_experiment
-from matfusion.search.report import (BASE_COLUMNS, leaderboard, log_search_report, param_importances,
-                                     search_trials)
+from matfusion.tracking.leaderboard import (BASE_COLUMNS, LEADERBOARD_COLUMNS, leaderboard, search_leaderboard,
+                                            search_trials)
+from matfusion.tracking.logger import MlflowTrialLogger, ensure_experiment
+from matfusion.tracking.report import log_search_report, param_importances
+from matfusion.tracking.runs import latest_search_parent, latest_search_run, nested_runs
 
 CONSTANTS = {"max_epochs": 4, "seed": 0, "patience": 20, "cpus": 1, "targets": ["last phdos peak"]}
 
@@ -155,6 +157,47 @@ def test_leaderboard_per_family_and_overall(store):
     assert list(everything["trial_id"]) == MAIN_RANKED  # the failed trial last
     with pytest.raises(ValueError):
         leaderboard(df, top=0)
+
+
+def test_search_leaderboard_is_every_trial_best_first(store):
+    board = search_leaderboard(store.client, store.exps["main"], store.ids["main"])
+    assert list(board.columns) == LEADERBOARD_COLUMNS
+    assert list(board["trial_id"]) == MAIN_RANKED  # the failed trial (no val_mae) last
+    scored = board["val_mae"].dropna().to_numpy()
+    assert len(scored) == len(MAIN_RANKED) - 1 and (np.diff(scored) >= 0).all()
+    row = board.set_index("trial_id").loc["cg_b"]
+    assert (row["family"], row["fusion"], row["epochs"], row["status"]) == ("cgcnn", "early", 4, "completed")
+    assert row["val_mae"] == pytest.approx(0.40)
+    empty = search_leaderboard(store.client, store.exps["nothing-finished"], store.ids["no-trials"])
+    assert empty.empty and list(empty.columns) == LEADERBOARD_COLUMNS
+
+
+def test_latest_search_parent_prefers_a_completed_search(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = ensure_experiment(client, "latest", str(tmp_path / "artifacts"))
+    other = ensure_experiment(client, "other", str(tmp_path / "artifacts-other"))
+    now = int(time.time() * 1000)
+    done = client.create_run(exp, start_time=now - 3000, tags={"kind": "search", "status": "completed"})
+    client.create_run(exp, start_time=now - 1000, tags={"kind": "ensemble"})  # not a search
+    cut = client.create_run(exp, start_time=now - 2000, tags={"kind": "search", "status": "interrupted"})
+    newest = client.create_run(other, start_time=now, tags={"kind": "search", "status": "running"})
+    assert latest_search_parent(client, "latest").info.run_id == done.info.run_id
+    assert latest_search_run(client, [exp]).info.run_id == cut.info.run_id
+    assert latest_search_run(client, [exp, other]).info.run_id == newest.info.run_id
+    assert latest_search_run(client, [exp], prefer_completed=True).info.run_id == done.info.run_id
+    assert latest_search_run(client, []) is None
+    with pytest.raises(ValueError, match="no MLflow experiment named 'nope'.*latest"):
+        latest_search_parent(client, "nope")
+    ensure_experiment(client, "empty", str(tmp_path / "artifacts-empty"))
+    with pytest.raises(ValueError, match="'empty' has no search run"):
+        latest_search_parent(client, "empty")
+
+
+def test_nested_runs_are_the_trials_oldest_first(store):
+    runs = nested_runs(store.client, store.exps["main"], store.ids["main"])
+    assert [r.data.tags["trial_id"] for r in runs] == list(MAIN_TRIALS)
+    assert nested_runs(store.client, store.exps["main"], store.ids["main"], "tags.trial_id = 'rf_b'")[0] \
+        .data.tags["family"] == "rf"
 
 
 # ----------------------------------------------------------------------------- importances

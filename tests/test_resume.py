@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 
 from conftest import REPO
-from matfusion.search.mlflow_logging import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment,
-                                             nested_runs)
+from matfusion.tracking.logger import MlflowTrialLogger, close_open_trial_runs, ensure_experiment
+from matfusion.tracking.runs import nested_runs
 from matfusion.search.tuner import discard_orphan_runs, unrestorable_reason
 
 NAME = "phonons-smoke"  # configs/smoke.yaml

@@ -11,6 +11,9 @@ Public API::
     log_evaluation(client, experiment_id, parent_run_id, evaluation, tags) -> run_id
     log_ensemble_model / save_ensemble_model / register_ensemble / export_model / predict_structures
     build_ensemble_from_search(experiment, ...)             # what `matfusion ensemble` runs
+
+The MLflow run queries these use live in :mod:`matfusion.tracking.runs`; the matbench benchmark
+that stacks one ensemble per fold lives in :mod:`matfusion.benchmark`.
 """
 import importlib
 

@@ -124,7 +124,7 @@ def add_parsers(subparsers) -> None:
 def _set_tracking(uri) -> None:
     import mlflow
 
-    from ..search.mlflow_logging import resolve_tracking_uri
+    from ..tracking.logger import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(uri))
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from .evaluate import Evaluation, evaluate_ensemble, log_evaluation
 from .export import featurizer_spec, log_ensemble_model, make_card, register_ensemble
-from .select import latest_search_parent, load_run_dict, ranked_candidates, select_members
+from ..tracking.runs import latest_search_parent, load_run_dict
+from .select import ranked_candidates, select_members
 from .stacking import StackedEnsemble
 
 
@@ -52,7 +53,7 @@ def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional
     from ..config import config_from_dict
     from ..data import load_dataset, split_fold
     from ..data.featurize import featurize
-    from ..search.mlflow_logging import resolve_tracking_uri
+    from ..tracking.logger import resolve_tracking_uri
     from ..search.tuner import target_names
 
     t0 = time.time()

@@ -13,12 +13,12 @@ runs logged before that artifact existed, the config is rebuilt from the run's p
 """
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from typing import Optional, Sequence
 
 import pandas as pd
+
+from ..tracking.runs import load_run_dict
 
 log = logging.getLogger("matfusion.ensembles")
 
@@ -37,7 +37,7 @@ def ranked_candidates(client, experiment_id: str, parent_run_id: str, k: int = 2
                       families: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """The chosen trials: columns ``trial_id, run_id, family, fusion, group, status, val_mae``,
     best first within each group, groups ordered by their best val_mae."""
-    from ..search.report import search_trials
+    from ..tracking.leaderboard import search_trials
 
     if k < 1:
         raise ValueError(f"k must be >= 1 (got {k})")
@@ -88,10 +88,7 @@ def load_trial_config(client, run_id: str) -> dict:
     """The run's ``trial_config.json``, else its params rebuilt into a config."""
     names = {a.path for a in client.list_artifacts(run_id)}
     if TRIAL_CONFIG_ARTIFACT in names:
-        with tempfile.TemporaryDirectory() as d:
-            path = client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, d)
-            with open(path) as fh:
-                return json.load(fh)
+        return load_run_dict(client, run_id, TRIAL_CONFIG_ARTIFACT)
     log.warning("run %s has no %s; rebuilding its config from the logged params", run_id, TRIAL_CONFIG_ARTIFACT)
     config = config_from_params(client.get_run(run_id).data.params)
     if "family" not in config:
@@ -108,25 +105,3 @@ def select_members(client, experiment_id: str, parent_run_id: str, k: int = 2,
         raise ValueError(f"search run {parent_run_id} has no finished trial with a val_mae"
                          + (f" among families {', '.join(families)}" if families else ""))
     return [load_trial_config(client, run_id) for run_id in top["run_id"]]
-
-
-def latest_search_parent(client, experiment_name: str):
-    """The most recent parent run tagged ``kind=search`` of an experiment (completed ones
-    preferred).  Raises ``ValueError`` naming what is missing."""
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        known = ", ".join(e.name for e in client.search_experiments(max_results=50))
-        raise ValueError(f"no MLflow experiment named {experiment_name!r} (experiments: {known or 'none'})")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'search'",
-                              order_by=["attributes.start_time DESC"], max_results=100)
-    if not runs:
-        raise ValueError(f"experiment {experiment_name!r} has no search run (tag kind=search)")
-    done = [r for r in runs if r.data.tags.get("status") == "completed"]
-    return (done or runs)[0]
-
-
-def load_run_dict(client, run_id: str, artifact: str) -> dict:
-    """A JSON artifact of a run, as a dict."""
-    with tempfile.TemporaryDirectory() as d:
-        with open(client.download_artifacts(run_id, artifact, d)) as fh:
-            return json.load(fh)

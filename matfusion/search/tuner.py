@@ -48,9 +48,10 @@ from ..spaces import define_search_space
 from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
 from ..trainables.trial_data import pack_rows, pack_trial_data
-from .mlflow_logging import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten, nested_runs,
-                             resolve_tracking_uri, trial_fusion)
-from .report import log_search_report
+from ..tracking.logger import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten,
+                               resolve_tracking_uri, trial_fusion)
+from ..tracking.report import log_search_report
+from ..tracking.runs import nested_runs
 from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 
 log = logging.getLogger("matfusion.search")

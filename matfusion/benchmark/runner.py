@@ -34,18 +34,14 @@ Composition-only tasks (e.g. matbench_expt_gap): no crystal graphs; only the tab
 (:data:`matfusion.config.TABULAR_FAMILIES`) are searched, and the config's graph families are
 left out with a message.
 
-``results.json.gz`` holds exactly what matbench's ``MatbenchBenchmark.as_dict()`` returns (what
-its ``to_file`` writes), gzip-compressed as the name says.  matbench 0.6's ``from_file`` opens
-files as plain text; :func:`load_results` reads both and validates with matbench's ``from_dict``.
+``results.json.gz`` and the matbench side: :mod:`matfusion.benchmark.matbench_io`; importances:
+:mod:`matfusion.benchmark.importances`; the report: :mod:`matfusion.benchmark.report`.
 """
 from __future__ import annotations
 
-import argparse
-import gzip
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,18 +50,18 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import TABULAR_FAMILIES
+from .base import N_OFFICIAL_FOLDS, REPORT_FILE, RESULTS_FILE, STATE_FILE, BenchmarkError
+from .importances import modality_importance, rf_importance
+from .matbench_io import (check_alignment, check_task, ensure_matminer_data, fold_scores, open_benchmark,
+                          recorded_folds, write_results)
 
-RESULTS_FILE = "results.json.gz"
-STATE_FILE = "benchmark_state.json"
-REPORT_FILE = "report.md"
-N_OFFICIAL_FOLDS = 5
+__all__ = ["BenchmarkError", "BenchmarkResult", "N_OFFICIAL_FOLDS", "REPORT_FILE", "RESULTS_FILE", "STATE_FILE",
+           "composition_only_families", "fold_config", "format_result", "parse_folds", "prepare_config",
+           "read_state", "run_benchmark", "write_state"]
+
 # config keys that may differ between the first call of a benchmark and its resumption
 _RESUME_FREE_KEYS = ("data.data_dir", "features.n_jobs", "features.cache_dir", "search.address",
                      "search.storage_path", "mlflow.")
-
-
-class BenchmarkError(ValueError):
-    """A benchmark that cannot run as asked; the message names the task, fold or key."""
 
 
 @dataclass
@@ -104,7 +100,7 @@ def composition_only_families(families: Sequence[str], task: str) -> tuple[list,
     return kept, dropped
 
 
-# -- matbench -----------------------------------------------------------------------------------
+# -- folds --------------------------------------------------------------------------------------
 
 def parse_folds(text: Optional[str]) -> Optional[list[int]]:
     """``"0,1,3"`` -> [0, 1, 3]; None -> None (all folds).  Names a bad item."""
@@ -122,145 +118,6 @@ def parse_folds(text: Optional[str]) -> Optional[list[int]]:
         if k not in folds:
             folds.append(k)
     return sorted(folds)
-
-
-def check_task(task: str) -> dict:
-    """matbench's metadata of ``task``; a clear error for unknown or classification tasks."""
-    from matbench.metadata import mbv01_metadata
-
-    if task not in mbv01_metadata:
-        raise BenchmarkError(f"{task!r} is not a matbench v0.1 task; tasks: {', '.join(sorted(mbv01_metadata))}")
-    meta = mbv01_metadata[task]
-    if meta.task_type != "regression":
-        raise BenchmarkError(f"{task} is a {meta.task_type} task; matfusion benchmarks regression tasks only")
-    return meta
-
-
-def ensure_matminer_data(task: str, data_dir: Optional[Path]) -> str:
-    """Point matminer (which matbench loads through) at our data dir unless ``MATMINER_DATA`` is
-    set already, so that matbench works offline.  Returns the folder used."""
-    from ..data.matbench import find_matbench_file
-
-    current = os.environ.get("MATMINER_DATA")
-    if current:
-        if not (Path(current) / f"{task}.json.gz").is_file():
-            raise BenchmarkError(f"MATMINER_DATA={current} has no {task}.json.gz; matbench would try to download it. "
-                                 "Unset MATMINER_DATA (matfusion then uses <data_dir>/matbench) or point it at the "
-                                 "folder that holds the file")
-        return current
-    path = find_matbench_file(task, data_dir)
-    if path is None or not path.name.endswith(".json.gz"):
-        raise BenchmarkError(f"no {task}.json.gz under the data dir {data_dir} (looked in <data_dir>/matbench/ and "
-                             "<data_dir>/); matbench needs it to score the predictions")
-    os.environ["MATMINER_DATA"] = str(path.parent)
-    return str(path.parent)
-
-
-def _hash_ok(d: dict) -> bool:
-    from matbench.util import hash_dictionary
-
-    d = dict(d)
-    stored = d.pop("hash", None)
-    return stored is not None and hash_dictionary(d) == stored
-
-
-def read_results_dict(path: Path) -> dict:
-    """The dict in a results file (gzip or plain JSON, as matbench 0.6's ``to_file`` writes it)."""
-    raw = Path(path).read_bytes()
-    try:
-        text = gzip.decompress(raw).decode() if raw[:2] == b"\x1f\x8b" else raw.decode()
-        return json.loads(text)
-    except (OSError, ValueError) as err:
-        raise BenchmarkError(f"{path}: not a matbench results file ({err})") from None
-
-
-def load_results(path: Path):
-    """A ``MatbenchBenchmark`` read back from ``path`` with matbench's own validation
-    (``from_dict``: hash check and every task validated, so every fold must be recorded)."""
-    from matbench.bench import MatbenchBenchmark
-
-    return MatbenchBenchmark.from_dict(read_results_dict(path))
-
-
-def open_benchmark(task: str, path: Path):
-    """A ``MatbenchBenchmark(autoload=False, subset=[task])``, with the folds already recorded in
-    ``path`` (if it exists) restored.  A partial file cannot go through matbench's ``from_dict``
-    (it validates complete tasks only), so its hash is checked here and the task's results are
-    set directly."""
-    from matbench.bench import MatbenchBenchmark
-    from matbench.util import RecursiveDotDict
-
-    mb = MatbenchBenchmark(autoload=False, subset=[task])
-    if not Path(path).is_file():
-        return mb
-    d = read_results_dict(path)
-    if not _hash_ok(d):
-        raise BenchmarkError(f"{path}: its hash does not match its content (modified or truncated); move it aside "
-                             "to start the benchmark afresh")
-    tasks = d.get("tasks") or {}
-    if set(tasks) != {task}:
-        raise BenchmarkError(f"{path} holds results of {sorted(tasks)}, not {task}; use another --out")
-    mb.tasks_map[task].results = RecursiveDotDict(tasks[task]["results"])
-    mb.user_metadata = d.get("user_metadata") or {}
-    return mb
-
-
-def write_results(mb, path: Path) -> Path:
-    """``mb.as_dict()`` (what matbench's ``to_file`` writes) as gzip JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with gzip.open(tmp, "wt") as fh:
-        json.dump(mb.as_dict(), fh)
-    os.replace(tmp, path)
-    return path
-
-
-def recorded_folds(mb, task: str) -> list[int]:
-    return [k for k, done in mb.tasks_map[task].is_recorded.items() if done]
-
-
-def fold_scores(mb, task: str) -> dict:
-    """fold -> matbench's scores dict (mae, rmse, mape, max_error) of every recorded fold."""
-    t = mb.tasks_map[task]
-    return {k: dict(t.results[t.folds_map[k]]["scores"]) for k in recorded_folds(mb, task)}
-
-
-def check_alignment(mb_task, dataset) -> dict[int, list[str]]:
-    """Check that our rows line up with matbench's: for every official fold, matbench's test ids
-    (in ``get_test_data`` order) are exactly our fold's test ids, and the targets agree.  Returns
-    fold -> matbench's test ids in matbench's order.  Raises :class:`BenchmarkError` naming the
-    first mismatch (e.g. a test row our loader skipped)."""
-    if dataset.official_folds is None:
-        raise BenchmarkError(f"{dataset.name}: no official folds attached to the dataset")
-    pos = {rid: i for i, rid in enumerate(dataset.ids)}
-    target = mb_task.metadata.target
-    out = {}
-    for k in mb_task.folds:
-        test_df = mb_task.get_test_data(k, as_type="df", include_target=True)
-        ids = [str(i) for i in test_df.index]
-        if ids != [str(i) for i in mb_task.validation[mb_task.folds_map[k]].test]:
-            raise BenchmarkError(f"{dataset.name} fold {k}: matbench's get_test_data order differs from its "
-                                 "validation ids")
-        missing = [i for i in ids if i not in pos]
-        if missing:
-            raise BenchmarkError(f"{dataset.name} fold {k}: {len(missing)} of matbench's test rows are not in our "
-                                 f"dataset (first: {missing[0]}); every test row must be predicted. Rows our loader "
-                                 f"skipped: {dict(dataset.skipped) or 'none'} (disordered structures: set "
-                                 "data.disordered: majority)")
-        ours = sorted(dataset.ids[p] for p in dataset.official_folds[k])
-        if ours != sorted(ids):
-            raise BenchmarkError(f"{dataset.name} fold {k}: our fold's test ids differ from matbench's "
-                                 f"({len(set(ours) ^ set(ids))} ids differ)")
-        y_mb = np.asarray(test_df[target], dtype=np.float64)
-        y_ours = np.asarray(dataset.targets, dtype=np.float64)[[pos[i] for i in ids]]
-        bad = np.flatnonzero(~np.isclose(y_mb, y_ours, rtol=1e-7, atol=1e-9))
-        if len(bad):
-            i = int(bad[0])
-            raise BenchmarkError(f"{dataset.name} fold {k}: target of {ids[i]} is {y_ours[i]!r} in our rows and "
-                                 f"{y_mb[i]!r} in matbench's; the rows do not line up")
-        out[k] = ids
-    return out
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -283,7 +140,7 @@ def prepare_config(cfg, task: str):
 
 
 def _flat(cfg) -> dict:
-    from ..search.mlflow_logging import flatten
+    from ..tracking.logger import flatten
 
     return {k: v for k, v in flatten(cfg.model_dump(mode="json")).items()
             if not any(k == p or k.startswith(p) for p in _RESUME_FREE_KEYS) and k != "data.fold"}
@@ -341,113 +198,6 @@ def _check_same_settings(state: dict, settings: dict, out: Path) -> None:
                              "config, or pass another --out")
 
 
-# -- importances ------------------------------------------------------------------------------------
-
-def _mae(pred, y) -> float:
-    return float(np.mean(np.abs(np.asarray(pred, dtype=np.float64) - y)))
-
-
-def uses_modalities(config: dict) -> tuple[bool, bool]:
-    """(uses the crystal graph, uses the Magpie vector) of a member config."""
-    family = config.get("family")
-    if family in TABULAR_FAMILIES:
-        return False, True
-    fusion = str((config.get(family) or {}).get("fusion", "none"))
-    return True, fusion in ("early", "attention", "late")
-
-
-def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
-                        repeats: int = 3, seed: int = 0) -> dict:
-    """Permutation importance of the two modalities on ``rows``: the rise in MAE when the crystal
-    graphs (or the Magpie vectors) are shuffled across the rows while the other input stays in
-    place, for every member that uses both (fused models) and for the whole ensemble.
-    ``{"base_mae": {...}, "graph": {...}, "magpie": {...}}`` keyed by member name and
-    ``ensemble``; each value the mean over ``repeats`` shuffles."""
-    from ..trainables.trial_data import pack_rows
-
-    rows = np.asarray(rows, dtype=np.int64)
-    y = np.asarray(targets, dtype=np.float64)[rows]
-    base_part = pack_rows(magpie, graphs, targets, rows)
-    base = ensemble.part_outputs(base_part, magpie, rows)
-    uses = [uses_modalities(m) for m in ensemble.members]
-    fused = [j for j, (g, m) in enumerate(uses) if g and m]
-    names = ["ensemble"] + [ensemble.names_[j] for j in fused]
-
-    def scores(out):
-        return {"ensemble": _mae(out["mean"], y), **{ensemble.names_[j]: _mae(out["members"][:, j], y) for j in fused}}
-
-    base_scores = scores(base)
-    out = {"base_mae": base_scores, "graph": dict.fromkeys(names, 0.0), "magpie": dict.fromkeys(names, 0.0),
-           "repeats": repeats, "n_rows": int(len(rows)), "fused_members": [ensemble.names_[j] for j in fused]}
-    if graphs is None or repeats < 1:
-        return out
-    rng = np.random.default_rng([seed, 4242])
-    for _ in range(repeats):
-        perm = rng.permutation(len(rows))
-        # graphs shuffled, Magpie in place
-        part = pack_rows(magpie, graphs, targets, rows[perm])
-        part.update(magpie=base_part["magpie"], y=base_part["y"], row=rows)
-        s = scores(ensemble.part_outputs(part, magpie, rows, [j for j, u in enumerate(uses) if u[0]], base))
-        for n in names:
-            out["graph"][n] += (s[n] - base_scores[n]) / repeats
-        # Magpie shuffled, graphs in place
-        part = dict(base_part, magpie=np.ascontiguousarray(base_part["magpie"][perm]))
-        s = scores(ensemble.part_outputs(part, magpie, rows, [j for j, u in enumerate(uses) if u[1]], base))
-        for n in names:
-            out["magpie"][n] += (s[n] - base_scores[n]) / repeats
-    return out
-
-
-def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Sequence[int], columns: Sequence[str],
-                  repeats: int = 3, seed: int = 0) -> Optional[dict]:
-    """Of the ensemble's first ``rf`` member (else its first tabular member), over its K fold
-    models: the impurity importance of each descriptor (Magpie) column, mean over the fold models
-    (where the models have ``feature_importances_``), and, with ``repeats`` > 0, the permutation
-    importance on ``rows``: the rise in MAE of the member's fold-averaged prediction when one
-    column is shuffled across the rows.  None without a tabular member."""
-    from ..trainables.trial import predict_from_state
-
-    candidates = [i for i, m in enumerate(ensemble.members) if m.get("family") == "rf"]
-    candidates += [i for i, m in enumerate(ensemble.members) if m.get("family") in TABULAR_FAMILIES and i not in candidates]
-    if not candidates:
-        return None
-    j = candidates[0]
-    family = ensemble.members[j]["family"]
-    states = [fold_states[j] for fold_states in ensemble.fold_states_]
-    configs = [ensemble._member_config(j, k) for k in range(len(states))]
-    width = magpie.shape[1]
-    names = list(columns) if len(columns) == width else [f"feature_{i}" for i in range(width)]
-    impurity = None
-    models = [st.get(family) for st in states]
-    if all(isinstance(m, (list, tuple)) and m and hasattr(m[0], "feature_importances_") for m in models):
-        impurity = np.mean([m[0].feature_importances_ for m in models], axis=0).tolist()
-    out = {"member": ensemble.names_[j], "family": family, "columns": names, "impurity": impurity,
-           "permutation": None, "repeats": repeats}
-    if repeats < 1:
-        return out
-    rows = np.asarray(rows, dtype=np.int64)
-    y = np.asarray(targets, dtype=np.float64)[rows]
-    X = np.array(magpie[rows], dtype=np.float64)
-
-    def predict(x):
-        part = {"magpie": x, "y": y, "row": rows}
-        return np.mean([np.asarray(predict_from_state(c, st, part, ensemble.graph_params_), dtype=np.float64)
-                        .reshape(len(rows)) for c, st in zip(configs, states)], axis=0)
-
-    base = _mae(predict(X), y)
-    rng = np.random.default_rng([seed, 777])
-    perm_imp = np.zeros(width)
-    for c in range(width):
-        original = X[:, c].copy()
-        for _ in range(repeats):
-            X[:, c] = original[rng.permutation(len(rows))]
-            perm_imp[c] += (_mae(predict(X), y) - base) / repeats
-        X[:, c] = original
-    out["permutation"] = perm_imp.tolist()
-    out["base_mae"] = base
-    return out
-
-
 # -- one fold ---------------------------------------------------------------------------------------
 
 def _search_dataset(full, fold_cfg):
@@ -483,7 +233,7 @@ def _select(client, experiment_id: str, parent_id: str, k: int, families, max_gr
             graph_member: bool = False):
     """The stack's members: the best ``max_groups`` groups by inner-validation MAE; with
     ``graph_member``, plus the best graph-model group if none of those is one."""
-    from .select import load_trial_config, ranked_candidates
+    from ..ensembles.select import load_trial_config, ranked_candidates
 
     chosen = ranked_candidates(client, experiment_id, parent_id, k=k, families=families)
     if chosen.empty:
@@ -511,11 +261,11 @@ def run_fold(cfg, task: str, fold: int, full, mb, test_ids: list[str], out: Path
 
     from ..data import split_fold
     from ..data.featurize import featurize
-    from ..search.mlflow_logging import resolve_tracking_uri
-    from ..search.report import search_trials
+    from ..ensembles.evaluate import evaluate_ensemble, log_evaluation
+    from ..ensembles.stacking import StackedEnsemble
     from ..search.tuner import run_search
-    from .evaluate import evaluate_ensemble, log_evaluation
-    from .stacking import StackedEnsemble
+    from ..tracking.leaderboard import search_trials
+    from ..tracking.logger import resolve_tracking_uri
 
     say = _say(progress)
     t_fold = time.time()
@@ -818,80 +568,3 @@ def format_result(res: BenchmarkResult) -> str:
         lines.append(f"report: {res.report_path}")
     lines.append(f"wall time {res.wall_s:.0f} s")
     return "\n".join(lines)
-
-
-# -- CLI -----------------------------------------------------------------------------------------------
-
-BENCHMARK_EPILOG = """\
-examples:
-  matfusion benchmark matbench_phonons --config configs/benchmark.yaml
-  matfusion benchmark matbench_phonons --config configs/benchmark.yaml --folds 0 --out results/try
-  matfusion benchmark matbench_dielectric --config configs/benchmark_dielectric.yaml
-  matfusion benchmark matbench_expt_gap --config configs/benchmark.yaml    composition only: the tabular families
-  matfusion report results/matbench_phonons
-
-Per fold: search the fold's training part (budget search.time_budget_s), stack the best trials
-(ensemble.k per family/fusion, benchmark.max_groups groups at most), predict every test row,
-record it in matbench and rewrite <out>/results.json.gz.  Running the same command again resumes
-at the first unfinished fold (recorded folds are skipped).  One MLflow parent run per fold (the
-fold's search; the ensemble is nested in it).  Exit status 130 when a search was interrupted.
-"""
-
-
-def add_parsers(subparsers) -> None:
-    """Register ``benchmark`` and ``report`` on the main parser's subparsers."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser(
-        "benchmark", formatter_class=fmt, epilog=BENCHMARK_EPILOG,
-        help="nested cross-validation over matbench's 5 official folds: search, stack, record results.json.gz",
-        description="Benchmark matfusion on a matbench v0.1 task: for each official fold, a search on the fold's\n"
-        "training part, a stacked ensemble, and its predictions of the test fold recorded with matbench.")
-    p.add_argument("task", help="matbench task, e.g. matbench_phonons")
-    p.add_argument("--config", required=True, help="YAML config (see configs/benchmark.yaml)")
-    p.add_argument("--folds", default=None, help="comma-separated folds to run, e.g. 0,1 (default: all 5)")
-    p.add_argument("--out", default=None, help="output folder (default: results/<task>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set search.time_budget_s=180 (repeatable)")
-    p.add_argument("--data-dir", help="folder with the datasets (default: $MATFUSION_DATA or ../shared/data)")
-    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_benchmark)
-
-    p = subparsers.add_parser(
-        "report", formatter_class=fmt, help="write the markdown report + plots of a benchmark folder",
-        description="Write <out>/report.md and its PNGs from the files `matfusion benchmark` wrote there\n"
-        "(results.json.gz, fold_<k>/*): per-fold and mean MAE next to the matbench leaderboard, model\n"
-        "families, parity plots, search history, feature and modality importances.",
-        epilog="example: matfusion report results/matbench_phonons")
-    p.add_argument("out", metavar="DIR", help="benchmark output folder, e.g. results/matbench_phonons")
-    p.set_defaults(func=cmd_report)
-
-
-def cmd_benchmark(args) -> int:
-    from ..config import load_config
-
-    overrides = list(args.overrides)
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    try:
-        folds = parse_folds(args.folds)
-        cfg = load_config(args.config, overrides)
-        res = run_benchmark(cfg, args.task, folds=folds, out=Path(args.out) if args.out else None,
-                            progress=not args.quiet, report=not args.no_report)
-    except BenchmarkError as err:
-        print(f"matfusion benchmark: error: {err}", file=sys.stderr)
-        return 2
-    print(format_result(res), flush=True)
-    return 130 if res.interrupted else 0
-
-
-def cmd_report(args) -> int:
-    from .report import write_report
-
-    try:
-        path = write_report(Path(args.out))
-    except BenchmarkError as err:
-        print(f"matfusion report: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0

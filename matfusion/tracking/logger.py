@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from ..config import TABULAR_FAMILIES
+from .runs import find_trial_run, nested_runs
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 TRIAL_METRICS = ("val_mae", "train_loss", "best_val_mae", "lr")
@@ -80,34 +81,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def _params(d: dict) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in flatten(d).items()]
-
-
-def _quote(value: str) -> str:
-    """A value for an MLflow filter string (single-quoted)."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def nested_runs(client: MlflowClient, experiment_id: str, parent_run_id: str,
-                extra_filter: str = "") -> list:
-    """The trial runs of a search: nested runs of its parent run with a ``trial_id`` tag (other
-    nested runs, e.g. an ensemble built on the search, are left out), all pages, oldest first."""
-    filter_string = f"tags.mlflow.parentRunId = {_quote(parent_run_id)}"
-    if extra_filter:
-        filter_string += f" and {extra_filter}"
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(r for r in page if "trial_id" in r.data.tags)
-        token = page.token
-        if not token:
-            return runs
-
-
-def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
-    """The nested run of ``trial_id`` under the parent (the oldest if, somehow, several)."""
-    runs = nested_runs(client, experiment_id, parent_run_id, f"tags.trial_id = {_quote(trial_id)}")
-    return runs[0] if runs else None
 
 
 def close_open_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str,

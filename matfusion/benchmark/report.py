@@ -25,7 +25,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .benchmark import N_OFFICIAL_FOLDS, REPORT_FILE, RESULTS_FILE, STATE_FILE, BenchmarkError, read_results_dict
+from .. import plotting
+from .base import N_OFFICIAL_FOLDS, REPORT_FILE, RESULTS_FILE, STATE_FILE, BenchmarkError
+from .matbench_io import read_results_dict
 
 LEADERBOARD_SOURCE = ("matbench v0.1 leaderboard (https://matbench.materialsproject.org), mean MAE over the 5 "
                       "official folds; figures as copied into ../shared/ANCHORS.md")
@@ -50,15 +52,6 @@ LOCAL_ANCHORS = {
         ("AutoGluon-tabular best_quality, 150 s/fold, Magpie", 0.3271, [0.2258, 0.2992, 0.4499, 0.3189, 0.3417])],
 }
 TOP_FEATURES = 20
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -134,7 +127,7 @@ def collect(out: Path) -> dict:
 def plot_fold_mae(info: dict, path: Path) -> str:
     task, folds = info["task"], info["folds"]
     ks = sorted(folds)
-    fig = _new_figure(7, 4)
+    fig = plotting.new_figure(7, 4)
     ax = fig.add_subplot()
     ax.bar([str(k) for k in ks], [folds[k]["scores"]["mae"] for k in ks], color="tab:blue", label="matfusion ensemble")
     markers = ["v", "s", "^"]
@@ -146,8 +139,7 @@ def plot_fold_mae(info: dict, path: Path) -> str:
     ax.set_title(f"{task}: test MAE per fold")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
     return path.name
 
 
@@ -178,7 +170,7 @@ def plot_families(info: dict, table: pd.DataFrame, path: Path) -> str:
     order = [g for g in table.index if g not in ("plain average of members", "stacked ensemble")]
     order = sorted(order, key=lambda g: -table.loc[g, "mean"]) + [
         g for g in ("plain average of members", "stacked ensemble") if g in table.index]
-    fig = _new_figure(10, 0.45 * len(order) + 1.8)
+    fig = plotting.new_figure(10, 0.45 * len(order) + 1.8)
     ax = fig.add_subplot()
     colors = ["tab:blue" if g == "stacked ensemble" else "tab:gray" if g.startswith("plain") else "tab:orange"
               for g in order]
@@ -199,8 +191,7 @@ def plot_families(info: dict, table: pd.DataFrame, path: Path) -> str:
     ax.set_title(f"{task}: best configuration of each family/fusion vs the ensemble", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
     return path.name
 
 
@@ -208,7 +199,7 @@ def plot_parity(info: dict, path: Path) -> Optional[str]:
     frames = [(k, f["predictions"]) for k, f in info["folds"].items() if f.get("predictions") is not None]
     if not frames:
         return None
-    fig = _new_figure(5.5, 5.5)
+    fig = plotting.new_figure(5.5, 5.5)
     ax = fig.add_subplot()
     lo, hi = math.inf, -math.inf
     for k, df in frames:
@@ -221,8 +212,7 @@ def plot_parity(info: dict, path: Path) -> Optional[str]:
     ax.set_ylabel(f"predicted {unit}".strip())
     ax.set_title(f"{info['task']}: test predictions of the ensemble")
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
     return path.name
 
 
@@ -230,36 +220,27 @@ def plot_search_history(info: dict, path: Path) -> Optional[str]:
     frames = [(k, f["trials"]) for k, f in info["folds"].items() if f.get("trials") is not None and len(f["trials"])]
     if not frames:
         return None
-    fig = _new_figure(8, 4.5)
+    fig = plotting.new_figure(8, 4.5)
     ax = fig.add_subplot()
-    from matplotlib import colormaps
-
     families = sorted({str(x) for _, df in frames for x in df["family"]})
-    cmap = colormaps["tab10"]
-    fam_color = {f: cmap(i % 10) for i, f in enumerate(families)}
+    fam_color = plotting.family_colors(families)
     for k, df in frames:
         vals = df["val_mae"].to_numpy(dtype=float)
         order = np.arange(1, len(df) + 1)
         ok = np.isfinite(vals)
         ax.scatter(order[ok], vals[ok], s=14, alpha=0.6, c=[fam_color[str(f)] for f in df["family"][ok]])
-        running = np.fmin.accumulate(np.where(ok, vals, np.inf))
-        shown = np.isfinite(running)
-        ax.step(order[shown], running[shown], where="post", lw=1.5, label=f"fold {k}: best so far")
+        plotting.plot_running_best(ax, vals, label=f"fold {k}: best so far")
     from matplotlib.lines import Line2D
 
     handles, _ = ax.get_legend_handles_labels()
     handles += [Line2D([], [], marker="o", ls="", color=fam_color[f], label=f) for f in families]
-    all_vals = np.concatenate([df["val_mae"].to_numpy(dtype=float) for _, df in frames])
-    all_vals = all_vals[np.isfinite(all_vals)]
-    if len(all_vals) and all_vals.min() > 0 and all_vals.max() / all_vals.min() > 20:
-        ax.set_yscale("log")
+    plotting.maybe_log_y(ax, np.concatenate([df["val_mae"].to_numpy(dtype=float) for _, df in frames]))
     ax.set_xlabel("trial (start order)")
     ax.set_ylabel("inner-validation MAE of the trial")
     ax.set_title(f"{info['task']}: search history per fold")
     ax.legend(handles=handles, fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
     return path.name
 
 
@@ -284,7 +265,7 @@ def rf_importance_table(info: dict) -> Optional[pd.DataFrame]:
 
 def plot_rf_importance(table: pd.DataFrame, path: Path, task: str) -> str:
     kinds = [k for k in ("impurity", "permutation") if table[k].notna().any()]
-    fig = _new_figure(6 * len(kinds), 0.28 * TOP_FEATURES + 1.5)
+    fig = plotting.new_figure(6 * len(kinds), 0.28 * TOP_FEATURES + 1.5)
     axes = fig.subplots(1, len(kinds), squeeze=False)[0]
     titles = {"impurity": f"impurity importance (mean of {table.attrs.get('n_folds')} fold(s))",
               "permutation": f"permutation importance: rise in test MAE ({table.attrs.get('n_perm_folds')} fold(s))"}
@@ -296,8 +277,7 @@ def plot_rf_importance(table: pd.DataFrame, path: Path, task: str) -> str:
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{task}: member {', '.join(table.attrs.get('members', []))}, top {TOP_FEATURES} features",
                  fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
     return path.name
 
 
@@ -318,7 +298,7 @@ def modality_table(info: dict) -> Optional[pd.DataFrame]:
 
 
 def plot_modality(table: pd.DataFrame, path: Path, task: str) -> str:
-    fig = _new_figure(7, 0.5 * len(table) + 1.8)
+    fig = plotting.new_figure(7, 0.5 * len(table) + 1.8)
     ax = fig.add_subplot()
     y = np.arange(len(table))
     ax.barh(y - 0.2, table["graph"], height=0.4, color="tab:blue", label="graphs shuffled")
@@ -328,8 +308,7 @@ def plot_modality(table: pd.DataFrame, path: Path, task: str) -> str:
     ax.set_title(f"{task}: permutation importance of the two modalities")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
     return path.name
 
 

@@ -1,8 +1,9 @@
 """Report of a finished (or running) search, read back from MLflow.
 
 A search is one MLflow parent run (tag ``kind=search``) with one nested run per trial, as
-:class:`~matfusion.search.mlflow_logging.MlflowTrialLogger` writes them.  This module turns
-those runs into a table of trials, ranks them, and logs to the parent run:
+:class:`~matfusion.tracking.logger.MlflowTrialLogger` writes them.  This module reads those runs
+as a table of trials (:func:`matfusion.tracking.leaderboard.search_trials`), ranks them, and
+logs to the parent run:
 
 * ``leaderboard.csv``: every trial ranked by its best inner-validation MAE;
 * ``optimization_history.png``: each trial's best val_mae in start order, plus the running best;
@@ -29,117 +30,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from ..config import TABULAR_FAMILIES
+from .. import plotting
+from .leaderboard import FINISHED, PARAM_PREFIX, collect_trials, leaderboard, rank_trials
 
 log = logging.getLogger("matfusion.report")
 
-PARAM_PREFIX = "params."
-BASE_COLUMNS = ["trial_id", "run_id", "family", "encoder", "fusion", "status", "val_mae", "epochs",
-                "start_time"]
-LEADERBOARD_COLUMNS = ["trial_id", "family", "fusion", "val_mae", "epochs", "status"]
-FINISHED = ("completed", "pruned", "stopped")  # stopped: cut by the search's time/epoch budget
 MIN_TRIALS_FOR_IMPORTANCE = 3
-
-
-# ----------------------------------------------------------------------------- reading MLflow
-def _all_runs(client, experiment_ids: list[str], filter_string: str, order_by=None) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _fusion_of(family: str, params: dict) -> str:
-    if family in TABULAR_FAMILIES:
-        return "-"
-    return str(params.get(f"{family}.fusion", "none"))
-
-
-def _collect(client, experiment_id: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
-    """The trials frame and, per trial_id, its val_mae history as sorted ``[(epoch, value)]``."""
-    runs = _all_runs(client, [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    rows, histories = [], {}
-    for run in runs:
-        tags, params = run.data.tags, run.data.params
-        if tags.get("kind") == "ensemble" or tags.get("status") == "discarded":
-            continue  # not a trial: an ensemble built from the search, or a run dropped on resume
-        family = tags.get("family") or params.get("family") or "?"
-        trial_id = tags.get("trial_id") or run.info.run_name or run.info.run_id
-        history = sorted((int(m.step), float(m.value))
-                         for m in client.get_metric_history(run.info.run_id, "val_mae")
-                         if m.value is not None and math.isfinite(m.value))
-        histories[trial_id] = history
-        if history:
-            val = min(v for _, v in history)
-            epochs = max(s for s, _ in history)
-        else:
-            val = float("nan")
-            epochs = int(run.data.metrics.get("epochs_trained", 0) or 0)
-        status = tags.get("status")
-        if not status or status == "running" and run.info.status != "RUNNING":
-            # a run that ended without its logger writing the final tag
-            status = {"FINISHED": "completed", "FAILED": "failed", "KILLED": "failed"}.get(
-                run.info.status, str(run.info.status).lower())
-        row = {"trial_id": trial_id, "run_id": run.info.run_id, "family": family,
-               "encoder": "-" if family in TABULAR_FAMILIES else family, "fusion": _fusion_of(family, params),
-               "status": status, "val_mae": val, "epochs": epochs,
-               "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC")}
-        row.update({PARAM_PREFIX + k: v for k, v in params.items()})
-        rows.append(row)
-    param_cols = sorted({k for r in rows for k in r if k.startswith(PARAM_PREFIX)})
-    df = pd.DataFrame(rows, columns=BASE_COLUMNS + param_cols)
-    df["val_mae"] = df["val_mae"].astype(float)
-    df["epochs"] = df["epochs"].astype(int)
-    df["start_time"] = pd.to_datetime(df["start_time"], utc=True)
-    df = df.sort_values(["start_time", "trial_id"], kind="stable").reset_index(drop=True)
-    return df, histories
-
-
-def search_trials(client, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
-    """One row per nested run of the search ``parent_run_id``, in start order.
-
-    Columns: ``trial_id, run_id, family, encoder`` (the graph encoder, ``-`` for rf),
-    ``fusion`` (``<family>.fusion`` param, ``none`` if absent, ``-`` for rf), ``status``
-    (completed / pruned / failed / running), ``val_mae`` (minimum of the val_mae history,
-    NaN when none was logged), ``epochs`` (last logged epoch, 0 when none), ``start_time``
-    (UTC), then one ``params.<name>`` column per logged param (strings, as MLflow keeps them;
-    NaN where a trial has no such param).
-    """
-    return _collect(client, experiment_id, parent_run_id)[0]
-
-
-# ----------------------------------------------------------------------------- ranking
-def rank_trials(df: pd.DataFrame) -> pd.DataFrame:
-    """All trials, best val_mae first; trials without a val_mae last; ties in start order."""
-    keys = [c for c in ("val_mae", "start_time", "trial_id") if c in df.columns]
-    return df.sort_values(keys, na_position="last", kind="stable").reset_index(drop=True)
-
-
-def leaderboard(df: pd.DataFrame, top: Optional[int] = None, per_family: bool = True) -> pd.DataFrame:
-    """Rank trials.
-
-    ``per_family=True``: the best ``top`` (default 1) trials of each family that has a
-    val_mae, families ordered by their best trial.  ``per_family=False``: the overall ``top``
-    trials that have a val_mae, or, with ``top=None``, every trial (those without a val_mae
-    last).
-    """
-    if top is not None and top < 1:
-        raise ValueError(f"top must be >= 1, got {top}")
-    ranked = rank_trials(df)
-    if not per_family:
-        if top is None:
-            return ranked
-        return ranked[np.isfinite(ranked["val_mae"])].head(top).reset_index(drop=True)
-    scored = ranked[np.isfinite(ranked["val_mae"])]
-    best = scored.groupby("family", sort=False).head(top or 1)
-    order = {f: i for i, f in enumerate(scored["family"].drop_duplicates())}
-    return (best.assign(_family_rank=best["family"].map(order))
-                .sort_values("_family_rank", kind="stable")
-                .drop(columns="_family_rank").reset_index(drop=True))
 
 
 # ----------------------------------------------------------------------------- importances
@@ -256,7 +152,7 @@ def param_importances(df: pd.DataFrame, family: str, method: str = "fanova") -> 
 
 
 def _study_frame(study) -> pd.DataFrame:
-    """An Optuna study's finished trials in the shape of :func:`search_trials` (for importances)."""
+    """An Optuna study's finished trials in the shape of :func:`~matfusion.tracking.leaderboard.search_trials` (for importances)."""
     import optuna
 
     rows = []
@@ -272,36 +168,14 @@ def _study_frame(study) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- plots
-def _family_colors(families) -> dict:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return {f: cmap(i % 10) for i, f in enumerate(sorted(set(families)))}
-
-
-def _maybe_log_y(ax, values) -> None:
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
-    if len(v) and v.min() > 0 and v.max() / v.min() > 20:
-        ax.set_yscale("log")
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)  # Agg canvas: no pyplot state, no display needed
-    return fig
-
-
 def plot_optimization_history(df: pd.DataFrame, path: Path) -> Optional[str]:
     scored = df[np.isfinite(df["val_mae"])]
     if scored.empty:
         return "optimization_history.png: no trial logged a val_mae"
-    fig = _new_figure(8, 4.5)
+    fig = plotting.new_figure(8, 4.5)
     ax = fig.add_subplot()
     order = np.arange(1, len(df) + 1)
-    colors = _family_colors(df["family"])
+    colors = plotting.family_colors(df["family"])
     markers = {"completed": "o", "pruned": "v", "running": "s"}
     vals = df["val_mae"].to_numpy(dtype=float)
     for family in sorted(colors):
@@ -313,9 +187,7 @@ def plot_optimization_history(df: pd.DataFrame, path: Path) -> Optional[str]:
     other = np.isfinite(vals) & ~df["status"].isin(list(markers)).to_numpy()
     if other.any():
         ax.scatter(order[other], vals[other], color="grey", marker="x", label="other status")
-    running = np.fmin.accumulate(np.where(np.isfinite(vals), vals, np.inf))
-    shown = np.isfinite(running)
-    ax.step(order[shown], running[shown], where="post", color="black", lw=1.5, label="best so far")
+    plotting.plot_running_best(ax, vals, color="black")
     n_failed = int((~np.isfinite(vals)).sum())
     if n_failed:  # trials without a val_mae: a cross on the x axis
         ax.scatter(order[~np.isfinite(vals)], np.full(n_failed, 0.02), transform=ax.get_xaxis_transform(),
@@ -326,21 +198,20 @@ def plot_optimization_history(df: pd.DataFrame, path: Path) -> Optional[str]:
     if n_failed:
         title += f" ({n_failed} without val_mae)"
     ax.set_title(title)
-    _maybe_log_y(ax, vals)
+    plotting.maybe_log_y(ax, vals)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
     return None
 
 
 def plot_param_importances(importances: dict, counts: dict, path: Path) -> None:
     families = list(importances)
     height = sum(max(1.2, 0.35 * len(importances[f]) + 0.8) for f in families)
-    fig = _new_figure(7, height + 0.4)
+    fig = plotting.new_figure(7, height + 0.4)
     axes = fig.subplots(len(families), 1, squeeze=False,
                         height_ratios=[max(1.2, 0.35 * len(importances[f]) + 0.8) for f in families])[:, 0]
-    colors = _family_colors(families)
+    colors = plotting.family_colors(families)
     for ax, family in zip(axes, families):
         imp = importances[family]
         names = list(imp)[::-1]
@@ -351,8 +222,7 @@ def plot_param_importances(importances: dict, counts: dict, path: Path) -> None:
         for i, n in enumerate(names):
             ax.text(min(imp[n] + 0.01, 0.9), i, f"{imp[n]:.2f}", va="center", fontsize=8)
     axes[-1].set_xlabel("normalised importance")
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
 
 
 def plot_val_mae_per_epoch(df: pd.DataFrame, histories: dict, path: Path) -> Optional[str]:
@@ -360,9 +230,9 @@ def plot_val_mae_per_epoch(df: pd.DataFrame, histories: dict, path: Path) -> Opt
     curves = [(row, h) for row, h in curves if h]
     if not curves:
         return "val_mae_per_epoch.png: no trial logged a val_mae"
-    fig = _new_figure(8, 4.5)
+    fig = plotting.new_figure(8, 4.5)
     ax = fig.add_subplot()
-    colors = _family_colors(df["family"])
+    colors = plotting.family_colors(df["family"])
     styles = {"completed": "-", "pruned": "--", "failed": ":", "running": "-."}
     for row, history in curves:
         steps, values = zip(*history)
@@ -380,10 +250,9 @@ def plot_val_mae_per_epoch(df: pd.DataFrame, histories: dict, path: Path) -> Opt
     ax.set_xlabel("epoch")
     ax.set_ylabel("val_mae")
     ax.set_title(f"val_mae per epoch: {len(curves)} trials (pruned dashed)")
-    _maybe_log_y(ax, [v for _, h in curves for _, v in h])
+    plotting.maybe_log_y(ax, [v for _, h in curves for _, v in h])
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    plotting.save_figure(fig, path)
     return None
 
 
@@ -392,11 +261,11 @@ def log_search_report(client, parent_run_id: str, experiment_id: str, study=None
     """Read the trials of search ``parent_run_id`` and log the leaderboard, plots and best-trial
     tags/metrics to that parent run (see the module docstring).  ``study``: an Optuna study of
     the search, whose completed trials are then used for the parameter importances instead of
-    the MLflow runs.  Returns the trials frame of :func:`search_trials`.
+    the MLflow runs.  Returns the trials frame of :func:`~matfusion.tracking.leaderboard.search_trials`.
     """
     from mlflow.entities import Metric, RunTag
 
-    df, histories = _collect(client, experiment_id, parent_run_id)
+    df, histories = collect_trials(client, experiment_id, parent_run_id)
     ranked = rank_trials(df)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="matfusion-report-") as tmp:
