@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     from matfusion.config import DataConfig, FeaturesConfig
     from matfusion.data import load_dataset
     from matfusion.data.cache import FeatureCache
-    from matfusion.data.featurize import featurize, magpie_columns
+    from matfusion.data.descriptors import magpie_columns
+    from matfusion.data.featurize import featurize
 
     ds = load_dataset(DataConfig(source=args.task, data_dir=args.data_dir))
     n = len(ds)

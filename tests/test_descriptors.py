@@ -10,7 +10,8 @@ from pymatgen.core import Composition, Lattice, Structure
 from matfusion.config import ConfigError, DataConfig, FeaturesConfig, config_from_dict
 from matfusion.data import descriptors as D
 from matfusion.data.dataset import Dataset
-from matfusion.data.featurize import featurize, magpie_features
+from matfusion.data.descriptors import magpie_features
+from matfusion.data.featurize import featurize
 
 A = 4.2  # CsCl: Cs at the corner, Cl at the body centre
 
