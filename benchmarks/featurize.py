@@ -1,5 +1,6 @@
-"""Featurization throughput: a cold run (empty cache: Magpie + crystal graphs computed) and a
-warm run (same cache dir: everything read back from disk), in structures per second.
+"""Featurization throughput: a cold run (empty cache: the crystal graphs and the default
+descriptor sets, Magpie included, computed) and a warm run (same cache dir: everything read
+back from disk), in structures per second.  Measured figures: docs/notes-data.md.
 
     python benchmarks/featurize.py [--task matbench_phonons] [--data-dir DIR] [--n-jobs N]
 

@@ -69,6 +69,36 @@ def test_stoichiometry_and_magpie_of_cscl(cscl):
     assert magpie_features([cscl]).shape == (1, 132)
 
 
+def test_magpie_is_one_entry_of_the_registry_with_its_old_cache_key(cscl):
+    """Magpie is computed by the registry's machinery like every set, and keeps the cache key
+    (kind, parameters, array name) it had before it joined the registry: caches on disk stay valid."""
+    from matfusion.data.cache import cache_key
+
+    reg = D.registry()
+    assert list(reg) == list(D.DESCRIPTOR_SETS)
+    magpie = reg["magpie"]
+    assert magpie.width == D.MAGPIE_WIDTH == 132 and magpie.columns == tuple(D.magpie_columns())
+    assert not magpie.structural and not magpie.prefixed
+    assert magpie.cache_key("h") == cache_key("magpie", "h", {"preset": "magpie", "width": 132})
+    assert magpie.cache_array == "magpie"
+    assert reg["bonds"].cache_key("h") == cache_key("desc-bonds", "h", {"set": "bonds", "version": 2,
+                                                                      "width": len(D.BOND_COLUMNS)})
+    assert reg["stoichiometry"].cache_key("h") == cache_key("desc-stoichiometry", "h",
+                                                            {"set": "stoichiometry", "version": 1, "width": 6})
+    np.testing.assert_array_equal(D.compute_sets([cscl], ["magpie"])["magpie"][0], D.magpie_vector(cscl))
+    np.testing.assert_array_equal(D.magpie_vector(cscl), D.magpie_vector(cscl.composition))
+
+
+def test_a_set_failing_on_one_item_leaves_only_that_set_nan(cscl, caplog):
+    """One pass computes every set per item: a string (no composition) makes magpie and
+    stoichiometry fail on that item only, and the log names the first failure."""
+    with caplog.at_level(logging.WARNING, logger="matfusion.data"):
+        out = D.compute_sets([cscl, "not a crystal"], ["magpie", "stoichiometry"], n_jobs=1)
+    assert np.isfinite(out["magpie"][0]).all() and np.isnan(out["magpie"][1]).all()
+    assert np.isfinite(out["stoichiometry"][0]).all() and np.isnan(out["stoichiometry"][1]).all()
+    assert "2 featurizer call(s) failed" in caplog.text and "first: item 1, magpie" in caplog.text
+
+
 def test_isolated_atom_gives_nan_not_an_error():
     lone = Structure(Lattice.cubic(20.0), ["Na"], [[0, 0, 0]])  # no neighbour within 6 A
     v = dict(zip(D.BOND_COLUMNS, D.bond_features(lone)))

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -53,7 +54,7 @@ def can_fork() -> bool:
 
 # The task of this worker process: (fn, items), set once by the pool's start-up function in a
 # forked child (the parent never sets it: the serial path calls _run_chunk with the task).
-_TASK: Optional[tuple] = None
+_TASK: tuple | None = None
 
 
 def _install(fn: Callable, items: Sequence) -> None:
@@ -61,7 +62,7 @@ def _install(fn: Callable, items: Sequence) -> None:
     _TASK = (fn, items)
 
 
-def _run_chunk(bounds: tuple[int, int], task: Optional[tuple] = None) -> tuple[int, list, list]:
+def _run_chunk(bounds: tuple[int, int], task: tuple | None = None) -> tuple[int, list, list]:
     fn, items = task if task is not None else _TASK
     start, stop = bounds
     values, failures = [], []
@@ -75,7 +76,7 @@ def _run_chunk(bounds: tuple[int, int], task: Optional[tuple] = None) -> tuple[i
     return start, values, failures
 
 
-def parallel_map(fn: Callable[[Any], Any], items: Sequence, n_jobs: int = 1, chunk: Optional[int] = None,
+def parallel_map(fn: Callable[[Any], Any], items: Sequence, n_jobs: int = 1, chunk: int | None = None,
                  progress: bool = False, desc: str = "", unit: str = "struct") -> tuple[list, list[Failure]]:
     """``([fn(item) for item in items], failures)`` over ``n_jobs`` forked workers (see the
     module docstring); ``chunk`` items per task (default :func:`chunk_size`), a tqdm bar
