@@ -364,8 +364,9 @@ def test_a_structure_the_graph_builder_fails_on_is_named(toy24, tmp_path):
 
 
 def test_no_import_circle_in_the_data_package():
-    """The module-level imports between matfusion.data modules form no cycle (featurize uses
-    descriptors, never the reverse), and each module imports alone in a fresh interpreter."""
+    """The imports between matfusion.data modules (at the top or inside functions) form no
+    cycle (featurize uses descriptors, never the reverse), and each module imports alone in a
+    fresh interpreter."""
     import ast
     import os
     import subprocess
