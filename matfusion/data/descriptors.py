@@ -245,8 +245,9 @@ class DescriptorSet:
     """One descriptor set: ``featurize(item) -> (width,)``; ``structural`` sets need structures.
 
     ``prefixed``: its matrix columns are named ``<name>:<column>`` (Magpie's keep matminer's
-    names).  ``cache_kind`` / ``cache_params`` / ``cache_array``: its feature-cache entry (by
-    default ``desc-<name>`` keyed by name, version and width, array ``x``)."""
+    names).  ``prepare``: builds its featurizer / tables once in the parent, before workers fork.
+    ``cache_kind`` / ``cache_params`` / ``cache_array``: its feature-cache entry (by default
+    ``desc-<name>`` keyed by name, version and width, array ``x``)."""
 
     name: str
     columns: tuple
@@ -254,6 +255,7 @@ class DescriptorSet:
     structural: bool
     version: int = 1
     prefixed: bool = True
+    prepare: Optional[Callable] = field(default=None, compare=False)
     cache_kind: str = ""
     cache_params: Optional[dict] = field(default=None, compare=False, hash=False)
     cache_array: str = "x"
@@ -276,14 +278,15 @@ def registry() -> dict:
         # Magpie's cache entry is the one it had before it joined the registry (kind "magpie",
         # array "magpie"): the files already on disk stay valid
         "magpie": DescriptorSet("magpie", _magpie_columns(), magpie_vector, structural=False, prefixed=False,
-                                cache_kind="magpie", cache_params={"preset": "magpie", "width": MAGPIE_WIDTH},
-                                cache_array="magpie"),
+                                prepare=_magpie, cache_kind="magpie",
+                                cache_params={"preset": "magpie", "width": MAGPIE_WIDTH}, cache_array="magpie"),
         "stoichiometry": DescriptorSet("stoichiometry", ("0-norm", "2-norm", "3-norm", "5-norm", "7-norm", "10-norm"),
-                                       stoichiometry_features, structural=False),
+                                       stoichiometry_features, structural=False, prepare=_stoichiometry),
         "density": DescriptorSet("density", ("density", "vpa", "packing_fraction"), density_features, structural=True,
-                                 version=2),
+                                 version=2, prepare=_density),
         "symmetry": DescriptorSet("symmetry", SYMMETRY_COLUMNS, symmetry_features, structural=True, version=2),
-        "bonds": DescriptorSet("bonds", BOND_COLUMNS, bond_features, structural=True, version=2),
+        "bonds": DescriptorSet("bonds", BOND_COLUMNS, bond_features, structural=True, version=2,
+                               prepare=_covalent_radii),
     }
 
 
@@ -338,19 +341,6 @@ def infer_sets(width: int, has_structures: bool = True) -> list[str]:
 
 # -- sets over many items (parallel), with their failures counted ---------------------------
 
-def _warm_up(names: Sequence[str]) -> None:
-    """Build the featurizers and tables of ``names`` in this process (once, before forking)."""
-    for name in names:
-        if name == "magpie":
-            _magpie()
-        elif name == "stoichiometry":
-            _stoichiometry()
-        elif name == "density":
-            _density()
-        elif name == "bonds":
-            _covalent_radii()
-
-
 def _featurize_one(fz: Callable, item, width: int) -> np.ndarray:
     """``fz(item)`` as a (width,) float vector, inf turned into NaN; raises on a wrong width."""
     with warnings.catch_warnings():
@@ -387,7 +377,9 @@ def compute_sets(items: Sequence, names: Sequence[str], n_jobs: int = 1, progres
     n = len(items)
     if not names or not n:
         return {name: np.zeros((n, registry()[name].width)) for name in names}
-    _warm_up(names)
+    for name in names:  # featurizers built once here: forked workers inherit them
+        if registry()[name].prepare is not None:
+            registry()[name].prepare()
     rows, crashed = parallel_map(_Row(names), items, n_jobs=n_jobs, progress=progress,
                                  desc=f"descriptors ({', '.join(names)})")
     matrix = np.full((n, width_of(names)), np.nan)
