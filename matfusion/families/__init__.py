@@ -68,7 +68,7 @@ def fusion_of(config: Union[TrialConfig, Mapping[str, Any]]) -> str:
     section's ``fusion`` (default ``none``).  A flat row with ``family`` and ``fusion`` (e.g. a
     leaderboard row) is read the same way."""
     if isinstance(config, TrialConfig):
-        return config.params.fusion if config.params and get(config.family).graph else "none"
+        return str(config.params.fusion) if get(config.family).graph else "none"
     family = get(str(config.get("family")))
     if not family.graph:
         return "none"

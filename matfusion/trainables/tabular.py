@@ -21,9 +21,11 @@ from typing import Callable
 import numpy as np
 
 from .. import families
-from ..config import ONE_SHOT_FAMILIES, TABULAR_FAMILIES  # noqa: F401  (re-exported for the trainables)
 from ..families import TrialConfig
 from .loop import LocalSession, target_stats, validation_score
+
+TABULAR_FAMILIES = families.TABULAR  # (kept importable from here: ensembles/stacking.py reads it)
+ONE_SHOT_FAMILIES = families.ONE_SHOT
 
 
 def _as_2d(y) -> np.ndarray:

@@ -19,7 +19,7 @@ or ``late`` (alpha * RF + (1 - alpha) * GNN, alpha chosen on the inner validatio
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
@@ -29,11 +29,24 @@ from ..families.trial_config import LATE_FOREST_FAMILY
 
 # torch and the graph models are imported where they are used: a tabular trial's Ray worker
 # then imports scikit-learn / LightGBM only (seconds less per worker on a busy machine)
-from .loop import LocalSession, LoopSettings, TuneSession, predict, seed_everything, target_stats, train_torch_model, \
-    validation_score
+from .loop import (
+    LocalSession,
+    LoopSettings,
+    TuneSession,
+    predict,
+    seed_everything,
+    target_stats,
+    train_torch_model,
+    validation_score,
+)
 from .tabular import fit_forests as _fit_forests
 from .tabular import predict_forests
 from .trial_data import data_list
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+    from .multitask import MultiTaskLoss
 
 LATE_ALPHAS = np.linspace(0.0, 1.0, 21)
 Config = Union[TrialConfig, dict]
