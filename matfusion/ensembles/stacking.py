@@ -47,20 +47,13 @@ log = logging.getLogger("matfusion.ensembles")
 _DEFAULTS = EnsembleConfig()  # the one home of the ensemble defaults (meta, n_folds, refit, max_epochs)
 META_LEARNERS = typing.get_args(EnsembleConfig.model_fields["meta"].annotation)  # ("mae", "nnls", "ridge", "gbm")
 DEFAULT_GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
-# what predict_from_state needs of a torch state (the optimizer etc. are dropped)
-_STATE_KEYS = ("best_model", "y_mean", "y_std", "magpie_scaler", "fusion", "rf", "best_hook_state",
-               "best_val_mae", "best_epoch", "target_names")
 
 
 def member_name(config: dict) -> str:
-    """A short readable name of a member: ``rf``, ``cgcnn-early``, ``alignn-none`` ..."""
-    from ..config import TABULAR_FAMILIES
+    """A short readable name of a member: its group (``rf``, ``cgcnn-early``, ``alignn-none`` ...)."""
+    from .. import families
 
-    family = str(config.get("family"))
-    if family in TABULAR_FAMILIES:
-        return family
-    hp = config.get(family) or {}
-    return f"{family}-{hp.get('fusion', 'none')}"
+    return families.group_of(config)
 
 
 def unique_names(configs: Sequence[dict]) -> list[str]:
@@ -220,11 +213,10 @@ def _single_target(targets: np.ndarray) -> np.ndarray:
 
 
 def _slim_state(config: dict, state: dict) -> dict:
-    from ..trainables.tabular import TABULAR_FAMILIES, slim_state
+    """What prediction needs of a member's trained state (its family says), copied."""
+    from .. import families
 
-    if config["family"] in TABULAR_FAMILIES:
-        return slim_state(config, state)
-    return {k: copy.deepcopy(state[k]) for k in _STATE_KEYS if k in state}
+    return copy.deepcopy(families.get(config["family"]).slim_state(state))
 
 
 def kfold_assignment(n: int, n_folds: int, seed: int) -> np.ndarray:

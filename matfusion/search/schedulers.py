@@ -24,13 +24,13 @@ from typing import Optional
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.stopper import Stopper
 
-from ..config import ONE_SHOT_FAMILIES
+from .. import families
 from . import compat
 
 log = logging.getLogger("matfusion.search")
 
 # families trained in one shot (no epochs): outside ASHA's rungs (the name is kept for its users)
-TABULAR_FAMILIES = frozenset(ONE_SHOT_FAMILIES)
+TABULAR_FAMILIES = frozenset(families.ONE_SHOT)
 
 RESULT_FILE = "result.json"
 
