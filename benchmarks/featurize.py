@@ -1,5 +1,6 @@
-"""Featurization throughput: a cold run (empty cache: Magpie + crystal graphs computed) and a
-warm run (same cache dir: everything read back from disk), in structures per second.
+"""Featurization throughput: a cold run (empty cache: the crystal graphs and the default
+descriptor sets, Magpie included, computed) and a warm run (same cache dir: everything read
+back from disk), in structures per second.  Measured figures: docs/notes-data.md.
 
     python benchmarks/featurize.py [--task matbench_phonons] [--data-dir DIR] [--n-jobs N]
 
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
     from matfusion.config import DataConfig, FeaturesConfig
     from matfusion.data import load_dataset
     from matfusion.data.cache import FeatureCache
-    from matfusion.data.featurize import featurize, magpie_columns
+    from matfusion.data.descriptors import magpie_columns
+    from matfusion.data.featurize import featurize
 
     ds = load_dataset(DataConfig(source=args.task, data_dir=args.data_dir))
     n = len(ds)

@@ -13,15 +13,18 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-FAMILIES = ("rf", "lgbm", "et", "cgcnn", "alignn")
+from . import families as _families
+
+# the model families and fusions come from the family registry (matfusion/families/)
+FAMILIES = _families.names()
 # families trained on the descriptor matrix only (no crystal graph, no fusion)
-TABULAR_FAMILIES = ("rf", "lgbm", "et")
+TABULAR_FAMILIES = _families.TABULAR
 # tabular families trained in one shot: one report, outside ASHA's rungs (lgbm reports every chunk
 # of boosting rounds, so ASHA may stop it)
-ONE_SHOT_FAMILIES = ("rf", "et")
+ONE_SHOT_FAMILIES = _families.ONE_SHOT
 DESCRIPTOR_SETS = ("magpie", "stoichiometry", "density", "symmetry", "bonds")
-FUSIONS = ("none", "early", "attention", "late")
-TASK_WEIGHTINGS = ("fixed", "tuned", "uncertainty")
+FUSIONS = _families.FUSIONS
+TASK_WEIGHTINGS = _families.TASK_WEIGHTINGS
 
 
 class ConfigError(ValueError):
@@ -72,11 +75,11 @@ class FeaturesConfig(_Strict):
 class SearchConfig(_Strict):
     """Ray Tune + Optuna TPE + ASHA settings."""
 
-    families: list[Literal["rf", "lgbm", "et", "cgcnn", "alignn"]] = Field(
+    families: list[Literal[FAMILIES]] = Field(
         default_factory=lambda: list(FAMILIES),
         description="model families the search picks from; rf, lgbm (LightGBM) and et (extra trees) train on "
         "features.descriptors like rf")
-    fusions: list[Literal["none", "early", "attention", "late"]] = Field(
+    fusions: list[Literal[FUSIONS]] = Field(
         default_factory=lambda: list(FUSIONS),
         description="fusions of each GNN with Magpie that the search may pick")
     task_weighting: list[Literal["fixed", "tuned", "uncertainty"]] = Field(
@@ -175,7 +178,13 @@ def _ensemble_config() -> type:
         warnings.filterwarnings("ignore", message='Field name "register"')
 
         class EnsembleConfig(_Strict):
-            """Stack the best trials into an ensemble when a search completes (``matfusion ensemble``)."""
+            """Stack the best trials into an ensemble when a search completes (``matfusion ensemble``).
+
+            The one home of the ensemble defaults: ``matfusion ensemble``'s flags default to these
+            fields (``ensembles.commands.settings_from_args``), ``build_ensemble_from_search`` takes
+            an instance (``settings``), and ``StackedEnsemble``'s ``meta`` / ``n_folds`` / ``refit`` /
+            ``graph_max_epochs`` defaults are ``meta`` / ``n_folds`` / ``refit`` / ``max_epochs`` here;
+            ``meta``'s literal is the list of meta-learners (``stacking.META_LEARNERS``)."""
 
             enabled: bool = Field(False, description="build, evaluate and log an ensemble after a completed search")
             k: int = Field(2, ge=1, description="members per group (rf; each graph family x fusion)")

@@ -10,7 +10,8 @@ from pymatgen.core import Composition, Lattice, Structure
 from matfusion.config import ConfigError, DataConfig, FeaturesConfig, config_from_dict
 from matfusion.data import descriptors as D
 from matfusion.data.dataset import Dataset
-from matfusion.data.featurize import featurize, magpie_features
+from matfusion.data.descriptors import magpie_features
+from matfusion.data.featurize import featurize
 
 A = 4.2  # CsCl: Cs at the corner, Cl at the body centre
 
@@ -66,6 +67,36 @@ def test_stoichiometry_and_magpie_of_cscl(cscl):
     s = D.stoichiometry_features(cscl)
     assert s.shape == (6,) and s[0] == 2 and s[1] == pytest.approx(math.sqrt(0.5))
     assert magpie_features([cscl]).shape == (1, 132)
+
+
+def test_magpie_is_one_entry_of_the_registry_with_its_old_cache_key(cscl):
+    """Magpie is computed by the registry's machinery like every set, and keeps the cache key
+    (kind, parameters, array name) it had before it joined the registry: caches on disk stay valid."""
+    from matfusion.data.cache import cache_key
+
+    reg = D.registry()
+    assert list(reg) == list(D.DESCRIPTOR_SETS)
+    magpie = reg["magpie"]
+    assert magpie.width == D.MAGPIE_WIDTH == 132 and magpie.columns == tuple(D.magpie_columns())
+    assert not magpie.structural and not magpie.prefixed
+    assert magpie.cache_key("h") == cache_key("magpie", "h", {"preset": "magpie", "width": 132})
+    assert magpie.cache_array == "magpie"
+    assert reg["bonds"].cache_key("h") == cache_key("desc-bonds", "h", {"set": "bonds", "version": 2,
+                                                                      "width": len(D.BOND_COLUMNS)})
+    assert reg["stoichiometry"].cache_key("h") == cache_key("desc-stoichiometry", "h",
+                                                            {"set": "stoichiometry", "version": 1, "width": 6})
+    np.testing.assert_array_equal(D.compute_sets([cscl], ["magpie"])["magpie"][0], D.magpie_vector(cscl))
+    np.testing.assert_array_equal(D.magpie_vector(cscl), D.magpie_vector(cscl.composition))
+
+
+def test_a_set_failing_on_one_item_leaves_only_that_set_nan(cscl, caplog):
+    """One pass computes every set per item: a string (no composition) makes magpie and
+    stoichiometry fail on that item only, and the log names the first failure."""
+    with caplog.at_level(logging.WARNING, logger="matfusion.data"):
+        out = D.compute_sets([cscl, "not a crystal"], ["magpie", "stoichiometry"], n_jobs=1)
+    assert np.isfinite(out["magpie"][0]).all() and np.isnan(out["magpie"][1]).all()
+    assert np.isfinite(out["stoichiometry"][0]).all() and np.isnan(out["stoichiometry"][1]).all()
+    assert "2 featurizer call(s) failed" in caplog.text and "first: item 1, magpie" in caplog.text
 
 
 def test_isolated_atom_gives_nan_not_an_error():

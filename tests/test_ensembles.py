@@ -23,7 +23,7 @@ from matfusion.ensembles import (StackedEnsemble, evaluate_ensemble, export_mode
                                  predict_structures, register_ensemble, select_members)
 from matfusion.ensembles.commands import add_parsers
 from matfusion.ensembles.export import featurizer_spec, make_card
-from matfusion.ensembles.stacking import ConvexMAEMeta, GBMMeta, NNLSMeta, RidgeMeta
+from matfusion.ensembles.stacking import ConvexMAEMeta, GBMMeta, InvalidParameterError, NNLSMeta, RidgeMeta
 
 LIMIT = 150
 TASK = "matbench_phonons"
@@ -180,18 +180,124 @@ def test_nnls_intercept_by_centering():
     assert meta.coef_ == pytest.approx([2.0, 0.0], abs=1e-9) and meta.intercept_ == pytest.approx(3.0)
 
 
-def test_bad_arguments_are_named(phonons):
+def test_bad_arguments_are_named_in_fit(phonons):
+    """__init__ stores anything (scikit-learn's manner); fit checks, naming the parameter."""
     ds, split, fs = phonons
-    with pytest.raises(ValueError, match="meta-learner"):
-        StackedEnsemble([RF], meta="svm")
-    with pytest.raises(ValueError, match="context_features needs meta"):
-        StackedEnsemble([RF], meta="nnls", context_features=3)
+    rows = split.train
+    bad = [({"meta": "svm"}, r"meta: unknown meta-learner 'svm'"),
+           ({"meta": "nnls", "context_features": 3}, "context_features needs meta"),
+           ({"context_features": -1, "meta": "ridge"}, "context_features must be an integer >= 0"),
+           ({"n_folds": 1}, r"n_folds must be an integer >= 2 \(got 1\)"),
+           ({"n_folds": 2.5}, "n_folds must be an integer"),
+           ({"seed": "0"}, "seed must be an integer"),
+           ({"es_fraction": 0.5}, r"es_fraction must be in \(0, 0.5\)"),
+           ({"member_overrides": [("max_epochs", 1)]}, "member_overrides must be a dict"),
+           ({"refit": "yes"}, "refit must be True or False"),
+           ({"graph_max_epochs": 0}, "graph_max_epochs must be an integer >= 1"),
+           ({"members": []}, "members: StackedEnsemble needs a non-empty list"),
+           ({"members": [RF, {"rf": {}}]}, r"members\[1\]: a member is a trial config dict with a 'family' key")]
+    for params, message in bad:
+        ens = StackedEnsemble(**{"members": [RF], **params})  # no check here
+        assert ens.get_params()[next(iter(params))] is params[next(iter(params))]
+        with pytest.raises(InvalidParameterError, match=message):
+            ens.fit(fs.magpie, None, ds.targets, rows)
+        assert not hasattr(ens, "members_") and not hasattr(ens, "names_")  # nothing fitted
     two = np.column_stack([ds.targets, ds.targets])
     two[split.train[0]] = np.nan  # a training row without any label
     with pytest.raises(ValueError, match="no finite label for any target"):
         StackedEnsemble([RF], n_folds=2).fit(fs.magpie, None, two, split.train)
     with pytest.raises(RuntimeError, match="not fitted"):
         StackedEnsemble([RF]).predict(fs.magpie, None, split.test)
+
+
+def test_get_params_set_params_and_clone_round_trip():
+    from sklearn.base import clone
+
+    from matfusion.config import EnsembleConfig
+
+    overrides = {"max_epochs": 3}
+    ens = StackedEnsemble([RF, CGCNN], meta="ridge", n_folds=3, context_features=2, seed=7, es_fraction=0.2,
+                          member_overrides=overrides, refit=False, graph_max_epochs=4)
+    params = ens.get_params()
+    assert params == {"members": [RF, CGCNN], "meta": "ridge", "n_folds": 3, "context_features": 2, "seed": 7,
+                      "es_fraction": 0.2, "member_overrides": {"max_epochs": 3}, "refit": False,
+                      "graph_max_epochs": 4}
+    assert params["members"][0] is RF and params["member_overrides"] is overrides  # stored unchanged
+    twin = clone(ens)
+    assert type(twin) is StackedEnsemble and twin.get_params() == params
+    assert twin.members is not ens.members and twin.members[1] is not CGCNN  # a fresh copy, equal
+    assert twin.set_params(n_folds=4, meta="gbm") is twin and twin.n_folds == 4 and twin.meta == "gbm"
+    assert ens.n_folds == 3
+    with pytest.raises(ValueError, match="bogus"):
+        ens.set_params(bogus=1)
+    # the defaults are EnsembleConfig's (one set of numbers)
+    d, plain = EnsembleConfig(), StackedEnsemble([RF])
+    assert (plain.meta, plain.n_folds, plain.refit, plain.graph_max_epochs) == (d.meta, d.n_folds, d.refit,
+                                                                               d.max_epochs)
+    # the derived member configs are made in fit, not in __init__; the given ones stay as they were
+    assert ens.members[1] is CGCNN and "lr_restarts" not in CGCNN and CGCNN["max_epochs"] == 2
+    derived = ens._derived_members()
+    assert [m["lr_restarts"] for m in derived] == [[], []]
+    assert derived[0]["max_epochs"] == 3 and derived[1]["max_epochs"] == 4  # graph_max_epochs: graph members only
+    assert derived[1]["cgcnn"] is not CGCNN["cgcnn"]  # fresh copies
+
+
+def test_clone_of_a_fitted_ensemble_is_unfitted_and_fits_alike(phonons):
+    from sklearn.base import clone
+    from sklearn.utils.validation import check_is_fitted
+
+    ds, split, fs = phonons
+    rows = np.sort(np.concatenate([split.train, split.val]))
+    ens = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=3).fit(fs.magpie, None, ds.targets, rows)
+    check_is_fitted(ens)
+    twin = clone(ens)
+    assert not hasattr(twin, "members_") and not hasattr(twin, "oof_")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        twin.predict(fs.magpie, None, split.test)
+    twin.fit(fs.magpie, None, ds.targets, rows)
+    np.testing.assert_array_equal(twin.oof_, ens.oof_)
+    np.testing.assert_allclose(twin.predict(fs.magpie, None, split.test, return_std=False),
+                               ens.predict(fs.magpie, None, split.test, return_std=False))
+    # prediction reads fitted attributes only: changing a hyperparameter after fit changes nothing
+    # until the next fit
+    expect = ens.predict(fs.magpie, None, split.test)
+    ens.set_params(n_folds=4, members=[WEAK])
+    for a, b in zip(ens.predict(fs.magpie, None, split.test), expect):
+        np.testing.assert_allclose(a, b)
+
+
+def test_pickled_ensemble_predicts_in_a_fresh_process(tmp_path, phonons):
+    """What the pyfunc model does: unpickle the fitted ensemble in a new interpreter and predict."""
+    import pickle
+
+    ds, split, fs = phonons
+    rows = np.sort(np.concatenate([split.train, split.val]))
+    ens = StackedEnsemble([RF, WEAK], meta="ridge", n_folds=2, context_features=3, seed=1).fit(
+        fs.magpie, None, ds.targets, rows)
+    mean, std = ens.predict(fs.magpie, None, split.test)
+    (tmp_path / "ens.pkl").write_bytes(pickle.dumps(ens))
+    np.save(tmp_path / "x.npy", fs.magpie[split.test])
+    script = textwrap.dedent(f"""
+        import pickle, numpy as np
+        ens = pickle.load(open({str(tmp_path / 'ens.pkl')!r}, "rb"))
+        x = np.load({str(tmp_path / 'x.npy')!r})
+        mean, std = ens.predict(x, None, np.arange(len(x)))
+        np.save({str(tmp_path / 'out.npy')!r}, np.stack([mean, std]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "out.npy")
+    np.testing.assert_allclose(got[0], mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got[1], std, rtol=0, atol=1e-9)
+    # a pickle made before the trained configs moved to members_ (they were kept in members)
+    old = dict(ens.__dict__, members=ens.members_)
+    del old["members_"]
+    restored = pickle.loads(pickle.dumps(ens))
+    restored.__dict__.clear()
+    restored.__setstate__(old)
+    assert restored.members_ == ens.members_
+    np.testing.assert_allclose(restored.predict(fs.magpie, None, split.test)[0], mean, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- real stacking
@@ -251,13 +357,13 @@ def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
     assert fit_rows | es_rows == train_rows and not fit_rows & es_rows and es_rows
     assert len(fit_rows) > max(len(r) for r in fitted.fold_train_rows_)  # more rows than any fold model
     weighted = fitted.weighted_members()
-    assert weighted and all((fitted.refit_states_[j] is not None) == (j in weighted) for j in range(len(fitted.members)))
+    assert weighted and all((fitted.refit_states_[j] is not None) == (j in weighted) for j in range(len(fitted.members_)))
     for j in weighted:
-        if fitted.members[j]["family"] == "cgcnn":  # standardized on exactly the refit's training rows
+        if fitted.members_[j]["family"] == "cgcnn":  # standardized on exactly the refit's training rows
             assert float(np.ravel(fitted.refit_states_[j]["y_mean"])[0]) == pytest.approx(
                 ds.targets[fitted.refit_train_rows_].mean())
     assert fitted.summary()["refit"] == [fitted.names_[j] for j in weighted]
-    assert all(m["lr_restarts"] == [] for m in fitted.members)  # members anneal once, whatever the search did
+    assert all(m["lr_restarts"] == [] for m in fitted.members_)  # members anneal once, whatever the search did
 
     out = fitted.predict_all(fs.magpie, fs.graphs, split.test)
     fold_mean = fitted.stack_folds(out["per_fold"], fs.magpie, split.test).mean(axis=0)
@@ -267,7 +373,7 @@ def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
     import copy
 
     plain = copy.copy(fitted)
-    plain.refit_states_ = [None] * len(fitted.members)
+    plain.refit_states_ = [None] * len(fitted.members_)
     np.testing.assert_allclose(plain.predict(fs.magpie, fs.graphs, split.test, return_std=False), fold_mean)
 
 
@@ -488,6 +594,41 @@ def test_ensemble_command_end_to_end(tmp_path, phonons, capsys):
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
 
 
+def test_ensemble_flags_build_the_ensemble_config():
+    """The flags not given keep EnsembleConfig's defaults; the given ones override them; a bad
+    value is named by its flag."""
+    from matfusion.config import EnsembleConfig
+    from matfusion.ensembles.commands import settings_from_args
+
+    parser = _parser()
+    args = parser.parse_args(["ensemble", "--experiment", "x"])
+    assert settings_from_args(args) == EnsembleConfig()
+    assert (args.seed, args.context_features) == (StackedEnsemble([RF]).seed, StackedEnsemble([RF]).context_features)
+    args = parser.parse_args(["ensemble", "--experiment", "x", "--k", "1", "--meta", "gbm", "--folds", "3",
+                              "--max-epochs", "7", "--no-refit", "--no-register"])
+    assert settings_from_args(args) == EnsembleConfig(k=1, meta="gbm", n_folds=3, max_epochs=7, refit=False,
+                                                      register=False)
+    args = parser.parse_args(["ensemble", "--experiment", "x", "--folds", "1", "--max-epochs", "0"])
+    with pytest.raises(ValueError, match=r"--folds: .*greater than or equal to 2 \(got 1\).*--max-epochs"):
+        settings_from_args(args)
+    # run_ensemble reports it and exits 2 before touching MLflow
+    assert args.func(args) == 2
+    with pytest.raises(SystemExit):  # not an integer / not a meta-learner: argparse's own error
+        parser.parse_args(["ensemble", "--experiment", "x", "--meta", "svm"])
+
+
+def test_help_texts_show_the_config_defaults(capsys):
+    from matfusion.config import EnsembleConfig
+
+    parser = _parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["ensemble", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    d = EnsembleConfig()
+    assert f"members per group (default {d.k})" in text and f"(>= 2; default {d.n_folds})" in text
+    assert f"gbm (default {d.meta})" in text
+
+
 def test_help_texts():
     parser = _parser()
     for cmd in ("ensemble", "export", "predict"):
@@ -571,7 +712,8 @@ def test_multi_target_stacking_shapes_and_labelled_meta_rows(elastic):
     ds, split, fs, targets, rows, hidden, ens = elastic
     n, m, k = len(rows), 2, 2
     assert ens.multi_target and ens.target_names_ == ELASTIC_TARGETS
-    assert all(c["targets"] == ELASTIC_TARGETS for c in ens.members)
+    assert all(c["targets"] == ELASTIC_TARGETS for c in ens.members_)
+    assert all("targets" not in c for c in ens.members)  # the given configs are left as they were
     assert ens.oof_.shape == (n, m, k) and np.isfinite(ens.oof_).all()
     assert ens.oof_y_.shape == (n, k)
     # K_VRH: every training row; G_VRH: exactly the training rows that keep their label

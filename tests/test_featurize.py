@@ -1,4 +1,5 @@
-"""Crystal graphs, Magpie features and the feature cache, on real structures."""
+"""Crystal graphs, Magpie features, the feature cache and the parallel map: on small structures
+made here, and (where real-data behaviour is the point) on 40 phonons structures."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,10 @@ from matfusion.config import DataConfig, FeaturesConfig
 from matfusion.data import load_dataset
 from matfusion.data.cache import FeatureCache, cache_key
 from matfusion.data.crystal_graph import GraphSet, element_feature_table, gaussian_expansion, neighbor_graph
-from matfusion.data.featurize import MAGPIE_WIDTH, featurize, magpie_columns, magpie_features
+from matfusion.data.dataset import DataError, Dataset
+from matfusion.data.descriptors import MAGPIE_WIDTH, magpie_columns, magpie_features
+from matfusion.data.featurize import featurize
+from matfusion.data.parallel import Failure, parallel_map
 from matfusion.trainables.cgcnn import CGCNN
 
 NACL_A = 5.64
@@ -30,6 +34,35 @@ def lone_helium() -> Structure:
 @pytest.fixture(scope="module")
 def phonons40():
     return load_dataset(DataConfig(source="matbench_phonons", limit=40))
+
+
+def toy_structures(n: int = 24, seed: int = 0) -> list[Structure]:
+    """``n`` small crystals: rock salt (primitive), CsCl, simple-cubic Na (a = 5.5 A: its only
+    neighbours within 6 A are at 5.5 A) and bcc Fe, each scaled and jiggled (seeded)."""
+    rng = np.random.default_rng(seed)
+    protos = [
+        Structure(Lattice.from_parameters(3.99, 3.99, 3.99, 60, 60, 60), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        Structure(Lattice.cubic(4.12), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        Structure(Lattice.cubic(5.5), ["Na"], [[0, 0, 0]]),
+        Structure(Lattice.cubic(2.87), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    ]
+    out = []
+    for i in range(n):
+        p = protos[i % len(protos)]
+        lattice = Lattice(p.lattice.matrix * (1 + 0.04 * rng.random()))
+        coords = p.frac_coords + (rng.normal(0, 0.01, p.frac_coords.shape) if i >= len(protos) else 0)
+        out.append(Structure(lattice, p.species, coords))
+    return out
+
+
+def toy_dataset(n: int = 24, seed: int = 0, name: str = "toy") -> Dataset:
+    return Dataset(name=name, ids=[f"{name}-{i}" for i in range(n)], structures=toy_structures(n, seed),
+                   targets=np.arange(n, dtype=float), target_name="y", content_hash=f"{name}-{n}-{seed}")
+
+
+@pytest.fixture(scope="module")
+def toy24():
+    return toy_dataset(24)
 
 
 def assert_graphs_equal(a: GraphSet, b: GraphSet) -> None:
@@ -193,14 +226,14 @@ def test_featurize_then_cache_hit(phonons40, tmp_path):
     assert_features_equal(first, second)
 
 
-def test_tabular_only_featurization_builds_no_graphs(phonons40, tmp_path):
+def test_tabular_only_featurization_builds_no_graphs(toy24, tmp_path):
     """A search of tabular families only asks for no graphs: none are built or cached, and the
     descriptor matrix is the same as with graphs."""
     cfg = FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1)
-    tab = featurize(phonons40, cfg, progress=False, graphs=False)
+    tab = featurize(toy24, cfg, progress=False, graphs=False)
     assert tab.graphs is None and not list(tmp_path.glob("graph-*.npz"))
-    full = featurize(phonons40, cfg, progress=False)
-    assert full.graphs is not None and len(full.graphs) == 40
+    full = featurize(toy24, cfg, progress=False)
+    assert full.graphs is not None and len(full.graphs) == 24
     np.testing.assert_array_equal(tab.magpie, full.magpie)
 
 
@@ -219,32 +252,32 @@ def _flip_middle(path):
 
 @pytest.mark.parametrize("kind", ["graph", "magpie"])
 @pytest.mark.parametrize("damage", [_truncate, _flip_middle], ids=["truncate", "flip-bytes"])
-def test_corrupt_cache_is_detected_and_rebuilt(phonons40, tmp_path, kind, damage):
+def test_corrupt_cache_is_detected_and_rebuilt(toy24, tmp_path, kind, damage):
     cfg = FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1)
-    original = featurize(phonons40, cfg, progress=False)
+    original = featurize(toy24, cfg, progress=False)
     (victim,) = tmp_path.glob(f"{kind}-*.npz")
     damage(victim)
 
     cache = FeatureCache(tmp_path)
-    rebuilt = featurize(phonons40, cfg, progress=False, cache=cache)
+    rebuilt = featurize(toy24, cfg, progress=False, cache=cache)
     assert cache.rebuilt == [victim.stem]
     assert not rebuilt.from_cache
     assert_features_equal(original, rebuilt)
     assert victim.is_file()
 
     again_cache = FeatureCache(tmp_path)
-    again = featurize(phonons40, cfg, progress=False, cache=again_cache)
+    again = featurize(toy24, cfg, progress=False, cache=again_cache)
     assert again.from_cache and again_cache.rebuilt == []
     assert_features_equal(original, again)
 
 
-def test_cache_key_depends_on_cutoff(phonons40, tmp_path):
-    h = phonons40.content_hash
+def test_cache_key_depends_on_cutoff(toy24, tmp_path):
+    h = toy24.content_hash
     assert cache_key("graph", h, {"cutoff": 6.0, "max_neighbors": 12}) != cache_key("graph", h, {"cutoff": 5.0, "max_neighbors": 12})
     assert cache_key("graph", h, {"cutoff": 6.0, "max_neighbors": 12}) == cache_key("graph", h, {"max_neighbors": 12, "cutoff": 6.0})
 
-    six = featurize(phonons40, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1), progress=False)
-    five = featurize(phonons40, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1, cutoff=5.0), progress=False)
+    six = featurize(toy24, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1), progress=False)
+    five = featurize(toy24, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1, cutoff=5.0), progress=False)
     assert not five.from_cache  # the 6 A graphs must not be reused for 5 A
     assert len(list(tmp_path.glob("graph-*.npz"))) == 2 and len(list(tmp_path.glob("magpie-*.npz"))) == 1
     assert five.graphs.cutoff == 5.0
@@ -253,11 +286,14 @@ def test_cache_key_depends_on_cutoff(phonons40, tmp_path):
     np.testing.assert_array_equal(five.magpie, six.magpie)
 
 
-def test_parallel_equals_serial(phonons40, tmp_path):
-    serial = featurize(phonons40, FeaturesConfig(cache_dir=str(tmp_path / "serial"), n_jobs=1), progress=False)
-    parallel = featurize(phonons40, FeaturesConfig(cache_dir=str(tmp_path / "parallel"), n_jobs=2), progress=False)
+def test_parallel_equals_serial(toy24, tmp_path):
+    cfg = FeaturesConfig(n_jobs=1, line_graph=True, descriptors=["magpie", "stoichiometry", "density", "symmetry", "bonds"])
+    serial = featurize(toy24, cfg.model_copy(update={"cache_dir": str(tmp_path / "serial")}), progress=False)
+    parallel = featurize(toy24, cfg.model_copy(update={"cache_dir": str(tmp_path / "parallel"), "n_jobs": 2}),
+                         progress=False)
     assert not serial.from_cache and not parallel.from_cache
     assert_features_equal(serial, parallel)
+    assert serial.graphs.has_line_graph and np.isfinite(serial.magpie).all()
 
 
 def test_graphset_subset_round_trip():
@@ -276,3 +312,90 @@ def test_graphset_subset_round_trip():
     # through the arrays (as the cache stores them) and back
     assert_graphs_equal(GraphSet(**sub.arrays(), cutoff=4.0, max_neighbors=8), sub)
     assert len(gs.subset([])) == 0
+
+
+# --------------------------------------------------------------------------- the parallel map
+
+
+def _inverse(x: float) -> float:
+    return 1.0 / x
+
+
+def test_parallel_map_keeps_order_and_reports_each_failing_item():
+    items = [float(i % 7) for i in range(100)]  # 0.0 at positions 0, 7, 14, ...
+    serial, serial_failed = parallel_map(_inverse, items, n_jobs=1)
+    forked, forked_failed = parallel_map(_inverse, items, n_jobs=2, chunk=8)  # 13 chunks: forks
+    assert forked == serial and forked_failed == serial_failed
+    zeros = [i for i, x in enumerate(items) if x == 0]
+    assert [f.index for f in forked_failed] == zeros and len(zeros) == 15
+    assert forked_failed[0] == Failure(0, "ZeroDivisionError", "float division by zero")
+    assert all(forked[i] is None for i in zeros)
+    assert forked[1] == 1.0 and forked[99] == pytest.approx(1 / 1)  # 99 % 7 == 1
+    assert parallel_map(_inverse, [], n_jobs=2) == ([], [])
+
+
+def test_parallel_map_hands_the_work_to_forked_children_unpickled():
+    """A closure over an unpicklable object works with 2 workers: fn and items reach the
+    children through the fork, not through pickling; the parent keeps no task state."""
+    import os
+    import threading
+
+    from matfusion.data import parallel
+
+    lock = threading.Lock()  # cannot be pickled
+
+    def pid_and_square(x):
+        with lock:
+            return os.getpid(), x * x
+
+    values, failures = parallel_map(pid_and_square, list(range(60)), n_jobs=2, chunk=5)
+    assert not failures and [v[1] for v in values] == [x * x for x in range(60)]
+    assert os.getpid() not in {v[0] for v in values}  # computed in the children
+    assert parallel._TASK is None
+
+
+def test_a_structure_the_graph_builder_fails_on_is_named(toy24, tmp_path):
+    from pymatgen.core import Composition
+
+    bad = Dataset(name="mixed", ids=["a", "b", "c"], structures=[nacl(), Composition("NaCl"), nacl()],
+                  targets=np.zeros(3), target_name="y", content_hash="mixed-3")
+    with pytest.raises(DataError, match=r"mixed: cannot build the crystal graph of 1 structure\(s\): row 1 \(id b\)"):
+        featurize(bad, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1, descriptors=["magpie"]), progress=False)
+
+
+def test_no_import_circle_in_the_data_package():
+    """The imports between matfusion.data modules (at the top or inside functions) form no
+    cycle (featurize uses descriptors, never the reverse), and each module imports alone in a
+    fresh interpreter."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import matfusion.data
+
+    root = Path(matfusion.data.__file__).parent
+    modules = sorted(p.stem for p in root.glob("*.py") if p.stem != "__init__")
+    graph = {}
+    for m in modules:
+        deps = set()
+        for node in ast.walk(ast.parse((root / f"{m}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps.update(a.name for a in node.names)
+        graph[m] = deps & set(modules)
+    assert "featurize" not in graph["descriptors"] and "descriptors" in graph["featurize"]
+
+    def visit(m, path):
+        assert m not in path, f"import circle: {' -> '.join(path + [m])}"
+        for d in graph[m]:
+            visit(d, path + [m])
+
+    for m in modules:
+        visit(m, [])
+    for m in modules:
+        subprocess.run([sys.executable, "-c", f"import matfusion.data.{m}"], check=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(root.parents[1])})

@@ -287,6 +287,21 @@ def test_cif_folder_without_id_prop_is_an_error(tmp_path):
         load_cif_folder(empty)
 
 
+def test_target_names_one_per_target_column(tmp_path):
+    path = tmp_path / "two.csv"
+    pd.DataFrame({"structure": [cif(nacl()), cif(cscl())], "K_VRH": [24.0, 17.0],
+                  "G_VRH": [14.0, ""]}).to_csv(path, index=False)
+    two = load_table(path, ["K_VRH", "G_VRH"])
+    assert two.targets.shape == (2, 2) and two.target_names == ["K_VRH", "G_VRH"]
+    assert load_table(path, "K_VRH").target_names == ["K_VRH"]
+    # a name with a comma of its own cannot be split into one name per column: t0, t1
+    odd = two.subset([0, 1])
+    odd.target_name = "a,b,c"
+    assert odd.target_names == ["t0", "t1"]
+    odd.target_name = "last phdos peak"
+    assert odd.subset([0]).targets.shape == (1, 2) and odd.target_names == ["t0", "t1"]
+
+
 # --------------------------------------------------------------------------- real data
 
 

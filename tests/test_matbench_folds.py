@@ -1,4 +1,5 @@
-"""Matbench tasks from the data dir, their official folds, and the inner train/val split."""
+"""Matbench tasks from the data dir and their official folds (real data); the inner train/val
+split and the seeded row limit (on a small dataset of structures made here)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pymatgen.core import Composition, Structure
+from pymatgen.core import Composition, Lattice, Structure
 
 from matfusion.config import DataConfig
-from matfusion.data import DataError, default_data_dir, limit_rows, load_dataset, outer_folds, split_fold
+from matfusion.data import DataError, Dataset, default_data_dir, limit_rows, load_dataset, outer_folds, split_fold
 
 TASK = "matbench_phonons"
 
@@ -26,6 +27,18 @@ def validation_splits():
     spec = importlib.util.find_spec("matbench")
     path = Path(list(spec.submodule_search_locations)[0]) / "matbench_v0.1_validation.json"
     return json.loads(path.read_text())["splits"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """60 rows of rock salt at 60 lattice constants, with 5 "official" folds of 12 rows
+    (rows i with i % 5 == k, as a matbench task holds them: positions into the rows)."""
+    n = 60
+    structures = [Structure(Lattice.cubic(5.0 + 0.01 * i), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+                  for i in range(n)]
+    return Dataset(name="toy", ids=[f"toy-{i:02d}" for i in range(n)], structures=structures,
+                   targets=np.linspace(1.0, 2.0, n), target_name="y", content_hash="toy-60",
+                   official_folds=[np.arange(k, n, 5) for k in range(5)])
 
 
 def fold_of(ds) -> dict:
@@ -57,52 +70,61 @@ def test_official_folds(phonons, validation_splits):
         assert set(phonons.ids) - ours == set(official[f"fold_{k}"]["train"])
 
 
-def test_split_fold(phonons):
-    sp = split_fold(phonons, 0, val_fraction=0.1, seed=0)
+def test_split_fold(toy):
+    n, n_test = 60, 12
+    sp = split_fold(toy, 0, val_fraction=0.1, seed=0)
     train, val, test = (set(x.tolist()) for x in (sp.train, sp.val, sp.test))
     assert not (train & val or train & test or val & test)
-    assert train | val | test == set(range(1265))
-    assert test == set(phonons.official_folds[0].tolist())
-    assert len(val) == round(0.1 * (1265 - 253))
-    assert 0.09 < len(val) / (len(train) + len(val)) < 0.11
+    assert train | val | test == set(range(n))
+    assert test == set(toy.official_folds[0].tolist())
+    assert len(val) == round(0.1 * (n - n_test)) == 5
 
-    again = split_fold(phonons, 0, val_fraction=0.1, seed=0)
+    again = split_fold(toy, 0, val_fraction=0.1, seed=0)
     np.testing.assert_array_equal(again.train, sp.train)
     np.testing.assert_array_equal(again.val, sp.val)
-    other = split_fold(phonons, 0, val_fraction=0.1, seed=1)
+    other = split_fold(toy, 0, val_fraction=0.1, seed=1)
     np.testing.assert_array_equal(other.test, sp.test)  # the official test part never moves
     assert set(other.val.tolist()) != val
     assert set(other.train.tolist()) | set(other.val.tolist()) == train | val
     # each fold has its own inner split, and its own test part
-    one = split_fold(phonons, 1, seed=0)
+    one = split_fold(toy, 1, seed=0)
     assert not set(one.test.tolist()) & test
     assert set(one.val.tolist()) != val
 
 
+def test_split_fold_of_the_real_phonons_task(phonons):
+    sp = split_fold(phonons, 0, val_fraction=0.1, seed=0)
+    assert len(sp.test) == 253 and len(sp.val) == round(0.1 * (1265 - 253))
+    assert len(sp.train) + len(sp.val) + len(sp.test) == 1265
+
+
 @pytest.mark.parametrize("fold", [-1, 5, 17])
-def test_bad_fold_number(phonons, fold):
-    with pytest.raises(DataError, match=rf"fold {fold} does not exist"):
-        split_fold(phonons, fold)
+def test_bad_fold_number(toy, fold):
+    with pytest.raises(DataError, match=rf"toy: fold {fold} does not exist \(folds 0..4\)"):
+        split_fold(toy, fold)
 
 
-def test_limit_rows_keeps_fold_membership(phonons):
-    full_fold = fold_of(phonons)
+def test_limit_rows_keeps_fold_membership(toy):
+    full_fold = fold_of(toy)
     for seed in (0, 3):
-        sub = limit_rows(phonons, 200, seed=seed)
-        assert len(sub) == 200 and len(set(sub.ids)) == 200
-        assert sum(len(f) for f in sub.official_folds) == 200
+        sub = limit_rows(toy, 20, seed=seed)
+        assert len(sub) == 20 and len(set(sub.ids)) == 20
+        assert sum(len(f) for f in sub.official_folds) == 20
         for k, fold in enumerate(sub.official_folds):
             for p in fold:
                 assert full_fold[sub.ids[p]] == k
         # rows keep their structure and target
-        pos = {rid: i for i, rid in enumerate(phonons.ids)}
-        for i in (0, 77, 199):
+        pos = {rid: i for i, rid in enumerate(toy.ids)}
+        for i in (0, 7, 19):
             j = pos[sub.ids[i]]
-            assert sub.targets[i] == phonons.targets[j] and sub.structures[i] is phonons.structures[j]
+            assert sub.targets[i] == toy.targets[j] and sub.structures[i] is toy.structures[j]
         sp = split_fold(sub, 2, seed=seed)
         assert {sub.ids[p] for p in sp.test} == {rid for rid in sub.ids if full_fold[rid] == 2}
-    assert limit_rows(phonons, 200, seed=0).ids != limit_rows(phonons, 200, seed=3).ids
-    # load_dataset applies the same limit
+    assert limit_rows(toy, 20, seed=0).ids != limit_rows(toy, 20, seed=3).ids
+    assert limit_rows(toy, None) is toy and limit_rows(toy, 60) is toy
+
+
+def test_load_dataset_applies_the_seeded_limit(phonons):
     assert load_dataset(DataConfig(source=TASK, limit=200)).ids == limit_rows(phonons, 200, seed=0).ids
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from ray.train._internal.storage import StorageContext
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from conftest import REPO
 from matfusion.config import SearchConfig
+from matfusion.search import compat
 from matfusion.search.schedulers import (TABULAR_FAMILIES, TabularAwareASHA, TargetReachedStopper,
                                          TotalEpochsStopper)
 from matfusion.search.tuner import (SearchProgress, build_scheduler, build_searcher, result_config,
@@ -111,7 +111,7 @@ def test_trials_cut_short_end_pruned_in_optuna():
         limiter.on_trial_complete(tid, result=r)
     limiter.on_trial_complete("t3", result=None, error=True)
 
-    study = limiter.searcher._ot_study
+    study = compat.optuna_study(limiter.searcher)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     states = [by_number[k].state for k in range(4)]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
@@ -119,9 +119,7 @@ def test_trials_cut_short_end_pruned_in_optuna():
     assert by_number[0].intermediate_values == {1: 0.5, 2: 0.4}  # Optuna keeps the last as its value
     assert by_number[1].value == 1.7 and by_number[2].value == 1.2
     # TPE's split puts the two finished trials before the pruned one, although its score is lower
-    from optuna.samplers._tpe.sampler import _split_trials
-
-    below, above = _split_trials(study, list(by_number.values())[:3], n_below=2)
+    below, above = compat.tpe_split_trials(study, list(by_number.values())[:3], n_below=2)
     assert sorted(t.number for t in below) == [1, 2] and [t.number for t in above] == [0]
 
 
@@ -147,7 +145,7 @@ def test_paused_trial_frees_its_slot_and_reaches_optuna_twice():
     limiter.on_trial_complete("a", result={"training_iteration": 3, SCORE: 0.4, "trial_finished": True})
     assert limiter.live_trials == {"b", "c"}
 
-    study = limiter.searcher._ot_study
+    study = compat.optuna_study(limiter.searcher)
     trials = study.get_trials(deepcopy=False)
     a = trials[0]
     assert a.state == optuna.trial.TrialState.PRUNED and a.intermediate_values == {1: 0.9}
@@ -167,6 +165,21 @@ def test_promotion_rule_of_promoting_asha():
     assert asha.promotable(1, {"t1": -5.0, "t2": -1.0}) == []
     asha._promoted.add(("t2", 1))
     assert asha.promotable(1, recorded) == [] and asha.promotable(1, recorded, final=True) == ["t4"]
+
+
+def test_promoting_asha_tells_the_searcher_it_listens_to():
+    """A restored search re-attaches the scheduler to the restored searcher with ``listen``: the
+    pauses go to the new listener only."""
+    from matfusion.search.schedulers import PromotingASHA
+
+    old, new = [], []
+    asha = PromotingASHA(time_attr="training_iteration", metric="val_mae", mode="min", max_t=9,
+                         grace_period=1, reduction_factor=3, on_pause=lambda tid, r: old.append(tid))
+    asha.listen(lambda tid, r: new.append((tid, r["val_mae"])), lambda tid: new.append(tid))
+    trial = _trial("g1", "cgcnn")
+    asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, trial, _res(1, 2.0)) == TrialScheduler.PAUSE  # alone at rung 1: waits
+    assert old == [] and new == [("g1", 2.0)]
 
 
 # ----------------------------------------------------------------------------- scheduler
@@ -221,7 +234,7 @@ def test_lr_restarts_are_ashas_rung_milestones(max_t, grace, rf):
     from matfusion.search.tuner import lr_restarts
 
     asha = build_scheduler(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf))
-    milestones = sorted(int(m) for b in asha._brackets for m, _ in b._rungs)
+    milestones = sorted(int(m) for m, _ in compat.asha_rungs(asha))
     assert rung_milestones(max_t, grace, rf) == milestones
     expect = [m for m in milestones if m < max_t]
     cfg = SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf,
@@ -247,7 +260,7 @@ def test_rf_trials_never_enter_the_rungs():
     # plain ASHA, given the RF trials, lets their one-shot numbers set the first rung's cutoff
     plain = _asha(ASHAScheduler)
     assert _feed(plain, with_rf=True)[0] == ("g1", 1, TrialScheduler.STOP)
-    assert {"rf0", "rf1", "rf2"} <= set(plain._brackets[0]._rungs[-1][1])
+    assert {"rf0", "rf1", "rf2"} <= set(compat.asha_rungs(plain)[-1][1])
 
 
 def test_search_stoppers_end_at_the_epoch_budget_or_the_target():
@@ -290,7 +303,7 @@ def test_restored_trial_history_is_replayed_into_the_rungs(tmp_path):
     """On Tuner.restore, Tune adds the trials of the snapshot to a fresh scheduler: their
     results up to the restored one (not those after it, which the trial reports again) are
     recorded as ASHA recorded them before."""
-    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="g1_dir")
+    storage = compat.trial_storage(str(tmp_path), "exp", "g1_dir")
     trial = _trial("g1", "cgcnn", storage)
     Path(trial.path).mkdir(parents=True)
     lines = [json.dumps(_res(it, val)) for it, val in [(1, 2.0), (2, 1.5), (3, 1.4), (4, 1.3)]]

@@ -14,7 +14,8 @@ from matfusion.config import DataConfig, FeaturesConfig, SearchConfig
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
 from matfusion.search.schedulers import TABULAR_FAMILIES as ONE_SHOT
-from matfusion.spaces import FAMILIES, define_search_space, resolve_specs
+from matfusion import families
+from matfusion.spaces import define_search_space, resolve_specs
 from matfusion.trainables.lgbm import ChunkedLGBM
 from matfusion.trainables.loop import LocalSession
 from matfusion.trainables.tabular import rounds_per_epoch
@@ -118,11 +119,10 @@ def test_forests_report_once_and_are_one_shot(phonons, tmp_path):
         state = fit_family(cfg, data, s)
         assert len(s.history) == 1 and s.history[0]["trial_finished"] and s.history[0]["epoch"] == 1
         # the checkpoint a Tune trial writes for it, and its reload
-        from matfusion.trainables.trial import _write_forests
-
         d = tmp_path / family
         d.mkdir()
-        _write_forests(state, str(d))
+        families.get(family).write_checkpoint(state, str(d))
+        assert [p.name for p in d.iterdir()] == ["model.pkl"]
         test = pack_rows(fs.magpie, None, np.zeros(len(fs.magpie)), split.test)
         np.testing.assert_array_equal(predict_from_state(cfg, load_trial_state(cfg, str(d)), test, {}),
                                       predict_from_state(cfg, state, test, {}))
@@ -130,7 +130,7 @@ def test_forests_report_once_and_are_one_shot(phonons, tmp_path):
 
 
 def test_spaces_and_config_know_the_tabular_families():
-    assert not FAMILIES["lgbm"].graph and not FAMILIES["et"].graph
+    assert not families.get("lgbm").graph and not families.get("et").graph
     specs = resolve_specs(["lgbm", "et"], "default", overrides={"lgbm.objective": ["l1", "huber"],
                                                                 "et.n_estimators": 300})
     assert specs["lgbm"]["objective"].choices == ("l1", "huber") and specs["et"]["n_estimators"] == ("fixed", 300)
@@ -178,11 +178,16 @@ def test_lgbm_trials_are_pruned_by_asha_under_real_ray_tune(phonons, tmp_path):
         configs.append({"family": "et", "et": {"n_estimators": 30}, "seed": 0, "cpus": 1, "max_epochs": 4})
         scheduler = TabularAwareASHA(time_attr="training_iteration", metric="best_val_mae", mode="min", max_t=4,
                                      grace_period=1, reduction_factor=2)
-        # trial i gets configs[i] (resolved in the driver; the workers run matfusion's run_trial)
+        # trial i gets configs[i] (resolved in the driver; the workers run matfusion's run_trial on it,
+        # without the grid's index "i", which is no key of a trial config)
         space = {"i": tune.grid_search(list(range(len(configs))))}
         for key in ("family", "lgbm", "et", "max_epochs", "seed", "patience", "cpus"):
             space[key] = tune.sample_from(lambda spec, key=key: configs[spec.config.i].get(key))
-        tuner = tune.Tuner(tune.with_parameters(run_trial, data=data), param_space=space,
+
+        def trainable(config, data):
+            run_trial({k: v for k, v in config.items() if k != "i" and v is not None}, data)
+
+        tuner = tune.Tuner(tune.with_parameters(trainable, data=data), param_space=space,
                            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1, reuse_actors=True),
                            run_config=tune.RunConfig(storage_path=str(tmp_path), name="prune", verbose=0))
         results = tuner.fit()

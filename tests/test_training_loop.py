@@ -12,7 +12,8 @@ from matfusion.config import DataConfig, FeaturesConfig
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
 from matfusion.trainables.loop import CHECKPOINT_FILE, LocalSession, NonFiniteLossError, write_torch_state
-from matfusion.trainables.trial import _write_rf, fit_family, predict_from_checkpoint
+from matfusion import families
+from matfusion.trainables.trial import fit_family, predict_from_checkpoint
 from matfusion.trainables.trial_data import pack_rows, pack_trial_data
 
 CGCNN_CONFIG = {
@@ -173,7 +174,7 @@ def test_predict_from_checkpoint_cgcnn(reference, setup, tmp_path):
 def test_predict_from_checkpoint_rf(setup, tmp_path):
     _, split, data, test_part = setup
     state = fit_family(dict(RF_CONFIG), data, LocalSession())
-    _write_rf(state, str(tmp_path))
+    families.get("rf").write_checkpoint(state, str(tmp_path))
     pred = predict_from_checkpoint(dict(RF_CONFIG), str(tmp_path), test_part, data["graph_params"])
     assert pred.shape == (len(split.test),)
     # (equal up to rounding: the forest sums its trees in threads)

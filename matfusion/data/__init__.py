@@ -1,4 +1,17 @@
-"""Datasets, folds, featurizers and the feature cache."""
+"""Datasets, folds, featurizers and the feature cache.
+
+- ``dataset``: the in-memory :class:`Dataset` and the row checks every loader shares
+- ``tables`` / ``matbench``: loaders (user tables and CIF folders; matbench tasks), and the public
+  parsers of one structure (``tables.parse_structure``, ``tables.parse_structure_file``)
+- ``folds``: outer folds and the inner train/validation split
+- ``descriptors``: the descriptor-set registry (Magpie is one entry) and the descriptor matrix
+- ``crystal_graph`` / ``line_graph``: neighbour graphs, their packing, ALIGNN's line graph
+- ``parallel``: the one parallel map both featurizers use
+- ``featurize``: graphs + descriptor matrix + cache for a dataset (``cache``: the on-disk store)
+
+Imports run one way: ``featurize`` -> ``descriptors`` / ``crystal_graph`` / ``line_graph`` ->
+``parallel`` / ``cache``; no module imports ``featurize``.
+"""
 from .dataset import DataError, Dataset, default_data_dir
 from .folds import FoldSplit, limit_rows, outer_folds, split_fold
 

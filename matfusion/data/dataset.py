@@ -59,6 +59,14 @@ class Dataset:
 
         return bool(self.structures) and isinstance(self.structures[0], Structure)
 
+    @property
+    def target_names(self) -> list[str]:
+        """One name per target column: ``target_name`` split at commas (how multi-target tables
+        join their names), or ``t0, t1, ...`` when that does not give one name per column."""
+        n = 1 if self.targets.ndim == 1 else self.targets.shape[1]
+        names = [t.strip() for t in str(self.target_name).split(",")]
+        return names if len(names) == n else [f"t{k}" for k in range(n)]
+
     def subset(self, positions: Sequence[int]) -> "Dataset":
         """A new dataset with the given rows (folds are remapped, hash is re-derived)."""
         positions = np.asarray(positions, dtype=np.int64)

@@ -8,7 +8,7 @@ sets, chosen with ``features.descriptors`` (in this order in the matrix):
 name               needs      what
 =================  =========  ==============================================================
 ``magpie``         comp.      132 Magpie statistics of elemental properties (matminer
-                              ``ElementProperty``; computed and cached by ``featurize``)
+                              ``ElementProperty``, magpie preset)
 ``stoichiometry``  comp.      6 p-norms of the element fractions (matminer ``Stoichiometry``)
 ``density``        structure  density, volume per atom, packing fraction (matminer
                               ``DensityFeatures``)
@@ -29,21 +29,25 @@ number of NaN cells and rows is logged per set, tree models (rf, et, lgbm) take 
 and models that cannot are given :class:`MedianImputer` (fitted on their training rows only)
 or the standardizer of the fused GNNs (NaN -> 0 = the training mean).
 
-Each structural set is cached on its own (``desc-<name>`` files keyed by the dataset's content
-hash, the set's name and its version), so adding a set to the config featurizes only that set.
+Every set is computed by the same machinery (:func:`compute_sets`: one pass over the items with
+:func:`~matfusion.data.parallel.parallel_map`, every missing set per item) and cached on its own
+(:func:`cached_matrix`; ``desc-<name>`` files keyed by the dataset's content hash, the set's name
+and its version; Magpie keeps the ``magpie-`` key it had before it joined the registry, so the
+caches already on disk stay valid), so adding a set to the config featurizes only that set.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from .cache import cache_key as _cache_key
+from .parallel import parallel_map
 
 log = logging.getLogger("matfusion.data")
 
@@ -62,6 +66,37 @@ class DescriptorError(ValueError):
 
 def _as_composition(item):
     return item.composition if hasattr(item, "composition") else item
+
+
+MAGPIE_WIDTH = 132
+
+
+@lru_cache(maxsize=1)
+def _magpie():
+    from matminer.featurizers.composition import ElementProperty
+
+    return ElementProperty.from_preset("magpie", impute_nan=False)
+
+
+@lru_cache(maxsize=1)
+def _magpie_columns() -> tuple[str, ...]:
+    return tuple(_magpie().feature_labels())
+
+
+def magpie_columns() -> list[str]:
+    """The 132 Magpie column names (matminer's labels, e.g. ``MagpieData mean Number``)."""
+    return list(_magpie_columns())
+
+
+def magpie_vector(item) -> np.ndarray:
+    """132 Magpie statistics (minimum, maximum, range, mean, average deviation, mode of 22
+    elemental properties) of a structure's or composition's elements."""
+    return np.asarray(_magpie().featurize(_as_composition(item)), dtype=np.float64)
+
+
+def magpie_features(items) -> np.ndarray:
+    """(n, 132) Magpie features of structures or compositions (NaN where one cannot be computed)."""
+    return compute_sets(items, ["magpie"])["magpie"]
 
 
 @lru_cache(maxsize=1)
@@ -207,32 +242,51 @@ def bond_features(structure, radius: float = BOND_RADIUS, tolerance: float = SHE
 
 @dataclass(frozen=True)
 class DescriptorSet:
-    """One descriptor set: ``featurize(item) -> (width,)``; ``structural`` sets need structures."""
+    """One descriptor set: ``featurize(item) -> (width,)``; ``structural`` sets need structures.
+
+    ``prefixed``: its matrix columns are named ``<name>:<column>`` (Magpie's keep matminer's
+    names).  ``prepare``: builds its featurizer / tables once in the parent, before workers fork.
+    ``cache_kind`` / ``cache_params`` / ``cache_array``: its feature-cache entry (by default
+    ``desc-<name>`` keyed by name, version and width, array ``x``)."""
 
     name: str
     columns: tuple
-    featurize: Optional[Callable]  # None for magpie (computed by featurize.magpie_features)
+    featurize: Callable
     structural: bool
     version: int = 1
+    prefixed: bool = True
+    prepare: Optional[Callable] = field(default=None, compare=False)
+    cache_kind: str = ""
+    cache_params: Optional[dict] = field(default=None, compare=False, hash=False)
+    cache_array: str = "x"
 
+    @property
+    def width(self) -> int:
+        return len(self.columns)
 
-def _magpie_columns() -> tuple:
-    from .featurize import magpie_columns
-
-    return tuple(magpie_columns())
+    def cache_key(self, content_hash: str) -> str:
+        params = self.cache_params
+        if params is None:
+            params = {"set": self.name, "version": self.version, "width": self.width}
+        return _cache_key(self.cache_kind or f"desc-{self.name}", content_hash, params)
 
 
 @lru_cache(maxsize=1)
 def registry() -> dict:
     """name -> :class:`DescriptorSet`, in matrix order."""
     return {
-        "magpie": DescriptorSet("magpie", _magpie_columns(), None, structural=False),
+        # Magpie's cache entry is the one it had before it joined the registry (kind "magpie",
+        # array "magpie"): the files already on disk stay valid
+        "magpie": DescriptorSet("magpie", _magpie_columns(), magpie_vector, structural=False, prefixed=False,
+                                prepare=_magpie, cache_kind="magpie",
+                                cache_params={"preset": "magpie", "width": MAGPIE_WIDTH}, cache_array="magpie"),
         "stoichiometry": DescriptorSet("stoichiometry", ("0-norm", "2-norm", "3-norm", "5-norm", "7-norm", "10-norm"),
-                                       stoichiometry_features, structural=False),
+                                       stoichiometry_features, structural=False, prepare=_stoichiometry),
         "density": DescriptorSet("density", ("density", "vpa", "packing_fraction"), density_features, structural=True,
-                                 version=2),
+                                 version=2, prepare=_density),
         "symmetry": DescriptorSet("symmetry", SYMMETRY_COLUMNS, symmetry_features, structural=True, version=2),
-        "bonds": DescriptorSet("bonds", BOND_COLUMNS, bond_features, structural=True, version=2),
+        "bonds": DescriptorSet("bonds", BOND_COLUMNS, bond_features, structural=True, version=2,
+                               prepare=_covalent_radii),
     }
 
 
@@ -267,13 +321,13 @@ def columns_of(names: Sequence[str]) -> list[str]:
     the others are prefixed with their set's name)."""
     out = []
     for n in names:
-        cols = registry()[n].columns
-        out.extend(cols if n == "magpie" else [f"{n}:{c}" for c in cols])
+        ds = registry()[n]
+        out.extend([f"{n}:{c}" for c in ds.columns] if ds.prefixed else ds.columns)
     return out
 
 
 def width_of(names: Sequence[str]) -> int:
-    return sum(len(registry()[n].columns) for n in names)
+    return sum(registry()[n].width for n in names)
 
 
 def infer_sets(width: int, has_structures: bool = True) -> list[str]:
@@ -285,132 +339,106 @@ def infer_sets(width: int, has_structures: bool = True) -> list[str]:
     raise DescriptorError(f"cannot tell which descriptor sets make {width} columns; pass the descriptor set names")
 
 
-# -- a set over many items (parallel), with its failures counted ------------------------------
+# -- sets over many items (parallel), with their failures counted ---------------------------
 
-def _featurize_one(fz: Callable, item, width: int) -> tuple[np.ndarray, bool]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            v = np.asarray(fz(item), dtype=np.float64).reshape(-1)
-        if v.shape != (width,):
-            raise ValueError(f"got {v.shape[0]} values, expected {width}")
-        return np.where(np.isfinite(v), v, np.nan), False
-    except Exception:  # noqa: BLE001 - a featurizer failing on one structure leaves NaN, the row stays
-        return np.full(width, np.nan), True
+def _featurize_one(fz: Callable, item, width: int) -> np.ndarray:
+    """``fz(item)`` as a (width,) float vector, inf turned into NaN; raises on a wrong width."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        v = np.asarray(fz(item), dtype=np.float64).reshape(-1)
+    if v.shape != (width,):
+        raise ValueError(f"got {v.shape[0]} values, expected {width}")
+    return np.where(np.isfinite(v), v, np.nan)
 
 
-_WORK: dict = {}
+class _Row:
+    """The descriptor row of one item over the sets ``names``: a set whose featurizer raises
+    stays NaN (the row and the other sets are kept); returns (row, failures as (set, reason))."""
 
+    def __init__(self, names: Sequence[str]) -> None:
+        self.sets = [registry()[n] for n in names]
 
-def _chunk(bounds: tuple[int, int]):
-    start, stop = bounds
-    out, failed = [], 0
-    for item in _WORK["items"][start:stop]:
-        row = []
-        for name in _WORK["names"]:
-            ds = registry()[name]
-            v, bad = _featurize_one(ds.featurize, item, len(ds.columns))
-            row.append(v)
-            failed += bad
-        out.append(np.concatenate(row) if row else np.zeros(0))
-    return start, np.array(out).reshape(stop - start, -1), failed
+    def __call__(self, item) -> tuple[np.ndarray, list]:
+        parts, failed = [], []
+        for ds in self.sets:
+            try:
+                parts.append(_featurize_one(ds.featurize, item, ds.width))
+            except Exception as err:  # noqa: BLE001 - a featurizer failing on one structure leaves NaN
+                parts.append(np.full(ds.width, np.nan))
+                failed.append((ds.name, f"{type(err).__name__}: {str(err).strip()[:200]}"))
+        return (np.concatenate(parts) if parts else np.zeros(0)), failed
 
 
 def compute_sets(items: Sequence, names: Sequence[str], n_jobs: int = 1, progress: bool = False) -> dict:
-    """``{name: (n, width)}`` for each non-magpie set in ``names`` (NaN where a value could not be
-    computed; an exception of a featurizer on one item leaves that item's set NaN)."""
-    names = [n for n in names if n != "magpie"]
-    if not names or not len(items):
-        return {n: np.zeros((len(items), len(registry()[n].columns))) for n in names}
-    from tqdm.auto import tqdm
-
+    """``{name: (n, width)}`` for each set in ``names`` (NaN where a value could not be
+    computed; an exception of a featurizer on one item leaves that item's set NaN, logged with
+    the count and the first failure)."""
+    names = list(dict.fromkeys(names))
     n = len(items)
-    width = width_of(names)
-    chunk = max(1, min(64, n // (4 * max(1, n_jobs)) or 1))
-    bounds = [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
-    for name in names:  # build the featurizers (and lru caches) before forking
-        registry()[name]
-    _covalent_radii()
-    _WORK.clear()
-    _WORK.update(items=items, names=names)
-    matrix = np.full((n, width), np.nan)
-    failed = 0
-    bar = tqdm(total=n, desc=f"descriptors ({', '.join(names)})", unit="struct", disable=not progress)
-    try:
-        if n_jobs > 1 and n > 2 * chunk and "fork" in mp.get_all_start_methods():
-            with mp.get_context("fork").Pool(n_jobs) as pool:
-                for start, block, bad in pool.imap_unordered(_chunk, bounds):
-                    matrix[start:start + len(block)] = block
-                    failed += bad
-                    bar.update(len(block))
-        else:
-            for b in bounds:
-                start, block, bad = _chunk(b)
-                matrix[start:start + len(block)] = block
-                failed += bad
-                bar.update(len(block))
-    finally:
-        bar.close()
-        _WORK.clear()
+    if not names or not n:
+        return {name: np.zeros((n, registry()[name].width)) for name in names}
+    for name in names:  # featurizers built once here: forked workers inherit them
+        if registry()[name].prepare is not None:
+            registry()[name].prepare()
+    rows, crashed = parallel_map(_Row(names), items, n_jobs=n_jobs, progress=progress,
+                                 desc=f"descriptors ({', '.join(names)})")
+    matrix = np.full((n, width_of(names)), np.nan)
+    failed = [(f.index, "all sets", f"{f.error}: {f.message}") for f in crashed]  # _Row itself does not raise
+    for i, row in enumerate(rows):
+        if row is not None:
+            matrix[i] = row[0]
+            failed.extend((i, name, reason) for name, reason in row[1])
     if failed:
-        log.warning("descriptors: %d featurizer call(s) failed on a structure; their values are NaN (rows kept)", failed)
+        i, name, reason = min(failed)
+        log.warning("descriptors: %d featurizer call(s) failed on a structure; their values are NaN (rows kept); "
+                    "first: item %d, %s: %s", len(failed), i, name, reason)
     out, col = {}, 0
     for name in names:
-        w = len(registry()[name].columns)
+        w = registry()[name].width
         out[name] = matrix[:, col:col + w]
         col += w
     return out
 
 
-def descriptor_matrix(items: Sequence, names: Sequence[str], magpie: Optional[np.ndarray] = None,
-                      n_jobs: int = 1) -> np.ndarray:
+def descriptor_matrix(items: Sequence, names: Sequence[str], n_jobs: int = 1) -> np.ndarray:
     """The (n, width) matrix of ``names`` for ``items`` (what a saved model computes at predict
-    time); ``magpie`` may pass the already computed Magpie block."""
+    time)."""
     blocks = compute_sets(items, names, n_jobs=n_jobs)
-    parts = []
-    for name in names:
-        if name == "magpie":
-            if magpie is None:
-                from .featurize import magpie_features
-
-                magpie = magpie_features(list(items))
-            parts.append(np.asarray(magpie, dtype=np.float64))
-        else:
-            parts.append(blocks[name])
+    parts = [blocks[name] for name in names]
     return np.hstack(parts) if parts else np.zeros((len(items), 0))
 
 
-def cached_matrix(dataset, names: Sequence[str], magpie: np.ndarray, cache, n_jobs: int = 1,
-                  progress: bool = False) -> np.ndarray:
-    """The descriptor matrix of every row of ``dataset``: each non-magpie set loaded from the
-    feature cache or computed (only the missing sets) and saved; NaN counts logged per set."""
-    from .cache import cache_key
-
-    keys = {n: cache_key(f"desc-{n}", dataset.content_hash,
-                         {"set": n, "version": registry()[n].version, "width": len(registry()[n].columns)})
-            for n in names if n != "magpie"}
+def cached_matrix(dataset, names: Sequence[str], cache, n_jobs: int = 1,
+                  progress: bool = False) -> tuple[np.ndarray, bool]:
+    """(the descriptor matrix of every row of ``dataset``, whether every set came from the
+    cache): each set loaded from the feature cache or computed (only the missing sets, in one
+    pass) and saved; NaN counts logged per set."""
+    sets = [registry()[n] for n in names]
+    keys = {ds.name: ds.cache_key(dataset.content_hash) for ds in sets}
     blocks = {}
-    for n, key in keys.items():
-        arrays = cache.load(key)
-        if arrays is not None and arrays["x"].shape == (len(dataset), len(registry()[n].columns)):
-            blocks[n] = arrays["x"]
-    missing = [n for n in keys if n not in blocks]
+    for ds in sets:
+        arrays = cache.load(keys[ds.name])
+        if arrays is not None and ds.cache_array in arrays and arrays[ds.cache_array].shape == (len(dataset), ds.width):
+            blocks[ds.name] = arrays[ds.cache_array]
+    missing = [ds.name for ds in sets if ds.name not in blocks]
     if missing:
         t0 = time.time()
         fresh = compute_sets(dataset.structures, missing, n_jobs=n_jobs, progress=progress)
         log.info("descriptors %s: %.1f ms per structure", missing, 1e3 * (time.time() - t0) / max(1, len(dataset)))
-        for n in missing:
-            cache.save(keys[n], {"x": fresh[n]})
-            blocks[n] = fresh[n]
+        for ds in sets:
+            if ds.name in fresh:
+                cache.save(keys[ds.name], {ds.cache_array: fresh[ds.name]})
+                blocks[ds.name] = fresh[ds.name]
     parts = []
     for n in names:
-        block = np.asarray(magpie if n == "magpie" else blocks[n], dtype=np.float64)
+        block = np.asarray(blocks[n], dtype=np.float64)
         nan = ~np.isfinite(block)
         if nan.any():
             log.info("descriptors %s: %d NaN values in %d of %d rows (kept: trees take NaN, other models impute)",
                      n, int(nan.sum()), int(nan.any(axis=1).sum()), len(block))
         parts.append(np.where(nan, np.nan, block))
-    return np.hstack(parts)
+    matrix = np.hstack(parts) if parts else np.zeros((len(dataset), 0))
+    return matrix, not missing
 
 
 class MedianImputer:
@@ -434,6 +462,3 @@ class MedianImputer:
     def fit_transform(self, X: np.ndarray) -> np.ndarray:
         return self.fit(X).transform(X)
 
-
-def default_n_jobs(n_jobs: int = 0) -> int:
-    return n_jobs or os.cpu_count() or 1

@@ -93,10 +93,7 @@ class PreparedFold:
 
     @property
     def target_names(self) -> list[str]:
-        # today's home of the names; the dataset's own (Dataset.target_names) after the merge
-        from ..search.tuner import target_names
-
-        return target_names(self.dataset)
+        return self.dataset.target_names
 
     @property
     def graph_params(self) -> dict:

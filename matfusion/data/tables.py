@@ -12,6 +12,14 @@ number is taken as a header).
 
 Bad rows never abort a load: each one is counted by reason in ``Dataset.skipped`` and
 described in ``Dataset.messages`` (see :class:`~matfusion.data.dataset.RowCollector`).
+
+The parsers underneath are public, for code that reads structures one at a time (``matfusion
+predict``):
+
+- :func:`parse_structure` (a ``Structure``, its dict, dict text, CIF or POSCAR text -> ``Structure``)
+- :func:`parse_structure_file` (a file's name and text -> ``Structure``; CIF by suffix or content)
+- :func:`read_csv_table`, :func:`read_json_table` (a table file -> pandas DataFrame of text cells)
+- :func:`error_reason` (an exception -> one short line for a skip message)
 """
 from __future__ import annotations
 
@@ -28,6 +36,9 @@ from typing import Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from .dataset import DataError, Dataset, RowCollector, hash_bytes, hash_file
+
+__all__ = ["error_reason", "load_cif_folder", "load_table", "parse_structure", "parse_structure_file",
+           "read_csv_table", "read_json_table"]
 
 _DISORDERED_CHOICES = ("skip", "majority")
 
@@ -84,7 +95,7 @@ def _is_missing(value) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-def _parse_structure(value):
+def parse_structure(value):
     """A pymatgen Structure from a dict, dict text, CIF text or POSCAR text.
 
     Raises ``ValueError`` (with a short reason) when the value cannot be parsed.
@@ -118,7 +129,8 @@ def _parse_structure(value):
         return Structure.from_str(text, fmt="poscar")
 
 
-def _reason(err: Exception) -> str:
+def error_reason(err: Exception) -> str:
+    """``"<ExceptionType>: <first line of its message>"`` (the type alone for an empty message)."""
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
@@ -136,7 +148,9 @@ def _count_comment_lines(path: Path) -> int:
     return n
 
 
-def _read_csv(path: Path):
+def read_csv_table(path: Path):
+    """A CSV file (``.gz`` too; leading ``#`` lines skipped) as a DataFrame of text cells; raises
+    :class:`DataError` naming the file when it is empty or unreadable."""
     import pandas as pd
 
     try:
@@ -151,7 +165,10 @@ def _read_csv(path: Path):
         raise DataError(f"{path}: not a readable CSV file ({err})") from None
 
 
-def _read_json(path: Path):
+def read_json_table(path: Path):
+    """A JSON table (list of records, pandas "split" / "columns" orient, ``{column: [values]}``,
+    matbench's layout; ``.gz`` too) as a DataFrame; raises :class:`DataError` naming the file
+    and the layout problem."""
     import pandas as pd
 
     try:
@@ -239,7 +256,7 @@ def load_table(
     if not targets:
         raise DataError(f"{path}: no target column given")
 
-    df = _read_csv(path) if _kind(path) == "csv" else _read_json(path)
+    df = read_csv_table(path) if _kind(path) == "csv" else read_json_table(path)
     columns = [str(c) for c in df.columns]
     df.columns = columns
     for t in targets:
@@ -274,10 +291,10 @@ def load_table(
             continue
         seen[rid] = i
         try:
-            structure = _parse_structure(structures[i])
+            structure = parse_structure(structures[i])
         except Exception as err:  # noqa: BLE001 - pymatgen raises many types
             collector.skip(
-                "unparseable structure", f"{where}: cannot parse structure: {_reason(err)}"
+                "unparseable structure", f"{where}: cannot parse structure: {error_reason(err)}"
             )
             continue
         value = target_values[0][i] if len(targets) == 1 else [col[i] for col in target_values]
@@ -295,7 +312,9 @@ def _candidate_names(rid: str) -> list[str]:
     return [f"{rid}.cif", rid, f"{rid}.vasp", f"POSCAR_{rid}", f"{rid}.poscar"]
 
 
-def _parse_structure_file(file: Path, text: str):
+def parse_structure_file(file: Path, text: str):
+    """A pymatgen Structure from the ``text`` of ``file``: CIF when the suffix is ``.cif`` or the
+    text looks like CIF, else POSCAR; pymatgen's exception when it cannot be parsed."""
     from pymatgen.core import Structure
 
     with warnings.catch_warnings():
@@ -370,11 +389,11 @@ def load_cif_folder(path: Union[str, Path], disordered: str = "skip") -> Dataset
             continue
         try:
             data = file.read_bytes()
-            structure = _parse_structure_file(file, data.decode("utf-8", errors="replace"))
+            structure = parse_structure_file(file, data.decode("utf-8", errors="replace"))
         except Exception as err:  # noqa: BLE001 - pymatgen raises many types
             collector.skip(
                 "unparseable structure",
-                f"{where}: cannot parse structure file {file.name}: {_reason(err)}",
+                f"{where}: cannot parse structure file {file.name}: {error_reason(err)}",
             )
             continue
         if collector.add(rid, structure, value, f"{where} [{file.name}]"):

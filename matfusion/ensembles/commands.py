@@ -2,23 +2,50 @@
 
 Wire into the main parser with ``add_parsers(subparsers)``; each subcommand sets
 ``args.func(args) -> int`` (the exit status).
+
+The ``ensemble`` flags that are settings of :class:`matfusion.config.EnsembleConfig` (``--k``,
+``--meta``, ``--folds``, ``--max-epochs``, ``--no-refit``, ``--no-register``) default to None /
+unset: a flag not given keeps EnsembleConfig's default, and :func:`settings_from_args` builds the
+validated EnsembleConfig from the given ones.  ``--context-features`` and ``--seed`` default to
+:class:`~matfusion.ensembles.stacking.StackedEnsemble`'s own defaults.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 
-from .stacking import META_LEARNERS
+from ..config import EnsembleConfig
+from .stacking import META_LEARNERS, StackedEnsemble
+
+# flag of each EnsembleConfig field the `ensemble` command sets
+_FLAGS = {"k": "--k", "meta": "--meta", "n_folds": "--folds", "max_epochs": "--max-epochs", "refit": "--no-refit",
+          "register": "--no-register"}
 
 
-def _positive_int(text: str) -> int:
+def _stacking_default(name: str):
+    return inspect.signature(StackedEnsemble).parameters[name].default
+
+
+def settings_from_args(args) -> EnsembleConfig:
+    """The :class:`~matfusion.config.EnsembleConfig` of the ``ensemble`` flags: the flags given
+    override its defaults.  A value EnsembleConfig rejects raises ``ValueError`` naming the flag."""
+    from pydantic import ValidationError
+
+    given = {"k": args.k, "meta": args.meta, "n_folds": args.folds, "max_epochs": args.max_epochs}
+    values = {key: v for key, v in given.items() if v is not None}
+    if args.no_refit:
+        values["refit"] = False
+    if args.no_register:
+        values["register"] = False
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {v})")
-    return v
+        return EnsembleConfig(**values)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field = str(e["loc"][0]) if e["loc"] else ""
+            problems.append(f"{_FLAGS.get(field, field)}: {e['msg']} (got {e['input']!r})")
+        raise ValueError("; ".join(problems)) from None
 
 
 def _tracking(p: argparse.ArgumentParser) -> None:
@@ -41,20 +68,27 @@ def add_parsers(subparsers) -> None:
         "matfusion-<task>; alias 'champion' moves to it only if its test MAE is better.",
         epilog="example: matfusion ensemble --experiment phonons-smoke --k 2 --meta mae --folds 5")
     p.add_argument("--experiment", required=True, help="MLflow experiment name of the search")
-    p.add_argument("--k", type=_positive_int, default=2, help="members per group (default 2)")
-    p.add_argument("--meta", choices=META_LEARNERS, default="mae",
-                   help="meta-learner: mae (convex blend minimizing the out-of-fold MAE), nnls (non-negative least squares), ridge, gbm (default mae)")
-    p.add_argument("--folds", type=_positive_int, default=5, help="out-of-fold splits K (>= 2; default 5)")
-    p.add_argument("--context-features", type=int, default=0,
-                   help="append the first N Magpie features to the meta input (ridge/gbm only; default 0)")
+    d = EnsembleConfig()
+    p.add_argument("--k", type=int, default=None, help=f"members per group (default {d.k})")
+    p.add_argument("--meta", choices=META_LEARNERS, default=None,
+                   help="meta-learner: mae (convex blend minimizing the out-of-fold MAE), nnls (non-negative least "
+                   f"squares), ridge, gbm (default {d.meta})")
+    p.add_argument("--folds", type=int, default=None, help=f"out-of-fold splits K (>= 2; default {d.n_folds})")
+    p.add_argument("--context-features", type=int, default=_stacking_default("context_features"),
+                   help="append the first N descriptor columns to the meta input (ridge/gbm only; default "
+                   f"{_stacking_default('context_features')})")
     p.add_argument("--families", nargs="+", default=None, help="only these families (default: all)")
-    p.add_argument("--max-epochs", type=_positive_int, default=None,
-                   help="epochs of the graph (GNN) members (default: as searched)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the K-fold and early-stopping splits (default 0)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="epochs of the graph (GNN) members (default: "
+                   f"{'as searched' if d.max_epochs is None else d.max_epochs})")
+    p.add_argument("--seed", type=int, default=_stacking_default("seed"),
+                   help=f"seed of the K-fold and early-stopping splits (default {_stacking_default('seed')})")
     p.add_argument("--data-dir", default=None, help="data dir (default: $MATFUSION_DATA or ../shared/data)")
-    p.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    p.add_argument("--no-register", action="store_true",
+                   help="log the model but do not register it" + ("" if d.register else " (the default)"))
     p.add_argument("--no-refit", action="store_true",
-                   help="predict with the K fold models instead of refitting every weighted member on all rows")
+                   help="predict with the K fold models instead of refitting every weighted member on all rows"
+                   + ("" if d.refit else " (the default)"))
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _tracking(p)
     p.set_defaults(func=run_ensemble)
@@ -98,17 +132,12 @@ def _set_tracking(uri) -> None:
 def run_ensemble(args) -> int:
     from .pipeline import build_ensemble_from_search, format_result
 
-    if args.folds < 2:
-        print("matfusion ensemble: --folds must be >= 2", file=sys.stderr)
-        return 2
     try:
-        from ..config import EnsembleConfig
-
-        settings = EnsembleConfig(k=args.k, meta=args.meta, n_folds=args.folds, max_epochs=args.max_epochs,
-                                  refit=not args.no_refit, register=not args.no_register)
+        settings = settings_from_args(args)
         res = build_ensemble_from_search(args.experiment, settings=settings, tracking_uri=args.tracking_uri,
+                                         families=args.families, data_dir=args.data_dir,
                                          context_features=args.context_features, seed=args.seed,
-                                         families=args.families, data_dir=args.data_dir, progress=not args.quiet)
+                                         progress=not args.quiet)
     except ValueError as err:
         print(f"matfusion ensemble: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Evaluate a fitted :class:`~matfusion.ensembles.stacking.StackedEnsemble` on the untouched
 test rows of the outer fold, and log it to MLflow as a nested run of the search.
 
-Reported (``Evaluation.metrics``): ``ensemble_{mae,rmse,r2}``; per member (its K fold models
-averaged) ``member.<name>_{mae,rmse,r2}``; the plain unweighted average of the members
+Reported (``Evaluation.metrics``): ``ensemble_{mae,rmse,r2}``; per member (the column the point
+prediction uses: its refit on all the training rows, else its K fold models averaged)
+``member.<name>_{mae,rmse,r2}``; the plain unweighted average of the members
 ``average_{mae,rmse,r2}``; calibration of the ensemble's std: ``calib_within_1std`` and
 ``calib_within_2std`` (share of test rows with |error| <= 1 or 2 std; a Gaussian would give
 0.68 and 0.95), and ``mean_std``.

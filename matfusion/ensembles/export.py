@@ -66,7 +66,7 @@ def package_versions() -> dict:
 
 def parse_structure(value):
     """A pymatgen Structure from a Structure, dict, JSON text, CIF or POSCAR text."""
-    from ..data.tables import _parse_structure
+    from ..data.tables import parse_structure as _parse_structure
 
     return _parse_structure(value)
 
@@ -372,7 +372,8 @@ def read_inputs(inputs: Iterable[Union[str, Path]], structure_column: str = "str
                 id_column: Optional[str] = None) -> tuple[list[str], list, list[str]]:
     """(ids, structures, problems) from files, folders and tables; each bad item is reported on
     stderr (name and reason) and skipped."""
-    from ..data.tables import _parse_structure_file, _read_csv, _read_json, _reason
+    from ..data.tables import error_reason as _reason, parse_structure_file as _parse_structure_file, \
+        read_csv_table as _read_csv, read_json_table as _read_json
 
     ids, structures, problems = [], [], []
 

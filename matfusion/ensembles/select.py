@@ -18,19 +18,13 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from ..families import group_of
 from ..tracking.runs import load_run_dict
 
 log = logging.getLogger("matfusion.ensembles")
 
 TRIAL_CONFIG_ARTIFACT = "trial_config.json"
 USABLE_STATUSES = ("completed", "pruned", "stopped")
-
-
-def _group(row) -> str:
-    """A tabular family (rf, lgbm, et) is its own group; a graph family is grouped with its fusion."""
-    from ..config import TABULAR_FAMILIES
-
-    return row["family"] if row["family"] in TABULAR_FAMILIES else f"{row['family']}-{row['fusion']}"
 
 
 def ranked_candidates(client, experiment_id: str, parent_run_id: str, k: int = 2,
@@ -50,7 +44,7 @@ def ranked_candidates(client, experiment_id: str, parent_run_id: str, k: int = 2
         df = df[df["family"].isin(list(families))]
     if df.empty:
         return df.assign(group=pd.Series(dtype=str))
-    df["group"] = df.apply(_group, axis=1)
+    df["group"] = df.apply(group_of, axis=1)
     df = df.sort_values(["val_mae", "trial_id"], kind="stable")
     top = df.groupby("group", sort=False).head(k)
     order = {g: i for i, g in enumerate(top.drop_duplicates("group")["group"])}

@@ -33,28 +33,27 @@ from __future__ import annotations
 
 import copy
 import logging
+import typing
+from numbers import Integral, Real
 from typing import Optional, Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin, clone
+
+from ..config import EnsembleConfig
 
 log = logging.getLogger("matfusion.ensembles")
 
-META_LEARNERS = ("mae", "nnls", "ridge", "gbm")
+_DEFAULTS = EnsembleConfig()  # the one home of the ensemble defaults (meta, n_folds, refit, max_epochs)
+META_LEARNERS = typing.get_args(EnsembleConfig.model_fields["meta"].annotation)  # ("mae", "nnls", "ridge", "gbm")
 DEFAULT_GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
-# what predict_from_state needs of a torch state (the optimizer etc. are dropped)
-_STATE_KEYS = ("best_model", "y_mean", "y_std", "magpie_scaler", "fusion", "rf", "best_hook_state",
-               "best_val_mae", "best_epoch", "target_names")
 
 
 def member_name(config: dict) -> str:
-    """A short readable name of a member: ``rf``, ``cgcnn-early``, ``alignn-none`` ..."""
-    from ..config import TABULAR_FAMILIES
+    """A short readable name of a member: its group (``rf``, ``cgcnn-early``, ``alignn-none`` ...)."""
+    from .. import families
 
-    family = str(config.get("family"))
-    if family in TABULAR_FAMILIES:
-        return family
-    hp = config.get(family) or {}
-    return f"{family}-{hp.get('fusion', 'none')}"
+    return families.group_of(config)
 
 
 def unique_names(configs: Sequence[dict]) -> list[str]:
@@ -69,7 +68,7 @@ def unique_names(configs: Sequence[dict]) -> list[str]:
 
 # -- meta-learners ------------------------------------------------------------------------------
 
-class ConvexMAEMeta:
+class ConvexMAEMeta(RegressorMixin, BaseEstimator):
     """min_w sum_i |y_i - X_i w|  subject to  w >= 0, sum(w) = 1 (no intercept).
 
     Solved exactly as the linear program  min sum(u + v)  s.t.  X w + u - v = y,  w, u, v >= 0,
@@ -105,7 +104,7 @@ class ConvexMAEMeta:
         return np.asarray(X, dtype=np.float64) @ self.coef_
 
 
-class NNLSMeta:
+class NNLSMeta(RegressorMixin, BaseEstimator):
     """y ~ b + X @ w with w >= 0 (least squares); b absorbed by centring X and y."""
 
     name = "nnls"
@@ -125,7 +124,7 @@ class NNLSMeta:
         return np.asarray(X, dtype=np.float64) @ self.coef_ + self.intercept_
 
 
-class RidgeMeta:
+class RidgeMeta(RegressorMixin, BaseEstimator):
     """``sklearn.linear_model.Ridge`` on the OOF columns (and standardized context columns)."""
 
     name = "ridge"
@@ -145,7 +144,7 @@ class RidgeMeta:
         return self.model_.predict(np.asarray(X, dtype=np.float64))
 
 
-class GBMMeta:
+class GBMMeta(RegressorMixin, BaseEstimator):
     """``sklearn.ensemble.HistGradientBoostingRegressor`` (shallow, seeded)."""
 
     name = "gbm"
@@ -157,7 +156,7 @@ class GBMMeta:
         from sklearn.ensemble import HistGradientBoostingRegressor
         from threadpoolctl import threadpool_limits
 
-        # the OOF matrix is small: one thread is faster than OpenMP's start-up (and spin) costs
+        # one thread: the OOF matrix is small (see docs/notes-ensembles.md)
         with threadpool_limits(1):
             self.model_ = HistGradientBoostingRegressor(
                 max_iter=200, learning_rate=0.05, max_depth=3, min_samples_leaf=max(5, len(y) // 50),
@@ -187,6 +186,15 @@ def make_meta(meta: str, seed: int = 0):
 
 # -- helpers --------------------------------------------------------------------------------------
 
+class InvalidParameterError(ValueError, TypeError):
+    """A bad hyperparameter of :class:`StackedEnsemble` (raised by ``fit``; the message names the
+    parameter).  Both a ValueError and a TypeError, as scikit-learn's parameter errors are."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _as_targets(targets: np.ndarray) -> np.ndarray:
     """(N,) for one target, (N, k) for k > 1 targets."""
     y = np.asarray(targets, dtype=np.float64)
@@ -205,11 +213,10 @@ def _single_target(targets: np.ndarray) -> np.ndarray:
 
 
 def _slim_state(config: dict, state: dict) -> dict:
-    from ..trainables.tabular import TABULAR_FAMILIES, slim_state
+    """What prediction needs of a member's trained state (its family says), copied."""
+    from .. import families
 
-    if config["family"] in TABULAR_FAMILIES:
-        return slim_state(config, state)
-    return {k: copy.deepcopy(state[k]) for k in _STATE_KEYS if k in state}
+    return copy.deepcopy(families.get(config["family"]).slim_state(state))
 
 
 def kfold_assignment(n: int, n_folds: int, seed: int) -> np.ndarray:
@@ -224,98 +231,159 @@ def kfold_assignment(n: int, n_folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-class StackedEnsemble:
+def _fresh_config(config: dict) -> dict:
+    """An independent copy of a member config (``sklearn.base.clone`` of a plain dict: every
+    value copied, nothing shared with the original)."""
+    return clone(config, safe=False)
+
+
+class StackedEnsemble(BaseEstimator):
     """Out-of-fold stacked ensemble of trial configs (scikit-learn style ``fit`` / ``predict``).
+
+    As in scikit-learn, ``__init__`` only stores the hyperparameters below, unchanged, under
+    their own names (``get_params`` / ``set_params`` / ``sklearn.base.clone`` work on them);
+    every check and every derived value happens in :meth:`fit`, and a bad value is reported
+    there as an :class:`InvalidParameterError` (a ValueError) naming the parameter.  The
+    defaults of ``meta``, ``n_folds``, ``refit`` and ``graph_max_epochs`` are the field defaults
+    of :class:`matfusion.config.EnsembleConfig` (``meta``, ``n_folds``, ``refit``, ``max_epochs``).
+    ``RegressorMixin`` is not mixed in: its ``score(X, y)`` assumes ``predict(X)``, and this
+    ensemble predicts rows of whole-dataset arrays (``predict(magpie, graphs, rows)``).
 
     Parameters
     ----------
     members: trial configs (dicts as the search's trials received them).
     meta: ``mae`` | ``nnls`` | ``ridge`` | ``gbm``.
-    n_folds: K of the out-of-fold split of the training rows.
-    context_features: append the first ``context_features`` Magpie columns to the meta input
-        (ridge and gbm only).
+    n_folds: K of the out-of-fold split of the training rows (>= 2).
+    context_features: append the first ``context_features`` descriptor columns to the meta
+        input (ridge and gbm only).
     seed: seeds the K-fold split, the early-stopping splits and the meta-learner.
-    refit: train every weighted member once more on all the rows for the point prediction.
-    graph_max_epochs: epochs of the graph (torch) members; default as searched (an lgbm
-        member's rounds do not depend on it).
     es_fraction: share of each fold model's training rows held out for its early stopping
-        (and, for late fusion, its alpha); never rows of the held-out fold.
+        (and, for late fusion, its alpha); never rows of the held-out fold.  In (0, 0.5).
     member_overrides: top-level config keys to override in every member (e.g.
-        ``{"max_epochs": 5}`` for a quick run).  Members never restart their learning rate
-        (``lr_restarts`` is emptied: the search's restarts at ASHA's rungs serve the pruning).
+        ``{"max_epochs": 5}`` for a quick run).
+    refit: train every weighted member once more on all the rows for the point prediction.
+    graph_max_epochs: epochs of the graph (torch) members; None: as searched (an lgbm
+        member's rounds do not depend on it).
 
-    Inference.  With ``refit`` (default) every member the meta-learner gives a weight is trained
-    once more, on all the rows (less the same ``es_fraction`` for its early stopping), and
-    the point prediction is the meta-learner applied to these refitted members: the weights
-    come from the out-of-fold predictions, the models from all the data (AutoGluon's
-    ``refit_full`` idea).  Each fold model saw only (K-1)/K * (1 - es_fraction) of the rows
-    (57 % with K=3); on matbench_phonons the single best trial, trained on all the search's
-    rows, beat the fold-model stack on every outer fold.  The K fold models are still used
-    for the uncertainty: ``predict`` returns the standard deviation of the K stacked
-    predictions ``meta(fold-k members)``, which disagree where the data is thin.  Members with
-    zero weight are not refitted (their column is their fold-model average, which the meta-learner
-    ignores).  ``refit=False``: the point prediction is the mean of those K stacked predictions.
+    The member configs that are trained (``members_``) are derived in :meth:`fit`: ``lr_restarts``
+    emptied (members train one learning-rate cycle to the end; the search's restarts at ASHA's
+    rungs serve its pruning), then ``member_overrides`` applied, then ``graph_max_epochs`` set on
+    the graph members; with k targets each also names the targets (``targets``).  Each fold
+    model and each refit gets its own fresh copy of its config, with seed ``seed + fold``
+    (``+ n_folds`` for the refit).
 
-    Fitted attributes: ``names_`` (member names), ``fold_of_row_`` (dict row -> fold),
-    ``meta_rows_`` (every row index the meta-learner saw), ``fold_train_rows_`` /
-    ``fold_es_rows_`` / ``fold_heldout_rows_`` (per fold: rows its models trained on, rows used
-    for their early stopping, rows they predicted), ``oof_`` (n_rows x n_members OOF matrix),
-    ``oof_y_``, ``meta_model_`` (single target), ``meta_models_`` (one per target),
-    ``meta_fit_rows_`` (per target: the rows its meta-learner was fitted on, i.e. the labelled
-    ones), ``target_names_``, ``n_targets_``, ``weights_`` (dict member -> weight, plus
-    ``intercept``; k targets: ``{target: {...}}``; None for gbm), ``fold_states_``
-    (``[fold][member]`` slim trained states), ``refit_states_`` (per member: the slim state of its
-    refit on all rows, or None), ``refit_train_rows_`` / ``refit_es_rows_``.  With k targets ``oof_`` is (n, members, k) and
-    ``oof_y_`` (n, k) with NaN for missing labels.
+    Inference.  With ``refit`` every member the meta-learner gives a weight is trained once
+    more, on all the rows (less the same ``es_fraction`` for its early stopping), and the point
+    prediction is the meta-learner applied to these refitted members: the weights come from
+    the out-of-fold predictions, the models from all the data (AutoGluon's ``refit_full``
+    idea); each fold model saw only (K-1)/K * (1 - es_fraction) of the rows.  The K fold models
+    are still used for the uncertainty: ``predict`` returns the standard deviation of the K
+    stacked predictions ``meta(fold-k members)``, which disagree where the data is thin.
+    Members with zero weight are not refitted (their column is their fold-model average, which
+    the meta-learner ignores).  ``refit=False``: the point prediction is the mean of those K
+    stacked predictions.  Prediction reads fitted attributes only, so a pickled fitted ensemble
+    predicts alike in a fresh process.
+
+    Fitted attributes: ``members_`` (the trained member configs, see above), ``names_`` (member
+    names), ``fold_of_row_`` (dict row -> fold), ``meta_rows_`` (every row index the
+    meta-learner saw), ``fold_train_rows_`` / ``fold_es_rows_`` / ``fold_heldout_rows_`` (per
+    fold: rows its models trained on, rows used for their early stopping, rows they predicted),
+    ``oof_`` (n_rows x n_members OOF matrix), ``oof_y_``, ``meta_model_`` (single target),
+    ``meta_models_`` (one per target), ``meta_fit_rows_`` (per target: the rows its
+    meta-learner was fitted on, i.e. the labelled ones), ``target_names_``, ``n_targets_``,
+    ``n_features_``, ``graph_params_``, ``weights_`` (dict member -> weight, plus ``intercept``;
+    k targets: ``{target: {...}}``; None for gbm), ``fold_states_`` (``[fold][member]`` slim
+    trained states), ``refit_states_`` (per member: the slim state of its refit on all rows, or
+    None), ``refit_train_rows_`` / ``refit_es_rows_``.  With k targets ``oof_`` is
+    (n, members, k) and ``oof_y_`` (n, k) with NaN for missing labels.
     """
 
-    def __init__(self, members: Sequence[dict], meta: str = "mae", n_folds: int = 5, context_features: int = 0,
-                 seed: int = 0, es_fraction: float = 0.15, member_overrides: Optional[dict] = None,
-                 refit: bool = True, graph_max_epochs: Optional[int] = None) -> None:
-        if not members:
-            raise ValueError("StackedEnsemble needs at least one member config")
-        if meta not in META_LEARNERS:
-            raise ValueError(f"unknown meta-learner {meta!r}; choose one of {', '.join(META_LEARNERS)}")
-        if n_folds < 2:
-            raise ValueError(f"n_folds must be >= 2 (got {n_folds})")
-        if context_features < 0:
-            raise ValueError("context_features must be >= 0")
-        if context_features and meta in ("mae", "nnls"):
-            raise ValueError("context_features needs meta 'ridge' or 'gbm' (mae and nnls weights are non-negative "
+    def __init__(self, members: Sequence[dict], meta: str = _DEFAULTS.meta, n_folds: int = _DEFAULTS.n_folds,
+                 context_features: int = 0, seed: int = 0, es_fraction: float = 0.15,
+                 member_overrides: Optional[dict] = None, refit: bool = _DEFAULTS.refit,
+                 graph_max_epochs: Optional[int] = _DEFAULTS.max_epochs) -> None:
+        self.members = members
+        self.meta = meta
+        self.n_folds = n_folds
+        self.context_features = context_features
+        self.seed = seed
+        self.es_fraction = es_fraction
+        self.member_overrides = member_overrides
+        self.refit = refit
+        self.graph_max_epochs = graph_max_epochs
+
+    def __setstate__(self, state: dict) -> None:
+        # ensembles pickled before the configs moved to ``members_`` kept the derived configs in
+        # ``members``: they are what was trained
+        if "meta_models_" in state and "members_" not in state:
+            state = dict(state, members_=state["members"])
+        super().__setstate__(state)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "meta_models_")
+
+    # -- checks and derived configs (fit time) -----------------------------------------------------
+    def _check_params(self) -> None:
+        """Every hyperparameter's check; the error names the parameter."""
+        if isinstance(self.members, (str, bytes, dict)) or not isinstance(self.members, Sequence) or not self.members:
+            raise InvalidParameterError(f"members: StackedEnsemble needs a non-empty list of member configs "
+                             f"(got {self.members!r:.80})")
+        for i, m in enumerate(self.members):
+            if not isinstance(m, dict) or "family" not in m:
+                raise InvalidParameterError(f"members[{i}]: a member is a trial config dict with a 'family' key (got {m!r:.80})")
+        if self.meta not in META_LEARNERS:
+            raise InvalidParameterError(f"meta: unknown meta-learner {self.meta!r}; choose one of {', '.join(META_LEARNERS)}")
+        if not _is_int(self.n_folds) or self.n_folds < 2:
+            raise InvalidParameterError(f"n_folds must be an integer >= 2 (got {self.n_folds!r})")
+        if not _is_int(self.context_features) or self.context_features < 0:
+            raise InvalidParameterError(f"context_features must be an integer >= 0 (got {self.context_features!r})")
+        if self.context_features and self.meta in ("mae", "nnls"):
+            raise InvalidParameterError("context_features needs meta 'ridge' or 'gbm' (mae and nnls weights are non-negative "
                              "blend weights of members only)")
-        if not 0.0 < es_fraction < 0.5:
-            raise ValueError("es_fraction must be in (0, 0.5)")
+        if not _is_int(self.seed):
+            raise InvalidParameterError(f"seed must be an integer (got {self.seed!r})")
+        if isinstance(self.es_fraction, bool) or not isinstance(self.es_fraction, Real) \
+                or not 0.0 < self.es_fraction < 0.5:
+            raise InvalidParameterError(f"es_fraction must be in (0, 0.5) (got {self.es_fraction!r})")
+        if self.member_overrides is not None and not isinstance(self.member_overrides, dict):
+            raise InvalidParameterError(f"member_overrides must be a dict of config keys or None (got {self.member_overrides!r})")
+        if not isinstance(self.refit, (bool, np.bool_)):
+            raise InvalidParameterError(f"refit must be True or False (got {self.refit!r})")
+        if self.graph_max_epochs is not None and (not _is_int(self.graph_max_epochs) or self.graph_max_epochs < 1):
+            raise InvalidParameterError(f"graph_max_epochs must be an integer >= 1 or None (got {self.graph_max_epochs!r})")
+
+    def _derived_members(self) -> list[dict]:
+        """The member configs as trained: ``lr_restarts`` emptied, ``member_overrides`` applied,
+        ``graph_max_epochs`` on the graph members."""
         from ..config import TABULAR_FAMILIES
 
-        if graph_max_epochs is not None and graph_max_epochs < 1:
-            raise ValueError(f"graph_max_epochs must be >= 1 (got {graph_max_epochs})")
-        # members train to the end: one cosine cycle, not the restarts at ASHA's rungs the search used
-        self.members = [{**m, "lr_restarts": [], **(member_overrides or {})} for m in members]
-        if graph_max_epochs:
-            self.members = [m if m["family"] in TABULAR_FAMILIES else dict(m, max_epochs=int(graph_max_epochs))
-                            for m in self.members]
-        self.graph_max_epochs = graph_max_epochs
-        self.meta = meta
-        self.n_folds = int(n_folds)
-        self.context_features = int(context_features)
-        self.seed = int(seed)
-        self.es_fraction = float(es_fraction)
-        self.member_overrides = dict(member_overrides or {})
-        self.refit = bool(refit)
+        configs = [{**_fresh_config(m), "lr_restarts": [], **_fresh_config(self.member_overrides or {})}
+                   for m in self.members]
+        if self.graph_max_epochs is not None:
+            configs = [c if c["family"] in TABULAR_FAMILIES else dict(c, max_epochs=int(self.graph_max_epochs))
+                       for c in configs]
+        return configs
 
     # -- fitting -----------------------------------------------------------------------------------
     def _member_config(self, j: int, fold: int) -> dict:
-        config = copy.deepcopy(self.members[j])
+        """A fresh copy of trained member ``j``'s config for fold model ``fold`` (its seed + fold)."""
+        config = _fresh_config(self.members_[j])
         config["seed"] = int(config.get("seed", 0)) + fold  # a little diversity between fold models
         return config
 
+    @property
+    def _n_context(self) -> int:
+        """Context columns of the fitted meta input (0 without context)."""
+        mean = getattr(self, "context_mean_", None)
+        return 0 if mean is None else len(mean)
+
     def _context(self, magpie: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        c = np.asarray(magpie[rows, : self.context_features], dtype=np.float64)
+        c = np.asarray(magpie[rows, : self._n_context], dtype=np.float64)
         c = np.where(np.isfinite(c), c, self.context_fill_)
         return (c - self.context_mean_) / self.context_std_
 
     def _meta_input(self, member_pred: np.ndarray, magpie: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        if not self.context_features:
+        if not self._n_context:
             return member_pred
         return np.hstack([member_pred, self._context(magpie, rows)])
 
@@ -333,6 +401,8 @@ class StackedEnsemble:
         from ..trainables.trial import fit_family, predict_from_state
         from ..trainables.trial_data import pack_rows, pack_trial_data
 
+        self._check_params()
+        self.members_ = self._derived_members()
         y_all = _as_targets(targets)
         rows = np.asarray(rows, dtype=np.int64)
         if len(np.unique(rows)) != len(rows):
@@ -345,7 +415,7 @@ class StackedEnsemble:
                 raise ValueError("some training rows have no finite label for any target")
         elif not np.all(np.isfinite(y_rows)):
             raise ValueError("some training rows have no finite target")
-        names = target_names or next((list(m["targets"]) for m in self.members
+        names = target_names or next((list(m["targets"]) for m in self.members_
                                       if len(m.get("targets") or []) == n_targets), None)
         self.target_names_ = [str(t) for t in names] if names else (
             [f"t{k}" for k in range(n_targets)] if multi else ["target"])
@@ -356,14 +426,14 @@ class StackedEnsemble:
                 raise ValueError(f"target {self.target_names_[k]!r} has fewer than 2 labelled training rows")
         self.n_targets_ = n_targets
         if multi:  # members name their targets (fit_family: task weights; trial states: target_names)
-            self.members = [dict(m, targets=list(self.target_names_)) for m in self.members]
+            self.members_ = [dict(m, targets=list(self.target_names_)) for m in self.members_]
         if graphs is None and self.needs_graphs:
             raise ValueError("graph members need crystal graphs (graphs is None)")
         self.graph_params_ = dict(graph_params or DEFAULT_GRAPH_PARAMS)
-        self.names_ = unique_names(self.members)
+        self.names_ = unique_names(self.members_)
         fold = kfold_assignment(len(rows), self.n_folds, self.seed)
         self.fold_of_row_ = {int(r): int(f) for r, f in zip(rows, fold)}
-        n_members = len(self.members)
+        n_members = len(self.members_)
         oof = np.full((len(rows), n_members, n_targets), np.nan)
         self.fold_states_, self.fold_train_rows_, self.fold_es_rows_, self.fold_heldout_rows_ = [], [], [], []
         for k in range(self.n_folds):
@@ -396,6 +466,8 @@ class StackedEnsemble:
         self.oof_y_ = y_all[rows]
         self.meta_rows_ = rows.copy()
         self.n_features_ = int(np.asarray(magpie).shape[1])  # width of the descriptor matrix
+        for stale in ("context_fill_", "context_mean_", "context_std_"):  # of an earlier fit
+            self.__dict__.pop(stale, None)
         if self.context_features:
             c = np.asarray(magpie[rows, : self.context_features], dtype=np.float64)
             fill = np.nanmedian(np.where(np.isfinite(c), c, np.nan), axis=0)
@@ -425,11 +497,11 @@ class StackedEnsemble:
         member for meta-learners without weights, e.g. gbm)."""
         per_target = [self._meta_weights(m) for m in self.meta_models_]
         if any(w is None for w in per_target):
-            return list(range(len(self.members)))
+            return list(range(len(self.members_)))
         return [j for j, name in enumerate(self.names_) if any(abs(w[name]) > 0 for w in per_target)]
 
     def _refit_config(self, j: int) -> dict:
-        return self._member_config(j, self.n_folds)  # a seed none of the fold models had
+        return self._member_config(j, len(self.fold_states_))  # a seed none of the fold models had
 
     def _refit(self, magpie, graphs, y_all, rows: np.ndarray, progress: bool) -> None:
         from ..trainables.loop import LocalSession
@@ -456,7 +528,7 @@ class StackedEnsemble:
         coef = getattr(model, "coef_", None)
         if coef is None:
             return None
-        names = list(self.names_) + [f"context_{i}" for i in range(self.context_features)]
+        names = list(self.names_) + [f"context_{i}" for i in range(self._n_context)]
         out = {n: float(w) for n, w in zip(names, coef)}
         out["intercept"] = float(model.intercept_)
         return out
@@ -492,7 +564,7 @@ class StackedEnsemble:
         n_targets = getattr(self, "n_targets_", 1)
         n = len(part["y"])
         per_row = (n_targets,) if n_targets > 1 else ()
-        out = np.empty((self.n_folds, n, len(self.members)) + per_row) if base is None else np.array(base, dtype=np.float64)
+        out = np.empty((len(self.fold_states_), n, len(self.members_)) + per_row) if base is None else np.array(base, dtype=np.float64)
         for k, states in enumerate(self.fold_states_):
             for j, state in enumerate(states):
                 if members is not None and j not in members:
@@ -567,20 +639,25 @@ class StackedEnsemble:
 
     # -- description -------------------------------------------------------------------------------
     @property
+    def _configs(self) -> list:
+        """The trained member configs once fitted, else the given ones."""
+        return getattr(self, "members_", None) or list(self.members)
+
+    @property
     def needs_graphs(self) -> bool:
         from ..config import TABULAR_FAMILIES
 
-        return any(m["family"] not in TABULAR_FAMILIES for m in self.members)
+        return any(m["family"] not in TABULAR_FAMILIES for m in self._configs)
 
     @property
     def needs_line_graph(self) -> bool:
-        return any(m["family"] == "alignn" for m in self.members)
+        return any(m["family"] == "alignn" for m in self._configs)
 
     def summary(self) -> dict:
         self._check_fitted()
         return {"meta": self.meta, "n_folds": self.n_folds, "context_features": self.context_features,
                 "refit": [self.names_[j] for j, st in enumerate(getattr(self, "refit_states_", None) or []) if st is not None],
-                "seed": self.seed, "members": self.names_, "member_configs": self.members,
+                "seed": self.seed, "members": self.names_, "member_configs": self.members_,
                 "weights": self.weights_, "n_meta_rows": int(len(self.meta_rows_)),
                 "targets": list(getattr(self, "target_names_", ["target"])),
                 "n_meta_rows_per_target": [int(len(r)) for r in getattr(self, "meta_fit_rows_", [self.meta_rows_])],

@@ -19,6 +19,8 @@ from optuna.trial import TrialState, create_trial
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from . import compat
+
 
 def cut_short(result: Optional[dict]) -> bool:
     """True when the trial's last result says it did not run to its own end."""
@@ -29,29 +31,30 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     """OptunaSearch whose trials stopped by the scheduler (or the budget) end PRUNED in Optuna."""
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials:  # resumed after a pause: Optuna has its record
+        if trial_id in compat.completed_trial_ids(self):  # resumed after a pause: Optuna has its record
             return
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and trial_id in self._completed_trials:
+        ot_trial = compat.optuna_trial_of(self, trial_id)
+        if ot_trial is not None and trial_id in compat.completed_trial_ids(self):
             self._finished_after_pause(ot_trial, result, error)
             return
         if error or ot_trial is None or not cut_short(result):
             return super().on_trial_complete(trial_id, result, error)
         # its intermediate scores are already in Optuna (on_trial_result); TPE reads the last one
-        self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
+        compat.optuna_study(self).tell(ot_trial, state=TrialState.PRUNED)
+        compat.mark_completed(self, trial_id)
 
     def _finished_after_pause(self, ot_trial, result: Optional[dict], error: bool) -> None:
         """A trial told PRUNED when it was paused at a rung, then resumed, ran to its end: Optuna
         cannot change a finished trial, so TPE gets a COMPLETE copy with the final score."""
-        if error or not result or cut_short(result) or result.get(self._metric) is None:
+        if error or not result or cut_short(result) or result.get(self.metric) is None:
             return
-        frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
-        self._ot_study.add_trial(create_trial(params=frozen.params, distributions=frozen.distributions,
-                                              value=float(result[self._metric]), state=TrialState.COMPLETE))
+        study = compat.optuna_study(self)
+        frozen = study.get_trials(deepcopy=False)[ot_trial.number]
+        study.add_trial(create_trial(params=frozen.params, distributions=frozen.distributions,
+                                     value=float(result[self.metric]), state=TrialState.COMPLETE))
 
 
 class PauseAwareLimiter(ConcurrencyLimiter):
@@ -65,6 +68,4 @@ class PauseAwareLimiter(ConcurrencyLimiter):
         self.on_trial_complete(trial_id, result=result)
 
     def resume(self, trial_id: str) -> None:
-        if trial_id not in self.live_trials:
-            self.live_trials.add(trial_id)
-            self.num_unfinished_live_trials += 1
+        compat.limiter_take_slot(self, trial_id)

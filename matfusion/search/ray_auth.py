@@ -17,9 +17,10 @@ opts out.  :func:`auth_failure` recognises the refusal and says what to do.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Optional
+
+from . import compat
 
 AUTH_MODE = "RAY_AUTH_MODE"
 HELP = ("the Ray cluster requires its authentication token: copy the head node's ~/.ray/auth_token to "
@@ -51,13 +52,7 @@ def prepare_ray_auth(address: Optional[str]) -> Optional[str]:
     if source is None:
         return None
     os.environ[AUTH_MODE] = "token"
-    if "ray._raylet" in sys.modules:  # Ray caches its config; refresh it like `ray.init` does
-        try:
-            from ray._raylet import Config
-
-            Config.initialize("")
-        except Exception:  # noqa: BLE001 - best effort; the variable is set for child processes
-            pass
+    compat.refresh_ray_config()  # Ray caches its config; refresh it like `ray.init` does
     return source
 
 

@@ -24,12 +24,13 @@ from typing import Optional
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.stopper import Stopper
 
-from ..config import ONE_SHOT_FAMILIES
+from .. import families
+from . import compat
 
 log = logging.getLogger("matfusion.search")
 
 # families trained in one shot (no epochs): outside ASHA's rungs (the name is kept for its users)
-TABULAR_FAMILIES = frozenset(ONE_SHOT_FAMILIES)
+TABULAR_FAMILIES = frozenset(families.ONE_SHOT)
 
 RESULT_FILE = "result.json"
 
@@ -39,7 +40,7 @@ def rung_milestones(max_t: int, grace_period: int, reduction_factor: int) -> lis
     bracket) compares trials, lowest first, read from a real Ray scheduler so they always match."""
     asha = AsyncHyperBandScheduler(time_attr="training_iteration", metric="m", mode="min", max_t=max_t,
                                    grace_period=grace_period, reduction_factor=reduction_factor)
-    return sorted(int(m) for m, _ in asha._brackets[0]._rungs)
+    return sorted(int(m) for m, _ in compat.bracket_rungs(compat.asha_brackets(asha)[0]))
 
 
 def is_tabular(trial, tabular=TABULAR_FAMILIES) -> bool:
@@ -75,25 +76,24 @@ class TabularAwareASHA(AsyncHyperBandScheduler):
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         if self._tabular(trial):
             return
-        if trial.trial_id in self._trial_info:
+        if compat.trial_bracket(self, trial.trial_id) is not None:
             super().on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self._trial_info.pop(trial.trial_id, None)
+        compat.forget_trial(self, trial.trial_id)
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        self._trial_info.pop(trial.trial_id, None)
+        compat.forget_trial(self, trial.trial_id)
 
     # -- inspection ------------------------------------------------------------------------
 
     def rungs(self) -> list[dict]:
         """``[{"milestone": m, "recorded": {trial_id: metric}}]`` of every bracket, lowest
         milestone first, metric in its own sign (e.g. a MAE, not its negative)."""
-        out = []
-        for bracket in self._brackets:
-            for milestone, recorded in reversed(bracket._rungs):
-                out.append({"milestone": milestone,
-                            "recorded": {t: float(v) * self._metric_op for t, v in recorded.items()}})
+        out, op = [], compat.asha_metric_op(self)
+        for bracket in compat.asha_brackets(self):
+            for milestone, recorded in reversed(compat.bracket_rungs(bracket)):
+                out.append({"milestone": milestone, "recorded": {t: float(v) * op for t, v in recorded.items()}})
         return out
 
     def recorded_trial_ids(self) -> set[str]:
@@ -104,15 +104,16 @@ class TabularAwareASHA(AsyncHyperBandScheduler):
     def _replay(self, trial) -> None:
         """Record the results a restored trial already had (a fresh trial has none)."""
         last = getattr(trial, "last_result", None) or {}
-        upto = last.get(self._time_attr)
-        if upto is None or not self._metric:
+        time_attr, metric = compat.asha_time_attr(self), self.metric
+        upto = last.get(time_attr)
+        if upto is None or not metric:
             return
-        bracket = self._trial_info[trial.trial_id]
+        bracket, op = compat.trial_bracket(self, trial.trial_id), compat.asha_metric_op(self)
         for result in _result_history(trial):
-            t, value = result.get(self._time_attr), result.get(self._metric)
+            t, value = result.get(time_attr), result.get(metric)
             if t is None or value is None or t > upto:
                 continue
-            bracket.on_result(trial, t, self._metric_op * value)
+            compat.bracket_record(bracket, trial, t, op * value)
 
 
 class PromotingASHA(TabularAwareASHA):
@@ -136,31 +137,38 @@ class PromotingASHA(TabularAwareASHA):
 
     def __init__(self, *args, on_pause=None, on_resume=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._on_pause, self._on_resume = on_pause, on_resume
+        self.listen(on_pause, on_resume)
         self._promoted: set[tuple[str, float]] = set()  # (trial_id, milestone) already sent on
         self._waiting: dict[str, float] = {}  # trial_id -> the milestone it is paused at
+
+    def listen(self, on_pause=None, on_resume=None) -> None:
+        """Tell ``on_pause(trial_id, result)`` / ``on_resume(trial_id)`` of every pause and resume
+        from now on (e.g. the searcher a restored Tuner runs with: the one pickled with this
+        scheduler is another copy)."""
+        self._on_pause, self._on_resume = on_pause, on_resume
 
     def promotable(self, milestone: float, recorded: dict, final: bool = False) -> list[str]:
         """Trials of a rung that may go on, best first: its best ``n // reduction_factor``
         (``ceil`` when ``final``), less those already sent on from it."""
-        n, rf = len(recorded), self._reduction_factor
+        n, rf = len(recorded), compat.asha_reduction_factor(self)
         k = int(-(-n // rf)) if final else int(n // rf)
         best = sorted(recorded, key=lambda t: recorded[t], reverse=True)[:k]  # values are metric_op * metric
         return [t for t in best if (t, milestone) not in self._promoted]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if self._tabular(trial) or self._time_attr not in result or self._metric not in result:
+        time_attr, metric = compat.asha_time_attr(self), self.metric
+        if self._tabular(trial) or time_attr not in result or metric not in result:
             return TrialScheduler.CONTINUE
-        t = result[self._time_attr]
-        if t >= self._max_t:
+        t = result[time_attr]
+        if t >= compat.asha_max_t(self):
             return TrialScheduler.STOP
-        bracket = self._trial_info.get(trial.trial_id)
+        bracket = compat.trial_bracket(self, trial.trial_id)
         if bracket is None:
             return TrialScheduler.CONTINUE
-        for milestone, recorded in bracket._rungs:  # highest milestone first
+        for milestone, recorded in compat.bracket_rungs(bracket):  # highest milestone first
             if t < milestone or trial.trial_id in recorded:
                 continue
-            recorded[trial.trial_id] = self._metric_op * result[self._metric]
+            recorded[trial.trial_id] = compat.asha_metric_op(self) * result[metric]
             if trial.trial_id in self.promotable(milestone, recorded):
                 self._promoted.add((trial.trial_id, milestone))
                 return TrialScheduler.CONTINUE
@@ -171,15 +179,14 @@ class PromotingASHA(TabularAwareASHA):
         return TrialScheduler.CONTINUE
 
     def _promotion(self, paused: dict, final: bool = False):
-        for bracket in self._brackets:
-            for milestone, recorded in bracket._rungs:  # highest milestone first
-                for trial_id in self.promotable(milestone, recorded, final):
-                    if self._waiting.get(trial_id) == milestone and trial_id in paused:
-                        self._promoted.add((trial_id, milestone))
-                        del self._waiting[trial_id]
-                        if self._on_resume is not None:
-                            self._on_resume(trial_id)
-                        return paused[trial_id]
+        for milestone, recorded in compat.asha_rungs(self):  # each bracket's highest milestone first
+            for trial_id in self.promotable(milestone, recorded, final):
+                if self._waiting.get(trial_id) == milestone and trial_id in paused:
+                    self._promoted.add((trial_id, milestone))
+                    del self._waiting[trial_id]
+                    if self._on_resume is not None:
+                        self._on_resume(trial_id)
+                    return paused[trial_id]
         return None
 
     def choose_trial_to_run(self, tune_controller):
@@ -207,13 +214,10 @@ class PromotingASHA(TabularAwareASHA):
         if trial is None:
             # Tune re-snapshots only the trials it marks; one stopped while PAUSED is not, so the
             # experiment would keep it as PAUSED (a resume would run it on): mark it here
-            controller = getattr(tune_controller, "_tune_controller", tune_controller)
-            mark = getattr(controller, "_mark_trial_to_checkpoint", None)
             for t in paused.values():
                 self._waiting.pop(t.trial_id, None)
                 tune_controller.stop_trial(t)
-                if mark is not None:
-                    mark(t)
+                compat.mark_trial_to_checkpoint(tune_controller, t)
         return trial
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:

@@ -237,13 +237,6 @@ class SearchProgress(CLIReporter):
         self._print(self.table(trials, done))
 
 
-def target_names(dataset) -> list[str]:
-    """One name per target column (multi-target tables join their names with commas)."""
-    n = 1 if dataset.targets.ndim == 1 else dataset.targets.shape[1]
-    names = [t.strip() for t in str(dataset.target_name).split(",")]
-    return names if len(names) == n else [f"t{k}" for k in range(n)]
-
-
 # -- experiment folder and resume --------------------------------------------------------------
 
 def experiment_path(cfg: Config) -> Path:
@@ -400,7 +393,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     path = experiment_path(cfg)
     resuming = _resolve_resume(cfg, path, resume)
     dataset = _load_dataset(cfg)
-    space = _define_space(cfg.search, target_names(dataset))
+    space = _define_space(cfg.search, dataset.target_names)
     prep = prepare_fold(cfg, dataset, families=cfg.search.families, progress=progress)
     split = prep.split
     print(f"fold {split.fold}: train {len(split.train)}, inner val {len(split.val)}, "

@@ -1,59 +1,40 @@
-"""Define-by-run Optuna search spaces, one module per model family, composed here.
+"""Define-by-run Optuna search spaces over the families of the registry (:mod:`matfusion.families`).
 
 The first choice of every trial is the model family; each family then suggests only its own
 parameters, named ``<family>/<param>`` (Ray's OptunaSearch un-flattens them into
 ``config[family][param]``); a graph family also chooses its ``fusion`` and only that fusion's
-parameters.  Constants (epochs, seed, fixed parameters, ...) are returned by the space function
-and merged into the trial config.
+parameters (:mod:`matfusion.families.fusion`).  Constants (epochs, seed, fixed parameters, ...)
+are returned by the space function and merged into the trial config.
 
-Each family module declares ``PARAMS`` (default ranges), ``PRESETS`` (``quick`` /
-``thorough`` ranges replacing the defaults) and ``DEFAULTS`` (a known-good point, used to seed
-the search through ``points_to_evaluate``).  A config may fix or narrow any parameter with
-``search.space`` (keys ``<family>.<param>``; see :mod:`.params`).
+Each family declares ``PARAMS`` (default ranges), ``PRESETS`` (``quick`` / ``thorough`` ranges
+replacing the defaults), ``ALTERNATIVES`` and its typed hyperparameters, whose defaults are
+the family's ``DEFAULTS`` (a known-good point, used to seed the search through
+``points_to_evaluate``).  A config may fix or narrow any parameter with ``search.space``
+(keys ``<family>.<param>``; see :mod:`.params`).
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Mapping, Optional, Sequence
 
-from . import alignn as _alignn
-from . import cgcnn as _cgcnn
-from . import et as _et
-from . import fusion as _fusion
-from . import lgbm as _lgbm
-from . import rf as _rf
+from .. import families as _families
+from ..families import fusion as _fusion
 from .multitask import multitask_space
 from .params import Categorical, SpaceError, Suggester, apply_override, describe
 
 PRESETS = ("quick", "default", "thorough")
-FUSIONS = ("none", "early", "attention", "late")
-FAMILIES = {
-    "rf": SimpleNamespace(module=_rf, space=_rf.rf_space, graph=False),
-    "lgbm": SimpleNamespace(module=_lgbm, space=_lgbm.lgbm_space, graph=False),
-    "et": SimpleNamespace(module=_et, space=_et.et_space, graph=False),
-    "cgcnn": SimpleNamespace(module=_cgcnn, space=_cgcnn.cgcnn_space, graph=True),
-    "alignn": SimpleNamespace(module=_alignn, space=_alignn.alignn_space, graph=True),
-}
-FAMILY_SPACES = {name: fam.space for name, fam in FAMILIES.items()}
 
 
-def family_params(family: str, preset: str = "default", fusions: Sequence[str] = FUSIONS) -> dict:
-    """The specs of one family under a preset (graph families include fusion and its params)."""
-    fam = FAMILIES[family]
-    specs = dict(fam.module.PARAMS)
-    specs.update(getattr(fam.module, "PRESETS", {}).get(preset, {}))
-    if fam.graph:
-        specs["fusion"] = Categorical(tuple(fusions))
-        specs.update(_fusion.PARAMS)
-        specs.update(_fusion.PRESETS.get(preset, {}))
-    return specs
+def family_params(family: str, preset: str = "default", fusions: Optional[Sequence[str]] = None) -> dict:
+    """The specs of one family under a preset (graph families include fusion and its params;
+    ``fusions`` default: all of them)."""
+    return _families.get(family).search_specs(preset, fusions or _families.FUSIONS)
 
 
 def normalize_overrides(space: Optional[Mapping[str, Any]]) -> dict:
     """``{"cgcnn.hidden": 64}`` or nested ``{"cgcnn": {"hidden": 64}}`` -> ``{"cgcnn.hidden": 64}``."""
     out = {}
     for key, value in (space or {}).items():
-        if "." not in key and key in FAMILIES and isinstance(value, Mapping):
+        if "." not in key and key in _families.names() and isinstance(value, Mapping):
             for param, v in value.items():
                 out[f"{key}.{param}"] = v
         else:
@@ -61,19 +42,20 @@ def normalize_overrides(space: Optional[Mapping[str, Any]]) -> dict:
     return out
 
 
-def resolve_specs(families: Sequence[str], preset: str = "default", fusions: Sequence[str] = FUSIONS,
+def resolve_specs(families: Sequence[str], preset: str = "default", fusions: Optional[Sequence[str]] = None,
                   overrides: Optional[Mapping[str, Any]] = None) -> dict:
     """family -> param -> spec (or ("fixed", value)); raises SpaceError naming a bad key."""
     if preset not in PRESETS:
         raise SpaceError(f"search.preset {preset!r} not allowed; allowed values: {list(PRESETS)}")
-    unknown = [f for f in families if f not in FAMILIES]
+    known = _families.names()
+    unknown = [f for f in families if f not in known]
     if unknown:
-        raise SpaceError(f"unknown model families {unknown}; known: {', '.join(FAMILIES)}")
+        raise SpaceError(f"unknown model families {unknown}; known: {', '.join(known)}")
     specs = {f: family_params(f, preset, fusions) for f in families}
     for key, value in normalize_overrides(overrides).items():
         family, _, param = key.partition(".")
-        if family not in FAMILIES:
-            raise SpaceError(f"search.space.{key}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        if family not in known:
+            raise SpaceError(f"search.space.{key}: unknown family {family!r}; known: {', '.join(known)}")
         if family not in specs:
             raise SpaceError(f"search.space.{key}: family {family!r} is not in search.families {list(families)}")
         if param not in specs[family]:
@@ -91,9 +73,9 @@ class SearchSpace:
                  targets: Sequence[str] = (), task_weighting: Sequence[str] = ("fixed",),
                  task_weights: Optional[dict] = None, preset: str = "default",
                  overrides: Optional[Mapping[str, Any]] = None) -> None:
-        unknown = [f for f in families if f not in FAMILIES]
+        unknown = [f for f in families if f not in _families.names()]
         if unknown:
-            raise ValueError(f"unknown model families {unknown}; known: {', '.join(FAMILIES)}")
+            raise ValueError(f"unknown model families {unknown}; known: {', '.join(_families.names())}")
         self.families = list(families)
         self.constants = dict(constants)
         self.fusions = list(fusions)
@@ -109,16 +91,13 @@ class SearchSpace:
     def __call__(self, trial) -> dict:
         family = trial.suggest_categorical("family", self.families)
         fixed: dict = {}
-        s = Suggester(trial, f"{family}/", self.specs[family], fixed)
-        FAMILIES[family].space(s)
-        if FAMILIES[family].graph:
-            _fusion.fusion_space(s, s("fusion"))
+        _families.get(family).space(Suggester(trial, f"{family}/", self.specs[family], fixed))
         constants = {**self.constants, **fixed}
-        if len(self.targets) > 1 and FAMILIES[family].graph:  # tabular: one model per target
+        if len(self.targets) > 1 and _families.get(family).graph:  # tabular: one model per target
             weighting = multitask_space(trial, self.targets, self.task_weighting)
             if weighting == "fixed":
                 for t in self.targets:
-                    constants[f"multitask/w_{t}"] = float(self.task_weights.get(t, 1.0))
+                    constants[f"multitask/w_{t}"] = float(self.task_weights.get(t, _families.DEFAULT_TASK_WEIGHT))
         return constants
 
     def describe(self) -> dict:
@@ -137,7 +116,7 @@ class SearchSpace:
         (variants of its DEFAULTS, e.g. lgbm with the L1 objective) that the space allows."""
         points = [self._default_point(family, {}) for family in self.families]
         for family in self.families:
-            for variant in getattr(FAMILIES[family].module, "ALTERNATIVES", ()):
+            for variant in _families.get(family).ALTERNATIVES:
                 point = self._default_point(family, variant)
                 if point is not None and point not in points:
                     points.append(point)
@@ -146,15 +125,13 @@ class SearchSpace:
     def _default_point(self, family: str, variant: dict) -> Optional[dict]:
         """DEFAULTS updated by ``variant``; None when the space excludes a value of ``variant``."""
         point: dict = {"family": family}
-        defaults = dict(FAMILIES[family].module.DEFAULTS)
-        if FAMILIES[family].graph:
+        fam = _families.get(family)
+        defaults = fam.DEFAULTS
+        if fam.graph:
             fusion_spec = self.specs[family]["fusion"]
             choices = fusion_spec.choices if isinstance(fusion_spec, Categorical) else (fusion_spec[1],)
-            preferred = [f for f in ("early", "attention", "none", "late") if f in choices]
-            defaults["fusion"] = preferred[0] if preferred else choices[0]
-            if defaults["fusion"] in ("early", "attention"):
-                defaults.update({k: v for k, v in _fusion.DEFAULTS.items()
-                                 if k != "fusion_dim" or defaults["fusion"] == "attention"})
+            defaults["fusion"] = _fusion.default_fusion(choices)
+            defaults.update({k: _fusion.DEFAULTS[k] for k in _fusion.USES[defaults["fusion"]]})
         defaults.update(variant)
         for param, value in defaults.items():
             spec = self.specs[family].get(param)
@@ -177,5 +154,5 @@ def define_search_space(families: Sequence[str], constants: dict, **choices) -> 
     return SearchSpace(families, constants, **choices)
 
 
-__all__ = ["FAMILIES", "FAMILY_SPACES", "PRESETS", "SearchSpace", "SpaceError", "define_search_space",
+__all__ = ["PRESETS", "SearchSpace", "SpaceError", "define_search_space",
            "resolve_specs"]

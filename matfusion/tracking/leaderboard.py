@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from ..config import TABULAR_FAMILIES
+from .. import families
+from .logger import trial_fusion
 from .runs import child_runs
 
 PARAM_PREFIX = "params."
@@ -25,12 +26,6 @@ FINISHED = ("completed", "pruned", "stopped")  # stopped: cut by the search's ti
 
 
 # -- reading MLflow ----------------------------------------------------------------------
-def _fusion_of(family: str, params: dict) -> str:
-    if family in TABULAR_FAMILIES:
-        return "-"
-    return str(params.get(f"{family}.fusion", "none"))
-
-
 def collect_trials(client, experiment_id: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
     """The trials frame and, per trial_id, its val_mae history as sorted ``[(epoch, value)]``."""
     runs = child_runs(client, experiment_id, parent_run_id)
@@ -57,7 +52,8 @@ def collect_trials(client, experiment_id: str, parent_run_id: str) -> tuple[pd.D
             status = {"FINISHED": "completed", "FAILED": "failed", "KILLED": "failed"}.get(
                 run.info.status, str(run.info.status).lower())
         row = {"trial_id": trial_id, "run_id": run.info.run_id, "family": family,
-               "encoder": "-" if family in TABULAR_FAMILIES else family, "fusion": _fusion_of(family, params),
+               "encoder": family if family in families.GRAPH else "-",
+               "fusion": trial_fusion({"family": family, "fusion": params.get(f"{family}.fusion", "none")}),
                "status": status, "val_mae": val, "epochs": epochs,
                "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC")}
         row.update({PARAM_PREFIX + k: v for k, v in params.items()})

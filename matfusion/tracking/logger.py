@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from ..config import TABULAR_FAMILIES
+from .. import families
 from .runs import find_trial_run, nested_runs
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
@@ -61,11 +61,11 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: Option
 
 
 def trial_fusion(config: dict) -> str:
-    """The fusion of a trial config: ``-`` for a tabular family, else its ``fusion`` (default none)."""
-    family = config.get("family")
-    if not family or family in TABULAR_FAMILIES:
+    """The fusion column of a trial (``-`` for a tabular family, else :func:`families.fusion_of`);
+    ``config`` is a trial config, or a flat row with ``family`` and ``fusion``."""
+    if config.get("family") not in families.GRAPH:
         return "-"
-    return str((config.get(family) or {}).get("fusion", "none"))
+    return families.fusion_of(config)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -179,7 +179,7 @@ class MlflowTrialLogger(Callback):
                 self.experiment_id,
                 run_name=f"{family}-{trial_id}",
                 tags={"mlflow.parentRunId": self.parent_run_id, "family": family,
-                      "encoder": "-" if family in TABULAR_FAMILIES else family,
+                      "encoder": family if family in families.GRAPH else "-",
                       "fusion": trial_fusion(config),
                       "trial_id": trial_id, "status": "running"},
             ).info.run_id

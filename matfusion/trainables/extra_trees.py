@@ -5,11 +5,10 @@ from __future__ import annotations
 from sklearn.ensemble import ExtraTreesRegressor
 
 
-def extra_trees(n_estimators: int = 500, max_depth: int | None = None, min_samples_leaf: int = 1,
-                max_features: float | str = 0.5, bootstrap: bool = False, seed: int = 0,
-                n_jobs: int = 1) -> ExtraTreesRegressor:
-    """An unfitted ``ExtraTreesRegressor`` with matfusion's hyperparameter names
-    (``max_depth`` 0 or None = unlimited)."""
+def extra_trees(*, n_estimators: int, max_depth: int | None, min_samples_leaf: int, max_features: float | str,
+                bootstrap: bool, seed: int = 0, n_jobs: int = 1) -> ExtraTreesRegressor:
+    """An unfitted ``ExtraTreesRegressor`` with matfusion's hyperparameter names (``max_depth``
+    0 or None = unlimited; defaults: the et family's, :class:`matfusion.families.et.ETParams`)."""
     return ExtraTreesRegressor(
         n_estimators=int(n_estimators),
         max_depth=None if not max_depth else int(max_depth),

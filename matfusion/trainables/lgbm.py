@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-OBJECTIVES = ("l2", "l1", "huber")
+from ..families.lgbm import OBJECTIVES
 
 
 class ChunkedLGBM:
@@ -25,13 +25,13 @@ class ChunkedLGBM:
     Parameters: ``learning_rate``, ``num_leaves``, ``min_child_samples``, ``feature_fraction``,
     ``bagging_fraction`` (bagging every round when < 1), ``lambda_l1``, ``lambda_l2``,
     ``objective`` (``l2`` | ``l1`` | ``huber``; huber's delta is the training targets' std),
-    ``max_bin``, ``seed``, ``n_jobs`` (threads).
+    ``max_bin``, ``seed``, ``n_jobs`` (threads).  The defaults of the hyperparameters are those of
+    the lgbm family (:class:`matfusion.families.lgbm.LGBMParams`), which builds this model.
     """
 
-    def __init__(self, learning_rate: float = 0.05, num_leaves: int = 31, min_child_samples: int = 10,
-                 feature_fraction: float = 0.7, bagging_fraction: float = 0.8, lambda_l1: float = 0.0,
-                 lambda_l2: float = 0.0, objective: str = "l2", max_bin: int = 63, seed: int = 0,
-                 n_jobs: int = 1) -> None:
+    def __init__(self, *, learning_rate: float, num_leaves: int, min_child_samples: int, feature_fraction: float,
+                 bagging_fraction: float, lambda_l1: float, lambda_l2: float, objective: str, max_bin: int,
+                 seed: int = 0, n_jobs: int = 1) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"lgbm objective {objective!r} not allowed; allowed values: {list(OBJECTIVES)}")
         self.learning_rate = float(learning_rate)

@@ -1,9 +1,9 @@
 """Training of the tabular families on the descriptor matrix (the ``magpie`` arrays of the trial
-data): ``rf`` (random forest), ``et`` (extra trees) and ``lgbm`` (LightGBM).
+data); each family of :mod:`matfusion.families` builds its model and calls in here.
 
-Multi-target: one model per target, trained on the rows labelled for it.  ``rf`` and ``et``
-train in one shot and report once (epoch 1; the search's ASHA leaves them out of its rungs).
-``lgbm`` trains in chunks of ``rounds_per_epoch`` boosting rounds, ``ceil(n_estimators /
+Multi-target: one model per target, trained on the rows labelled for it.  Forests (``rf``,
+``et``) train in one shot and report once (epoch 1; the search's ASHA leaves them out of its
+rungs).  ``lgbm`` trains in chunks of ``rounds_per_epoch`` boosting rounds, ``ceil(n_estimators /
 max_epochs)`` by default, so a trial spans ``max_epochs`` "epochs" like a GNN; after each chunk
 it reports ``val_mae`` on the inner validation rows through the same session as the torch loop
 (:class:`~matfusion.trainables.loop.LocalSession` / :class:`~matfusion.trainables.loop.TuneSession`),
@@ -16,18 +16,16 @@ in the trial data.
 """
 from __future__ import annotations
 
-import math
+from typing import Callable
+
 import numpy as np
 
-from ..config import ONE_SHOT_FAMILIES, TABULAR_FAMILIES  # noqa: F401  (re-exported for the trainables)
-from .extra_trees import extra_trees
-from .lgbm import ChunkedLGBM
+from .. import families
+from ..families import TrialConfig
 from .loop import LocalSession, target_stats, validation_score
-from .random_forest import random_forest
 
-
-def _threads(config: dict) -> int:
-    return max(1, int(config.get("cpus", 1)))
+TABULAR_FAMILIES = families.TABULAR  # (kept importable from here: ensembles/stacking.py reads it)
+ONE_SHOT_FAMILIES = families.ONE_SHOT
 
 
 def _as_2d(y) -> np.ndarray:
@@ -35,31 +33,21 @@ def _as_2d(y) -> np.ndarray:
     return y.reshape(len(y), -1)
 
 
+def _task_metrics(trial: TrialConfig, task_maes: list) -> dict:
+    if len(task_maes) <= 1:
+        return {}
+    return {f"val_mae_{n}": m for n, m in zip(trial.targets or [], task_maes)}
+
+
 # -- random forest / extra trees ----------------------------------------------------------------
 
-def forest_from_config(config: dict):
-    """The unfitted scikit-learn forest of an ``rf`` or ``et`` trial config."""
-    family = config["family"]
-    hp = config.get(family, {}) or {}
-    seed, n_jobs = int(config.get("seed", 0)), _threads(config)
-    if family == "rf":
-        return random_forest(n_estimators=hp.get("n_estimators", 300), max_depth=hp.get("max_depth"),
-                             min_samples_leaf=hp.get("min_samples_leaf", 1), max_features=hp.get("max_features", 1.0),
-                             seed=seed, n_jobs=n_jobs)
-    if family == "et":
-        return extra_trees(n_estimators=hp.get("n_estimators", 500), max_depth=hp.get("max_depth"),
-                           min_samples_leaf=hp.get("min_samples_leaf", 1), max_features=hp.get("max_features", 0.5),
-                           bootstrap=bool(hp.get("bootstrap", False)), seed=seed, n_jobs=n_jobs)
-    raise ValueError(f"family {family!r} is not a forest; forests: rf, et")
-
-
-def fit_forests(config: dict, X: np.ndarray, y: np.ndarray) -> list:
-    """One fitted forest per target, each on the rows labelled for it."""
+def fit_forests(build: Callable, X: np.ndarray, y: np.ndarray) -> list:
+    """One fitted forest per target (``build()`` gives an unfitted one), each on the rows labelled for it."""
     y = _as_2d(y)
     forests = []
     for k in range(y.shape[1]):
         labelled = np.isfinite(y[:, k])
-        forests.append(forest_from_config(config).fit(X[labelled], y[labelled, k]))
+        forests.append(build().fit(X[labelled], y[labelled, k]))
     return forests
 
 
@@ -67,47 +55,50 @@ def predict_forests(forests: list, X: np.ndarray) -> np.ndarray:
     return np.stack([f.predict(X) for f in forests], axis=1)
 
 
+def fit_forest_trial(trial: TrialConfig, data: dict, session, build: Callable) -> dict:
+    """A one-shot forest trial: fit, one report (epoch 1) with the state ``{family: forests}``."""
+    tr, va = data["train"], data["val"]
+    y_train, y_val = _as_2d(tr["y"]), _as_2d(va["y"])
+    _, y_std = target_stats(y_train)
+    forests = fit_forests(build, tr["magpie"], y_train)
+    val_mae, task_maes = validation_score(predict_forests(forests, va["magpie"]), y_val, y_std)
+    train_mae, _ = validation_score(predict_forests(forests, tr["magpie"]), y_train, y_std)
+    metrics = {"epoch": 1, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": val_mae,
+               "trial_finished": True, **_task_metrics(trial, task_maes)}
+    state = {trial.family: forests}
+    session.report(metrics, state)
+    return state
+
+
 # -- LightGBM ---------------------------------------------------------------------------------------
 
-def lgbm_from_config(config: dict) -> ChunkedLGBM:
-    hp = config.get("lgbm", {}) or {}
-    return ChunkedLGBM(learning_rate=hp.get("learning_rate", 0.05), num_leaves=hp.get("num_leaves", 31),
-                       min_child_samples=hp.get("min_child_samples", 10),
-                       feature_fraction=hp.get("feature_fraction", 0.7),
-                       bagging_fraction=hp.get("bagging_fraction", 0.8), lambda_l1=hp.get("lambda_l1", 0.0),
-                       lambda_l2=hp.get("lambda_l2", 0.0), objective=hp.get("objective", "l2"),
-                       max_bin=hp.get("max_bin", 63), seed=int(config.get("seed", 0)), n_jobs=_threads(config))
-
-
-def rounds_per_epoch(config: dict) -> int:
-    """Boosting rounds per reported epoch: ``lgbm.rounds_per_epoch`` if given, else
-    ``ceil(n_estimators / max_epochs)`` (the trial then spans max_epochs epochs)."""
-    hp = config.get("lgbm", {}) or {}
-    if hp.get("rounds_per_epoch"):
-        return max(1, int(hp["rounds_per_epoch"]))
-    return max(1, math.ceil(int(hp.get("n_estimators", 1000)) / max(1, int(config.get("max_epochs", 30)))))
+def rounds_per_epoch(config) -> int:
+    """Boosting rounds per reported epoch of an lgbm trial: ``lgbm.rounds_per_epoch`` if given,
+    else ``ceil(n_estimators / max_epochs)`` (the trial then spans max_epochs epochs)."""
+    trial = TrialConfig.parse(config)
+    return families.get(trial.family).rounds_per_epoch(trial.params, trial.max_epochs)
 
 
 def predict_lgbm(state: dict, X: np.ndarray) -> np.ndarray:
     """(n, k) predictions of an lgbm trial state at its best chunk."""
+    from .lgbm import ChunkedLGBM
+
     models = [ChunkedLGBM.from_state(s) for s in state["lgbm"]]
     rounds = state.get("best_rounds")
     return np.stack([m.predict(X, rounds) for m in models], axis=1)
 
 
-def fit_lgbm(config: dict, data: dict, session=None) -> dict:
-    """Chunked LightGBM training with a report (and checkpoint) per chunk; returns the last state."""
-    session = session or LocalSession()
+def fit_lgbm(trial: TrialConfig, data: dict, session, build: Callable, chunk: int) -> dict:
+    """Chunked LightGBM training (``build()`` gives one unfitted ChunkedLGBM per target, ``chunk``
+    rounds per epoch) with a report (and checkpoint) per chunk; returns the last state."""
+    from .lgbm import ChunkedLGBM
+
     tr, va = data["train"], data["val"]
     X_tr, X_va = np.asarray(tr["magpie"], dtype=np.float64), np.asarray(va["magpie"], dtype=np.float64)
     y_tr, y_va = _as_2d(tr["y"]), _as_2d(va["y"])
     _, y_std = target_stats(y_tr)
-    names = list(config.get("targets") or [])
-    max_epochs = int(config.get("max_epochs", 30))
-    patience = int(config.get("patience", 20))
-    every = max(1, int(config.get("checkpoint_every", 1)))
-    checkpoint_at = {int(e) for e in config.get("checkpoint_at") or ()}
-    chunk = rounds_per_epoch(config)
+    names = list(trial.targets or [])
+    checkpoint_at = set(trial.checkpoint_at)
     labelled = [np.isfinite(y_tr[:, k]) for k in range(y_tr.shape[1])]
 
     resume = session.get_state()
@@ -116,14 +107,14 @@ def fit_lgbm(config: dict, data: dict, session=None) -> dict:
         start = int(resume["epoch"]) + 1
         best_val, best_epoch = float(resume["best_val_mae"]), int(resume["best_epoch"])
     else:
-        models = [lgbm_from_config(config) for _ in labelled]
+        models = [build() for _ in labelled]
         start, best_val, best_epoch = 1, float("inf"), 0
     state = resume
     datasets = [m.dataset(X_tr[rows], y_tr[rows, k]) for k, (m, rows) in enumerate(zip(models, labelled))]
     # predictions kept up to date chunk by chunk (only the new rounds are evaluated)
     val_pred = np.stack([m.predict(X_va) if m.booster_ is not None else np.zeros(len(X_va)) for m in models], axis=1)
     tr_pred = np.stack([m.predict(X_tr) if m.booster_ is not None else np.zeros(len(X_tr)) for m in models], axis=1)
-    for epoch in range(start, max_epochs + 1):
+    for epoch in range(start, trial.max_epochs + 1):
         for k, (model, rows) in enumerate(zip(models, labelled)):
             before = model.n_rounds_
             model.boost(X_tr[rows], y_tr[rows, k], chunk, data=datasets[k])
@@ -135,12 +126,12 @@ def fit_lgbm(config: dict, data: dict, session=None) -> dict:
         train_mae, _ = validation_score(tr_pred, y_tr, y_std)
         if val_mae < best_val:
             best_val, best_epoch = val_mae, epoch
-        finished = epoch >= max_epochs or epoch - best_epoch >= patience
+        finished = epoch >= trial.max_epochs or epoch - best_epoch >= trial.patience
         metrics = {"epoch": epoch, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": best_val,
                    "rounds": epoch * chunk, "trial_finished": bool(finished)}
         if len(task_maes) > 1:
             metrics.update({f"val_mae_{n}": m for n, m in zip(names, task_maes)})
-        if not (finished or epoch % every == 0 or epoch in checkpoint_at):
+        if not (finished or epoch % trial.checkpoint_every == 0 or epoch in checkpoint_at):
             session.report(metrics, None)
             continue
         state = {"family": "lgbm", "lgbm": [m.get_state() for m in models], "epoch": epoch,
@@ -152,41 +143,25 @@ def fit_lgbm(config: dict, data: dict, session=None) -> dict:
     return state
 
 
-# -- one entry point ------------------------------------------------------------------------------
+# -- one entry point (through the registry) ---------------------------------------------------------
 
-def fit_tabular(config: dict, data: dict, session=None) -> dict:
-    """Train the tabular family of ``config`` on the descriptor matrix of ``data`` (from
-    ``pack_trial_data``), reporting through ``session``; returns the trained state."""
-    family = config["family"]
-    session = session or LocalSession()
-    if family == "lgbm":
-        return fit_lgbm(config, data, session)
-    tr, va = data["train"], data["val"]
-    y_train, y_val = _as_2d(tr["y"]), _as_2d(va["y"])
-    _, y_std = target_stats(y_train)
-    forests = fit_forests(config, tr["magpie"], y_train)
-    val_mae, task_maes = validation_score(predict_forests(forests, va["magpie"]), y_val, y_std)
-    train_mae, _ = validation_score(predict_forests(forests, tr["magpie"]), y_train, y_std)
-    metrics = {"epoch": 1, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": val_mae,
-               "trial_finished": True}
-    if len(task_maes) > 1:
-        metrics.update({f"val_mae_{n}": m for n, m in zip(config.get("targets", []), task_maes)})
-    state = {family: forests}
-    session.report(metrics, state)
-    return state
+def fit_tabular(config, data: dict, session=None) -> dict:
+    """Train the tabular family of ``config`` (dict or TrialConfig) on the descriptor matrix of
+    ``data`` (from ``pack_trial_data``), reporting through ``session``; returns the trained state."""
+    trial = TrialConfig.parse(config)
+    family = families.get(trial.family)
+    if family.graph:
+        raise ValueError(f"family {trial.family!r} is not tabular; tabular: {', '.join(families.TABULAR)}")
+    return family.fit(trial, data, session or LocalSession())
 
 
-def predict_tabular(config: dict, state: dict, X: np.ndarray) -> np.ndarray:
+def predict_tabular(config, state: dict, X: np.ndarray) -> np.ndarray:
     """(n, k) predictions of a trained tabular trial state."""
-    family = config["family"]
-    if family == "lgbm":
-        return predict_lgbm(state, X)
-    forests = state[family]
-    return predict_forests(forests if isinstance(forests, list) else [forests], X)
+    trial = TrialConfig.parse(config)
+    return families.get(trial.family).predict(trial, state, {"magpie": X}, {})
 
 
-def slim_state(config: dict, state: dict) -> dict:
-    """What prediction needs of a tabular state (the ensemble keeps these)."""
-    if config["family"] == "lgbm":
-        return {k: state[k] for k in ("lgbm", "best_rounds", "best_val_mae", "best_epoch", "target_names") if k in state}
-    return {config["family"]: state[config["family"]]}
+def slim_state(config, state: dict) -> dict:
+    """What prediction needs of a trained state (the ensemble keeps these)."""
+    name = config.family if isinstance(config, TrialConfig) else config["family"]
+    return families.get(name).slim_state(state)

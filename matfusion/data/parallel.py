@@ -1,0 +1,109 @@
+"""One parallel map for the featurizers (crystal graphs and descriptor sets).
+
+``parallel_map(fn, items, n_jobs=..., progress=...)`` applies ``fn`` to every item and returns
+``(values, failures)``: ``values[i]`` is ``fn(items[i])`` (``None`` where it raised) and
+``failures`` lists a :class:`Failure` (position, exception type, message) per item that raised,
+in item order.  The caller decides what a failure means (the descriptor sets turn it into NaN,
+the graph builder into an error naming the rows).
+
+Workers are forked where the platform can fork: ``fn`` and ``items`` are handed to each worker
+once, as the arguments of its start-up function (inherited through the fork, never pickled),
+and the workers receive only ``(start, stop)`` bounds of contiguous chunks.  Results come back
+chunk by chunk, in any order, and are put in place; a tqdm bar counts the items.  Without fork
+(or for small inputs, or ``n_jobs=1``) the same chunks run in this process.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+# the largest chunk handed to one worker at a time (items)
+MAX_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An item ``fn`` raised on: its position in ``items``, the exception's type and message."""
+
+    index: int
+    error: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"item {self.index}: {self.error}: {self.message}" if self.message else f"item {self.index}: {self.error}"
+
+
+def default_n_jobs(n_jobs: int = 0) -> int:
+    """``n_jobs``, or every core for 0."""
+    return n_jobs or os.cpu_count() or 1
+
+
+def chunk_size(n: int, n_jobs: int) -> int:
+    """About four chunks per worker, at most :data:`MAX_CHUNK` items each, at least one."""
+    return max(1, min(MAX_CHUNK, n // (4 * max(1, n_jobs)) or 1))
+
+
+def can_fork() -> bool:
+    return "fork" in mp.get_all_start_methods()
+
+
+# The task of this worker process: (fn, items), set once by the pool's start-up function in a
+# forked child (the parent never sets it: the serial path calls _run_chunk with the task).
+_TASK: tuple | None = None
+
+
+def _install(fn: Callable, items: Sequence) -> None:
+    global _TASK
+    _TASK = (fn, items)
+
+
+def _run_chunk(bounds: tuple[int, int], task: tuple | None = None) -> tuple[int, list, list]:
+    fn, items = task if task is not None else _TASK
+    start, stop = bounds
+    values, failures = [], []
+    for i in range(start, stop):
+        try:
+            values.append(fn(items[i]))
+        except Exception as err:  # noqa: BLE001 - reported to the caller per item
+            values.append(None)
+            text = str(err).strip().splitlines()
+            failures.append(Failure(i, type(err).__name__, text[0] if text else ""))
+    return start, values, failures
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence, n_jobs: int = 1, chunk: int | None = None,
+                 progress: bool = False, desc: str = "", unit: str = "struct") -> tuple[list, list[Failure]]:
+    """``([fn(item) for item in items], failures)`` over ``n_jobs`` forked workers (see the
+    module docstring); ``chunk`` items per task (default :func:`chunk_size`), a tqdm bar
+    labelled ``desc`` when ``progress``.  Runs serially for ``n_jobs <= 1``, without fork, or
+    when there are no more than two chunks."""
+    n = len(items)
+    n_jobs = max(1, int(n_jobs))
+    chunk = chunk or chunk_size(n, n_jobs)
+    bounds = [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
+    values: list = [None] * n
+    failures: list[Failure] = []
+    bar = tqdm(total=n, desc=desc or None, unit=unit, disable=not progress)
+
+    def store(start: int, vals: list, fails: list) -> None:
+        values[start:start + len(vals)] = vals
+        failures.extend(fails)
+        bar.update(len(vals))
+
+    try:
+        if n_jobs > 1 and n > 2 * chunk and can_fork():
+            with mp.get_context("fork").Pool(n_jobs, initializer=_install, initargs=(fn, items)) as pool:
+                for result in pool.imap_unordered(_run_chunk, bounds):
+                    store(*result)
+        else:
+            for b in bounds:
+                store(*_run_chunk(b, (fn, items)))
+    finally:
+        bar.close()
+    failures.sort(key=lambda f: f.index)
+    return values, failures
