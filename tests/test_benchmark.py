@@ -50,11 +50,12 @@ def _official_test_ids(task):
 
 class RowRecorder:
     """Wraps the real functions that pack rows for fitting and records what they were given:
-    the search's dataset and its trial rows (matfusion.search.tuner), and the dataset the
+    the search's dataset (matfusion.search.tuner) and its trial rows (matfusion.data.prepare), and the dataset the
     benchmark featurizes for stacking and the rows its fold models are fitted on."""
 
     def __init__(self, monkeypatch):
         import matfusion.data.featurize as featurize_mod
+        import matfusion.data.prepare as prepare
         import matfusion.search.tuner as tuner
         import matfusion.trainables.trial_data as trial_data
 
@@ -62,7 +63,7 @@ class RowRecorder:
         self.stacking = []  # (fit ids, early-stopping ids) per fold model fit
         self._search_ds = None
         self._eval_ds = None
-        real_load, real_pack, real_feat = tuner.load_dataset, tuner.pack_trial_data, featurize_mod.featurize
+        real_load, real_pack, real_feat = tuner.load_dataset, prepare.pack_trial_data, featurize_mod.featurize
         real_stack_pack = trial_data.pack_trial_data
 
         def load(*a, **kw):
@@ -84,7 +85,7 @@ class RowRecorder:
             return real_stack_pack(magpie, graphs, targets, train, val, **kw)
 
         monkeypatch.setattr(tuner, "load_dataset", load)
-        monkeypatch.setattr(tuner, "pack_trial_data", pack_search)
+        monkeypatch.setattr(prepare, "pack_trial_data", pack_search)
         monkeypatch.setattr(featurize_mod, "featurize", feat)
         monkeypatch.setattr(trial_data, "pack_trial_data", pack_stack)
 
@@ -325,7 +326,7 @@ def test_composition_only_task_all_folds_loads_back_in_matbench(tmp_path, data_d
 
 
 def test_stacked_groups_keeps_the_best_graph_group():
-    from matfusion.benchmark.runner import stacked_groups
+    from matfusion.benchmark.fold import stacked_groups
 
     ordered = ["lgbm", "et", "rf", "cgcnn-early", "cgcnn-late"]
     assert stacked_groups(ordered, 3) == ["lgbm", "et", "rf"]
