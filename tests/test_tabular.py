@@ -205,13 +205,13 @@ def test_stack_with_lgbm_member_and_pyfunc_featurizes_new_structures(phonons, tm
     """An lgbm + et stack on the default descriptors; the saved pyfunc model computes the same
     descriptor sets from raw structures (JSON and CIF text) and reproduces the predictions."""
     from matfusion.ensembles.export import featurizer_spec, make_card, save_ensemble_model
-    from matfusion.ensembles.select import _group
+    from matfusion.families import group_of
     from matfusion.ensembles.stacking import StackedEnsemble, member_name
 
     ds, split, fs, _ = phonons
     members = [LGBM, {"family": "et", "et": {"n_estimators": 40}, "seed": 0, "cpus": 1}]
     assert [member_name(m) for m in members] == ["lgbm", "et"]
-    assert _group({"family": "lgbm", "fusion": "none"}) == "lgbm"
+    assert group_of({"family": "lgbm", "fusion": "-"}) == "lgbm"  # a leaderboard row
     rows = np.sort(np.concatenate([split.train, split.val]))
     ens = StackedEnsemble(members, n_folds=3).fit(fs.magpie, None, ds.targets, rows)
     assert not ens.needs_graphs and ens.n_features_ == fs.magpie.shape[1]
