@@ -17,11 +17,6 @@ from . import families as _families
 
 # the model families and fusions come from the family registry (matfusion/families/)
 FAMILIES = _families.names()
-# families trained on the descriptor matrix only (no crystal graph, no fusion)
-TABULAR_FAMILIES = _families.TABULAR
-# tabular families trained in one shot: one report, outside ASHA's rungs (lgbm reports every chunk
-# of boosting rounds, so ASHA may stop it)
-ONE_SHOT_FAMILIES = _families.ONE_SHOT
 DESCRIPTOR_SETS = ("magpie", "stoichiometry", "density", "symmetry", "bonds")
 FUSIONS = _families.FUSIONS
 TASK_WEIGHTINGS = _families.TASK_WEIGHTINGS

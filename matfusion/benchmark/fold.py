@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import TABULAR_FAMILIES
+from ..families import TABULAR
 from .base import RESULTS_FILE, BenchmarkError, printer, write_state
 from .importances import modality_importance, rf_importance
 from .matbench_io import write_results
@@ -239,7 +239,7 @@ def stacked_groups(ordered: list[str], max_groups: int, graph_member: bool = Fal
     """The first ``max_groups`` of ``ordered`` (groups, best inner-val MAE first); with
     ``graph_member`` the best graph-model group is added when none of them is one."""
     groups = list(ordered[:max_groups])
-    graph_groups = [g for g in ordered if g not in TABULAR_FAMILIES]
+    graph_groups = [g for g in ordered if g not in TABULAR]
     if graph_member and graph_groups and not set(groups) & set(graph_groups):
         groups.append(graph_groups[0])
     return groups

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..config import TABULAR_FAMILIES
+from ..families import TABULAR
 
 
 def _mae(pred, y) -> float:
@@ -19,7 +19,7 @@ def _mae(pred, y) -> float:
 def uses_modalities(config: dict) -> tuple[bool, bool]:
     """(uses the crystal graph, uses the Magpie vector) of a member config."""
     family = config.get("family")
-    if family in TABULAR_FAMILIES:
+    if family in TABULAR:
         return False, True
     fusion = str((config.get(family) or {}).get("fusion", "none"))
     return True, fusion in ("early", "attention", "late")
@@ -77,7 +77,7 @@ def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Seque
     from ..trainables.trial import predict_from_state
 
     candidates = [i for i, m in enumerate(ensemble.members) if m.get("family") == "rf"]
-    candidates += [i for i, m in enumerate(ensemble.members) if m.get("family") in TABULAR_FAMILIES and i not in candidates]
+    candidates += [i for i, m in enumerate(ensemble.members) if m.get("family") in TABULAR and i not in candidates]
     if not candidates:
         return None
     j = candidates[0]

@@ -31,7 +31,7 @@ stacked from that search's MLflow run; a fold whose search was interrupted conti
 settings the benchmark started with (a different config in the same ``--out`` is refused).
 
 Composition-only tasks (e.g. matbench_expt_gap): no crystal graphs; only the tabular families
-(:data:`matfusion.config.TABULAR_FAMILIES`) are searched, and the config's graph families are
+(:data:`matfusion.families.TABULAR`) are searched, and the config's graph families are
 left out with a message.
 
 ``results.json.gz`` and the matbench side: :mod:`matfusion.benchmark.matbench_io`; importances:
@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..config import TABULAR_FAMILIES
+from ..families import TABULAR
 from .base import (N_OFFICIAL_FOLDS, REPORT_FILE, RESULTS_FILE, STATE_FILE, BenchmarkError, printer, read_state,
                    write_state)
 from .fold import fold_config, run_fold
@@ -85,12 +85,12 @@ class BenchmarkResult:
 def composition_only_families(families: Sequence[str], task: str) -> tuple[list, list]:
     """(kept, dropped): the tabular families of ``families`` and the others; raises
     :class:`BenchmarkError` when none is tabular."""
-    kept = [f for f in families if f in TABULAR_FAMILIES]
-    dropped = [f for f in families if f not in TABULAR_FAMILIES]
+    kept = [f for f in families if f in TABULAR]
+    dropped = [f for f in families if f not in TABULAR]
     if not kept:
         raise BenchmarkError(f"{task} has compositions only (no crystal structures), and none of search.families "
                              f"{list(families)} works without structures; add a composition family: "
-                             f"{', '.join(TABULAR_FAMILIES)}")
+                             f"{', '.join(TABULAR)}")
     return kept, dropped
 
 

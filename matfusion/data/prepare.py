@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Optional, Sequence
 
+from .. import families as _families
 from ..trainables.trial_data import pack_rows, pack_trial_data
 from . import featurize as featurize_module
 from .dataset import Dataset
@@ -26,15 +27,13 @@ from .folds import FoldSplit, split_fold
 def needs_line_graph(families: Iterable[str], members: Iterable[dict] = ()) -> bool:
     """Whether the graphs need their line graphs (bond angles): ALIGNN is searched, or one of
     the ensemble's ``members`` (trial configs) is an ALIGNN model."""
-    return "alignn" in list(families) or any(m.get("family") == "alignn" for m in members)
+    return _families.needs_line_graph([*families, *(m.get("family") for m in members)])
 
 
 def needs_graphs(families: Iterable[str]) -> bool:
     """Whether any of ``families`` trains on crystal graphs (a search of tabular families only
     needs none)."""
-    from ..config import TABULAR_FAMILIES
-
-    return any(f not in TABULAR_FAMILIES for f in families)
+    return any(f in _families.GRAPH for f in families)
 
 
 def features_config(features, families: Iterable[str], members: Iterable[dict] = ()):
@@ -48,12 +47,10 @@ def features_config(features, families: Iterable[str], members: Iterable[dict] =
 def check_structures(dataset: Dataset, families: Sequence[str]) -> None:
     """Raise ValueError, naming the first graph family, when ``families`` need crystal structures
     that ``dataset`` (compositions only) does not have."""
-    from ..config import TABULAR_FAMILIES
-
-    graph_families = [f for f in families if f not in TABULAR_FAMILIES]
+    graph_families = [f for f in families if f in _families.GRAPH]
     if graph_families and not dataset.has_structures:
         raise ValueError(f"{dataset.name} has compositions only; family '{graph_families[0]}' needs crystal "
-                         f"structures (use tabular families only: search.families: {list(TABULAR_FAMILIES)})")
+                         f"structures (use tabular families only: search.families: {list(_families.TABULAR)})")
 
 
 def fold_split(cfg, dataset: Dataset) -> FoldSplit:

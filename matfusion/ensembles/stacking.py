@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin, clone
 
+from .. import families
 from ..config import EnsembleConfig
 
 log = logging.getLogger("matfusion.ensembles")
@@ -51,8 +52,6 @@ DEFAULT_GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
 
 def member_name(config: dict) -> str:
     """A short readable name of a member: its group (``rf``, ``cgcnn-early``, ``alignn-none`` ...)."""
-    from .. import families
-
     return families.group_of(config)
 
 
@@ -214,8 +213,6 @@ def _single_target(targets: np.ndarray) -> np.ndarray:
 
 def _slim_state(config: dict, state: dict) -> dict:
     """What prediction needs of a member's trained state (its family says), copied."""
-    from .. import families
-
     return copy.deepcopy(families.get(config["family"]).slim_state(state))
 
 
@@ -355,12 +352,10 @@ class StackedEnsemble(BaseEstimator):
     def _derived_members(self) -> list[dict]:
         """The member configs as trained: ``lr_restarts`` emptied, ``member_overrides`` applied,
         ``graph_max_epochs`` on the graph members."""
-        from ..config import TABULAR_FAMILIES
-
         configs = [{**_fresh_config(m), "lr_restarts": [], **_fresh_config(self.member_overrides or {})}
                    for m in self.members]
         if self.graph_max_epochs is not None:
-            configs = [c if c["family"] in TABULAR_FAMILIES else dict(c, max_epochs=int(self.graph_max_epochs))
+            configs = [c if c["family"] in families.TABULAR else dict(c, max_epochs=int(self.graph_max_epochs))
                        for c in configs]
         return configs
 
@@ -645,13 +640,11 @@ class StackedEnsemble(BaseEstimator):
 
     @property
     def needs_graphs(self) -> bool:
-        from ..config import TABULAR_FAMILIES
-
-        return any(m["family"] not in TABULAR_FAMILIES for m in self._configs)
+        return any(m["family"] in families.GRAPH for m in self._configs)
 
     @property
     def needs_line_graph(self) -> bool:
-        return any(m["family"] == "alignn" for m in self._configs)
+        return families.needs_line_graph([m["family"] for m in self._configs])
 
     def summary(self) -> dict:
         self._check_fitted()

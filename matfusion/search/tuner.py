@@ -23,7 +23,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from ..tracking.logger import (MlflowTrialLogger, close_open_trial_runs, ensure_
                                resolve_tracking_uri, trial_fusion)
 from ..tracking.report import log_search_report
 from ..tracking.runs import nested_runs
+from . import compat
 from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 
 log = logging.getLogger("matfusion.search")
@@ -126,7 +126,7 @@ def n_startup_trials(search: SearchConfig) -> int:
 def lr_restarts(search: SearchConfig) -> list[int]:
     """Epochs after which GNN trials restart their cosine learning rate: ASHA's rung milestones
     below ``max_epochs`` when ``search.lr_schedule`` is ``rungs``, else none (one cosine cycle)."""
-    if getattr(search, "lr_schedule", "cosine") != "rungs":
+    if search.lr_schedule != "rungs":
         return []
     return [m for m in rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
             if m < search.max_epochs]
@@ -140,7 +140,7 @@ def build_sampler(search: SearchConfig):
     from optuna.exceptions import ExperimentalWarning
     from optuna.samplers import RandomSampler, TPESampler
 
-    if getattr(search, "sampler", "tpe") == "random":
+    if search.sampler == "random":
         return RandomSampler(seed=search.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -165,11 +165,11 @@ def build_scheduler(search: SearchConfig, searcher=None):
     or FIFO (``search.scheduler: fifo``: every trial runs to its end)."""
     from ray.tune.schedulers import FIFOScheduler
 
-    if getattr(search, "scheduler", "asha") == "fifo":
+    if search.scheduler == "fifo":
         return FIFOScheduler()
     kwargs = dict(time_attr="training_iteration", metric=SCORE, mode="min", max_t=search.max_epochs,
                   grace_period=search.grace_period, reduction_factor=search.reduction_factor)
-    if getattr(search, "asha_mode", "stop") == "promote":
+    if search.asha_mode == "promote":
         return PromotingASHA(**kwargs, on_pause=getattr(searcher, "pause", None),
                              on_resume=getattr(searcher, "resume", None))
     return TabularAwareASHA(**kwargs)
@@ -178,7 +178,7 @@ def build_scheduler(search: SearchConfig, searcher=None):
 def checkpoint_epochs(search: SearchConfig) -> list[int]:
     """Epochs every trial checkpoints at besides ``checkpoint_every``: the rungs, where
     ``asha_mode: promote`` may pause a trial (it resumes from that checkpoint)."""
-    if getattr(search, "scheduler", "asha") != "asha" or getattr(search, "asha_mode", "stop") != "promote":
+    if search.scheduler != "asha" or search.asha_mode != "promote":
         return []
     return rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
 
@@ -222,7 +222,7 @@ class SearchProgress(CLIReporter):
         head = (f"== {'Final' if done else 'Status'} == {time.time() - self._t0:.0f} s; {len(trials)} trials: "
                 + ", ".join(f"{n} {s}" for s, n in counts.items()))
         rows = self.rows(trials)
-        shown = rows if done else rows[: self._max_progress_rows]
+        shown = rows if done else rows[: compat.reporter_max_rows(self)]
         lines = [head]
         if shown:
             lines.append(pd.DataFrame(shown, columns=self.COLUMNS).to_string(index=False))
@@ -234,7 +234,7 @@ class SearchProgress(CLIReporter):
         return "\n".join(lines) + "\n"
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
-        self._print(self.table(trials, done))
+        compat.reporter_print(self, self.table(trials, done))
 
 
 # -- experiment folder and resume --------------------------------------------------------------
@@ -346,18 +346,18 @@ def discard_orphan_runs(client, experiment_id: str, parent_id: str, known: set) 
 
 def _trial_logger(tuner):
     """The MlflowTrialLogger the Tuner runs with (the unpickled one after a restore)."""
-    run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
-    return next((c for c in getattr(run_config, "callbacks", None) or [] if isinstance(c, MlflowTrialLogger)), None)
+    return next((c for c in compat.tuner_callbacks(tuner) if isinstance(c, MlflowTrialLogger)), None)
 
 
 def _restored_scheduler(tuner):
     """The scheduler a restored Tuner runs with (unpickled from the experiment), to log its
-    rungs; None where Ray keeps it elsewhere."""
-    tune_config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
-    scheduler = getattr(tune_config, "scheduler", None)
-    searcher = getattr(tune_config, "search_alg", None)
-    if isinstance(scheduler, PromotingASHA) and hasattr(searcher, "pause"):
-        scheduler._on_pause, scheduler._on_resume = searcher.pause, searcher.resume  # the restored searcher
+    rungs; None where Ray keeps it elsewhere.  A promote-mode scheduler is told of its pauses
+    and resumes through the restored searcher."""
+    from .optuna_search import PauseAwareLimiter
+
+    scheduler, searcher = compat.tuner_scheduler(tuner), compat.tuner_searcher(tuner)
+    if isinstance(scheduler, PromotingASHA) and isinstance(searcher, PauseAwareLimiter):
+        scheduler.listen(searcher.pause, searcher.resume)  # the restored searcher
     return scheduler
 
 

@@ -24,8 +24,6 @@ from .. import families
 from ..families import TrialConfig
 from .loop import LocalSession, target_stats, validation_score
 
-TABULAR_FAMILIES = families.TABULAR  # (kept importable from here: ensembles/stacking.py reads it)
-ONE_SHOT_FAMILIES = families.ONE_SHOT
 
 
 def _as_2d(y) -> np.ndarray:
