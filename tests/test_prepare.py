@@ -44,19 +44,19 @@ def test_same_rows_features_and_cache_keys_as_the_manual_path(data_dir):
     assert len(prep.dataset) == 40
     for part in ("train", "val", "test"):
         np.testing.assert_array_equal(getattr(prep.split, part), getattr(split, part))
-    np.testing.assert_array_equal(prep.magpie, features.magpie)
-    assert prep.columns == features.magpie_columns
+    np.testing.assert_array_equal(prep.descriptors, features.descriptors)
+    assert prep.columns == features.descriptor_columns
     _same_graphs(prep.graphs, features.graphs)
     assert not prep.graphs.has_line_graph  # no alignn, no line graph
 
-    manual = pack_trial_data(features.magpie, features.graphs, dataset.targets, split.train, split.val,
+    manual = pack_trial_data(features.descriptors, features.graphs, dataset.targets, split.train, split.val,
                              gaussian_bins=cfg.features.gaussian_bins, gaussian_width=cfg.features.gaussian_width)
     assert prep.trial_data.keys() == manual.keys() and prep.trial_data["graph_params"] == manual["graph_params"]
     for part in ("train", "val"):
         assert prep.trial_data[part].keys() == manual[part].keys()
         for key, arr in manual[part].items():
             np.testing.assert_array_equal(prep.trial_data[part][key], arr, err_msg=f"{part}/{key}")
-    test = pack_rows(features.magpie, features.graphs, dataset.targets, split.test)
+    test = pack_rows(features.descriptors, features.graphs, dataset.targets, split.test)
     for key, arr in test.items():
         np.testing.assert_array_equal(prep.test_part[key], arr, err_msg=key)
     assert prep.graph_params == manual["graph_params"]
@@ -107,7 +107,7 @@ def test_tabular_only_skips_graphs_unless_asked(data_dir):
     assert "graph/z" not in prep.test_part
     both = prepare_fold(cfg, prep.dataset, graphs=True, progress=False)
     assert both.graphs is not None and len(both.graphs) == len(prep.dataset)
-    np.testing.assert_array_equal(both.magpie, prep.magpie)
+    np.testing.assert_array_equal(both.descriptors, prep.descriptors)
 
 
 def test_graph_family_on_compositions_is_refused_by_name(data_dir):
@@ -115,4 +115,4 @@ def test_graph_family_on_compositions_is_refused_by_name(data_dir):
     with pytest.raises(ValueError, match="compositions only; family 'cgcnn' needs crystal structures"):
         prepare_fold(cfg, progress=False)
     prep = prepare_fold(cfg, families=["rf"], progress=False)
-    assert prep.graphs is None and prep.trial_data["train"]["magpie"].shape[1] == 132
+    assert prep.graphs is None and prep.trial_data["train"]["descriptors"].shape[1] == 132

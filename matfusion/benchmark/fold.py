@@ -304,7 +304,7 @@ def _fit_ensemble(f: _Fold, prep, members, progress: bool):
     e = f.cfg.ensemble
     ensemble = StackedEnsemble(members, meta=e.meta, n_folds=e.n_folds, seed=f.fcfg.search.seed, refit=e.refit,
                                graph_max_epochs=e.max_epochs)
-    ensemble.fit(prep.magpie, prep.graphs, prep.targets, prep.split.train, graph_params=prep.graph_params,
+    ensemble.fit(prep.descriptors, prep.graphs, prep.targets, prep.split.train, graph_params=prep.graph_params,
                  progress=progress)
     return ensemble
 
@@ -327,7 +327,7 @@ def _predict_test(f: _Fold, ensemble, prep):
     """(evaluation, predictions, stds) of every test row, in matbench's order, all finite."""
     from ..ensembles.evaluate import evaluate_ensemble
 
-    evaluation = evaluate_ensemble(ensemble, prep.magpie, prep.graphs, prep.targets, prep.split.test)
+    evaluation = evaluate_ensemble(ensemble, prep.descriptors, prep.graphs, prep.targets, prep.split.test)
     frame = evaluation.predictions
     if [prep.dataset.ids[r] for r in frame["row"]] != f.test_ids:
         raise BenchmarkError(f"fold {f.fold}: predictions are not in matbench's test order")
@@ -447,10 +447,10 @@ def _importances(f: _Fold, ensemble, prep) -> None:
     notes = []
     importance: dict = {"fold": f.fold, "rows": "test rows of the fold (after recording)"}
     try:
-        importance["rf"] = rf_importance(ensemble, prep.magpie, prep.targets, test_rows, prep.columns,
+        importance["rf"] = rf_importance(ensemble, prep.descriptors, prep.targets, test_rows, prep.columns,
                                          repeats=repeats, seed=seed)
         if prep.graphs is not None:
-            importance["modality"] = modality_importance(ensemble, prep.magpie, prep.graphs, prep.targets,
+            importance["modality"] = modality_importance(ensemble, prep.descriptors, prep.graphs, prep.targets,
                                                          test_rows, repeats=repeats, seed=seed)
     except Exception as err:  # noqa: BLE001 - a report extra must not lose a recorded fold
         notes.append(f"importance failed: {type(err).__name__}: {err}")

@@ -72,9 +72,9 @@ class PreparedFold:
     families: list = field(default_factory=list)
 
     @property
-    def magpie(self):
-        """The descriptor matrix of every row (see FeatureSet.magpie)."""
-        return self.features.magpie
+    def descriptors(self):
+        """The descriptor matrix of every row (see FeatureSet.descriptors)."""
+        return self.features.descriptors
 
     @property
     def graphs(self):
@@ -82,7 +82,7 @@ class PreparedFold:
 
     @property
     def columns(self) -> list[str]:
-        return self.features.magpie_columns
+        return self.features.descriptor_columns
 
     @property
     def targets(self):
@@ -102,13 +102,13 @@ class PreparedFold:
     def trial_data(self) -> dict:
         """``pack_trial_data`` of the inner train and validation rows: what every trial gets."""
         p = self.graph_params
-        return pack_trial_data(self.magpie, self.graphs, self.targets, self.split.train, self.split.val,
+        return pack_trial_data(self.descriptors, self.graphs, self.targets, self.split.train, self.split.val,
                                gaussian_bins=p["gaussian_bins"], gaussian_width=p["gaussian_width"])
 
     @cached_property
     def test_part(self) -> dict:
         """``pack_rows`` of the test rows (in ``split.test`` order), for after-fit evaluation."""
-        return pack_rows(self.magpie, self.graphs, self.targets, self.split.test)
+        return pack_rows(self.descriptors, self.graphs, self.targets, self.split.test)
 
 
 def prepare_fold(cfg, dataset: Optional[Dataset] = None, *, families: Optional[Sequence[str]] = None,

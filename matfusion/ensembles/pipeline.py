@@ -69,7 +69,7 @@ def build_ensemble_from_search(experiment: Optional[str] = None, *, settings=Non
     # graphs whenever the data has structures, as the members were trained
     prep = prepare_fold(cfg, dataset, families=cfg.search.families, members=members, graphs=True, progress=progress)
     ensemble = _fit_ensemble(prep, members, settings, context_features, seed, progress)
-    evaluation = evaluate_ensemble(ensemble, prep.magpie, prep.graphs, prep.targets, prep.split.test)
+    evaluation = evaluate_ensemble(ensemble, prep.descriptors, prep.graphs, prep.targets, prep.split.test)
     run_id = log_evaluation(client, parent.info.experiment_id, parent.info.run_id, evaluation,
                             tags=_run_tags(prep, parent))
     info, version, moved = _log_and_register(client, run_id, cfg, prep, ensemble, evaluation, parent, settings,
@@ -132,7 +132,7 @@ def _fit_ensemble(prep, members, settings, context_features: int, seed: int, pro
     ensemble = StackedEnsemble(members, meta=settings.meta, n_folds=settings.n_folds,
                                context_features=context_features, seed=seed, refit=settings.refit,
                                graph_max_epochs=settings.max_epochs)
-    ensemble.fit(prep.magpie, prep.graphs, prep.targets, rows, graph_params=prep.graph_params, progress=progress,
+    ensemble.fit(prep.descriptors, prep.graphs, prep.targets, rows, graph_params=prep.graph_params, progress=progress,
                  target_names=prep.target_names if prep.targets.ndim == 2 else None)
     return ensemble
 
