@@ -149,7 +149,8 @@ class EnsemblePyfunc(_PythonModel):
                 structures.append(parse_structure(v))
                 ok.append(i)
             except Exception as err:  # noqa: BLE001 - pymatgen raises many types
-                warnings.warn(f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN")
+                warnings.warn(f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN",
+                              stacklevel=2)
         k = getattr(self.ensemble, "n_targets_", 1)
         pred = np.full((len(values), k), np.nan)
         std = np.full((len(values), k), np.nan)

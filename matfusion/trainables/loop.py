@@ -18,10 +18,14 @@ import math
 import os
 import random
 import tempfile
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    from torch import nn
 
 # torch is imported inside the functions that use it: a tabular trial (rf, et, lgbm) reports
 # through the sessions below without paying torch's import in its Ray worker
