@@ -92,6 +92,38 @@ def test_residual_is_a_fusion_with_typed_params_and_space():
     assert only["cgcnn/fusion"] == "residual" and only["cgcnn/residual_base"] == "lgbm"
 
 
+def _sample(space, n=12):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = space(trial)
+        out.append({**trial.params, **constants})
+        study.tell(trial, 1.0)
+    return out
+
+
+def test_residual_base_is_searched_and_the_folds_only_when_search_space_names_them():
+    from matfusion.spaces import SearchSpace
+
+    plain = _sample(SearchSpace(["cgcnn"], {}, fusions=["residual", "early"]))
+    residual = [s for s in plain if s["cgcnn/fusion"] == "residual"]
+    assert residual and all(s["cgcnn/residual_base"] in ("lgbm", "rf") for s in residual)
+    assert not any("cgcnn/residual_folds" in s for s in plain)  # fixed at its default 5
+    assert not any("cgcnn/residual_base" in s for s in plain if s["cgcnn/fusion"] == "early")
+    searched = _sample(SearchSpace(["cgcnn"], {}, fusions=["residual"], overrides={"cgcnn.residual_folds": [3, 7]}))
+    assert {s["cgcnn/residual_folds"] for s in searched} <= {3, 7} and len(searched) == 12
+    fixed = _sample(SearchSpace(["cgcnn"], {}, fusions=["residual"], overrides={"cgcnn.residual_folds": 4}), n=2)
+    assert all(s["cgcnn/residual_folds"] == 4 for s in fixed)
+    from matfusion.spaces.params import SpaceError
+
+    with pytest.raises(SpaceError, match="residual_folds"):
+        SearchSpace(["cgcnn"], {}, fusions=["residual"], overrides={"cgcnn.residual_folds": {"low": 1, "high": 5}})
+
+
 @pytest.mark.parametrize("base", ["lgbm", "rf"])
 def test_out_of_fold_t_never_sees_validation_or_test_rows(tiny, base):
     data = tiny["one"]

@@ -29,8 +29,7 @@ from .base import HyperParams, defaults_of
 FUSIONS = ("none", "early", "attention", "late", "residual")
 # the fusion a graph family's seeded default point takes, first allowed of these
 PREFERRED = ("early", "attention", "none", "late", "residual")
-# fusion -> the fusion parameters it searches (``residual_folds`` is not searched: its default,
-# or the value a trial config gives)
+# fusion -> the fusion parameters it searches
 USES = {"none": (), "late": (), "early": ("comp_hidden", "comp_layers"),
         "attention": ("comp_hidden", "comp_layers", "fusion_dim"), "residual": ("residual_base",)}
 # the fusions whose model is the encoder alone (late and residual add a tabular model outside it)
@@ -60,12 +59,19 @@ PARAMS = {
 }
 PRESETS = {"quick": {"comp_hidden": Categorical((64, 128)), "comp_layers": Int(1, 2)}}
 DEFAULTS = defaults_of(FusionParams, PARAMS)
+# fusion parameters searched only when ``search.space`` names them (a list or a range narrower
+# than this one searches, a scalar fixes); otherwise the trial takes the typed default
+OPT_IN = {"residual_folds": Int(2, 10)}
+OPT_IN_USES = {"residual": ("residual_folds",)}
 
 
 def fusion_space(s, fusion: str) -> None:
     """``s`` suggests under the GNN family's prefix; ``fusion`` has already been chosen."""
     for param in USES[fusion]:
         s(param)
+    for param in OPT_IN_USES.get(fusion, ()):
+        if s.specs.get(param, OPT_IN[param]) != OPT_IN[param]:  # named by search.space
+            s(param)
 
 
 def default_fusion(choices) -> str:

@@ -40,6 +40,7 @@ class GraphFamily(Family):
         specs = super().search_specs(preset)
         specs["fusion"] = Categorical(tuple(fusions or _fusion.FUSIONS))
         specs.update(_fusion.PARAMS)
+        specs.update(_fusion.OPT_IN)
         specs.update(_fusion.PRESETS.get(preset, {}))
         return specs
 
