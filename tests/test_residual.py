@@ -144,10 +144,19 @@ def test_out_of_fold_t_never_sees_validation_or_test_rows(tiny, base):
     assert np.isfinite(res["train_pred"]).all()
     full_on_train = predict_residual_base(res, data["train"]["magpie"])
     assert not np.allclose(full_on_train, res["train_pred"])  # in-sample would differ from out of fold
-    # the folds are seeded: the same trial gives the same folds and OOF predictions
+    # the folds are seeded: the same trial gives the same folds and OOF predictions (fitted again
+    # here, not taken from the memo of the last fits)
+    from matfusion.trainables import trial as trial_module
+
+    trial_module._RESIDUAL_MEMO.clear()
     again = fit_residual_base(_cfg(base), data["train"])
+    assert again is not res
     np.testing.assert_array_equal(again["fold"], res["fold"])
     np.testing.assert_allclose(again["train_pred"], res["train_pred"])
+    # a second trial with the same t settings on the same rows reuses that t; another seed does not
+    assert fit_residual_base(_cfg(base), data["train"]) is again
+    other = fit_residual_base(_cfg(base, seed=1), data["train"])
+    assert other is not again and not np.array_equal(other["fold"], again["fold"])
     # the slim state (ensemble members) keeps what prediction needs
     assert "residual" in families.get("cgcnn").slim_state(state)
 

@@ -21,6 +21,8 @@ the training rows; see :func:`fit_residual_base`).
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
@@ -157,6 +159,25 @@ def _predict_base(base: str, model, X: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict(X), dtype=np.float64)
 
 
+# the last few fitted t (a Ray actor reused by the search runs trial after trial: residual trials
+# of one search with the same seed and base fit the same t on the same training rows)
+_RESIDUAL_MEMO: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
+_RESIDUAL_MEMO_SIZE = 2
+
+
+def _residual_key(trial: TrialConfig, part: dict) -> str:
+    """What t depends on: the training part's arrays and the t settings of the trial."""
+    h = hashlib.sha256()
+    for name in ("magpie", "y", "row"):
+        a = np.ascontiguousarray(part[name])
+        h.update(f"{name}{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    base = trial.params.residual_base
+    settings = trial.late_forest.model_dump() if base == "rf" else families.get(base).parse({}).model_dump()
+    h.update(repr((base, trial.params.residual_folds, trial.seed, trial.threads, sorted(settings.items()))).encode())
+    return h.hexdigest()
+
+
 def fit_residual_base(config: Config, part: dict) -> dict:
     """The tabular model t of a residual trial, fitted on the packed training part ``part`` only.
 
@@ -165,8 +186,22 @@ def fit_residual_base(config: Config, part: dict) -> dict:
     (``train_pred``: out of fold), and one t fitted on all the labelled training rows
     (``models``, one per target) predicts every other row.  ``fit_rows`` (per target, per fitted
     t: the ``K`` fold models then the full one) records the original row positions (the part's
-    ``row``) each t was fitted on, ``fold`` the fold of each training row."""
+    ``row``) each t was fitted on, ``fold`` the fold of each training row.  The last two results
+    are kept in memory (keyed by the part's arrays and t's settings): the caller must not
+    modify the returned dict."""
     trial = TrialConfig.parse(config)
+    key = _residual_key(trial, part)
+    if key in _RESIDUAL_MEMO:
+        _RESIDUAL_MEMO.move_to_end(key)
+        return _RESIDUAL_MEMO[key]
+    residual = _fit_residual_base(trial, part)
+    _RESIDUAL_MEMO[key] = residual
+    while len(_RESIDUAL_MEMO) > _RESIDUAL_MEMO_SIZE:
+        _RESIDUAL_MEMO.popitem(last=False)
+    return residual
+
+
+def _fit_residual_base(trial: TrialConfig, part: dict) -> dict:
     base, n_folds = trial.params.residual_base, trial.params.residual_folds
     X = np.asarray(part["magpie"], dtype=np.float64)
     y = np.asarray(part["y"], dtype=np.float64).reshape(len(X), -1)
