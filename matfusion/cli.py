@@ -116,7 +116,7 @@ def cmd_featurize(args) -> int:
     print(ds.summary())
     fs = featurize(ds, cfg.features, progress=True)
     n_edges = int(fs.graphs.edge_ptr[-1]) if fs.graphs is not None else 0
-    print(f"magpie {fs.magpie.shape}; graphs {0 if fs.graphs is None else len(fs.graphs)} "
+    print(f"descriptors {fs.descriptors.shape}; graphs {0 if fs.graphs is None else len(fs.graphs)} "
           f"({n_edges} edges); from cache: {fs.from_cache}")
     return 0
 

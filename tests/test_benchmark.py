@@ -69,19 +69,19 @@ class RowRecorder:
             self._search_ds = real_load(*a, **kw)
             return self._search_ds
 
-        def pack_search(magpie, graphs, targets, train, val, **kw):
+        def pack_search(descriptors, graphs, targets, train, val, **kw):
             ids = self._search_ds.ids
             self.search.append(([ids[r] for r in train], [ids[r] for r in val]))
-            return real_pack(magpie, graphs, targets, train, val, **kw)
+            return real_pack(descriptors, graphs, targets, train, val, **kw)
 
         def feat(dataset, *a, **kw):
             self._eval_ds = dataset
             return real_feat(dataset, *a, **kw)
 
-        def pack_stack(magpie, graphs, targets, train, val, **kw):
+        def pack_stack(descriptors, graphs, targets, train, val, **kw):
             ids = self._eval_ds.ids
             self.stacking.append(([ids[r] for r in train], [ids[r] for r in val]))
-            return real_stack_pack(magpie, graphs, targets, train, val, **kw)
+            return real_stack_pack(descriptors, graphs, targets, train, val, **kw)
 
         monkeypatch.setattr(tuner, "load_dataset", load)
         monkeypatch.setattr(tuner, "pack_trial_data", pack_search)

@@ -213,8 +213,8 @@ def tiny(tmp_path_factory):
     fs = featurize(ds, FeaturesConfig(line_graph=True, cutoff=5.0, max_neighbors=8, n_jobs=1,
                                       cache_dir=str(tmp_path_factory.mktemp("cache"))), progress=False)
     train, val, test = np.arange(0, 20), np.arange(20, 26), np.arange(26, 32)
-    data = pack_trial_data(fs.magpie, fs.graphs, ds.targets, train, val)
-    return data, pack_rows(fs.magpie, fs.graphs, ds.targets, test)
+    data = pack_trial_data(fs.descriptors, fs.graphs, ds.targets, train, val)
+    return data, pack_rows(fs.descriptors, fs.graphs, ds.targets, test)
 
 
 TINY = {

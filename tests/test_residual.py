@@ -19,7 +19,7 @@ from conftest import DATA_DIR, REPO
 from matfusion import families
 from matfusion.families import TrialConfig, fusion
 from matfusion.trainables.loop import LocalSession, predict, target_stats, validation_score
-from matfusion.trainables.trial import (_graphs_with_magpie, _feature_widths, build_torch_model, fit_family,
+from matfusion.trainables.trial import (_graphs_with_descriptors, _feature_widths, build_torch_model, fit_family,
                                         fit_residual_base, load_trial_state, predict_from_state,
                                         predict_residual_base)
 
@@ -62,10 +62,10 @@ def tiny(tmp_path_factory):
     two = np.stack([y, y ** 3], axis=1)
     two[[1, 5, 9, 20, 33, 41], 1] = np.nan  # missing labels in train, val and test rows
     return {
-        "one": pack_trial_data(fs.magpie, fs.graphs, y, TRAIN, VAL),
-        "one_test": pack_rows(fs.magpie, fs.graphs, y, TEST),
-        "two": pack_trial_data(fs.magpie, fs.graphs, two, TRAIN, VAL),
-        "two_test": pack_rows(fs.magpie, fs.graphs, two, TEST),
+        "one": pack_trial_data(fs.descriptors, fs.graphs, y, TRAIN, VAL),
+        "one_test": pack_rows(fs.descriptors, fs.graphs, y, TEST),
+        "two": pack_trial_data(fs.descriptors, fs.graphs, two, TRAIN, VAL),
+        "two_test": pack_rows(fs.descriptors, fs.graphs, two, TEST),
     }
 
 
@@ -142,7 +142,7 @@ def test_out_of_fold_t_never_sees_validation_or_test_rows(tiny, base):
         assert set(held.tolist()) | set(rows.tolist()) == train
     # every training row is predicted out of fold: the prediction of the model that did not see it
     assert np.isfinite(res["train_pred"]).all()
-    full_on_train = predict_residual_base(res, data["train"]["magpie"])
+    full_on_train = predict_residual_base(res, data["train"]["descriptors"])
     assert not np.allclose(full_on_train, res["train_pred"])  # in-sample would differ from out of fold
     # the folds are seeded: the same trial gives the same folds and OOF predictions (fitted again
     # here, not taken from the memo of the last fits)
@@ -172,24 +172,24 @@ def test_prediction_is_t_full_plus_gnn_and_val_score_is_on_the_real_target(tiny,
     y_tr = data["train"]["y"].reshape(-1, 1)
     np.testing.assert_allclose(state["y_mean"], np.nanmean(y_tr - state["residual"]["train_pred"], axis=0), atol=1e-6)
     # recompute both parts: t fitted on all training rows, and the encoder alone (its best weights)
-    items = _graphs_with_magpie(test, data["graph_params"], None)
-    model = build_torch_model(trial, *_feature_widths(items[0])[:2], 1, 0, test["magpie"].shape[1])
+    items = _graphs_with_descriptors(test, data["graph_params"], None)
+    model = build_torch_model(trial, *_feature_widths(items[0])[:2], 1, 0, test["descriptors"].shape[1])
     model.load_state_dict(state["best_model"])
     assert not hasattr(model, "composition")  # the encoder alone, as fusion none
     gnn = predict(model, items, state["y_mean"], state["y_std"])
-    t_full = predict_residual_base(state["residual"], test["magpie"])
+    t_full = predict_residual_base(state["residual"], test["descriptors"])
     from matfusion.families import get
 
     lgbm = get("lgbm").build(get("lgbm").parse({}), seed=0, n_jobs=1)
-    lgbm.fit(data["train"]["magpie"], data["train"]["y"], rounds=get("lgbm").parse({}).n_estimators)
-    np.testing.assert_allclose(t_full[:, 0], lgbm.predict(test["magpie"]), rtol=1e-9)
+    lgbm.fit(data["train"]["descriptors"], data["train"]["y"], rounds=get("lgbm").parse({}).n_estimators)
+    np.testing.assert_allclose(t_full[:, 0], lgbm.predict(test["descriptors"]), rtol=1e-9)
     pred = predict_from_state(config, state, test, data["graph_params"])
     np.testing.assert_allclose(pred, (t_full + gnn)[:, 0], rtol=1e-6)
     assert np.abs(gnn).max() > 0  # the GNN part is there
     # the reported validation MAE is that of t + GNN on the real validation targets
     val_pred = predict_from_state(config, state, data["val"], data["graph_params"])
     assert validation_score(val_pred, data["val"]["y"], np.ones(1))[0] == pytest.approx(state["best_val_mae"], rel=1e-5)
-    base_val = validation_score(predict_residual_base(state["residual"], data["val"]["magpie"]), data["val"]["y"],
+    base_val = validation_score(predict_residual_base(state["residual"], data["val"]["descriptors"]), data["val"]["y"],
                                 np.ones(1))[0]
     assert all(h["residual_base_val_mae"] == pytest.approx(base_val) for h in session.history)
     # checkpoint round trip
@@ -291,21 +291,21 @@ def test_export_then_fresh_process_predict_with_a_residual_member(tmp_path, phon
                 "max_epochs": 2, "seed": 0, "patience": 5, "cpus": 1}
     rf = {"family": "rf", "rf": {"n_estimators": 20}, "seed": 0, "cpus": 1}
     ens = StackedEnsemble([rf, residual], meta="nnls", n_folds=2, seed=0)
-    ens.fit(fs.magpie, fs.graphs, ds.targets, rows, {"gaussian_bins": 40, "gaussian_width": None})
+    ens.fit(fs.descriptors, fs.graphs, ds.targets, rows, {"gaussian_bins": 40, "gaussian_width": None})
     assert "cgcnn-residual" in ens.weights_
     # the members' t models were fitted on their own fold's training rows only
     for k, fold_states in enumerate(ens.fold_states_):
         res = fold_states[1]["residual"]
         assert set(res["fit_rows"][0][-1].tolist()) == set(ens.fold_train_rows_[k].tolist())
         assert not set(res["fit_rows"][0][-1].tolist()) & set(split.test.tolist())
-    ev = evaluate_ensemble(ens, fs.magpie, fs.graphs, ds.targets, split.test)
+    ev = evaluate_ensemble(ens, fs.descriptors, fs.graphs, ds.targets, split.test)
     card = make_card(ens, ds.name, split.fold, ev.metrics, data={"source": TASK, "limit": 100})
     path = tmp_path / "model"
     save_ensemble_model(str(path), ens, featurizer_spec(ens, features.cutoff, features.max_neighbors), card,
                         [ds.structures[i] for i in split.test[:2]])
     picked = [int(r) for r in split.test[:4]]
-    expect, _ = ens.predict(fs.magpie, fs.graphs, np.array(picked))
-    member = ens.member_predictions(fs.magpie, fs.graphs, np.array(picked))
+    expect, _ = ens.predict(fs.descriptors, fs.graphs, np.array(picked))
+    member = ens.member_predictions(fs.descriptors, fs.graphs, np.array(picked))
     assert member.shape == (len(picked), 2) and np.isfinite(member).all()
 
     cifs = tmp_path / "cifs"
@@ -316,7 +316,7 @@ def test_export_then_fresh_process_predict_with_a_residual_member(tmp_path, phon
     table.write_text(json.dumps([ds.structures[r].as_dict() for r in picked]))
     inputs = tmp_path / "inputs.pkl"
     with open(inputs, "wb") as fh:
-        pickle.dump((fs.magpie, fs.graphs, picked), fh)
+        pickle.dump((fs.descriptors, fs.graphs, picked), fh)
     script = textwrap.dedent(f"""
         import json, pickle, sys
         import mlflow, numpy as np, pandas as pd

@@ -26,7 +26,7 @@ def uses_modalities(config: dict) -> tuple[bool, bool]:
     return True, fusion in DESCRIPTOR_FUSIONS
 
 
-def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
+def modality_importance(ensemble, descriptors: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
                         repeats: int = 3, seed: int = 0) -> dict:
     """Permutation importance of the two modalities on ``rows``: the rise in MAE when the crystal
     graphs (or the Magpie vectors) are shuffled across the rows while the other input stays in
@@ -37,8 +37,8 @@ def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarra
 
     rows = np.asarray(rows, dtype=np.int64)
     y = np.asarray(targets, dtype=np.float64)[rows]
-    base_part = pack_rows(magpie, graphs, targets, rows)
-    base = ensemble.part_outputs(base_part, magpie, rows)
+    base_part = pack_rows(descriptors, graphs, targets, rows)
+    base = ensemble.part_outputs(base_part, descriptors, rows)
     uses = [uses_modalities(m) for m in ensemble.members]
     fused = [j for j, (g, m) in enumerate(uses) if g and m]
     names = ["ensemble"] + [ensemble.names_[j] for j in fused]
@@ -55,20 +55,20 @@ def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarra
     for _ in range(repeats):
         perm = rng.permutation(len(rows))
         # graphs shuffled, Magpie in place
-        part = pack_rows(magpie, graphs, targets, rows[perm])
-        part.update(magpie=base_part["magpie"], y=base_part["y"], row=rows)
-        s = scores(ensemble.part_outputs(part, magpie, rows, [j for j, u in enumerate(uses) if u[0]], base))
+        part = pack_rows(descriptors, graphs, targets, rows[perm])
+        part.update(descriptors=base_part["magpie"], y=base_part["y"], row=rows)
+        s = scores(ensemble.part_outputs(part, descriptors, rows, [j for j, u in enumerate(uses) if u[0]], base))
         for n in names:
             out["graph"][n] += (s[n] - base_scores[n]) / repeats
         # Magpie shuffled, graphs in place
-        part = dict(base_part, magpie=np.ascontiguousarray(base_part["magpie"][perm]))
-        s = scores(ensemble.part_outputs(part, magpie, rows, [j for j, u in enumerate(uses) if u[1]], base))
+        part = dict(base_part, descriptors=np.ascontiguousarray(base_part["magpie"][perm]))
+        s = scores(ensemble.part_outputs(part, descriptors, rows, [j for j, u in enumerate(uses) if u[1]], base))
         for n in names:
             out["magpie"][n] += (s[n] - base_scores[n]) / repeats
     return out
 
 
-def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Sequence[int], columns: Sequence[str],
+def rf_importance(ensemble, descriptors: np.ndarray, targets: np.ndarray, rows: Sequence[int], columns: Sequence[str],
                   repeats: int = 3, seed: int = 0) -> Optional[dict]:
     """Of the ensemble's first ``rf`` member (else its first tabular member), over its K fold
     models: the impurity importance of each descriptor (Magpie) column, mean over the fold models
@@ -85,7 +85,7 @@ def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Seque
     family = ensemble.members[j]["family"]
     states = [fold_states[j] for fold_states in ensemble.fold_states_]
     configs = [ensemble._member_config(j, k) for k in range(len(states))]
-    width = magpie.shape[1]
+    width = descriptors.shape[1]
     names = list(columns) if len(columns) == width else [f"feature_{i}" for i in range(width)]
     impurity = None
     models = [st.get(family) for st in states]
@@ -97,7 +97,7 @@ def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Seque
         return out
     rows = np.asarray(rows, dtype=np.int64)
     y = np.asarray(targets, dtype=np.float64)[rows]
-    X = np.array(magpie[rows], dtype=np.float64)
+    X = np.array(descriptors[rows], dtype=np.float64)
 
     def predict(x):
         part = {"magpie": x, "y": y, "row": rows}

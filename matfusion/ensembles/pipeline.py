@@ -93,11 +93,11 @@ def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional
     ensemble = StackedEnsemble(members, meta=meta, n_folds=n_folds, context_features=context_features, seed=seed,
                                refit=refit,
                                graph_max_epochs=max_epochs)
-    ensemble.fit(features.magpie, features.graphs, dataset.targets, rows,
+    ensemble.fit(features.descriptors, features.graphs, dataset.targets, rows,
                  graph_params={"gaussian_bins": cfg.features.gaussian_bins,
                                "gaussian_width": cfg.features.gaussian_width}, progress=progress,
                  target_names=target_names(dataset) if dataset.targets.ndim == 2 else None)
-    evaluation = evaluate_ensemble(ensemble, features.magpie, features.graphs, dataset.targets, split.test)
+    evaluation = evaluate_ensemble(ensemble, features.descriptors, features.graphs, dataset.targets, split.test)
     run_tags = {"dataset": dataset.name, "fold": split.fold, "dataset_hash": dataset.content_hash,
                 "search_run_id": parent_id}
     run_id = log_evaluation(client, experiment_id, parent_id, evaluation, tags=run_tags)

@@ -32,7 +32,7 @@ class ForestFamily(Family):
         from ..trainables.tabular import predict_forests
 
         forests = state[self.name]
-        return predict_forests(forests if isinstance(forests, list) else [forests], part["magpie"])
+        return predict_forests(forests if isinstance(forests, list) else [forests], part["descriptors"])
 
     def write_checkpoint(self, state: dict, directory: str) -> None:
         with open(os.path.join(directory, self.checkpoint_file), "wb") as fh:

@@ -435,9 +435,9 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     features_cfg = cfg.features.model_copy(update={"line_graph": True}) if "alignn" in s.families else cfg.features
     # a search of tabular families only needs no crystal graphs
     features = featurize(dataset, features_cfg, progress=progress, graphs=bool(graph_families))
-    data = pack_trial_data(features.magpie, features.graphs, dataset.targets, split.train, split.val,
+    data = pack_trial_data(features.descriptors, features.graphs, dataset.targets, split.train, split.val,
                            gaussian_bins=cfg.features.gaussian_bins, gaussian_width=cfg.features.gaussian_width)
-    test_part = pack_rows(features.magpie, features.graphs, dataset.targets, split.test)
+    test_part = pack_rows(features.descriptors, features.graphs, dataset.targets, split.test)
     print(f"fold {split.fold}: train {len(split.train)}, inner val {len(split.val)}, "
           f"test {len(split.test)} (held out)", flush=True)
 
