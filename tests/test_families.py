@@ -24,7 +24,7 @@ def test_registry_names_kinds_and_config_literals():
     assert families.names() == ("rf", "lgbm", "et", "cgcnn", "alignn")
     assert families.TABULAR == ("rf", "lgbm", "et") and families.GRAPH == ("cgcnn", "alignn")
     assert families.ONE_SHOT == ("rf", "et")
-    assert families.FUSIONS == ("none", "early", "attention", "late")
+    assert families.FUSIONS == ("none", "early", "attention", "late", "residual")
     assert (FAMILIES, FUSIONS) == (families.names(), families.FUSIONS)  # the schema's literals
     assert SearchConfig().families == list(families.names())
     for name in families.names():

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..families import TABULAR
+from ..families.fusion import DESCRIPTOR_FUSIONS
 
 
 def _mae(pred, y) -> float:
@@ -22,7 +23,7 @@ def uses_modalities(config: dict) -> tuple[bool, bool]:
     if family in TABULAR:
         return False, True
     fusion = str((config.get(family) or {}).get("fusion", "none"))
-    return True, fusion in ("early", "attention", "late")
+    return True, fusion in DESCRIPTOR_FUSIONS
 
 
 def modality_importance(ensemble, descriptors: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],

@@ -7,7 +7,15 @@ names, their typed parameters and defaults, their search space and the model wra
   (and ``fusion_dim`` for attention);
 - ``late``: alpha * RF + (1 - alpha) * GNN on finished predictions, alpha chosen on the inner
   validation rows (the trainable does it; the forests use the trial's ``rf`` section, else the
-  rf family's defaults).
+  rf family's defaults);
+- ``residual`` (delta learning): y = t(x) + GNN(x).  t is a tabular model on the descriptor
+  matrix (``residual_base``: LightGBM with the lgbm family's defaults, its ``n_estimators``
+  rounds, no early stopping; or rf with the trial's ``rf`` section, else rf's defaults); the
+  encoder alone learns the standardized residual y - t(x).  On the trial's training rows t(x) is
+  out of fold (``residual_folds`` seeded folds of the training rows, each fold predicted by a t
+  fitted on the other folds); on every other row (validation, test, predict) it is one t fitted
+  on all the training rows.  No validation or test row reaches a t fit (the trainable does it:
+  :func:`matfusion.trainables.trial.fit_residual_base`).
 """
 from __future__ import annotations
 
@@ -18,12 +26,17 @@ from pydantic import Field
 from ..spaces.params import Categorical, Int
 from .base import HyperParams, defaults_of
 
-FUSIONS = ("none", "early", "attention", "late")
+FUSIONS = ("none", "early", "attention", "late", "residual")
 # the fusion a graph family's seeded default point takes, first allowed of these
-PREFERRED = ("early", "attention", "none", "late")
-# fusion -> the fusion parameters it uses
+PREFERRED = ("early", "attention", "none", "late", "residual")
+# fusion -> the fusion parameters it searches
 USES = {"none": (), "late": (), "early": ("comp_hidden", "comp_layers"),
-        "attention": ("comp_hidden", "comp_layers", "fusion_dim")}
+        "attention": ("comp_hidden", "comp_layers", "fusion_dim"), "residual": ("residual_base",)}
+# the fusions whose model is the encoder alone (late and residual add a tabular model outside it)
+ENCODER_ONLY = ("none", "late", "residual")
+# the fusions whose prediction reads the descriptor matrix (all but none)
+DESCRIPTOR_FUSIONS = ("early", "attention", "late", "residual")
+RESIDUAL_BASES = ("lgbm", "rf")
 
 
 class FusionParams(HyperParams):
@@ -33,21 +46,32 @@ class FusionParams(HyperParams):
     comp_hidden: int = Field(128, ge=1, description="width of the descriptor MLP branch")
     comp_layers: int = Field(2, ge=1, description="layers of the descriptor MLP branch")
     fusion_dim: int = Field(128, ge=1, description="attention: width both modalities are projected to")
+    residual_base: Literal[RESIDUAL_BASES] = Field(
+        "lgbm", description="residual: the tabular model t whose residual y - t(x) the GNN learns")
+    residual_folds: int = Field(5, ge=2, description="residual: folds of the training rows for t's out-of-fold predictions")
 
 
 PARAMS = {
     "comp_hidden": Categorical((64, 128, 256)),
     "comp_layers": Int(1, 3),
     "fusion_dim": Categorical((64, 128)),
+    "residual_base": Categorical(RESIDUAL_BASES),
 }
 PRESETS = {"quick": {"comp_hidden": Categorical((64, 128)), "comp_layers": Int(1, 2)}}
 DEFAULTS = defaults_of(FusionParams, PARAMS)
+# fusion parameters searched only when ``search.space`` names them (a list or a range narrower
+# than this one searches, a scalar fixes); otherwise the trial takes the typed default
+OPT_IN = {"residual_folds": Int(2, 10)}
+OPT_IN_USES = {"residual": ("residual_folds",)}
 
 
 def fusion_space(s, fusion: str) -> None:
     """``s`` suggests under the GNN family's prefix; ``fusion`` has already been chosen."""
     for param in USES[fusion]:
         s(param)
+    for param in OPT_IN_USES.get(fusion, ()):
+        if s.specs.get(param, OPT_IN[param]) != OPT_IN[param]:  # named by search.space
+            s(param)
 
 
 def default_fusion(choices) -> str:
@@ -57,9 +81,9 @@ def default_fusion(choices) -> str:
 
 def fuse(encoder, params: FusionParams, graph_dim: int, descriptor_features: int, head_hidden: int, dropout: float,
          n_targets: int):
-    """The encoder fused with the descriptor branch as ``params.fusion`` asks (``none`` and
-    ``late``: the encoder itself)."""
-    if params.fusion in ("none", "late"):
+    """The encoder fused with the descriptor branch as ``params.fusion`` asks (``none``, ``late``
+    and ``residual``: the encoder itself)."""
+    if params.fusion in ENCODER_ONLY:
         return encoder
     from ..trainables.fusion import FusedModel
 

@@ -15,7 +15,7 @@ from .fusion import FusionParams
 
 LOSSES = ("l1", "mse", "huber")
 # what prediction needs of a torch trial state (the optimizer etc. are dropped)
-STATE_KEYS = ("best_model", "y_mean", "y_std", "descriptor_scaler", "fusion", "rf", "best_hook_state",
+STATE_KEYS = ("best_model", "y_mean", "y_std", "descriptor_scaler", "fusion", "rf", "residual", "best_hook_state",
               "best_val_mae", "best_epoch", "target_names")
 
 
@@ -40,6 +40,7 @@ class GraphFamily(Family):
         specs = super().search_specs(preset)
         specs["fusion"] = Categorical(tuple(fusions or _fusion.FUSIONS))
         specs.update(_fusion.PARAMS)
+        specs.update(_fusion.OPT_IN)
         specs.update(_fusion.PRESETS.get(preset, {}))
         return specs
 

@@ -246,14 +246,16 @@ def validation_score(pred: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> tupl
 def train_torch_model(model: nn.Module, train_list: list, val_list: list, settings: LoopSettings,
                       session=None, extra_metrics: Optional[dict] = None, criterion: Optional[nn.Module] = None,
                       val_hook: Optional[Callable] = None, target_names: Optional[list[str]] = None,
-                      extra_state: Optional[dict] = None) -> dict:
+                      extra_state: Optional[dict] = None, score_std: Optional[np.ndarray] = None) -> dict:
     """Train ``model`` on ``train_list`` (PyG Data with ``y`` of shape (1, n_targets), NaN =
     missing label), select on ``val_list``.
 
     ``criterion`` (default: :class:`MultiTaskLoss` with equal weights) gets standardized
     predictions and targets; its parameters (learned task uncertainties) are trained too.
     ``val_hook(val_pred) -> (val_pred, metrics, state)`` may transform the validation
-    predictions (late fusion) before scoring.  Returns the final checkpoint state
+    predictions (late fusion) before scoring.  ``score_std`` (default: the training targets'
+    std) scales the per-task MAEs of a multi-task validation score (residual fusion trains on
+    residuals but is scored on the real targets, with their std).  Returns the final checkpoint state
     (``best_model`` weights, ``best_val_mae``, ``y_mean``, ``y_std``, ...).
     """
     import torch
@@ -268,6 +270,7 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
     y_train = torch.cat([d.y for d in train_list]).numpy().astype(np.float64)
     y_mean, y_std = target_stats(y_train)
     y_val = torch.cat([d.y for d in val_list]).numpy().astype(np.float64)
+    score_std = y_std if score_std is None else np.asarray(score_std, dtype=np.float64)
     n_tasks = y_train.shape[1]
     names = list(target_names) if target_names else [f"t{k}" for k in range(n_tasks)]
     criterion = (criterion or MultiTaskLoss(n_tasks, base=settings.loss)).to(device)
@@ -329,7 +332,7 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
         hook_state: dict = {}
         if val_hook is not None:
             val_pred, epoch_metrics, hook_state = val_hook(val_pred)
-        val_mae, task_maes = validation_score(val_pred, y_val, y_std)
+        val_mae, task_maes = validation_score(val_pred, y_val, score_std)
         if not np.isfinite(val_mae):
             raise NonFiniteLossError(f"validation MAE became {val_mae} at epoch {epoch} (lr={settings.lr})")
         if val_mae < best_val:

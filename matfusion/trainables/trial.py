@@ -15,10 +15,14 @@ of the registry (:mod:`matfusion.families`) then trains, predicts and checkpoint
 families (``rf``, ``et``, ``lgbm``) train on the descriptor matrix through :mod:`.tabular`; the
 graph encoders (``cgcnn``, ``alignn``) through :func:`fit_graph` below, each with a ``fusion``:
 ``none`` (graph only), ``early`` / ``attention`` (with the Magpie MLP branch, see :mod:`.fusion`),
-or ``late`` (alpha * RF + (1 - alpha) * GNN, alpha chosen on the inner validation predictions).
+``late`` (alpha * RF + (1 - alpha) * GNN, alpha chosen on the inner validation predictions),
+or ``residual`` (t(x) + GNN(x): the encoder learns y - t(x) of a tabular model t, out of fold on
+the training rows; see :func:`fit_residual_base`).
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
@@ -131,6 +135,105 @@ def choose_late_alpha(rf_pred: np.ndarray, gnn_pred: np.ndarray, y: np.ndarray, 
     return float(LATE_ALPHAS[best]), float(scores[best])
 
 
+# -- the tabular model t of residual fusion (one per target: multi-task labels may be missing) --
+
+RESIDUAL_FOLD_SEED = 24  # mixed with the trial's seed into the folds of the training rows
+
+
+def _fit_base(trial: TrialConfig, X: np.ndarray, y: np.ndarray):
+    """One fitted t on (X, y): lgbm (its family's defaults, ``n_estimators`` rounds in one go, no
+    early stopping) -> its picklable state; rf (the trial's ``rf`` section, else rf's defaults)."""
+    base = trial.params.residual_base
+    family = families.get(base)
+    if base == "lgbm":
+        params = family.parse({})
+        return family.build(params, seed=trial.seed, n_jobs=trial.threads).fit(X, y, rounds=params.n_estimators).get_state()
+    return family.build(trial.late_forest, seed=trial.seed, n_jobs=trial.threads).fit(X, y)
+
+
+def _predict_base(base: str, model, X: np.ndarray) -> np.ndarray:
+    if base == "lgbm":
+        from .lgbm import ChunkedLGBM
+
+        return ChunkedLGBM.from_state(model).predict(X)
+    return np.asarray(model.predict(X), dtype=np.float64)
+
+
+# the last few fitted t (a Ray actor reused by the search runs trial after trial: residual trials
+# of one search with the same seed and base fit the same t on the same training rows)
+_RESIDUAL_MEMO: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
+_RESIDUAL_MEMO_SIZE = 2
+
+
+def _residual_key(trial: TrialConfig, part: dict) -> str:
+    """What t depends on: the training part's arrays and the t settings of the trial."""
+    h = hashlib.sha256()
+    for name in ("descriptors", "y", "row"):
+        a = np.ascontiguousarray(part[name])
+        h.update(f"{name}{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    base = trial.params.residual_base
+    settings = trial.late_forest.model_dump() if base == "rf" else families.get(base).parse({}).model_dump()
+    h.update(repr((base, trial.params.residual_folds, trial.seed, trial.threads, sorted(settings.items()))).encode())
+    return h.hexdigest()
+
+
+def fit_residual_base(config: Config, part: dict) -> dict:
+    """The tabular model t of a residual trial, fitted on the packed training part ``part`` only.
+
+    The training rows are split into ``residual_folds`` seeded folds; for each target, the t of
+    fold j is fitted on the labelled rows of the other folds and predicts the rows of fold j
+    (``train_pred``: out of fold), and one t fitted on all the labelled training rows
+    (``models``, one per target) predicts every other row.  ``fit_rows`` (per target, per fitted
+    t: the ``K`` fold models then the full one) records the original row positions (the part's
+    ``row``) each t was fitted on, ``fold`` the fold of each training row.  The last two results
+    are kept in memory (keyed by the part's arrays and t's settings): the caller must not
+    modify the returned dict."""
+    trial = TrialConfig.parse(config)
+    key = _residual_key(trial, part)
+    if key in _RESIDUAL_MEMO:
+        _RESIDUAL_MEMO.move_to_end(key)
+        return _RESIDUAL_MEMO[key]
+    residual = _fit_residual_base(trial, part)
+    _RESIDUAL_MEMO[key] = residual
+    while len(_RESIDUAL_MEMO) > _RESIDUAL_MEMO_SIZE:
+        _RESIDUAL_MEMO.popitem(last=False)
+    return residual
+
+
+def _fit_residual_base(trial: TrialConfig, part: dict) -> dict:
+    base, n_folds = trial.params.residual_base, trial.params.residual_folds
+    X = np.asarray(part["descriptors"], dtype=np.float64)
+    y = np.asarray(part["y"], dtype=np.float64).reshape(len(X), -1)
+    rows = np.asarray(part["row"], dtype=np.int64)
+    if len(X) < n_folds:
+        raise ValueError(f"residual fusion: {len(X)} training rows cannot make residual_folds={n_folds} folds")
+    fold = np.random.default_rng([trial.seed, RESIDUAL_FOLD_SEED]).permutation(len(X)) % n_folds
+    train_pred = np.full(y.shape, np.nan)
+    models, fit_rows = [], []
+    for k in range(y.shape[1]):
+        labelled = np.isfinite(y[:, k])
+        rows_k = []
+        for j in range(n_folds):
+            fit = labelled & (fold != j)
+            if not fit.any():
+                raise ValueError(f"residual fusion: target {k} has no labelled training row outside fold {j}")
+            held = fold == j
+            train_pred[held, k] = _predict_base(base, _fit_base(trial, X[fit], y[fit, k]), X[held])
+            rows_k.append(rows[fit])
+        models.append(_fit_base(trial, X[labelled], y[labelled, k]))
+        rows_k.append(rows[labelled])
+        fit_rows.append(rows_k)
+    return {"base": base, "models": models, "train_pred": train_pred, "train_rows": rows, "fold": fold,
+            "fit_rows": fit_rows}
+
+
+def predict_residual_base(residual: dict, X: np.ndarray) -> np.ndarray:
+    """(n, k) predictions of the full t (fitted on all the training rows) of a residual state."""
+    X = np.asarray(X, dtype=np.float64)
+    return np.stack([_predict_base(residual["base"], m, X) for m in residual["models"]], axis=1)
+
+
 # -- graph families: training and prediction ---------------------------------------------------
 
 def fit_graph(trial: TrialConfig, data: dict, session) -> dict:
@@ -146,13 +249,18 @@ def fit_graph(trial: TrialConfig, data: dict, session) -> dict:
 
     fusion = families.fusion_of(trial)
     scaler = fit_scaler(tr["descriptors"]) if fusion in ("early", "attention") else None
+    residual = None
+    if fusion == "residual":
+        # t sees the training part only; the GNN learns y - t(x) with t(x) out of fold
+        residual = fit_residual_base(trial, tr)
+        tr = {**tr, "y": (y_train - residual["train_pred"]).reshape(np.shape(tr["y"]))}
     train_list = _graphs_with_descriptors(tr, data["graph_params"], scaler)
     val_list = _graphs_with_descriptors(va, data["graph_params"], scaler)
     n_targets = y_train.shape[1]
     node_f, edge_f, angle_f = _feature_widths(train_list[0])
     model = build_torch_model(trial, node_f, edge_f, n_targets, angle_f, tr["descriptors"].shape[1])
     extra_state: dict = {"descriptor_scaler": scaler, "fusion": fusion}
-    val_hook = None
+    val_hook, score_std, extra_metrics = None, None, None
     if fusion == "late":
         forests = fit_forests(trial, tr["descriptors"], y_train)
         rf_val = predict_forests(forests, va["descriptors"])
@@ -165,9 +273,19 @@ def fit_graph(trial: TrialConfig, data: dict, session) -> dict:
             blended = alpha * rf_val + (1 - alpha) * gnn_val
             return blended, {"late_alpha": alpha}, {"alpha": alpha, "alpha_rows": val_rows}
 
+    if residual is not None:
+        base_val = predict_residual_base(residual, va["descriptors"])
+        extra_state["residual"] = residual
+        score_std = y_std  # scored on the real targets (the loop's own std is the residuals')
+        extra_metrics = {"residual_base_val_mae": validation_score(base_val, y_val, y_std)[0]}
+
+        def val_hook(gnn_val):
+            return base_val + gnn_val, {}, {}
+
     return train_torch_model(model, train_list, val_list, loop_settings(trial), session=session,
                              criterion=build_criterion(trial, n_targets), val_hook=val_hook,
-                             target_names=trial.targets, extra_state=extra_state)
+                             target_names=trial.targets, extra_state=extra_state, score_std=score_std,
+                             extra_metrics=extra_metrics)
 
 
 def predict_graph(trial: TrialConfig, state: dict, part: dict, graph_params: dict) -> np.ndarray:
@@ -185,6 +303,8 @@ def predict_graph(trial: TrialConfig, state: dict, part: dict, graph_params: dic
     if state.get("fusion") == "late":
         alpha = state["best_hook_state"]["alpha"]
         pred = alpha * predict_forests(state["rf"], part["descriptors"]) + (1 - alpha) * pred
+    elif state.get("fusion") == "residual":
+        pred = predict_residual_base(state["residual"], part["descriptors"]) + pred
     return pred
 
 
