@@ -19,9 +19,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from . import __version__
 
 DESCRIPTION = """\
-matfusion searches hybrid models for a materials property: a random forest on Magpie
-composition features, and CGCNN / ALIGNN crystal-graph networks fused with Magpie (early,
-attention or late fusion; single- or multi-task), tried in parallel under Ray Tune (Optuna
+matfusion searches hybrid models for a materials property: random forests, extra trees and
+LightGBM on composition and structure descriptors (Magpie and more), and CGCNN / ALIGNN
+crystal-graph networks fused with those descriptors (early, attention, late or residual
+fusion; single- or multi-task), tried in parallel under Ray Tune (Optuna
 TPE proposes, ASHA stops bad trials early), with every trial logged to MLflow. The best
 trials are then stacked into an ensemble, registered in MLflow, and used by `predict`.
 """

@@ -431,14 +431,14 @@ def write_report(out: Path) -> Path:
         plot_modality(mod, out / "modality_importance.png", task)
         md += ["Permutation importance of the two modalities (test rows, after recording): rise in MAE when the "
                "crystal graphs, or the Magpie vectors, are shuffled across rows while the other input stays, for "
-               "each fused member (early/attention/late fusion) and the whole ensemble.", "",
+               "each fused member (early/attention/late/residual fusion) and the whole ensemble.", "",
                "![modality importance](modality_importance.png)", ""]
         md.append(_table(["model", "test MAE", "graphs shuffled: MAE rise", "Magpie shuffled: MAE rise", "folds"],
                          [[r.model, _fmt(r.base_mae), _fmt(r.graph), _fmt(r.magpie), r.n_folds]
                           for r in mod.itertuples()]))
         md.append("")
     elif mod is not None:
-        md += ["No fused member (early/attention/late) in the ensembles; modality importance of the ensemble only: "
+        md += ["No fused member (early/attention/late/residual) in the ensembles; modality importance of the ensemble only: "
                + "; ".join(f"graphs shuffled +{_fmt(r.graph)}, Magpie shuffled +{_fmt(r.magpie)}"
                            for r in mod.itertuples()), ""]
     else:

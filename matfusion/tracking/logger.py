@@ -29,7 +29,7 @@ from .runs import find_trial_run, nested_runs
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 TRIAL_METRICS = ("val_mae", "train_loss", "best_val_mae", "lr")
-TRIAL_METRIC_PREFIXES = ("val_mae_", "task_weight_", "late_alpha", "attention_graph")
+TRIAL_METRIC_PREFIXES = ("val_mae_", "task_weight_", "late_alpha", "attention_graph", "residual_base_val_mae")
 
 
 def trial_metric_names(result: dict) -> list[str]:

@@ -20,8 +20,6 @@ from torch import nn
 from .composition import CompositionMLP
 from .heads import regression_head
 
-FUSIONS = ("none", "early", "attention", "late")
-
 
 def _head(width: int, head_hidden: int, dropout: float, n_targets: int) -> nn.Sequential:
     return regression_head(width, head_hidden, n_targets, dropout, activation=nn.SiLU)
