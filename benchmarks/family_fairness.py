@@ -36,7 +36,6 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np
 import pandas as pd
 
 from matfusion.config import config_from_dict
@@ -85,7 +84,7 @@ def stack(res, cfg, args) -> dict:
     from matfusion.data.featurize import featurize
     from matfusion.ensembles.pipeline import build_ensemble_from_search
 
-    kwargs = dict(tracking_uri=res.tracking_uri, parent_run_id=res.parent_run_id, progress=False, seed=args.seed)
+    kwargs = {"tracking_uri": res.tracking_uri, "parent_run_id": res.parent_run_id, "progress": False, "seed": args.seed}
     params = inspect.signature(build_ensemble_from_search).parameters
     if "settings" in params:  # the EnsembleConfig form of the signature
         from matfusion.config import EnsembleConfig
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             res = run_search(cfg, progress=False)
             summaries[arm] = group_summary(res.leaderboard)
-            extra[arm] = {"wall_s": time.time() - t0, "n_trials": int(len(res.leaderboard)),
+            extra[arm] = {"wall_s": time.time() - t0, "n_trials": len(res.leaderboard),
                           "best_val_mae": res.best_val_mae, "best_family": (res.best_config or {}).get("family"),
                           "best_test_mae_info": res.best_test_mae}
             if args.stack:

@@ -166,7 +166,8 @@ class SearchSpace:
             for group, partial in groups:
                 mine = queue.get(group)
                 out.append(mine.pop(0) if mine else dict(partial))
-        out += [p for p in known if any(p is q for q in sum(queue.values(), []))]
+        left = {id(p) for rest in queue.values() for p in rest}
+        out += [p for p in known if id(p) in left]
         return out
 
     def _default_point(self, family: str, variant: dict) -> Optional[dict]:

@@ -59,7 +59,13 @@ def cmd_leaderboard(args) -> int:
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from .leaderboard import LEADERBOARD_COLUMNS, format_group_summary, group_summary, leaderboard, search_trials
+    from .leaderboard import (
+        LEADERBOARD_COLUMNS,
+        format_group_summary,
+        group_summary,
+        leaderboard,
+        search_trials,
+    )
     from .logger import resolve_tracking_uri
     from .runs import latest_search_run
 
