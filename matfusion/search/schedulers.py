@@ -87,7 +87,11 @@ class TabularAwareASHA(AsyncHyperBandScheduler):
         """The rungs a trial is judged in: its group (scope ``group``) or ``all``."""
         if self.scope == ALL:
             return ALL
-        return families.group_of(getattr(trial, "config", None) or {})
+        config = getattr(trial, "config", None) or {}
+        try:
+            return families.group_of(config)
+        except families.UnknownFamilyError:  # a family outside the registry: its own group
+            return str(config.get("family"))
 
     def group_brackets(self) -> list[tuple[str, object]]:
         """``[(group, bracket)]``: each group's own bracket (scope ``group``, in the order the
