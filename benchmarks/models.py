@@ -103,8 +103,8 @@ def load_fold(args):
         rng = np.random.default_rng(0)
         train = np.sort(rng.choice(train, size=min(args.limit_train, len(train)), replace=False))
         val = np.sort(rng.choice(val, size=min(max(16, args.limit_train // 4), len(val)), replace=False))
-    data = pack_trial_data(feats.magpie, feats.graphs, ds.targets, train, val)
-    test_part = pack_rows(feats.magpie, feats.graphs, ds.targets, split.test)
+    data = pack_trial_data(feats.descriptors, feats.graphs, ds.targets, train, val)
+    test_part = pack_rows(feats.descriptors, feats.graphs, ds.targets, split.test)
     return ds, data, test_part
 
 
@@ -295,12 +295,12 @@ def loop_overhead(data: dict, args) -> dict:
     import torch
 
     from matfusion.trainables.loop import LoopSettings, seed_everything, target_stats, train_torch_model
-    from matfusion.trainables.trial import _feature_widths, _graphs_with_magpie, build_torch_model
+    from matfusion.trainables.trial import _feature_widths, _graphs_with_descriptors, build_torch_model
 
     torch.set_num_threads(args.threads)
     TimingSession = _session_class()
-    train_list = _graphs_with_magpie(data["train"], data["graph_params"], None)
-    val_list = _graphs_with_magpie(data["val"], data["graph_params"], None)
+    train_list = _graphs_with_descriptors(data["train"], data["graph_params"], None)
+    val_list = _graphs_with_descriptors(data["val"], data["graph_params"], None)
     epochs = args.loop_epochs
     cfg = family_config("cgcnn", "none", 1 + epochs, args.threads)
     widths = _feature_widths(train_list[0])

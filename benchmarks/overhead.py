@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ds = load_dataset(DataConfig(source="matbench_phonons", limit=args.limit))
     split = split_fold(ds, 0, 0.1, seed=0)
     fs = featurize(ds, FeaturesConfig(), progress=False)
-    data = pack_trial_data(fs.magpie, fs.graphs, ds.targets, split.train, split.val)
+    data = pack_trial_data(fs.descriptors, fs.graphs, ds.targets, split.train, split.val)
     configs = trial_configs(args.trials, args.epochs, args.threads, args.checkpoint_every)
 
     t0 = time.perf_counter()

@@ -146,8 +146,8 @@ def run_ours(task: str, fold: int, args, workdir: Path, features_cfg, ds, fs, ov
     members = [dict(members[j], cpus=1) for j in keep]  # 1 thread: no OpenMP spin on a busy machine
     rows = np.sort(np.concatenate([split.train, split.val]))
     ens = StackedEnsemble(members, meta="nnls", n_folds=args.stack_folds, seed=args.seed)
-    ens.fit(fs.magpie, None, ds.targets, rows)
-    pred = ens.predict(fs.magpie, None, split.test, return_std=False)
+    ens.fit(fs.descriptors, None, ds.targets, rows)
+    pred = ens.predict(fs.descriptors, None, split.test, return_std=False)
     out.update(mae=float(np.mean(np.abs(pred - y_test))), wall_s=time.time() - t0, final="stack",
                stack_s=time.time() - t0 - search_s, members=[chosen["group"].iloc[j] for j in keep],
                weights={k: round(v, 3) for k, v in (ens.weights_ or {}).items()})
@@ -160,7 +160,7 @@ def run_autogluon(task: str, fold: int, args, workdir: Path, ds, fs) -> dict:
     split = split_fold(ds, fold, 0.1, seed=args.seed)
     rows = np.sort(np.concatenate([split.train, split.val]))
     npz = workdir / f"ag-{task}-{fold}.npz"
-    np.savez(npz, X_train=fs.magpie[rows], y_train=ds.targets[rows], X_test=fs.magpie[split.test])
+    np.savez(npz, X_train=fs.descriptors[rows], y_train=ds.targets[rows], X_test=fs.descriptors[split.test])
     out_dir = workdir / f"ag-{task}-{fold}"
     t0 = time.time()
     proc = subprocess.run([args.autogluon_python, "-c", AG_SCRIPT, str(npz), str(out_dir), str(args.budget),
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     results = []
     for task in args.tasks:
         ds, fs, features_cfg, feat_s = load_task(task, args.data_dir, args.descriptors)
-        print(f"{task}: {len(ds)} rows, descriptors {list(fs.descriptor_sets)} ({fs.magpie.shape[1]} columns), "
+        print(f"{task}: {len(ds)} rows, descriptors {list(fs.descriptor_sets)} ({fs.descriptors.shape[1]} columns), "
               f"featurized/loaded in {feat_s:.1f} s (cached; not part of either arm)", flush=True)
         for fold in args.folds:
             ours = run_ours(task, fold, args, workdir, features_cfg, ds, fs, overhead)

@@ -94,12 +94,10 @@ def ensemble_after_search(cfg, result, progress: bool = True) -> int:
         return 0
     from .ensembles.pipeline import build_ensemble_from_search, format_result as format_ensemble
 
-    e = cfg.ensemble
     try:
-        res = build_ensemble_from_search(None, tracking_uri=result.tracking_uri, k=e.k, meta=e.meta, n_folds=e.n_folds,
-                                         seed=cfg.search.seed, max_epochs=e.max_epochs, data_dir=cfg.data.data_dir,
-                                         register=e.register, progress=progress, parent_run_id=result.parent_run_id,
-                                         refit=e.refit)
+        res = build_ensemble_from_search(settings=cfg.ensemble, tracking_uri=result.tracking_uri,
+                                         seed=cfg.search.seed, data_dir=cfg.data.data_dir,
+                                         progress=progress, parent_run_id=result.parent_run_id)
     except ValueError as err:
         print(f"matfusion: ensemble after search {result.parent_run_id} failed: {err}", file=sys.stderr)
         return 1
@@ -116,7 +114,7 @@ def cmd_featurize(args) -> int:
     print(ds.summary())
     fs = featurize(ds, cfg.features, progress=True)
     n_edges = int(fs.graphs.edge_ptr[-1]) if fs.graphs is not None else 0
-    print(f"magpie {fs.magpie.shape}; graphs {0 if fs.graphs is None else len(fs.graphs)} "
+    print(f"descriptors {fs.descriptors.shape}; graphs {0 if fs.graphs is None else len(fs.graphs)} "
           f"({n_edges} edges); from cache: {fs.from_cache}")
     return 0
 

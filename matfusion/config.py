@@ -17,11 +17,6 @@ from . import families as _families
 
 # the model families and fusions come from the family registry (matfusion/families/)
 FAMILIES = _families.names()
-# families trained on the descriptor matrix only (no crystal graph, no fusion)
-TABULAR_FAMILIES = _families.TABULAR
-# tabular families trained in one shot: one report, outside ASHA's rungs (lgbm reports every chunk
-# of boosting rounds, so ASHA may stop it)
-ONE_SHOT_FAMILIES = _families.ONE_SHOT
 DESCRIPTOR_SETS = ("magpie", "stoichiometry", "density", "symmetry", "bonds")
 FUSIONS = _families.FUSIONS
 TASK_WEIGHTINGS = _families.TASK_WEIGHTINGS
@@ -65,7 +60,7 @@ class FeaturesConfig(_Strict):
     gaussian_width: Optional[float] = Field(None, gt=0.0, description="default: cutoff / gaussian_bins")
     line_graph: bool = Field(False, description="also build each graph's line graph (bond angles; ALIGNN needs it). "
                              "The search turns it on when it searches alignn")
-    descriptors: Optional[list[Literal["magpie", "stoichiometry", "density", "symmetry", "bonds"]]] = Field(
+    descriptors: Optional[list[Literal[DESCRIPTOR_SETS]]] = Field(
         None, description="descriptor sets of the tabular matrix (rf, lgbm, et and the descriptor branch of fused "
         "GNNs); default: magpie, density, symmetry, bonds with structures, magpie for compositions only")
     n_jobs: int = Field(0, ge=0, description="worker processes; 0 = all cores")

@@ -189,7 +189,7 @@ def test_alignn_forward_shapes():
     # built through the trainable's registry as well, and swappable into a fusion model
     cfg = {"family": "alignn", "alignn": {"hidden": 16, "n_layers": 1, "n_gcn": 0, "fusion": "early"}}
     fused = build_torch_model(cfg, node_f, edge_f, 2, angle_f, 132)
-    batch.magpie = torch.zeros(3, 132)
+    batch.descriptors = torch.zeros(3, 132)
     assert fused(batch).shape == (3, 2)
 
 
@@ -231,7 +231,7 @@ def test_alignn_trains_on_real_data(phonons150, tmp_path):
     features = featurize(phonons150, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=2, line_graph=True),
                          progress=False)
     split = split_fold(phonons150, 0, 0.2, seed=0, n_folds=5)
-    data = pack_trial_data(features.magpie, features.graphs, phonons150.targets, split.train, split.val)
+    data = pack_trial_data(features.descriptors, features.graphs, phonons150.targets, split.train, split.val)
     config = {"family": "alignn",
               "alignn": {"hidden": 32, "n_layers": 1, "n_gcn": 1, "head_hidden": 32, "lr": 5e-3, "batch_size": 32},
               "max_epochs": 4, "seed": 0, "cpus": 2}

@@ -50,11 +50,12 @@ def _official_test_ids(task):
 
 class RowRecorder:
     """Wraps the real functions that pack rows for fitting and records what they were given:
-    the search's dataset and its trial rows (matfusion.search.tuner), and the dataset the
+    the search's dataset (matfusion.search.tuner) and its trial rows (matfusion.data.prepare), and the dataset the
     benchmark featurizes for stacking and the rows its fold models are fitted on."""
 
     def __init__(self, monkeypatch):
         import matfusion.data.featurize as featurize_mod
+        import matfusion.data.prepare as prepare
         import matfusion.search.tuner as tuner
         import matfusion.trainables.trial_data as trial_data
 
@@ -62,29 +63,29 @@ class RowRecorder:
         self.stacking = []  # (fit ids, early-stopping ids) per fold model fit
         self._search_ds = None
         self._eval_ds = None
-        real_load, real_pack, real_feat = tuner.load_dataset, tuner.pack_trial_data, featurize_mod.featurize
+        real_load, real_pack, real_feat = tuner.load_dataset, prepare.pack_trial_data, featurize_mod.featurize
         real_stack_pack = trial_data.pack_trial_data
 
         def load(*a, **kw):
             self._search_ds = real_load(*a, **kw)
             return self._search_ds
 
-        def pack_search(magpie, graphs, targets, train, val, **kw):
+        def pack_search(descriptors, graphs, targets, train, val, **kw):
             ids = self._search_ds.ids
             self.search.append(([ids[r] for r in train], [ids[r] for r in val]))
-            return real_pack(magpie, graphs, targets, train, val, **kw)
+            return real_pack(descriptors, graphs, targets, train, val, **kw)
 
         def feat(dataset, *a, **kw):
             self._eval_ds = dataset
             return real_feat(dataset, *a, **kw)
 
-        def pack_stack(magpie, graphs, targets, train, val, **kw):
+        def pack_stack(descriptors, graphs, targets, train, val, **kw):
             ids = self._eval_ds.ids
             self.stacking.append(([ids[r] for r in train], [ids[r] for r in val]))
-            return real_stack_pack(magpie, graphs, targets, train, val, **kw)
+            return real_stack_pack(descriptors, graphs, targets, train, val, **kw)
 
         monkeypatch.setattr(tuner, "load_dataset", load)
-        monkeypatch.setattr(tuner, "pack_trial_data", pack_search)
+        monkeypatch.setattr(prepare, "pack_trial_data", pack_search)
         monkeypatch.setattr(featurize_mod, "featurize", feat)
         monkeypatch.setattr(trial_data, "pack_trial_data", pack_stack)
 
@@ -178,7 +179,7 @@ def test_leaderboard_constants_match_anchors_file():
                 continue
             assert dict(rp.LEADERBOARD[task]["entries"])[model] == pytest.approx(float(value)), (task, model)
     text = anchors.read_text()
-    for task, entries in rp.LOCAL_ANCHORS.items():
+    for entries in rp.LOCAL_ANCHORS.values():
         for _, mean, per_fold in entries:
             assert f"{mean:.2f}" in text or f"{mean:.4f}" in text
             assert all(re.search(rf"\b{v:.2f}\b" if v > 1 else rf"{v:.4f}", text) for v in per_fold)
@@ -325,7 +326,7 @@ def test_composition_only_task_all_folds_loads_back_in_matbench(tmp_path, data_d
 
 
 def test_stacked_groups_keeps_the_best_graph_group():
-    from matfusion.benchmark.runner import stacked_groups
+    from matfusion.benchmark.fold import stacked_groups
 
     ordered = ["lgbm", "et", "rf", "cgcnn-early", "cgcnn-late"]
     assert stacked_groups(ordered, 3) == ["lgbm", "et", "rf"]

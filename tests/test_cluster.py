@@ -53,11 +53,12 @@ def _ray_schema() -> dict:
 @pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
 def test_cluster_config_passes_rays_schema_validation(path):
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from matfusion.search import compat
 
     raw = yaml.safe_load(path.read_text())
     jsonschema.validate(raw, _ray_schema())           # the file as written
-    validate_config(prepare_config(copy.deepcopy(raw)))  # the config `ray up` builds and checks
+    compat.validate_cluster_config(copy.deepcopy(raw))  # the config `ray up` builds and checks
 
     text = path.read_text()
     assert not re.search(r"AKIA[0-9A-Z]{16}|PRIVATE KEY|aws_secret_access_key|^\s*ssh_private_key:", text, re.M)

@@ -156,24 +156,24 @@ def test_featurize_builds_and_caches_the_descriptor_matrix(tmp_path, cscl):
     cfg = FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1)
     fs = featurize(ds, cfg, progress=False)
     assert fs.descriptor_sets == ("magpie", "density", "symmetry", "bonds")
-    assert fs.magpie.shape == (3, 132 + 3 + 4 + len(D.BOND_COLUMNS)) == (3, len(fs.magpie_columns))
-    np.testing.assert_array_equal(fs.magpie[0], fs.magpie[2])
+    assert fs.descriptors.shape == (3, 132 + 3 + 4 + len(D.BOND_COLUMNS)) == (3, len(fs.descriptor_columns))
+    np.testing.assert_array_equal(fs.descriptors[0], fs.descriptors[2])
     desc_files = sorted(p.name for p in tmp_path.glob("desc-*.npz"))
     assert [f.split("-")[1] for f in desc_files] == ["bonds", "density", "symmetry"]
     again = featurize(ds, cfg, progress=False)  # every set from the cache now
-    np.testing.assert_array_equal(again.magpie, fs.magpie)
+    np.testing.assert_array_equal(again.descriptors, fs.descriptors)
     # a different choice of sets is a different matrix, and only magpie + density columns
     only = featurize(ds, cfg.model_copy(update={"descriptors": ["density", "magpie"]}), progress=False)
-    np.testing.assert_array_equal(only.magpie, fs.magpie[:, :135])
+    np.testing.assert_array_equal(only.descriptors, fs.descriptors[:, :135])
 
 
 def test_composition_only_data_gets_magpie_and_a_clear_error(tmp_path):
     ds = _dataset([Composition("NaCl"), Composition("Fe2O3")], name="comps")
     cfg = FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1)
     fs = featurize(ds, cfg, progress=False)
-    assert fs.descriptor_sets == ("magpie",) and fs.magpie.shape == (2, 132) and fs.graphs is None
+    assert fs.descriptor_sets == ("magpie",) and fs.descriptors.shape == (2, 132) and fs.graphs is None
     stoich = featurize(ds, cfg.model_copy(update={"descriptors": ["magpie", "stoichiometry"]}), progress=False)
-    assert stoich.magpie.shape == (2, 138)
+    assert stoich.descriptors.shape == (2, 138)
     with pytest.raises(D.DescriptorError, match="symmetry"):
         featurize(ds, cfg.model_copy(update={"descriptors": ["symmetry"]}), progress=False)
 
@@ -183,5 +183,5 @@ def test_real_phonons_descriptors_are_finite(tmp_path, data_dir):
 
     ds = load_dataset(DataConfig(source="matbench_phonons", limit=40, data_dir=str(data_dir)))
     fs = featurize(ds, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1), progress=False)
-    assert fs.magpie.shape == (40, D.width_of(D.DEFAULT_STRUCTURE_SETS))
-    assert np.isfinite(fs.magpie[:, 132:]).all()  # the structural sets have a value for every phonons row
+    assert fs.descriptors.shape == (40, D.width_of(D.DEFAULT_STRUCTURE_SETS))
+    assert np.isfinite(fs.descriptors[:, 132:]).all()  # the structural sets have a value for every phonons row

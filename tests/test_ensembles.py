@@ -51,7 +51,7 @@ def fitted(phonons):
     ds, split, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
     ens = StackedEnsemble([RF, CGCNN], meta="nnls", n_folds=3, seed=0)
-    return ens.fit(fs.magpie, fs.graphs, ds.targets, rows, GRAPH_PARAMS)
+    return ens.fit(fs.descriptors, fs.graphs, ds.targets, rows, GRAPH_PARAMS)
 
 
 def _tracking(tmp: Path, name: str = "ens-test") -> tuple[str, MlflowClient, str]:
@@ -83,7 +83,7 @@ def registry(tmp_path_factory, phonons, fitted):
     tmp = tmp_path_factory.mktemp("registry")
     uri, client, exp = _tracking(tmp)
     ds, split, fs = phonons
-    ev = evaluate_ensemble(fitted, fs.magpie, fs.graphs, ds.targets, split.test)
+    ev = evaluate_ensemble(fitted, fs.descriptors, fs.graphs, ds.targets, split.test)
     model_uri = _log_model(uri, client, exp, fitted, phonons, ev.metrics)
     mv, moved = register_ensemble(uri, model_uri, ds.name, split.fold, ev.test_mae)
     assert moved and mv.version in ("1", 1)
@@ -200,14 +200,14 @@ def test_bad_arguments_are_named_in_fit(phonons):
         ens = StackedEnsemble(**{"members": [RF], **params})  # no check here
         assert ens.get_params()[next(iter(params))] is params[next(iter(params))]
         with pytest.raises(InvalidParameterError, match=message):
-            ens.fit(fs.magpie, None, ds.targets, rows)
+            ens.fit(fs.descriptors, None, ds.targets, rows)
         assert not hasattr(ens, "members_") and not hasattr(ens, "names_")  # nothing fitted
     two = np.column_stack([ds.targets, ds.targets])
     two[split.train[0]] = np.nan  # a training row without any label
     with pytest.raises(ValueError, match="no finite label for any target"):
-        StackedEnsemble([RF], n_folds=2).fit(fs.magpie, None, two, split.train)
+        StackedEnsemble([RF], n_folds=2).fit(fs.descriptors, None, two, split.train)
     with pytest.raises(RuntimeError, match="not fitted"):
-        StackedEnsemble([RF]).predict(fs.magpie, None, split.test)
+        StackedEnsemble([RF]).predict(fs.descriptors, None, split.test)
 
 
 def test_get_params_set_params_and_clone_round_trip():
@@ -248,21 +248,21 @@ def test_clone_of_a_fitted_ensemble_is_unfitted_and_fits_alike(phonons):
 
     ds, split, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
-    ens = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=3).fit(fs.magpie, None, ds.targets, rows)
+    ens = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=3).fit(fs.descriptors, None, ds.targets, rows)
     check_is_fitted(ens)
     twin = clone(ens)
     assert not hasattr(twin, "members_") and not hasattr(twin, "oof_")
     with pytest.raises(RuntimeError, match="not fitted"):
-        twin.predict(fs.magpie, None, split.test)
-    twin.fit(fs.magpie, None, ds.targets, rows)
+        twin.predict(fs.descriptors, None, split.test)
+    twin.fit(fs.descriptors, None, ds.targets, rows)
     np.testing.assert_array_equal(twin.oof_, ens.oof_)
-    np.testing.assert_allclose(twin.predict(fs.magpie, None, split.test, return_std=False),
-                               ens.predict(fs.magpie, None, split.test, return_std=False))
+    np.testing.assert_allclose(twin.predict(fs.descriptors, None, split.test, return_std=False),
+                               ens.predict(fs.descriptors, None, split.test, return_std=False))
     # prediction reads fitted attributes only: changing a hyperparameter after fit changes nothing
     # until the next fit
-    expect = ens.predict(fs.magpie, None, split.test)
+    expect = ens.predict(fs.descriptors, None, split.test)
     ens.set_params(n_folds=4, members=[WEAK])
-    for a, b in zip(ens.predict(fs.magpie, None, split.test), expect):
+    for a, b in zip(ens.predict(fs.descriptors, None, split.test), expect):
         np.testing.assert_allclose(a, b)
 
 
@@ -273,10 +273,10 @@ def test_pickled_ensemble_predicts_in_a_fresh_process(tmp_path, phonons):
     ds, split, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
     ens = StackedEnsemble([RF, WEAK], meta="ridge", n_folds=2, context_features=3, seed=1).fit(
-        fs.magpie, None, ds.targets, rows)
-    mean, std = ens.predict(fs.magpie, None, split.test)
+        fs.descriptors, None, ds.targets, rows)
+    mean, std = ens.predict(fs.descriptors, None, split.test)
     (tmp_path / "ens.pkl").write_bytes(pickle.dumps(ens))
-    np.save(tmp_path / "x.npy", fs.magpie[split.test])
+    np.save(tmp_path / "x.npy", fs.descriptors[split.test])
     script = textwrap.dedent(f"""
         import pickle, numpy as np
         ens = pickle.load(open({str(tmp_path / 'ens.pkl')!r}, "rb"))
@@ -297,7 +297,7 @@ def test_pickled_ensemble_predicts_in_a_fresh_process(tmp_path, phonons):
     restored.__dict__.clear()
     restored.__setstate__(old)
     assert restored.members_ == ens.members_
-    np.testing.assert_allclose(restored.predict(fs.magpie, None, split.test)[0], mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(restored.predict(fs.descriptors, None, split.test)[0], mean, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- real stacking
@@ -329,7 +329,7 @@ def test_real_stacking_matches_or_beats_best_member(phonons, fitted):
     stacked = fitted.meta_model_.predict(fitted.oof_)
     # nnls with intercept minimizes the OOF squared error over blends that include each single member
     assert rmse(stacked) <= min(rmse(fitted.oof_[:, j]) for j in range(2)) + 1e-9
-    ev = evaluate_ensemble(fitted, fs.magpie, fs.graphs, ds.targets, split.test)
+    ev = evaluate_ensemble(fitted, fs.descriptors, fs.graphs, ds.targets, split.test)
     members = [ev.metrics[f"member.{n}_mae"] for n in fitted.names_]
     assert ev.metrics["ensemble_mae"] <= 1.05 * min(members)
     # the 2-epoch cgcnn is poor: the meta-learner down-weights it, the plain average cannot
@@ -338,14 +338,14 @@ def test_real_stacking_matches_or_beats_best_member(phonons, fitted):
 
 def test_predict_mean_and_std(phonons, fitted):
     ds, split, fs = phonons
-    mean, std = fitted.predict(fs.magpie, fs.graphs, split.test)
+    mean, std = fitted.predict(fs.descriptors, fs.graphs, split.test)
     assert mean.shape == std.shape == (len(split.test),)
     assert np.all(std >= 0) and np.any(std > 0)
     # nnls is linear: mean of the stacked fold predictions == weights applied to member fold-averages
     w = fitted.meta_model_.coef_
-    expect = fitted.member_predictions(fs.magpie, fs.graphs, split.test) @ w + fitted.meta_model_.intercept_
+    expect = fitted.member_predictions(fs.descriptors, fs.graphs, split.test) @ w + fitted.meta_model_.intercept_
     np.testing.assert_allclose(mean, expect, rtol=0, atol=1e-8)
-    np.testing.assert_allclose(fitted.predict(fs.magpie, fs.graphs, split.test, return_std=False), mean)
+    np.testing.assert_allclose(fitted.predict(fs.descriptors, fs.graphs, split.test, return_std=False), mean)
 
 
 def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
@@ -365,28 +365,28 @@ def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
     assert fitted.summary()["refit"] == [fitted.names_[j] for j in weighted]
     assert all(m["lr_restarts"] == [] for m in fitted.members_)  # members anneal once, whatever the search did
 
-    out = fitted.predict_all(fs.magpie, fs.graphs, split.test)
-    fold_mean = fitted.stack_folds(out["per_fold"], fs.magpie, split.test).mean(axis=0)
+    out = fitted.predict_all(fs.descriptors, fs.graphs, split.test)
+    fold_mean = fitted.stack_folds(out["per_fold"], fs.descriptors, split.test).mean(axis=0)
     assert not np.allclose(out["mean"], fold_mean)  # the refit changes the point prediction ...
-    np.testing.assert_allclose(out["std"], fitted.stack_folds(out["per_fold"], fs.magpie, split.test).std(axis=0))
+    np.testing.assert_allclose(out["std"], fitted.stack_folds(out["per_fold"], fs.descriptors, split.test).std(axis=0))
     # ... and without refit states the ensemble predicts with its fold models, as refit=False does
     import copy
 
     plain = copy.copy(fitted)
     plain.refit_states_ = [None] * len(fitted.members_)
-    np.testing.assert_allclose(plain.predict(fs.magpie, fs.graphs, split.test, return_std=False), fold_mean)
+    np.testing.assert_allclose(plain.predict(fs.descriptors, fs.graphs, split.test, return_std=False), fold_mean)
 
 
 def test_refit_false_fits_no_extra_model(phonons):
     ds, split, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
-    ens = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=0, refit=False).fit(fs.magpie, None, ds.targets, rows)
+    ens = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=0, refit=False).fit(fs.descriptors, None, ds.targets, rows)
     assert ens.refit_states_ == [None, None] and not ens.refitted and ens.summary()["refit"] == []
-    mean = ens.predict(fs.magpie, None, split.test, return_std=False)
-    per_fold = ens.fold_member_predictions(fs.magpie, None, split.test)
-    np.testing.assert_allclose(mean, ens.stack_folds(per_fold, fs.magpie, split.test).mean(axis=0))
+    mean = ens.predict(fs.descriptors, None, split.test, return_std=False)
+    per_fold = ens.fold_member_predictions(fs.descriptors, None, split.test)
+    np.testing.assert_allclose(mean, ens.stack_folds(per_fold, fs.descriptors, split.test).mean(axis=0))
     # with refit the zero-weight member is not refitted
-    ens2 = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=0).fit(fs.magpie, None, ds.targets, rows)
+    ens2 = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=0).fit(fs.descriptors, None, ds.targets, rows)
     zero = [j for j, n in enumerate(ens2.names_) if ens2.weights_[n] == 0.0]
     assert all(ens2.refit_states_[j] is None for j in zero)
     assert all(ens2.refit_states_[j] is not None for j in ens2.weighted_members())
@@ -396,9 +396,9 @@ def test_ridge_with_context_features(phonons):
     ds, split, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
     ens = StackedEnsemble([RF, WEAK], meta="ridge", n_folds=3, context_features=4, seed=1)
-    ens.fit(fs.magpie, None, ds.targets, rows)
+    ens.fit(fs.descriptors, None, ds.targets, rows)
     assert set(ens.weights_) == {"rf", "rf#2", "context_0", "context_1", "context_2", "context_3", "intercept"}
-    mean, std = ens.predict(fs.magpie, None, split.test)
+    mean, std = ens.predict(fs.descriptors, None, split.test)
     assert np.all(np.isfinite(mean)) and mean.shape == (len(split.test),)
 
 
@@ -460,7 +460,7 @@ def test_evaluate_logs_nested_ensemble_run(tmp_path, shared_store, phonons, fitt
     ds, split, fs = phonons
     uri, client, exp = _tracking(shared_store, "evaluate")
     parent = client.create_run(exp, tags={"kind": "search"}).info.run_id
-    ev = evaluate_ensemble(fitted, fs.magpie, fs.graphs, ds.targets, split.test)
+    ev = evaluate_ensemble(fitted, fs.descriptors, fs.graphs, ds.targets, split.test)
     for key in ("ensemble_mae", "ensemble_rmse", "ensemble_r2", "average_mae", "member.rf_mae",
                 "member.cgcnn-early_r2", "calib_within_1std", "calib_within_2std"):
         assert np.isfinite(ev.metrics[key]), key
@@ -476,7 +476,7 @@ def test_evaluate_logs_nested_ensemble_run(tmp_path, shared_store, phonons, fitt
     png = Path(client.download_artifacts(run_id, "parity.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="test rows were used"):
-        evaluate_ensemble(fitted, fs.magpie, fs.graphs, ds.targets, split.train[:5])
+        evaluate_ensemble(fitted, fs.descriptors, fs.graphs, ds.targets, split.train[:5])
 
 
 # ----------------------------------------------------------------------------- registry + export + predict
@@ -484,8 +484,8 @@ def test_champion_alias_moves_only_on_improvement(phonons, fitted, registry):
     ds, split, fs = phonons
     uri, client, exp = registry["uri"], registry["client"], registry["exp"]
     rows = np.sort(np.concatenate([split.train, split.val]))
-    weak = StackedEnsemble([WEAK], n_folds=2).fit(fs.magpie, None, ds.targets, rows)
-    weak_ev = evaluate_ensemble(weak, fs.magpie, None, ds.targets, split.test)
+    weak = StackedEnsemble([WEAK], n_folds=2).fit(fs.descriptors, None, ds.targets, rows)
+    weak_ev = evaluate_ensemble(weak, fs.descriptors, None, ds.targets, split.test)
     good_mae = registry["evaluation"].test_mae
     assert weak_ev.test_mae > good_mae  # precondition: the stumps really are worse
     weak_uri = _log_model(uri, client, exp, weak, phonons, weak_ev.metrics)
@@ -508,7 +508,7 @@ def test_champion_alias_moves_only_on_improvement(phonons, fitted, registry):
 
 def test_fresh_process_loads_champion_and_reproduces_predictions(tmp_path, phonons, fitted, registry):
     ds, split, fs = phonons
-    expect, expect_std = fitted.predict(fs.magpie, fs.graphs, split.test)
+    expect, expect_std = fitted.predict(fs.descriptors, fs.graphs, split.test)
     inputs = tmp_path / "inputs.json"
     # half as dict JSON text, half as CIF text: both featurize to the same graphs
     cells = [json.dumps(ds.structures[r].as_dict()) if i % 2 else ds.structures[r].to(fmt="cif")
@@ -557,7 +557,7 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     df = pd.read_csv(out)
     assert list(df.columns) == ["id", "prediction", "std"]
     assert sorted(df["id"]) == sorted(ds.ids[r] for r in picked)
-    expect, _ = fitted.predict(fs.magpie, fs.graphs, np.array(picked))
+    expect, _ = fitted.predict(fs.descriptors, fs.graphs, np.array(picked))
     got = df.set_index("id").loc[[ds.ids[r] for r in picked], "prediction"].to_numpy()
     np.testing.assert_allclose(got, expect, atol=1e-6)
 
@@ -704,7 +704,7 @@ def elastic(tmp_path_factory):
     assert np.isfinite(targets[hidden]).all()  # precondition: these labels exist and are really hidden
     targets[hidden, 1] = np.nan
     ens = StackedEnsemble([RF, CGCNN], meta="nnls", n_folds=3, seed=0)
-    ens.fit(fs.magpie, fs.graphs, targets, rows, GRAPH_PARAMS, target_names=ELASTIC_TARGETS)
+    ens.fit(fs.descriptors, fs.graphs, targets, rows, GRAPH_PARAMS, target_names=ELASTIC_TARGETS)
     return ds, split, fs, targets, rows, hidden, ens
 
 
@@ -735,17 +735,17 @@ def test_multi_target_stacking_shapes_and_labelled_meta_rows(elastic):
     fit_rows = ens.fold_train_rows_[0]
     np.testing.assert_allclose(np.ravel(state["y_mean"]), np.nanmean(targets[fit_rows], axis=0))
 
-    mean, std = ens.predict(fs.magpie, fs.graphs, split.test)
+    mean, std = ens.predict(fs.descriptors, fs.graphs, split.test)
     assert mean.shape == std.shape == (len(split.test), k)
     assert np.isfinite(mean).all() and (std >= 0).all() and (std > 0).any()
-    assert ens.member_predictions(fs.magpie, fs.graphs, split.test).shape == (len(split.test), m, k)
+    assert ens.member_predictions(fs.descriptors, fs.graphs, split.test).shape == (len(split.test), m, k)
     # per-target linear blend of the member fold-averages, as for one target
-    members = ens.member_predictions(fs.magpie, fs.graphs, split.test)
+    members = ens.member_predictions(fs.descriptors, fs.graphs, split.test)
     for t in range(k):
         expect = members[:, :, t] @ ens.meta_models_[t].coef_ + ens.meta_models_[t].intercept_
         np.testing.assert_allclose(mean[:, t], expect, atol=1e-8)
 
-    ev = evaluate_ensemble(ens, fs.magpie, fs.graphs, targets, split.test)
+    ev = evaluate_ensemble(ens, fs.descriptors, fs.graphs, targets, split.test)
     y_g = targets[split.test, 1]
     n_lab = int(np.isfinite(y_g).sum())
     assert ev.metrics["n_test"] == len(split.test) and ev.metrics["n_test_G_VRH"] == n_lab == len(split.test) - 6
@@ -764,7 +764,7 @@ def test_multi_target_pyfunc_and_predict_structures(tmp_path, elastic, capsys):
     from matfusion.ensembles.export import save_ensemble_model
 
     ds, split, fs, targets, rows, hidden, ens = elastic
-    ev = evaluate_ensemble(ens, fs.magpie, fs.graphs, targets, split.test)
+    ev = evaluate_ensemble(ens, fs.descriptors, fs.graphs, targets, split.test)
     card = make_card(ens, ds.name, split.fold, ev.metrics, data={"source": ELASTIC, "limit": LIMIT})
     path = tmp_path / "model"
     save_ensemble_model(str(path), ens, featurizer_spec(ens, 6.0, 12), card, [ds.structures[i] for i in split.test[:2]])
@@ -772,7 +772,7 @@ def test_multi_target_pyfunc_and_predict_structures(tmp_path, elastic, capsys):
     picked = [int(r) for r in split.test[:4]]
     out = model.predict(pd.DataFrame({"structure": [json.dumps(ds.structures[r].as_dict()) for r in picked]}))
     assert list(out.columns) == ["prediction_K_VRH", "std_K_VRH", "prediction_G_VRH", "std_G_VRH"]
-    expect, expect_std = ens.predict(fs.magpie, fs.graphs, np.array(picked))
+    expect, expect_std = ens.predict(fs.descriptors, fs.graphs, np.array(picked))
     np.testing.assert_allclose(out[["prediction_K_VRH", "prediction_G_VRH"]].to_numpy(), expect, atol=1e-6)
     np.testing.assert_allclose(out[["std_K_VRH", "std_G_VRH"]].to_numpy(), expect_std, atol=1e-6)
 

@@ -12,7 +12,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from matfusion import families
-from matfusion.config import FAMILIES, FUSIONS, ONE_SHOT_FAMILIES, TABULAR_FAMILIES, SearchConfig
+from matfusion.config import FAMILIES, FUSIONS, SearchConfig
 from matfusion.families import TrialConfig, TrialConfigError, fusion
 from matfusion.spaces import SearchSpace
 from matfusion.spaces.params import Categorical
@@ -25,8 +25,7 @@ def test_registry_names_kinds_and_config_literals():
     assert families.TABULAR == ("rf", "lgbm", "et") and families.GRAPH == ("cgcnn", "alignn")
     assert families.ONE_SHOT == ("rf", "et")
     assert families.FUSIONS == ("none", "early", "attention", "late")
-    assert (FAMILIES, TABULAR_FAMILIES, ONE_SHOT_FAMILIES, FUSIONS) == (
-        families.names(), families.TABULAR, families.ONE_SHOT, families.FUSIONS)
+    assert (FAMILIES, FUSIONS) == (families.names(), families.FUSIONS)  # the schema's literals
     assert SearchConfig().families == list(families.names())
     for name in families.names():
         family = families.get(name)
@@ -79,16 +78,15 @@ def test_model_constructors_have_no_defaults_of_their_own_that_drift():
     modules' signature defaults equal the family defaults."""
     from matfusion.trainables.alignn import ALIGNN
     from matfusion.trainables.cgcnn import CGCNN
-    from matfusion.trainables.extra_trees import extra_trees
     from matfusion.trainables.fusion import FusedModel
     from matfusion.trainables.lgbm import ChunkedLGBM
-    from matfusion.trainables.random_forest import random_forest
+    from matfusion.trainables.forest import forest
 
     def defaults(fn, skip=("seed", "n_jobs")):
         return {k: p.default for k, p in inspect.signature(fn).parameters.items()
                 if p.default is not inspect.Parameter.empty and k not in skip}
 
-    assert defaults(random_forest) == {} and defaults(extra_trees) == {} and defaults(ChunkedLGBM.__init__) == {}
+    assert defaults(forest, skip=("seed", "n_jobs", "bootstrap")) == {} and defaults(ChunkedLGBM.__init__) == {}
     for cls, name in ((CGCNN, "cgcnn"), (ALIGNN, "alignn")):
         typed = families.get(name).Params()
         for k, v in defaults(cls, skip=("n_targets",)).items():
@@ -213,8 +211,8 @@ def tiny(tmp_path_factory):
     fs = featurize(ds, FeaturesConfig(line_graph=True, cutoff=5.0, max_neighbors=8, n_jobs=1,
                                       cache_dir=str(tmp_path_factory.mktemp("cache"))), progress=False)
     train, val, test = np.arange(0, 20), np.arange(20, 26), np.arange(26, 32)
-    data = pack_trial_data(fs.magpie, fs.graphs, ds.targets, train, val)
-    return data, pack_rows(fs.magpie, fs.graphs, ds.targets, test)
+    data = pack_trial_data(fs.descriptors, fs.graphs, ds.targets, train, val)
+    return data, pack_rows(fs.descriptors, fs.graphs, ds.targets, test)
 
 
 TINY = {

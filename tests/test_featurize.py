@@ -72,8 +72,8 @@ def assert_graphs_equal(a: GraphSet, b: GraphSet) -> None:
 
 
 def assert_features_equal(a, b) -> None:
-    np.testing.assert_array_equal(a.magpie, b.magpie)  # NaN == NaN for assert_array_equal
-    assert a.magpie_columns == b.magpie_columns
+    np.testing.assert_array_equal(a.descriptors, b.descriptors)  # NaN == NaN for assert_array_equal
+    assert a.descriptor_columns == b.descriptor_columns
     assert_graphs_equal(a.graphs, b.graphs)
 
 
@@ -209,9 +209,9 @@ def test_featurize_then_cache_hit(phonons40, tmp_path):
     # the descriptor matrix: Magpie's 132 columns, then the default structural sets
     from matfusion.data.descriptors import DEFAULT_STRUCTURE_SETS, width_of
 
-    assert first.magpie.shape == (40, width_of(DEFAULT_STRUCTURE_SETS)) and len(first.graphs) == 40
+    assert first.descriptors.shape == (40, width_of(DEFAULT_STRUCTURE_SETS)) and len(first.graphs) == 40
     assert first.descriptor_sets == DEFAULT_STRUCTURE_SETS
-    np.testing.assert_array_equal(first.magpie[:5, :132], magpie_features(phonons40.structures[:5]))
+    np.testing.assert_array_equal(first.descriptors[:5, :132], magpie_features(phonons40.structures[:5]))
     for g in range(40):  # same graphs as building them one by one
         z, ei, dist, vec = neighbor_graph(phonons40.structures[g], cfg.cutoff, cfg.max_neighbors)
         gz, gei, gd, gv = first.graphs.graph(g)
@@ -234,7 +234,7 @@ def test_tabular_only_featurization_builds_no_graphs(toy24, tmp_path):
     assert tab.graphs is None and not list(tmp_path.glob("graph-*.npz"))
     full = featurize(toy24, cfg, progress=False)
     assert full.graphs is not None and len(full.graphs) == 24
-    np.testing.assert_array_equal(tab.magpie, full.magpie)
+    np.testing.assert_array_equal(tab.descriptors, full.descriptors)
 
 
 def _truncate(path):
@@ -283,7 +283,7 @@ def test_cache_key_depends_on_cutoff(toy24, tmp_path):
     assert five.graphs.cutoff == 5.0
     assert len(five.graphs.distance) < len(six.graphs.distance)
     assert five.graphs.distance.max() <= 5.0 + 1e-5 and six.graphs.distance.max() > 5.0
-    np.testing.assert_array_equal(five.magpie, six.magpie)
+    np.testing.assert_array_equal(five.descriptors, six.descriptors)
 
 
 def test_parallel_equals_serial(toy24, tmp_path):
@@ -293,7 +293,7 @@ def test_parallel_equals_serial(toy24, tmp_path):
                          progress=False)
     assert not serial.from_cache and not parallel.from_cache
     assert_features_equal(serial, parallel)
-    assert serial.graphs.has_line_graph and np.isfinite(serial.magpie).all()
+    assert serial.graphs.has_line_graph and np.isfinite(serial.descriptors).all()
 
 
 def test_graphset_subset_round_trip():

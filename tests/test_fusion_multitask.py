@@ -11,7 +11,7 @@ from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
 from matfusion.trainables.loop import LocalSession, validation_score
 from matfusion.trainables.multitask import MultiTaskLoss
-from matfusion.trainables.trial import (_graphs_with_magpie, build_torch_model, choose_late_alpha, fit_family,
+from matfusion.trainables.trial import (_graphs_with_descriptors, build_torch_model, choose_late_alpha, fit_family,
                                         fit_scaler, predict_from_state)
 from matfusion.trainables.trial_data import pack_rows, pack_trial_data
 
@@ -21,8 +21,8 @@ def phonons_small():
     ds = load_dataset(DataConfig(source="matbench_phonons", limit=160), seed=0)
     split = split_fold(ds, 0, 0.2, seed=0)
     fs = featurize(ds, FeaturesConfig(), progress=False)
-    data = pack_trial_data(fs.magpie, fs.graphs, ds.targets, split.train, split.val)
-    test = pack_rows(fs.magpie, fs.graphs, ds.targets, split.test)
+    data = pack_trial_data(fs.descriptors, fs.graphs, ds.targets, split.train, split.val)
+    test = pack_rows(fs.descriptors, fs.graphs, ds.targets, split.test)
     return ds, split, data, test
 
 
@@ -35,11 +35,11 @@ def _cfg(fusion, **extra):
 @pytest.mark.parametrize("fusion", ["early", "attention"])
 def test_fused_forward_shapes(phonons_small, fusion):
     _, _, data, _ = phonons_small
-    scaler = fit_scaler(data["train"]["magpie"])
-    items = _graphs_with_magpie(data["train"], data["graph_params"], scaler)[:5]
+    scaler = fit_scaler(data["train"]["descriptors"])
+    items = _graphs_with_descriptors(data["train"], data["graph_params"], scaler)[:5]
     for n_targets in (1, 3):
         model = build_torch_model(_cfg(fusion), items[0].x.shape[1], items[0].edge_attr.shape[1], n_targets,
-                                  magpie_features=data["train"]["magpie"].shape[1])  # the descriptor matrix
+                                  descriptor_features=data["train"]["descriptors"].shape[1])  # the descriptor matrix
         batch = next(iter(DataLoader(items, batch_size=5)))
         out = model(batch)
         assert out.shape == (5, n_targets) and torch.isfinite(out).all()
@@ -47,10 +47,10 @@ def test_fused_forward_shapes(phonons_small, fusion):
 
 def test_attention_weights_sum_to_one_and_are_per_sample(phonons_small):
     _, _, data, _ = phonons_small
-    scaler = fit_scaler(data["train"]["magpie"])
-    items = _graphs_with_magpie(data["train"], data["graph_params"], scaler)[:8]
+    scaler = fit_scaler(data["train"]["descriptors"])
+    items = _graphs_with_descriptors(data["train"], data["graph_params"], scaler)[:8]
     model = build_torch_model(_cfg("attention"), items[0].x.shape[1], items[0].edge_attr.shape[1], 1,
-                              magpie_features=data["train"]["magpie"].shape[1])
+                              descriptor_features=data["train"]["descriptors"].shape[1])
     batch = next(iter(DataLoader(items, batch_size=8)))
     pred, weights = model.forward_with_attention(batch)
     assert weights.shape == (8, 2)
@@ -115,7 +115,7 @@ def _elastic(limit=140):
     y[::4, 1] = np.nan
     split = split_fold(ds, 0, 0.2, seed=0)
     fs = featurize(ds, FeaturesConfig(), progress=False)
-    return ds, split, pack_trial_data(fs.magpie, fs.graphs, y, split.train, split.val)
+    return ds, split, pack_trial_data(fs.descriptors, fs.graphs, y, split.train, split.val)
 
 
 def test_multitask_with_missing_labels_and_uncertainty_weights_change():

@@ -34,7 +34,7 @@ def phonons(tmp_path_factory):
     ds = load_dataset(DataConfig(source="matbench_phonons", limit=160, data_dir=str(DATA_DIR)))
     split = split_fold(ds, 0)
     fs = featurize(ds, FeaturesConfig(n_jobs=2, cache_dir=str(tmp_path_factory.mktemp("fc"))), progress=False)
-    data = pack_trial_data(fs.magpie, fs.graphs, ds.targets, split.train, split.val)
+    data = pack_trial_data(fs.descriptors, fs.graphs, ds.targets, split.train, split.val)
     return ds, split, fs, data
 
 
@@ -60,7 +60,7 @@ def test_lgbm_reports_every_chunk_and_resumes_to_the_same_trees(phonons):
     again = fit_family(LGBM, data, resumed)
     assert [h["epoch"] for h in resumed.history] == [4, 5, 6]
     np.testing.assert_allclose([h["val_mae"] for h in resumed.history], vals[3:], rtol=0, atol=1e-9)
-    test = pack_rows(fs.magpie, None, np.zeros(len(fs.magpie)), split.test)
+    test = pack_rows(fs.descriptors, None, np.zeros(len(fs.descriptors)), split.test)
     np.testing.assert_allclose(predict_from_state(LGBM, again, test, {}), predict_from_state(LGBM, state, test, {}))
 
 
@@ -81,14 +81,14 @@ def test_lgbm_early_stopping_and_best_rounds():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 5))
     y = rng.normal(size=200)  # pure noise: validation gets worse as boosting overfits
-    data = {"train": {"magpie": X[:150], "y": y[:150]}, "val": {"magpie": X[150:], "y": y[150:]}}
+    data = {"train": {"descriptors": X[:150], "y": y[:150]}, "val": {"descriptors": X[150:], "y": y[150:]}}
     cfg = dict(LGBM, max_epochs=30, patience=3, lgbm=dict(LGBM["lgbm"], n_estimators=300))
     s = LocalSession()
     state = fit_family(cfg, data, s)
     assert len(s.history) < 30 and s.history[-1]["trial_finished"]
     assert len(s.history) - state["best_epoch"] == 3
     model = ChunkedLGBM.from_state(state["lgbm"][0])
-    pred = predict_from_state(cfg, state, {"magpie": X[150:]}, {})
+    pred = predict_from_state(cfg, state, {"descriptors": X[150:]}, {})
     np.testing.assert_allclose(pred, model.predict(X[150:], state["best_rounds"]))
 
 
@@ -98,14 +98,14 @@ def test_multi_target_one_model_per_target_on_its_labelled_rows():
     y = np.stack([X[:, 0] * 3, -X[:, 1]], axis=1)
     y[::3, 0] = np.nan  # missing labels of target 0
     y[1::3, 1] = np.nan
-    data = {"train": {"magpie": X[:100], "y": y[:100]}, "val": {"magpie": X[100:], "y": y[100:]}}
+    data = {"train": {"descriptors": X[:100], "y": y[:100]}, "val": {"descriptors": X[100:], "y": y[100:]}}
     for family in ("lgbm", "et", "rf"):
         cfg = {"family": family, family: {"n_estimators": 60}, "max_epochs": 3, "seed": 0, "cpus": 1,
                "targets": ["a", "b"]}
         s = LocalSession()
         state = fit_family(cfg, data, s)
         assert {"val_mae_a", "val_mae_b"} <= set(s.history[-1])
-        pred = predict_from_state(cfg, state, {"magpie": X[100:]}, {})
+        pred = predict_from_state(cfg, state, {"descriptors": X[100:]}, {})
         assert pred.shape == (20, 2) and np.isfinite(pred).all()
         labelled = np.isfinite(y[100:, 0])
         assert np.mean(np.abs(pred[labelled, 0] - y[100:][labelled, 0])) < np.std(y[:100][np.isfinite(y[:100, 0]), 0])
@@ -123,7 +123,7 @@ def test_forests_report_once_and_are_one_shot(phonons, tmp_path):
         d.mkdir()
         families.get(family).write_checkpoint(state, str(d))
         assert [p.name for p in d.iterdir()] == ["model.pkl"]
-        test = pack_rows(fs.magpie, None, np.zeros(len(fs.magpie)), split.test)
+        test = pack_rows(fs.descriptors, None, np.zeros(len(fs.descriptors)), split.test)
         np.testing.assert_array_equal(predict_from_state(cfg, load_trial_state(cfg, str(d)), test, {}),
                                       predict_from_state(cfg, state, test, {}))
     assert {"rf", "et"} <= ONE_SHOT and "lgbm" not in ONE_SHOT  # lgbm is prunable by ASHA
@@ -205,18 +205,18 @@ def test_stack_with_lgbm_member_and_pyfunc_featurizes_new_structures(phonons, tm
     """An lgbm + et stack on the default descriptors; the saved pyfunc model computes the same
     descriptor sets from raw structures (JSON and CIF text) and reproduces the predictions."""
     from matfusion.ensembles.export import featurizer_spec, make_card, save_ensemble_model
-    from matfusion.ensembles.select import _group
+    from matfusion.families import group_of
     from matfusion.ensembles.stacking import StackedEnsemble, member_name
 
     ds, split, fs, _ = phonons
     members = [LGBM, {"family": "et", "et": {"n_estimators": 40}, "seed": 0, "cpus": 1}]
     assert [member_name(m) for m in members] == ["lgbm", "et"]
-    assert _group({"family": "lgbm", "fusion": "none"}) == "lgbm"
+    assert group_of({"family": "lgbm", "fusion": "-"}) == "lgbm"  # a leaderboard row
     rows = np.sort(np.concatenate([split.train, split.val]))
-    ens = StackedEnsemble(members, n_folds=3).fit(fs.magpie, None, ds.targets, rows)
-    assert not ens.needs_graphs and ens.n_features_ == fs.magpie.shape[1]
+    ens = StackedEnsemble(members, n_folds=3).fit(fs.descriptors, None, ds.targets, rows)
+    assert not ens.needs_graphs and ens.n_features_ == fs.descriptors.shape[1]
     picked = split.test[:6]
-    expect, expect_std = ens.predict(fs.magpie, None, picked)
+    expect, expect_std = ens.predict(fs.descriptors, None, picked)
     spec = featurizer_spec(ens, 6.0, 12, descriptors=fs.descriptor_sets)
     assert spec["descriptors"] == ["magpie", "density", "symmetry", "bonds"] and not spec["graphs"]
     assert featurizer_spec(ens, 6.0, 12)["descriptors"] == spec["descriptors"]  # inferred from the width

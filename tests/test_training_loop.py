@@ -50,8 +50,8 @@ def setup(tmp_path_factory):
     ds = load_dataset(DataConfig(source="matbench_phonons", limit=160))
     split = split_fold(ds, 0)
     feats = featurize(ds, FeaturesConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), n_jobs=2), progress=False)
-    data = pack_trial_data(feats.magpie, feats.graphs, ds.targets, split.train, split.val)
-    test_part = pack_rows(feats.magpie, feats.graphs, ds.targets, split.test, ids=ds.ids)
+    data = pack_trial_data(feats.descriptors, feats.graphs, ds.targets, split.train, split.val)
+    test_part = pack_rows(feats.descriptors, feats.graphs, ds.targets, split.test, ids=ds.ids)
     return ds, split, data, test_part
 
 
@@ -103,7 +103,7 @@ def test_random_forest_family(setup):
     baseline = np.mean(np.abs(data["val"]["y"] - data["train"]["y"].mean()))
     assert m["val_mae"] < baseline  # Magpie features carry real signal for phonon peaks
     np.testing.assert_allclose(
-        np.mean(np.abs(state["rf"][0].predict(data["val"]["magpie"]) - data["val"]["y"])), m["val_mae"]
+        np.mean(np.abs(state["rf"][0].predict(data["val"]["descriptors"]) - data["val"]["y"])), m["val_mae"]
     )
 
 
@@ -178,7 +178,7 @@ def test_predict_from_checkpoint_rf(setup, tmp_path):
     pred = predict_from_checkpoint(dict(RF_CONFIG), str(tmp_path), test_part, data["graph_params"])
     assert pred.shape == (len(split.test),)
     # (equal up to rounding: the forest sums its trees in threads)
-    np.testing.assert_allclose(pred, state["rf"][0].predict(test_part["magpie"]), rtol=1e-12)
+    np.testing.assert_allclose(pred, state["rf"][0].predict(test_part["descriptors"]), rtol=1e-12)
 
 
 class RecordingSession(LocalSession):
@@ -241,10 +241,10 @@ def test_batch_norm_refresh_matches_the_current_weights(setup):
     from torch import nn
 
     from matfusion.trainables.loop import refresh_batch_norm
-    from matfusion.trainables.trial import _feature_widths, _graphs_with_magpie, build_torch_model
+    from matfusion.trainables.trial import _feature_widths, _graphs_with_descriptors, build_torch_model
 
     data = setup[2]
-    graphs = _graphs_with_magpie(data["train"], data["graph_params"], None)[:64]
+    graphs = _graphs_with_descriptors(data["train"], data["graph_params"], None)[:64]
     node_f, edge_f, _ = _feature_widths(graphs[0])
     torch.manual_seed(0)
     model = build_torch_model(CGCNN_CONFIG, node_f, edge_f, 1)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..config import TABULAR_FAMILIES
+from ..families import TABULAR
 
 
 def _mae(pred, y) -> float:
@@ -19,13 +19,13 @@ def _mae(pred, y) -> float:
 def uses_modalities(config: dict) -> tuple[bool, bool]:
     """(uses the crystal graph, uses the Magpie vector) of a member config."""
     family = config.get("family")
-    if family in TABULAR_FAMILIES:
+    if family in TABULAR:
         return False, True
     fusion = str((config.get(family) or {}).get("fusion", "none"))
     return True, fusion in ("early", "attention", "late")
 
 
-def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
+def modality_importance(ensemble, descriptors: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
                         repeats: int = 3, seed: int = 0) -> dict:
     """Permutation importance of the two modalities on ``rows``: the rise in MAE when the crystal
     graphs (or the Magpie vectors) are shuffled across the rows while the other input stays in
@@ -36,8 +36,8 @@ def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarra
 
     rows = np.asarray(rows, dtype=np.int64)
     y = np.asarray(targets, dtype=np.float64)[rows]
-    base_part = pack_rows(magpie, graphs, targets, rows)
-    base = ensemble.part_outputs(base_part, magpie, rows)
+    base_part = pack_rows(descriptors, graphs, targets, rows)
+    base = ensemble.part_outputs(base_part, descriptors, rows)
     uses = [uses_modalities(m) for m in ensemble.members]
     fused = [j for j, (g, m) in enumerate(uses) if g and m]
     names = ["ensemble"] + [ensemble.names_[j] for j in fused]
@@ -54,20 +54,20 @@ def modality_importance(ensemble, magpie: np.ndarray, graphs, targets: np.ndarra
     for _ in range(repeats):
         perm = rng.permutation(len(rows))
         # graphs shuffled, Magpie in place
-        part = pack_rows(magpie, graphs, targets, rows[perm])
-        part.update(magpie=base_part["magpie"], y=base_part["y"], row=rows)
-        s = scores(ensemble.part_outputs(part, magpie, rows, [j for j, u in enumerate(uses) if u[0]], base))
+        part = pack_rows(descriptors, graphs, targets, rows[perm])
+        part.update(descriptors=base_part["descriptors"], y=base_part["y"], row=rows)
+        s = scores(ensemble.part_outputs(part, descriptors, rows, [j for j, u in enumerate(uses) if u[0]], base))
         for n in names:
             out["graph"][n] += (s[n] - base_scores[n]) / repeats
         # Magpie shuffled, graphs in place
-        part = dict(base_part, magpie=np.ascontiguousarray(base_part["magpie"][perm]))
-        s = scores(ensemble.part_outputs(part, magpie, rows, [j for j, u in enumerate(uses) if u[1]], base))
+        part = dict(base_part, descriptors=np.ascontiguousarray(base_part["descriptors"][perm]))
+        s = scores(ensemble.part_outputs(part, descriptors, rows, [j for j, u in enumerate(uses) if u[1]], base))
         for n in names:
             out["magpie"][n] += (s[n] - base_scores[n]) / repeats
     return out
 
 
-def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Sequence[int], columns: Sequence[str],
+def rf_importance(ensemble, descriptors: np.ndarray, targets: np.ndarray, rows: Sequence[int], columns: Sequence[str],
                   repeats: int = 3, seed: int = 0) -> Optional[dict]:
     """Of the ensemble's first ``rf`` member (else its first tabular member), over its K fold
     models: the impurity importance of each descriptor (Magpie) column, mean over the fold models
@@ -77,14 +77,14 @@ def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Seque
     from ..trainables.trial import predict_from_state
 
     candidates = [i for i, m in enumerate(ensemble.members) if m.get("family") == "rf"]
-    candidates += [i for i, m in enumerate(ensemble.members) if m.get("family") in TABULAR_FAMILIES and i not in candidates]
+    candidates += [i for i, m in enumerate(ensemble.members) if m.get("family") in TABULAR and i not in candidates]
     if not candidates:
         return None
     j = candidates[0]
     family = ensemble.members[j]["family"]
     states = [fold_states[j] for fold_states in ensemble.fold_states_]
     configs = [ensemble._member_config(j, k) for k in range(len(states))]
-    width = magpie.shape[1]
+    width = descriptors.shape[1]
     names = list(columns) if len(columns) == width else [f"feature_{i}" for i in range(width)]
     impurity = None
     models = [st.get(family) for st in states]
@@ -96,10 +96,10 @@ def rf_importance(ensemble, magpie: np.ndarray, targets: np.ndarray, rows: Seque
         return out
     rows = np.asarray(rows, dtype=np.int64)
     y = np.asarray(targets, dtype=np.float64)[rows]
-    X = np.array(magpie[rows], dtype=np.float64)
+    X = np.array(descriptors[rows], dtype=np.float64)
 
     def predict(x):
-        part = {"magpie": x, "y": y, "row": rows}
+        part = {"descriptors": x, "y": y, "row": rows}
         return np.mean([np.asarray(predict_from_state(c, st, part, ensemble.graph_params_), dtype=np.float64)
                         .reshape(len(rows)) for c, st in zip(configs, states)], axis=0)
 

@@ -46,6 +46,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..config import DESCRIPTOR_SETS  # the set names of the schema; registry() implements each
 from .cache import cache_key as _cache_key
 from .parallel import parallel_map
 
@@ -290,7 +291,6 @@ def registry() -> dict:
     }
 
 
-DESCRIPTOR_SETS = ("magpie", "stoichiometry", "density", "symmetry", "bonds")
 DEFAULT_STRUCTURE_SETS = ("magpie", "density", "symmetry", "bonds")
 DEFAULT_COMPOSITION_SETS = ("magpie",)
 

@@ -35,10 +35,8 @@ class FeatureSet:
 
     # the descriptor matrix (features.descriptors, see descriptors.py): Magpie's 132 columns first
     # when selected, then the structural sets; float64, NaN where a value could not be computed.
-    # Named ``magpie`` because it fills the Magpie slot of the trial data (tabular families and
-    # the descriptor branch of fused GNNs)
-    magpie: np.ndarray
-    magpie_columns: list[str]
+    descriptors: np.ndarray
+    descriptor_columns: list[str]
     graphs: Optional[GraphSet]  # None for composition-only datasets
     from_cache: bool = False  # nothing was computed: the graphs and every set came from the cache
     descriptor_sets: tuple = ("magpie",)  # the resolved features.descriptors, in column order
@@ -109,8 +107,8 @@ def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Opt
         graph_set, graphs_hit = cached_graphs(dataset, features, cache, n_jobs=n_jobs, progress=progress)
     table, sets_hit = desc.cached_matrix(dataset, sets, cache, n_jobs=n_jobs, progress=progress)
     return FeatureSet(
-        magpie=table,
-        magpie_columns=desc.columns_of(sets),
+        descriptors=table,
+        descriptor_columns=desc.columns_of(sets),
         graphs=graph_set,
         from_cache=graphs_hit and sets_hit,
         descriptor_sets=tuple(sets),

@@ -5,9 +5,9 @@ Public API::
 
     select_members(client, experiment_id, parent_run_id, k=2, families=None) -> [trial config]
     StackedEnsemble(members, meta="mae", n_folds=5, context_features=0, seed=0)
-        .fit(magpie, graphs, targets, rows, graph_params)   # rows: the outer fold's training rows
-        .predict(magpie, graphs, rows, return_std=True)     # -> mean, std
-    evaluate_ensemble(ensemble, magpie, graphs, targets, test_rows) -> Evaluation
+        .fit(descriptors, graphs, targets, rows, graph_params)   # rows: the outer fold's training rows
+        .predict(descriptors, graphs, rows, return_std=True)     # -> mean, std
+    evaluate_ensemble(ensemble, descriptors, graphs, targets, test_rows) -> Evaluation
     log_evaluation(client, experiment_id, parent_run_id, evaluation, tags) -> run_id
     log_ensemble_model / save_ensemble_model / register_ensemble / export_model / predict_structures
     build_ensemble_from_search(experiment, ...)             # what `matfusion ensemble` runs

@@ -75,7 +75,7 @@ def _block(ensemble, pred, std, members, y, suffix: str) -> dict:
     return metrics
 
 
-def evaluate_ensemble(ensemble: StackedEnsemble, magpie: np.ndarray, graphs, targets: np.ndarray,
+def evaluate_ensemble(ensemble: StackedEnsemble, descriptors: np.ndarray, graphs, targets: np.ndarray,
                       test_rows: Sequence[int]) -> Evaluation:
     """Metrics of the ensemble, each member and the members' plain average on ``test_rows``."""
     y_all = _as_targets(targets)
@@ -87,7 +87,7 @@ def evaluate_ensemble(ensemble: StackedEnsemble, magpie: np.ndarray, graphs, tar
         raise ValueError(f"targets of shape {y_all.shape} do not match the ensemble's "
                          f"{getattr(ensemble, 'n_targets_', 1)} target(s)")
     y = y_all[test_rows]
-    out = ensemble.predict_all(magpie, graphs, test_rows)
+    out = ensemble.predict_all(descriptors, graphs, test_rows)
     members, pred, std = out["members"], out["mean"], out["std"]
     average = members.mean(axis=1)
     if not ensemble.multi_target:

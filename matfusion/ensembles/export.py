@@ -79,13 +79,13 @@ def featurize_structures(structures: Sequence, featurizer: dict):
     from ..data.descriptors import descriptor_matrix
     from ..data.featurize import graph_parts
 
-    magpie = descriptor_matrix(list(structures), featurizer.get("descriptors") or ["magpie"])
+    X = descriptor_matrix(list(structures), featurizer.get("descriptors") or ["magpie"])
     if not featurizer.get("graphs"):
-        return magpie, None
+        return X, None
     cutoff, max_nb = float(featurizer["cutoff"]), int(featurizer["max_neighbors"])
     with_line_graph = bool(featurizer.get("line_graph"))
     parts = [graph_parts(s, cutoff, max_nb, with_line_graph) for s in structures]
-    return magpie, GraphSet.from_parts(parts, cutoff, max_nb)
+    return X, GraphSet.from_parts(parts, cutoff, max_nb)
 
 
 def featurizer_spec(ensemble, cutoff: float, max_neighbors: int, line_graph: bool = False,
@@ -122,8 +122,8 @@ def predict_parsed(ensemble, featurizer: dict, structures: Sequence) -> tuple[np
     if not len(structures):
         k = getattr(ensemble, "n_targets_", 1)
         return (np.zeros(0), np.zeros(0)) if k == 1 else (np.zeros((0, k)), np.zeros((0, k)))
-    magpie, graphs = featurize_structures(structures, featurizer)
-    return ensemble.predict(magpie, graphs, np.arange(len(structures)), return_std=True)
+    X, graphs = featurize_structures(structures, featurizer)
+    return ensemble.predict(X, graphs, np.arange(len(structures)), return_std=True)
 
 
 # -- the pyfunc model -----------------------------------------------------------------------------
@@ -149,7 +149,8 @@ class EnsemblePyfunc(_PythonModel):
                 structures.append(parse_structure(v))
                 ok.append(i)
             except Exception as err:  # noqa: BLE001 - pymatgen raises many types
-                warnings.warn(f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN")
+                warnings.warn(f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN",
+                              stacklevel=2)
         k = getattr(self.ensemble, "n_targets_", 1)
         pred = np.full((len(values), k), np.nan)
         std = np.full((len(values), k), np.nan)

@@ -2,8 +2,8 @@
 
 1. The latest search parent run (tag ``kind=search``) of the experiment and its
    ``config.json``; the dataset and the outer fold are rebuilt exactly as the search built them
-   (``load_dataset`` / ``split_fold`` / ``featurize`` with the same config and seed; the
-   dataset hash and fold are checked against the parent's tags).
+   (``load_dataset``, then :func:`~matfusion.data.prepare.prepare_fold` with the same config and
+   seed; the dataset hash and fold are checked against the parent's tags).
 2. Members: :func:`~matfusion.ensembles.select.select_members` (top-k per group by inner-val MAE).
 3. :class:`~matfusion.ensembles.stacking.StackedEnsemble` fitted on the fold's train + inner
    val rows (the search's whole training part); the test rows are not passed to it.
@@ -40,79 +40,126 @@ class EnsembleResult:
     wall_s: float
 
 
-def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional[str] = None, k: int = 2,
-                               meta: str = "mae", n_folds: int = 5, context_features: int = 0, seed: int = 0,
-                               max_epochs: Optional[int] = None, families: Optional[Sequence[str]] = None,
-                               data_dir: Optional[str] = None, register: bool = True,
-                               progress: bool = True, parent_run_id: Optional[str] = None,
-                               refit: bool = True) -> EnsembleResult:
+def build_ensemble_from_search(experiment: Optional[str] = None, *, settings=None, tracking_uri: Optional[str] = None,
+                               families: Optional[Sequence[str]] = None, data_dir: Optional[str] = None,
+                               context_features: int = 0, seed: int = 0, progress: bool = True,
+                               parent_run_id: Optional[str] = None) -> EnsembleResult:
     """Stack the latest search of ``experiment`` or, given ``parent_run_id``, that search
-    parent run (``experiment`` is then not needed)."""
+    parent run (``experiment`` is then not needed).  ``settings``: a
+    :class:`~matfusion.config.EnsembleConfig` (k, meta, n_folds, max_epochs, refit, register;
+    default ``EnsembleConfig()``)."""
     from mlflow.tracking import MlflowClient
 
-    from ..config import config_from_dict
-    from ..data import load_dataset, split_fold
-    from ..data.featurize import featurize
+    from ..config import EnsembleConfig
+    from ..data.prepare import prepare_fold
     from ..tracking.logger import resolve_tracking_uri
-    from ..search.tuner import target_names
 
     t0 = time.time()
+    settings = EnsembleConfig() if settings is None else settings
     say = print if progress else (lambda *a, **kw: None)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
+    parent = _search_parent(client, experiment, parent_run_id)
+    cfg = _search_config(client, parent, data_dir)
+    dataset = _search_dataset(cfg, parent)
+    chosen, members = _members(client, parent, settings.k, families)
+    say(f"search run {parent.info.run_id} ({dataset.name}, fold {cfg.data.fold}): {len(members)} members")
+    if len(chosen):
+        say(chosen[["trial_id", "group", "val_mae"]].to_string(index=False))
+    # graphs whenever the data has structures, as the members were trained
+    prep = prepare_fold(cfg, dataset, families=cfg.search.families, members=members, graphs=True, progress=progress)
+    ensemble = _fit_ensemble(prep, members, settings, context_features, seed, progress)
+    evaluation = evaluate_ensemble(ensemble, prep.descriptors, prep.graphs, prep.targets, prep.split.test)
+    run_id = log_evaluation(client, parent.info.experiment_id, parent.info.run_id, evaluation,
+                            tags=_run_tags(prep, parent))
+    info, version, moved = _log_and_register(client, run_id, cfg, prep, ensemble, evaluation, parent, settings,
+                                             tracking_uri)
+    return EnsembleResult(run_id, parent.info.run_id, parent.info.experiment_id, prep.dataset.name, prep.split.fold,
+                          evaluation, ensemble, info.model_uri, version, moved, time.time() - t0)
+
+
+def _search_parent(client, experiment: Optional[str], parent_run_id: Optional[str]):
+    """The search parent run named by id, else the latest one of ``experiment``."""
     if parent_run_id:
         parent = client.get_run(parent_run_id)
         if parent.data.tags.get("kind") != "search":
             raise ValueError(f"run {parent_run_id} is not a search parent run (tag kind=search)")
-    elif experiment:
-        parent = latest_search_parent(client, experiment)
-    else:
-        raise ValueError("name an experiment or a search parent run id")
-    parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+        return parent
+    if experiment:
+        return latest_search_parent(client, experiment)
+    raise ValueError("name an experiment or a search parent run id")
+
+
+def _search_config(client, parent, data_dir: Optional[str]):
+    """The search's own config (its ``config.json``), with ``data_dir`` in place of its data
+    folder when given."""
+    from ..config import config_from_dict
+
+    parent_id = parent.info.run_id
     cfg = config_from_dict(load_run_dict(client, parent_id, "config.json"), origin=f"run {parent_id} config.json")
     if data_dir:
         cfg.data.data_dir = str(data_dir)
+    return cfg
+
+
+def _search_dataset(cfg, parent):
+    """The search's dataset rebuilt as the search built it, checked against the parent run's
+    dataset hash and fold."""
+    from ..data import load_dataset
+
+    parent_id, tags = parent.info.run_id, parent.data.tags
     dataset = load_dataset(cfg.data, seed=cfg.search.seed)
-    tags = parent.data.tags
     if tags.get("dataset_hash") and tags["dataset_hash"] != dataset.content_hash:
         raise ValueError(f"the data changed since search run {parent_id}: dataset hash {dataset.content_hash} "
                          f"now, {tags['dataset_hash']} then")
-    split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=cfg.search.seed, n_folds=cfg.data.n_folds)
-    if tags.get("fold") is not None and tags["fold"] != str(split.fold):
-        raise ValueError(f"search run {parent_id} was on fold {tags['fold']}, its config says {split.fold}")
+    if tags.get("fold") is not None and tags["fold"] != str(cfg.data.fold):
+        raise ValueError(f"search run {parent_id} was on fold {tags['fold']}, its config says {cfg.data.fold}")
+    return dataset
 
+
+def _members(client, parent, k: int, families: Optional[Sequence[str]]):
+    """(ranked table, member configs): the top ``k`` trials per group by inner-val MAE."""
+    experiment_id, parent_id = parent.info.experiment_id, parent.info.run_id
     chosen = ranked_candidates(client, experiment_id, parent_id, k=k, families=families)
     members = select_members(client, experiment_id, parent_id, k=k, families=families)
-    say(f"search run {parent_id} ({dataset.name}, fold {split.fold}): {len(members)} members")
-    if len(chosen):
-        say(chosen[["trial_id", "group", "val_mae"]].to_string(index=False))
-    line = "alignn" in cfg.search.families or any(m["family"] == "alignn" for m in members)
-    features_cfg = cfg.features.model_copy(update={"line_graph": True}) if line else cfg.features
-    features = featurize(dataset, features_cfg, progress=progress)
-    rows = np.sort(np.concatenate([split.train, split.val]))
-    ensemble = StackedEnsemble(members, meta=meta, n_folds=n_folds, context_features=context_features, seed=seed,
-                               refit=refit,
-                               graph_max_epochs=max_epochs)
-    ensemble.fit(features.magpie, features.graphs, dataset.targets, rows,
-                 graph_params={"gaussian_bins": cfg.features.gaussian_bins,
-                               "gaussian_width": cfg.features.gaussian_width}, progress=progress,
-                 target_names=target_names(dataset) if dataset.targets.ndim == 2 else None)
-    evaluation = evaluate_ensemble(ensemble, features.magpie, features.graphs, dataset.targets, split.test)
-    run_tags = {"dataset": dataset.name, "fold": split.fold, "dataset_hash": dataset.content_hash,
-                "search_run_id": parent_id}
-    run_id = log_evaluation(client, experiment_id, parent_id, evaluation, tags=run_tags)
+    return chosen, members
+
+
+def _fit_ensemble(prep, members, settings, context_features: int, seed: int, progress: bool) -> StackedEnsemble:
+    """The stack fitted on the fold's train + inner val rows (the search's whole training part);
+    the test rows are not passed to it."""
+    rows = np.sort(np.concatenate([prep.split.train, prep.split.val]))
+    ensemble = StackedEnsemble(members, meta=settings.meta, n_folds=settings.n_folds,
+                               context_features=context_features, seed=seed, refit=settings.refit,
+                               graph_max_epochs=settings.max_epochs)
+    ensemble.fit(prep.descriptors, prep.graphs, prep.targets, rows, graph_params=prep.graph_params, progress=progress,
+                 target_names=prep.target_names if prep.targets.ndim == 2 else None)
+    return ensemble
+
+
+def _run_tags(prep, parent) -> dict:
+    return {"dataset": prep.dataset.name, "fold": prep.split.fold, "dataset_hash": prep.dataset.content_hash,
+            "search_run_id": parent.info.run_id}
+
+
+def _log_and_register(client, run_id: str, cfg, prep, ensemble, evaluation, parent, settings, tracking_uri: str):
+    """Log the pyfunc model (featurizer spec, model card, two example structures) into the
+    ensemble run and, with ``settings.register``, register it (champion if better); the run ends
+    FINISHED, or FAILED on any error.  Returns (model info, version or None, champion moved)."""
+    dataset, split = prep.dataset, prep.split
+    n_train = len(split.train) + len(split.val)
     try:
         featurizer = featurizer_spec(ensemble, cfg.features.cutoff, cfg.features.max_neighbors,
-                                     descriptors=features.descriptor_sets)
+                                     descriptors=prep.features.descriptor_sets)
         card = make_card(ensemble, dataset.name, split.fold, evaluation.metrics, data={
             "source": cfg.data.source, "target": dataset.target_name, "rows": len(dataset),
-            "limit": cfg.data.limit, "dataset_hash": dataset.content_hash, "train_rows": len(rows),
-            "test_rows": len(split.test), "search_run_id": parent_id, "ensemble_run_id": run_id,
+            "limit": cfg.data.limit, "dataset_hash": dataset.content_hash, "train_rows": n_train,
+            "test_rows": len(split.test), "search_run_id": parent.info.run_id, "ensemble_run_id": run_id,
             "cutoff": cfg.features.cutoff, "max_neighbors": cfg.features.max_neighbors})
         info = log_ensemble_model(run_id, ensemble, featurizer, card,
                                   [dataset.structures[int(r)] for r in split.test[:2]], tracking_uri=tracking_uri)
         version, moved = None, False
-        if register:
+        if settings.register:
             mv, moved = register_ensemble(tracking_uri, info.model_uri, dataset.name, split.fold, evaluation.test_mae)
             version = str(mv.version)
             client.set_tag(run_id, "registered_version", version)
@@ -121,8 +168,7 @@ def build_ensemble_from_search(experiment: Optional[str], tracking_uri: Optional
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    return EnsembleResult(run_id, parent_id, experiment_id, dataset.name, split.fold, evaluation, ensemble,
-                          info.model_uri, version, moved, time.time() - t0)
+    return info, version, moved
 
 
 def format_result(res: EnsembleResult) -> str:

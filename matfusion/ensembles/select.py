@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from .. import families
+from ..families import group_of
 from ..tracking.runs import load_run_dict
 
 log = logging.getLogger("matfusion.ensembles")
@@ -44,7 +44,7 @@ def ranked_candidates(client, experiment_id: str, parent_run_id: str, k: int = 2
         df = df[df["family"].isin(list(families))]
     if df.empty:
         return df.assign(group=pd.Series(dtype=str))
-    df["group"] = df.apply(families.group_of, axis=1)
+    df["group"] = df.apply(group_of, axis=1)
     df = df.sort_values(["val_mae", "trial_id"], kind="stable")
     top = df.groupby("group", sort=False).head(k)
     order = {g: i for i, g in enumerate(top.drop_duplicates("group")["group"])}

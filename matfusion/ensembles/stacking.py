@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin, clone
 
+from .. import families
 from ..config import EnsembleConfig
 
 log = logging.getLogger("matfusion.ensembles")
@@ -51,8 +52,6 @@ DEFAULT_GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
 
 def member_name(config: dict) -> str:
     """A short readable name of a member: its group (``rf``, ``cgcnn-early``, ``alignn-none`` ...)."""
-    from .. import families
-
     return families.group_of(config)
 
 
@@ -214,8 +213,6 @@ def _single_target(targets: np.ndarray) -> np.ndarray:
 
 def _slim_state(config: dict, state: dict) -> dict:
     """What prediction needs of a member's trained state (its family says), copied."""
-    from .. import families
-
     return copy.deepcopy(families.get(config["family"]).slim_state(state))
 
 
@@ -247,7 +244,7 @@ class StackedEnsemble(BaseEstimator):
     defaults of ``meta``, ``n_folds``, ``refit`` and ``graph_max_epochs`` are the field defaults
     of :class:`matfusion.config.EnsembleConfig` (``meta``, ``n_folds``, ``refit``, ``max_epochs``).
     ``RegressorMixin`` is not mixed in: its ``score(X, y)`` assumes ``predict(X)``, and this
-    ensemble predicts rows of whole-dataset arrays (``predict(magpie, graphs, rows)``).
+    ensemble predicts rows of whole-dataset arrays (``predict(descriptors, graphs, rows)``).
 
     Parameters
     ----------
@@ -355,12 +352,10 @@ class StackedEnsemble(BaseEstimator):
     def _derived_members(self) -> list[dict]:
         """The member configs as trained: ``lr_restarts`` emptied, ``member_overrides`` applied,
         ``graph_max_epochs`` on the graph members."""
-        from ..config import TABULAR_FAMILIES
-
         configs = [{**_fresh_config(m), "lr_restarts": [], **_fresh_config(self.member_overrides or {})}
                    for m in self.members]
         if self.graph_max_epochs is not None:
-            configs = [c if c["family"] in TABULAR_FAMILIES else dict(c, max_epochs=int(self.graph_max_epochs))
+            configs = [c if c["family"] in families.TABULAR else dict(c, max_epochs=int(self.graph_max_epochs))
                        for c in configs]
         return configs
 
@@ -377,22 +372,22 @@ class StackedEnsemble(BaseEstimator):
         mean = getattr(self, "context_mean_", None)
         return 0 if mean is None else len(mean)
 
-    def _context(self, magpie: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        c = np.asarray(magpie[rows, : self._n_context], dtype=np.float64)
+    def _context(self, descriptors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        c = np.asarray(descriptors[rows, : self._n_context], dtype=np.float64)
         c = np.where(np.isfinite(c), c, self.context_fill_)
         return (c - self.context_mean_) / self.context_std_
 
-    def _meta_input(self, member_pred: np.ndarray, magpie: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _meta_input(self, member_pred: np.ndarray, descriptors: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if not self._n_context:
             return member_pred
-        return np.hstack([member_pred, self._context(magpie, rows)])
+        return np.hstack([member_pred, self._context(descriptors, rows)])
 
-    def fit(self, magpie: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
+    def fit(self, descriptors: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
             graph_params: Optional[dict] = None, progress: bool = False,
             target_names: Optional[Sequence[str]] = None) -> "StackedEnsemble":
         """Fit on ``rows`` only (the outer fold's training part: never pass test rows).
 
-        ``magpie`` (N, d) the descriptor matrix, ``graphs`` (a GraphSet of all N rows, or None for tabular-only
+        ``descriptors`` (N, d) the descriptor matrix, ``graphs`` (a GraphSet of all N rows, or None for tabular-only
         ensembles), ``targets`` (N,) or (N, k) with NaN for a missing label, are the whole
         dataset's arrays; only ``rows`` are read.  ``target_names`` (k > 1): default the
         members' ``config["targets"]``, else ``t0``, ``t1`` ...
@@ -443,8 +438,8 @@ class StackedEnsemble(BaseEstimator):
             shuffled = rng.permutation(train_all)
             n_es = min(max(1, int(round(self.es_fraction * len(train_all)))), len(train_all) - 1)
             es_rows, fit_rows = np.sort(shuffled[:n_es]), np.sort(shuffled[n_es:])
-            data = pack_trial_data(magpie, graphs, y_all, fit_rows, es_rows, **self.graph_params_)
-            held_part = pack_rows(magpie, graphs, y_all, held)
+            data = pack_trial_data(descriptors, graphs, y_all, fit_rows, es_rows, **self.graph_params_)
+            held_part = pack_rows(descriptors, graphs, y_all, held)
             states = []
             for j in range(n_members):
                 config = self._member_config(j, k)
@@ -465,11 +460,11 @@ class StackedEnsemble(BaseEstimator):
         self.oof_ = oof if multi else oof[:, :, 0]
         self.oof_y_ = y_all[rows]
         self.meta_rows_ = rows.copy()
-        self.n_features_ = int(np.asarray(magpie).shape[1])  # width of the descriptor matrix
+        self.n_features_ = int(np.asarray(descriptors).shape[1])  # width of the descriptor matrix
         for stale in ("context_fill_", "context_mean_", "context_std_"):  # of an earlier fit
             self.__dict__.pop(stale, None)
         if self.context_features:
-            c = np.asarray(magpie[rows, : self.context_features], dtype=np.float64)
+            c = np.asarray(descriptors[rows, : self.context_features], dtype=np.float64)
             fill = np.nanmedian(np.where(np.isfinite(c), c, np.nan), axis=0)
             self.context_fill_ = np.where(np.isfinite(fill), fill, 0.0)
             c = np.where(np.isfinite(c), c, self.context_fill_)
@@ -481,7 +476,7 @@ class StackedEnsemble(BaseEstimator):
         for t in range(n_targets):
             labelled = np.isfinite(y_rows[:, t])
             fit_rows = rows[labelled]
-            X = self._meta_input(oof[labelled, :, t], magpie, fit_rows)
+            X = self._meta_input(oof[labelled, :, t], descriptors, fit_rows)
             self.meta_models_.append(make_meta(self.meta, self.seed).fit(X, y_rows[labelled, t]))
             self.meta_fit_rows_.append(fit_rows)
         self.meta_model_ = self.meta_models_[0] if not multi else None
@@ -489,7 +484,7 @@ class StackedEnsemble(BaseEstimator):
         self.refit_states_ = [None] * n_members
         self.refit_train_rows_ = self.refit_es_rows_ = np.array([], dtype=np.int64)
         if self.refit:
-            self._refit(magpie, graphs, y_all, rows, progress)
+            self._refit(descriptors, graphs, y_all, rows, progress)
         return self
 
     def weighted_members(self) -> list[int]:
@@ -503,7 +498,7 @@ class StackedEnsemble(BaseEstimator):
     def _refit_config(self, j: int) -> dict:
         return self._member_config(j, len(self.fold_states_))  # a seed none of the fold models had
 
-    def _refit(self, magpie, graphs, y_all, rows: np.ndarray, progress: bool) -> None:
+    def _refit(self, descriptors, graphs, y_all, rows: np.ndarray, progress: bool) -> None:
         from ..trainables.loop import LocalSession
         from ..trainables.trial import fit_family
         from ..trainables.trial_data import pack_trial_data
@@ -512,7 +507,7 @@ class StackedEnsemble(BaseEstimator):
         shuffled = rng.permutation(rows)
         n_es = min(max(1, int(round(self.es_fraction * len(rows)))), len(rows) - 1)
         self.refit_es_rows_, self.refit_train_rows_ = np.sort(shuffled[:n_es]), np.sort(shuffled[n_es:])
-        data = pack_trial_data(magpie, graphs, y_all, self.refit_train_rows_, self.refit_es_rows_, **self.graph_params_)
+        data = pack_trial_data(descriptors, graphs, y_all, self.refit_train_rows_, self.refit_es_rows_, **self.graph_params_)
         for j in self.weighted_members():
             config = self._refit_config(j)
             self.refit_states_[j] = _slim_state(config, fit_family(config, data, LocalSession()))
@@ -546,13 +541,13 @@ class StackedEnsemble(BaseEstimator):
         if not hasattr(self, "meta_model_"):
             raise RuntimeError("this StackedEnsemble is not fitted yet: call fit() first")
 
-    def fold_member_predictions(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
+    def fold_member_predictions(self, descriptors: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
         """(K, n, n_members) (k targets: (K, n, n_members, k)): each fold model's prediction of ``rows``."""
         from ..trainables.trial_data import pack_rows
 
         self._check_fitted()
         rows = np.asarray(rows, dtype=np.int64)
-        return self.fold_part_predictions(pack_rows(magpie, graphs, np.zeros(len(magpie)), rows))
+        return self.fold_part_predictions(pack_rows(descriptors, graphs, np.zeros(len(descriptors)), rows))
 
     def fold_part_predictions(self, part: dict, members: Optional[Sequence[int]] = None,
                               base: Optional[np.ndarray] = None) -> np.ndarray:
@@ -573,29 +568,29 @@ class StackedEnsemble(BaseEstimator):
                 out[k, :, j] = np.asarray(pred, dtype=np.float64).reshape((n,) + per_row)
         return out
 
-    def member_predictions(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
+    def member_predictions(self, descriptors: np.ndarray, graphs, rows: Sequence[int]) -> np.ndarray:
         """(n, n_members) (k targets: (n, n_members, k)): each member's prediction as the point
         prediction uses it (its refit; without one, its fold-model average)."""
-        return self.predict_all(magpie, graphs, rows)["members"]
+        return self.predict_all(descriptors, graphs, rows)["members"]
 
-    def stack_folds(self, per_fold: np.ndarray, magpie: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+    def stack_folds(self, per_fold: np.ndarray, descriptors: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         """``meta(members of set f)`` for each leading index f (the K fold-model sets): (K, n), or
         (K, n, k_targets) for k targets."""
         rows = np.asarray(rows, dtype=np.int64)
         models = getattr(self, "meta_models_", None) or [self.meta_model_]
         if not self.multi_target:
-            return np.stack([models[0].predict(self._meta_input(per_fold[f], magpie, rows))
+            return np.stack([models[0].predict(self._meta_input(per_fold[f], descriptors, rows))
                              for f in range(len(per_fold))])
-        return np.stack([np.stack([m.predict(self._meta_input(per_fold[f, :, :, t], magpie, rows))
+        return np.stack([np.stack([m.predict(self._meta_input(per_fold[f, :, :, t], descriptors, rows))
                                    for t, m in enumerate(models)], axis=1) for f in range(len(per_fold))])
 
     @property
     def refitted(self) -> bool:
         return any(s is not None for s in (getattr(self, "refit_states_", None) or []))
 
-    def part_outputs(self, part: dict, magpie: np.ndarray, rows: Sequence[int], members: Optional[Sequence[int]] = None,
+    def part_outputs(self, part: dict, descriptors: np.ndarray, rows: Sequence[int], members: Optional[Sequence[int]] = None,
                      base: Optional[dict] = None) -> dict:
-        """Everything the ensemble predicts for a packed ``part`` (rows ``rows`` of ``magpie``):
+        """Everything the ensemble predicts for a packed ``part`` (rows ``rows`` of ``descriptors``):
         ``per_fold`` (see :meth:`fold_part_predictions`), ``members`` (each member's column of the
         point prediction: its refit, else its fold-model average), ``mean`` (the point prediction)
         and ``std`` (spread of the K stacked fold-model predictions).  With ``members`` only those
@@ -604,7 +599,7 @@ class StackedEnsemble(BaseEstimator):
 
         rows = np.asarray(rows, dtype=np.int64)
         per_fold = self.fold_part_predictions(part, members, None if base is None else base["per_fold"])
-        stacked = self.stack_folds(per_fold, magpie, rows)
+        stacked = self.stack_folds(per_fold, descriptors, rows)
         columns = per_fold.mean(axis=0)
         if not self.refitted:
             return {"per_fold": per_fold, "members": columns, "mean": stacked.mean(axis=0), "std": stacked.std(axis=0)}
@@ -616,23 +611,23 @@ class StackedEnsemble(BaseEstimator):
                 continue
             pred = predict_from_state(self._refit_config(j), state, part, self.graph_params_)
             columns[:, j] = np.asarray(pred, dtype=np.float64).reshape(columns[:, j].shape)
-        mean = self.stack_folds(columns[None], magpie, rows)[0]
+        mean = self.stack_folds(columns[None], descriptors, rows)[0]
         return {"per_fold": per_fold, "members": columns, "mean": mean, "std": stacked.std(axis=0)}
 
-    def predict_all(self, magpie: np.ndarray, graphs, rows: Sequence[int]) -> dict:
+    def predict_all(self, descriptors: np.ndarray, graphs, rows: Sequence[int]) -> dict:
         """:meth:`part_outputs` of ``rows`` of the whole dataset's arrays."""
         from ..trainables.trial_data import pack_rows
 
         self._check_fitted()
         rows = np.asarray(rows, dtype=np.int64)
-        return self.part_outputs(pack_rows(magpie, graphs, np.zeros(len(magpie)), rows), magpie, rows)
+        return self.part_outputs(pack_rows(descriptors, graphs, np.zeros(len(descriptors)), rows), descriptors, rows)
 
-    def predict(self, magpie: np.ndarray, graphs, rows: Sequence[int], return_std: bool = True):
+    def predict(self, descriptors: np.ndarray, graphs, rows: Sequence[int], return_std: bool = True):
         """Stacked prediction of ``rows`` (the meta-learner on the refitted members; without refit,
         the mean over the K fold-model sets of ``meta(members of fold k)``); with ``return_std``
         also the standard deviation of those K fold-model stacks.  Shapes (n,) for one target,
         (n, k) for k targets."""
-        out = self.predict_all(magpie, graphs, rows)
+        out = self.predict_all(descriptors, graphs, rows)
         if not return_std:
             return out["mean"]
         return out["mean"], out["std"]
@@ -645,13 +640,11 @@ class StackedEnsemble(BaseEstimator):
 
     @property
     def needs_graphs(self) -> bool:
-        from ..config import TABULAR_FAMILIES
-
-        return any(m["family"] not in TABULAR_FAMILIES for m in self._configs)
+        return any(m["family"] in families.GRAPH for m in self._configs)
 
     @property
     def needs_line_graph(self) -> bool:
-        return any(m["family"] == "alignn" for m in self._configs)
+        return families.needs_line_graph([m["family"] for m in self._configs])
 
     def summary(self) -> dict:
         self._check_fitted()

@@ -38,12 +38,6 @@ class ExtraTrees(ForestFamily):
     PARAMS = PARAMS
     PRESETS = PRESETS
 
-    def build(self, params: ETParams, seed: int = 0, n_jobs: int = 1):
-        from ..trainables.extra_trees import extra_trees
-
-        return extra_trees(n_estimators=params.n_estimators, max_depth=params.max_depth,
-                           min_samples_leaf=params.min_samples_leaf, max_features=params.max_features,
-                           bootstrap=params.bootstrap, seed=seed, n_jobs=n_jobs)
 
 
 FAMILY = ExtraTrees()

@@ -17,8 +17,10 @@ class ForestFamily(Family):
     checkpoint_file = "model.pkl"
 
     def build(self, params, seed: int = 0, n_jobs: int = 1):
-        """The unfitted scikit-learn forest of ``params``."""
-        raise NotImplementedError
+        """The unfitted scikit-learn forest of ``params`` (every typed parameter goes to it)."""
+        from ..trainables.forest import forest
+
+        return forest(self.name, **params.model_dump(), seed=seed, n_jobs=n_jobs)
 
     def fit(self, trial, data: dict, session) -> dict:
         from ..trainables.tabular import fit_forest_trial
@@ -32,7 +34,7 @@ class ForestFamily(Family):
         from ..trainables.tabular import predict_forests
 
         forests = state[self.name]
-        return predict_forests(forests if isinstance(forests, list) else [forests], part["magpie"])
+        return predict_forests(forests if isinstance(forests, list) else [forests], part["descriptors"])
 
     def write_checkpoint(self, state: dict, directory: str) -> None:
         with open(os.path.join(directory, self.checkpoint_file), "wb") as fh:

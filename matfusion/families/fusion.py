@@ -55,7 +55,7 @@ def default_fusion(choices) -> str:
     return preferred[0] if preferred else choices[0]
 
 
-def fuse(encoder, params: FusionParams, graph_dim: int, magpie_features: int, head_hidden: int, dropout: float,
+def fuse(encoder, params: FusionParams, graph_dim: int, descriptor_features: int, head_hidden: int, dropout: float,
          n_targets: int):
     """The encoder fused with the descriptor branch as ``params.fusion`` asks (``none`` and
     ``late``: the encoder itself)."""
@@ -63,6 +63,6 @@ def fuse(encoder, params: FusionParams, graph_dim: int, magpie_features: int, he
         return encoder
     from ..trainables.fusion import FusedModel
 
-    return FusedModel(encoder, graph_dim=graph_dim, fusion=params.fusion, magpie_dim=magpie_features,
+    return FusedModel(encoder, graph_dim=graph_dim, fusion=params.fusion, descriptor_dim=descriptor_features,
                       comp_hidden=params.comp_hidden, comp_layers=params.comp_layers, fusion_dim=params.fusion_dim,
                       head_hidden=head_hidden, dropout=dropout, n_targets=n_targets)

@@ -15,7 +15,7 @@ from .fusion import FusionParams
 
 LOSSES = ("l1", "mse", "huber")
 # what prediction needs of a torch trial state (the optimizer etc. are dropped)
-STATE_KEYS = ("best_model", "y_mean", "y_std", "magpie_scaler", "fusion", "rf", "best_hook_state",
+STATE_KEYS = ("best_model", "y_mean", "y_std", "descriptor_scaler", "fusion", "rf", "best_hook_state",
               "best_val_mae", "best_epoch", "target_names")
 
 
@@ -52,10 +52,10 @@ class GraphFamily(Family):
         raise NotImplementedError
 
     def build(self, params, node_features: int, edge_features: int, n_targets: int = 1, angle_features: int = 0,
-              magpie_features: int = 132):
+              descriptor_features: int = 132):
         """The encoder, fused with the descriptor branch if ``params.fusion`` asks."""
         encoder = self.encoder(params, node_features, edge_features, angle_features, n_targets)
-        return _fusion.fuse(encoder, params, graph_dim=params.hidden, magpie_features=magpie_features,
+        return _fusion.fuse(encoder, params, graph_dim=params.hidden, descriptor_features=descriptor_features,
                             head_hidden=params.head_hidden, dropout=params.dropout, n_targets=n_targets)
 
     def fit(self, trial, data: dict, session) -> dict:

@@ -93,7 +93,7 @@ class LightGBM(Family):
     def predict(self, trial, state: dict, part: dict, graph_params: dict) -> np.ndarray:
         from ..trainables.tabular import predict_lgbm
 
-        return predict_lgbm(state, part["magpie"])
+        return predict_lgbm(state, part["descriptors"])
 
     def write_checkpoint(self, state: dict, directory: str) -> None:
         with open(os.path.join(directory, self.checkpoint_file), "wb") as fh:

@@ -36,13 +36,6 @@ class RandomForest(ForestFamily):
     PARAMS = PARAMS
     PRESETS = PRESETS
 
-    def build(self, params: RFParams, seed: int = 0, n_jobs: int = 1):
-        from ..trainables.random_forest import random_forest
-
-        return random_forest(n_estimators=params.n_estimators, max_depth=params.max_depth,
-                             min_samples_leaf=params.min_samples_leaf, max_features=params.max_features,
-                             seed=seed, n_jobs=n_jobs)
-
 
 FAMILY = RandomForest()
 DEFAULTS = FAMILY.DEFAULTS

@@ -23,7 +23,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,18 +40,19 @@ import pandas as pd
 from ray.tune import CLIReporter
 
 from .. import __version__
-from ..config import TABULAR_FAMILIES, Config, ConfigError, SearchConfig
-from ..data import load_dataset, split_fold
-from ..data.featurize import featurize
+from ..config import Config, ConfigError, SearchConfig
+from ..data import load_dataset
+from ..data.prepare import check_structures, prepare_fold
 from ..spaces import define_search_space
 from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
-from ..trainables.trial_data import pack_rows, pack_trial_data
+from ..tracking.leaderboard import search_leaderboard
 from ..tracking.logger import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten,
                                resolve_tracking_uri, trial_fusion)
 from ..tracking.leaderboard import format_group_summary, group_summary
 from ..tracking.report import log_search_report
 from ..tracking.runs import nested_runs
+from . import compat
 from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 
 log = logging.getLogger("matfusion.search")
@@ -60,7 +60,6 @@ log = logging.getLogger("matfusion.search")
 # what TPE learns from and ASHA compares at its rungs: a trial's best inner-validation MAE so far
 # (its last epoch's val_mae is noisier, and after early stopping not the weights it keeps)
 SCORE = "best_val_mae"
-LEADERBOARD_COLUMNS = ["trial_id", "family", "fusion", "val_mae", "epochs", "status"]
 STATE_FILE = "matfusion_search.json"  # in the experiment folder: the MLflow parent run, for --resume
 TUNER_FILE = "tuner.pkl"
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
@@ -255,7 +254,7 @@ class SearchProgress(CLIReporter):
         head = (f"== {'Final' if done else 'Status'} == {time.time() - self._t0:.0f} s; {len(trials)} trials: "
                 + ", ".join(f"{n} {s}" for s, n in counts.items()))
         rows = self.rows(trials)
-        shown = rows if done else rows[: self._max_progress_rows]
+        shown = rows if done else rows[: compat.reporter_max_rows(self)]
         lines = [head]
         if shown:
             lines.append(pd.DataFrame(shown, columns=self.COLUMNS).to_string(index=False))
@@ -267,20 +266,7 @@ class SearchProgress(CLIReporter):
         return "\n".join(lines) + "\n"
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
-        self._print(self.table(trials, done))
-
-
-def target_names(dataset) -> list[str]:
-    """One name per target column (multi-target tables join their names with commas)."""
-    n = 1 if dataset.targets.ndim == 1 else dataset.targets.shape[1]
-    names = [t.strip() for t in str(dataset.target_name).split(",")]
-    return names if len(names) == n else [f"t{k}" for k in range(n)]
-
-
-def trial_statuses(client, experiment_id: str, parent_id: str) -> dict:
-    """trial_id -> status tag of the nested runs of a search."""
-    return {r.data.tags.get("trial_id"): r.data.tags.get("status", "?")
-            for r in nested_runs(client, experiment_id, parent_id)}
+        compat.reporter_print(self, self.table(trials, done))
 
 
 # -- experiment folder and resume --------------------------------------------------------------
@@ -392,8 +378,6 @@ def discard_orphan_runs(client, experiment_id: str, parent_id: str, known: set) 
 
 def _trial_logger(tuner):
     """The MlflowTrialLogger the Tuner runs with (the unpickled one after a restore)."""
-    from . import compat
-
     return next((c for c in compat.tuner_callbacks(tuner) if isinstance(c, MlflowTrialLogger)), None)
 
 
@@ -401,7 +385,6 @@ def _restored_scheduler(tuner):
     """The scheduler a restored Tuner runs with (unpickled from the experiment), to log its
     rungs; None where Ray keeps it elsewhere.  A promote-mode scheduler is told of its pauses
     and resumes through the restored searcher."""
-    from . import compat
     from .optuna_search import PauseAwareLimiter
 
     scheduler, searcher = compat.tuner_scheduler(tuner), compat.tuner_searcher(tuner)
@@ -424,145 +407,233 @@ def result_config(result) -> dict:
         return {}
 
 
+@dataclass
+class _ParentRun:
+    """The MLflow side of a running search: its client, experiment and parent run."""
+
+    client: object
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    attempt: int  # 1, then one more per resume
+
+
 def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> SearchResult:
     """Run the search that ``cfg`` describes and return its leaderboard.  With ``resume``,
     continue the interrupted search of the same name (see the module docstring)."""
-    import mlflow
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
-    from ray.tune.stopper import CombinedStopper
-
     t0 = time.time()
-    s = cfg.search
     path = experiment_path(cfg)
-    resuming = False
-    if resume:
-        reason = unrestorable_reason(path)
-        if reason is None:
-            resuming = True
-            print(f"resuming search {cfg.name!r} from {path}", flush=True)
-        else:
-            print(f"matfusion: --resume: nothing to resume for {cfg.name!r}: {reason}; "
-                  "starting the search from the beginning", file=sys.stderr, flush=True)
+    resuming = _resolve_resume(cfg, path, resume)
+    dataset = _load_dataset(cfg)
+    space = _define_space(cfg.search, dataset.target_names)
+    prep = prepare_fold(cfg, dataset, families=cfg.search.families, progress=progress)
+    split = prep.split
+    print(f"fold {split.fold}: train {len(split.train)}, inner val {len(split.val)}, "
+          f"test {len(split.test)} (held out)", flush=True)
+    parent = _open_parent_run(cfg, path, prep, space, resuming)
+    _start_ray(cfg.search, parent)
+    trainable = _trainable(cfg.search, prep.trial_data)
+    if resuming:
+        tuner, scheduler = _restore_tuner(path, trainable)
+    else:
+        tuner, scheduler = _build_tuner(cfg, path, space, trainable, parent, progress)
+        _write_new_state(cfg, path, prep, parent)
+    results, fit_s = _fit(tuner, parent)
+    unfinished = _how_it_ended(tuner, path, parent, fit_s)
+    board = search_leaderboard(parent.client, parent.experiment_id, parent.run_id)
+    best = None if unfinished else _best_result(results)
+    best_val, best_test, best_config = _best_trial_test_mae(best, prep)
+    wall = time.time() - t0
+    _log_report(parent, scheduler)
+    result = SearchResult(cfg.name, parent.experiment_id, parent.run_id, parent.tracking_uri, board, best_config,
+                          best_val, best_test, wall, resumed=resuming, interrupted=bool(unfinished),
+                          experiment_path=str(path))
+    _finish(parent, result)
+    return result
 
-    # -- data and features (driver side, cached)
-    dataset = load_dataset(cfg.data, seed=s.seed)
+
+def _resolve_resume(cfg: Config, path: Path, resume: bool) -> bool:
+    """Whether the search continues the experiment at ``path``: asked, and restorable (else it
+    says why not and starts afresh)."""
+    if not resume:
+        return False
+    reason = unrestorable_reason(path)
+    if reason is None:
+        print(f"resuming search {cfg.name!r} from {path}", flush=True)
+        return True
+    print(f"matfusion: --resume: nothing to resume for {cfg.name!r}: {reason}; "
+          "starting the search from the beginning", file=sys.stderr, flush=True)
+    return False
+
+
+def _load_dataset(cfg: Config):
+    """The search's dataset (seeded by ``search.seed``), announced; refused when a searched
+    family needs structures it lacks (before any featurization)."""
+    dataset = load_dataset(cfg.data, seed=cfg.search.seed)
     print(dataset.summary(), flush=True)
-    graph_families = [f for f in s.families if f not in TABULAR_FAMILIES]
-    if graph_families and not dataset.has_structures:
-        raise ValueError(f"{dataset.name} has compositions only; family '{graph_families[0]}' needs crystal "
-                         f"structures (use tabular families only: search.families: {list(TABULAR_FAMILIES)})")
-    targets = target_names(dataset)
+    check_structures(dataset, cfg.search.families)
+    return dataset
+
+
+def _define_space(s: SearchConfig, targets: list[str]):
+    """The define-by-run search space, with the constants every trial config carries."""
     constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
                  "cpus": s.cpus_per_trial, "targets": targets,
                  "checkpoint_every": s.checkpoint_every, "lr_restarts": lr_restarts(s),
                  "checkpoint_at": checkpoint_epochs(s)}
-    space = define_search_space(s.families, constants, fusions=s.fusions, targets=targets,
-                                task_weighting=s.task_weighting, task_weights=s.task_weights,
-                                preset=s.preset, overrides=s.space)
-    split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=s.seed, n_folds=cfg.data.n_folds)
-    # ALIGNN needs each graph's line graph, built (and cached) with the graphs
-    features_cfg = cfg.features.model_copy(update={"line_graph": True}) if "alignn" in s.families else cfg.features
-    # a search of tabular families only needs no crystal graphs
-    features = featurize(dataset, features_cfg, progress=progress, graphs=bool(graph_families))
-    data = pack_trial_data(features.magpie, features.graphs, dataset.targets, split.train, split.val,
-                           gaussian_bins=cfg.features.gaussian_bins, gaussian_width=cfg.features.gaussian_width)
-    test_part = pack_rows(features.magpie, features.graphs, dataset.targets, split.test)
-    print(f"fold {split.fold}: train {len(split.train)}, inner val {len(split.val)}, "
-          f"test {len(split.test)} (held out)", flush=True)
+    return define_search_space(s.families, constants, fusions=s.fusions, targets=targets,
+                               task_weighting=s.task_weighting, task_weights=s.task_weights,
+                               preset=s.preset, overrides=s.space)
 
-    # -- MLflow parent run
+
+def _open_parent_run(cfg: Config, path: Path, prep, space, resuming: bool) -> _ParentRun:
+    """The MLflow parent run of the search: the interrupted one when resuming, else a new one."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    experiment_name = cfg.mlflow.experiment or cfg.name
-    experiment_id = ensure_experiment(client, experiment_name, cfg.mlflow.artifact_location)
+    experiment_id = ensure_experiment(client, cfg.mlflow.experiment or cfg.name, cfg.mlflow.artifact_location)
     if resuming:
-        state = read_state(path)
-        parent = find_parent_run(client, [state.get("experiment_id"), experiment_id], path, state)
-        if parent is None:
-            raise ConfigError(f"cannot resume {cfg.name!r}: its MLflow parent run is not in {tracking_uri} "
-                              f"(looked for the run in {path / STATE_FILE} and for tag ray_experiment_path); "
-                              "resume with the same mlflow settings, or start a new search without --resume")
-        tags = parent.data.tags
-        if (tags.get("dataset_hash"), tags.get("fold")) != (dataset.content_hash, str(split.fold)):
-            raise ConfigError(f"cannot resume {cfg.name!r}: its data changed (dataset hash / fold "
-                              f"{tags.get('dataset_hash')}/{tags.get('fold')} then, {dataset.content_hash}/"
-                              f"{split.fold} now); resume with the same data settings")
-        parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
-        attempt = int(tags.get("attempts", "1")) + 1
-        if parent.info.status != "RUNNING":
-            client.update_run(parent_id, status="RUNNING")
-        client.set_tag(parent_id, "status", "running")
-        client.set_tag(parent_id, "attempts", str(attempt))
-        print(f"MLflow parent run {parent_id} (attempt {attempt})", flush=True)
-        discarded = discard_orphan_runs(client, experiment_id, parent_id, set(snapshot_trials(path)))
-        if discarded:
-            print(f"discarded the MLflow runs of {len(discarded)} trial(s) started after the last "
-                  f"experiment snapshot: {', '.join(map(str, discarded))}", flush=True)
-    else:
-        if path.exists() and any(path.iterdir()):
-            _abandon(client, path, experiment_id)
-        attempt = 1
-        parent = client.create_run(experiment_id, run_name=f"search-{cfg.name}", tags={
-            "kind": "search", "dataset": dataset.name, "fold": str(split.fold),
-            "dataset_hash": dataset.content_hash, "git_commit": _git_commit(),
-            "matfusion_version": __version__, "search_name": cfg.name,
-            "ray_experiment_path": str(path), "status": "running", "attempts": "1",
-        })
-        parent_id = parent.info.run_id
-        config_dict = cfg.model_dump(mode="json")
-        client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(config_dict).items()] + [
-            Param("n_train", str(len(split.train))), Param("n_val", str(len(split.val))),
-            Param("n_test", str(len(split.test))), Param("n_rows", str(len(dataset))),
-        ])
-        for reason, n in dataset.skipped.items():
-            client.set_tag(parent_id, f"skipped.{reason}", str(n))
-        client.log_dict(parent_id, config_dict, "config.json")
-        client.log_dict(parent_id, space.describe(), "search_space.json")
+        return _resumed_parent_run(cfg, path, prep, client, tracking_uri, experiment_id)
+    return _new_parent_run(cfg, path, prep, space, client, tracking_uri, experiment_id)
 
-    # -- Ray Tune
+
+def _resumed_parent_run(cfg: Config, path: Path, prep, client, tracking_uri: str, experiment_id: str) -> _ParentRun:
+    """Find the interrupted search's parent run, check it was on the same data, mark it running
+    again (one more attempt) and discard the runs of trials the snapshot does not know."""
+    dataset, split = prep.dataset, prep.split
+    state = read_state(path)
+    parent = find_parent_run(client, [state.get("experiment_id"), experiment_id], path, state)
+    if parent is None:
+        raise ConfigError(f"cannot resume {cfg.name!r}: its MLflow parent run is not in {tracking_uri} "
+                          f"(looked for the run in {path / STATE_FILE} and for tag ray_experiment_path); "
+                          "resume with the same mlflow settings, or start a new search without --resume")
+    tags = parent.data.tags
+    if (tags.get("dataset_hash"), tags.get("fold")) != (dataset.content_hash, str(split.fold)):
+        raise ConfigError(f"cannot resume {cfg.name!r}: its data changed (dataset hash / fold "
+                          f"{tags.get('dataset_hash')}/{tags.get('fold')} then, {dataset.content_hash}/"
+                          f"{split.fold} now); resume with the same data settings")
+    parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+    attempt = int(tags.get("attempts", "1")) + 1
+    if parent.info.status != "RUNNING":
+        client.update_run(parent_id, status="RUNNING")
+    client.set_tag(parent_id, "status", "running")
+    client.set_tag(parent_id, "attempts", str(attempt))
+    print(f"MLflow parent run {parent_id} (attempt {attempt})", flush=True)
+    discarded = discard_orphan_runs(client, experiment_id, parent_id, set(snapshot_trials(path)))
+    if discarded:
+        print(f"discarded the MLflow runs of {len(discarded)} trial(s) started after the last "
+              f"experiment snapshot: {', '.join(map(str, discarded))}", flush=True)
+    return _ParentRun(client, tracking_uri, experiment_id, parent_id, attempt)
+
+
+def _new_parent_run(cfg: Config, path: Path, prep, space, client, tracking_uri: str,
+                    experiment_id: str) -> _ParentRun:
+    """Close and move aside a leftover folder of the same name, then create the parent run with
+    the search's tags, its flattened config and sizes as params, config and space as artifacts."""
+    from mlflow.entities import Param
+
+    dataset, split = prep.dataset, prep.split
+    if path.exists() and any(path.iterdir()):
+        _abandon(client, path, experiment_id)
+    parent = client.create_run(experiment_id, run_name=f"search-{cfg.name}", tags={
+        "kind": "search", "dataset": dataset.name, "fold": str(split.fold),
+        "dataset_hash": dataset.content_hash, "git_commit": _git_commit(),
+        "matfusion_version": __version__, "search_name": cfg.name,
+        "ray_experiment_path": str(path), "status": "running", "attempts": "1",
+    })
+    parent_id = parent.info.run_id
+    config_dict = cfg.model_dump(mode="json")
+    client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(config_dict).items()] + [
+        Param("n_train", str(len(split.train))), Param("n_val", str(len(split.val))),
+        Param("n_test", str(len(split.test))), Param("n_rows", str(len(dataset))),
+    ])
+    for reason, n in dataset.skipped.items():
+        client.set_tag(parent_id, f"skipped.{reason}", str(n))
+    client.log_dict(parent_id, config_dict, "config.json")
+    client.log_dict(parent_id, space.describe(), "search_space.json")
+    return _ParentRun(client, tracking_uri, experiment_id, parent_id, 1)
+
+
+def _start_ray(s: SearchConfig, parent: _ParentRun) -> None:
+    """Connect to (or start) Ray; on failure (e.g. the cluster refused the driver) leave no
+    parent run RUNNING."""
     try:
         init_ray(s.address)
     except BaseException:
-        # e.g. the cluster refused the driver: leave no parent run RUNNING
-        client.set_tag(parent_id, "error", "could not connect to Ray")
-        _close_search(client, experiment_id, parent_id, "failed", "FAILED")
+        parent.client.set_tag(parent.run_id, "error", "could not connect to Ray")
+        _close_search(parent.client, parent.experiment_id, parent.run_id, "failed", "FAILED")
         raise
+
+
+def _trainable(s: SearchConfig, trial_data: dict):
+    """``run_trial`` with the trial data (inner train + val rows only) and its resources."""
+    from ray import tune
+
     resources = trial_resources(s, cluster_gpu_count())
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data), resources)
-    scheduler = None
-    if resuming:
-        # searcher, scheduler, callbacks, stopper and time budget come back from the experiment
-        tuner = Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
-                              resume_errored=True, restart_errored=False)
-        scheduler = _restored_scheduler(tuner)
-    else:
-        points = space.default_points() if s.points_to_evaluate else None
-        searcher = build_searcher(s, space, points)
-        scheduler = build_scheduler(s, searcher)
-        stoppers = [TotalEpochsStopper(s.max_total_epochs)] if s.max_total_epochs else []
-        if s.stop_at_val_mae is not None:
-            stoppers.append(TargetReachedStopper(s.stop_at_val_mae))
-        tuner = Tuner(
-            trainable,
-            tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                   num_samples=s.num_samples, time_budget_s=s.time_budget_s,
-                                   reuse_actors=True),
-            run_config=RunConfig(
-                name=cfg.name, storage_path=str(path.parent),
-                callbacks=[MlflowTrialLogger(tracking_uri, experiment_id, parent_id)],
-                stop=CombinedStopper(*stoppers) if stoppers else None,
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=s.max_failures), progress_reporter=SearchProgress(),
-                verbose=1 if progress else 0,
-            ),
-        )
-        write_state(path, {"search_name": cfg.name, "parent_run_id": parent_id, "experiment_id": experiment_id,
-                           "tracking_uri": tracking_uri, "dataset_hash": dataset.content_hash,
-                           "fold": split.fold, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return tune.with_resources(tune.with_parameters(run_trial, data=trial_data), resources)
+
+
+def _restore_tuner(path: Path, trainable):
+    """The Tuner of the experiment at ``path``: searcher, scheduler, callbacks, stopper and time
+    budget come back from it; unfinished trials continue, errored ones are retried."""
+    from ray.tune import Tuner
+
+    tuner = Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                          resume_errored=True, restart_errored=False)
+    return tuner, _restored_scheduler(tuner)
+
+
+def _stopper(s: SearchConfig):
+    """The search-wide stop rules (total epochs, target val_mae), or None."""
+    from ray.tune.stopper import CombinedStopper
+
+    stoppers = [TotalEpochsStopper(s.max_total_epochs)] if s.max_total_epochs else []
+    if s.stop_at_val_mae is not None:
+        stoppers.append(TargetReachedStopper(s.stop_at_val_mae))
+    return CombinedStopper(*stoppers) if stoppers else None
+
+
+def _build_tuner(cfg: Config, path: Path, space, trainable, parent: _ParentRun, progress: bool):
+    """A new Tuner: searcher (with the default points), scheduler, stoppers, the MLflow trial
+    logger, checkpoints and retries."""
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+
+    s = cfg.search
+    points = space.default_points() if s.points_to_evaluate else None
+    searcher = build_searcher(s, space, points)
+    scheduler = build_scheduler(s, searcher)
+    tuner = Tuner(
+        trainable,
+        tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler,
+                               num_samples=s.num_samples, time_budget_s=s.time_budget_s,
+                               reuse_actors=True),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=str(path.parent),
+            callbacks=[MlflowTrialLogger(parent.tracking_uri, parent.experiment_id, parent.run_id)],
+            stop=_stopper(s),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=s.max_failures), progress_reporter=SearchProgress(),
+            verbose=1 if progress else 0,
+        ),
+    )
+    return tuner, scheduler
+
+
+def _write_new_state(cfg: Config, path: Path, prep, parent: _ParentRun) -> None:
+    """The state file a resume reads (written before the search starts)."""
+    write_state(path, {"search_name": cfg.name, "parent_run_id": parent.run_id,
+                       "experiment_id": parent.experiment_id, "tracking_uri": parent.tracking_uri,
+                       "dataset_hash": prep.dataset.content_hash, "fold": prep.split.fold,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _fit(tuner, parent: _ParentRun):
+    """Run the search: (ResultGrid, seconds).  Ctrl-C closes the runs as ``interrupted``
+    (resumable); any other error as ``failed``."""
+    client, experiment_id, parent_id = parent.client, parent.experiment_id, parent.run_id
     t_fit = time.time()
     try:
         results = tuner.fit()
@@ -574,11 +645,15 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         client.set_tag(parent_id, "status", "failed")
         client.set_terminated(parent_id, "FAILED")
         raise
-    fit_s = time.time() - t_fit
+    return results, time.time() - t_fit
 
-    # -- how it ended: interrupted (Ctrl-C: resumable), or done (trials cut by a budget: "stopped");
-    # a trial the budget ended while it was paused at a rung (asha_mode: promote) may still be
-    # PAUSED in Tune's last snapshot: Tune's own final statuses tell
+
+def _how_it_ended(tuner, path: Path, parent: _ParentRun, fit_s: float) -> list[str]:
+    """The trials left unfinished (interrupted: resumable), with their runs closed as such; or,
+    when every trial ended, [] with the runs a budget cut closed as ``stopped``.  A trial the
+    budget ended while it was paused at a rung (asha_mode: promote) may still be PAUSED in
+    Tune's last snapshot: Tune's own final statuses tell."""
+    client, experiment_id, parent_id = parent.client, parent.experiment_id, parent.run_id
     final = getattr(_trial_logger(tuner), "final_statuses", None) or {}
     unfinished = [t for t in experiment_unfinished(path) if final.get(t) not in ("TERMINATED", "ERROR")]
     if unfinished:
@@ -587,61 +662,71 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         stopped = close_open_trial_runs(client, experiment_id, parent_id, "stopped", "FINISHED")
         if stopped:
             log.info("trials stopped by the search budget after %.0f s: %s", fit_s, stopped)
+    return unfinished
 
-    # -- leaderboard and the best trial's test MAE (information only)
-    statuses = trial_statuses(client, experiment_id, parent_id)
-    rows, best = [], None
+
+def _best_result(results):
+    """(val_mae, result) of the best trial of the ResultGrid that finished without error and has
+    a checkpoint (the first of equals), or None."""
+    best = None
     for r in results:
-        config = result_config(r)
         df = r.metrics_dataframe
         val = float(df["val_mae"].min()) if df is not None and "val_mae" in df else float("nan")
-        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
-        trial_id = (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "?")
-        status = statuses.get(trial_id, "failed" if r.error else "completed")
-        rows.append({"trial_id": trial_id, "family": config.get("family"), "fusion": trial_fusion(config),
-                     "val_mae": val,
-                     "epochs": epochs, "status": status})
         if r.error is None and np.isfinite(val) and r.checkpoint is not None and (best is None or val < best[0]):
             best = (val, r)
-    board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS).sort_values("val_mae", na_position="last").reset_index(drop=True)
+    return best
 
-    best_val = best_test = float("nan")
-    best_config = None
-    if best is not None and not unfinished:
-        best_val, best_result = best
-        best_config = best_result.config
-        with best_result.checkpoint.as_directory() as d:
-            pred = predict_from_checkpoint(best_config, d, test_part, data["graph_params"])
-        y_test = np.asarray(test_part["y"], dtype=np.float64)
-        _, train_std = target_stats(data["train"]["y"])
-        best_test, _ = validation_score(np.asarray(pred).reshape(len(y_test), -1), y_test.reshape(len(y_test), -1), train_std)
-    wall = time.time() - t0
 
-    try:  # leaderboard.csv and the plots; a report problem must not fail a finished search
-        log_search_report(client, parent_id, experiment_id)
+def _best_trial_test_mae(best, prep) -> tuple[float, float, Optional[dict]]:
+    """(val MAE, test MAE, config) of the best trial: its checkpoint predicts the test part once,
+    scored as the trials score validation (information only: it feeds no choice)."""
+    if best is None:
+        return float("nan"), float("nan"), None
+    best_val, best_result = best
+    best_config = best_result.config
+    test_part, data = prep.test_part, prep.trial_data
+    with best_result.checkpoint.as_directory() as d:
+        pred = predict_from_checkpoint(best_config, d, test_part, data["graph_params"])
+    y_test = np.asarray(test_part["y"], dtype=np.float64)
+    _, train_std = target_stats(data["train"]["y"])
+    best_test, _ = validation_score(np.asarray(pred).reshape(len(y_test), -1), y_test.reshape(len(y_test), -1),
+                                    train_std)
+    return best_val, best_test, best_config
+
+
+def _log_report(parent: _ParentRun, scheduler) -> None:
+    """leaderboard.csv and the plots (a report problem must not fail a finished search), and
+    ASHA's rungs."""
+    try:
+        log_search_report(parent.client, parent.run_id, parent.experiment_id)
     except Exception as err:  # noqa: BLE001
         log.warning("search report failed: %s", err)
     if isinstance(scheduler, TabularAwareASHA):
-        client.log_dict(parent_id, {"rungs": scheduler.rungs()}, "asha_rungs.json")
-    result = SearchResult(cfg.name, experiment_id, parent_id, tracking_uri, board, best_config,
-                          best_val, best_test, wall, resumed=resuming, interrupted=bool(unfinished),
-                          experiment_path=str(path))
-    if unfinished:
+        parent.client.log_dict(parent.run_id, {"rungs": scheduler.rungs()}, "asha_rungs.json")
+
+
+def _finish(parent: _ParentRun, result: SearchResult) -> None:
+    """Close the parent run: ``interrupted`` (KILLED), or ``completed`` with the search's
+    metrics (one value per attempt), the best config and family."""
+    from mlflow.entities import Metric
+
+    client, parent_id = parent.client, parent.run_id
+    if result.interrupted:
         client.set_tag(parent_id, "status", "interrupted")
         client.set_terminated(parent_id, "KILLED")
-        return result
+        return
     now = int(time.time() * 1000)
-    step = attempt - 1  # one value per attempt (a resumed search logs again)
-    metrics = [Metric("wall_s", wall, now, step), Metric("n_trials", float(len(board)), now, step)]
-    if np.isfinite(best_val):
-        metrics += [Metric("best_val_mae", best_val, now, step), Metric("best_test_mae_info", best_test, now, step)]
+    step = parent.attempt - 1  # one value per attempt (a resumed search logs again)
+    metrics = [Metric("wall_s", result.wall_s, now, step), Metric("n_trials", float(len(result.leaderboard)), now, step)]
+    if np.isfinite(result.best_val_mae):
+        metrics += [Metric("best_val_mae", result.best_val_mae, now, step),
+                    Metric("best_test_mae_info", result.best_test_mae, now, step)]
     client.log_batch(parent_id, metrics=metrics)
-    if best_config is not None:
-        client.log_dict(parent_id, best_config, "best_config.json")
-        client.set_tag(parent_id, "best_family", str(best_config.get("family")))
+    if result.best_config is not None:
+        client.log_dict(parent_id, result.best_config, "best_config.json")
+        client.set_tag(parent_id, "best_family", str(result.best_config.get("family")))
     client.set_tag(parent_id, "status", "completed")
     client.set_terminated(parent_id, "FINISHED")
-    return result
 
 
 def format_result(res: SearchResult) -> str:

@@ -20,5 +20,5 @@ class CompositionMLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.out_features = hidden
 
-    def forward(self, magpie):
-        return self.net(magpie)
+    def forward(self, descriptors):
+        return self.net(descriptors)

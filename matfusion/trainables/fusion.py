@@ -29,9 +29,9 @@ def _head(width: int, head_hidden: int, dropout: float, n_targets: int) -> nn.Se
 
 class FusedModel(nn.Module):
     """``encoder`` must provide ``embed_crystal(data) -> (batch, graph_dim)``; the batch must
-    carry ``data.magpie`` (batch, magpie_dim), standardized."""
+    carry ``data.descriptors`` (batch, descriptor_dim), standardized."""
 
-    def __init__(self, encoder: nn.Module, graph_dim: int, fusion: str = "early", magpie_dim: int = 132,
+    def __init__(self, encoder: nn.Module, graph_dim: int, fusion: str = "early", descriptor_dim: int = 132,
                  comp_hidden: int = 128, comp_layers: int = 2, fusion_dim: int = 128, head_hidden: int = 128,
                  dropout: float = 0.0, n_targets: int = 1) -> None:
         super().__init__()
@@ -39,7 +39,7 @@ class FusedModel(nn.Module):
             raise ValueError(f"FusedModel fuses 'early' or 'attention', not {fusion!r}")
         self.fusion = fusion
         self.encoder = encoder
-        self.composition = CompositionMLP(magpie_dim, comp_hidden, comp_layers, dropout)
+        self.composition = CompositionMLP(descriptor_dim, comp_hidden, comp_layers, dropout)
         if fusion == "early":
             self.head = _head(graph_dim + comp_hidden, head_hidden, dropout, n_targets)
         else:
@@ -51,7 +51,7 @@ class FusedModel(nn.Module):
 
     def forward_with_attention(self, data):
         h_g = self.encoder.embed_crystal(data)
-        h_c = self.composition(data.magpie)
+        h_c = self.composition(data.descriptors)
         if self.fusion == "early":
             return self.head(torch.cat([h_g, h_c], dim=-1)), None
         p = torch.stack([self.project_graph(h_g), self.project_comp(h_c)], dim=1)  # (B, 2, d)

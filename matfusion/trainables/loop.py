@@ -18,10 +18,14 @@ import math
 import os
 import random
 import tempfile
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    from torch import nn
 
 # torch is imported inside the functions that use it: a tabular trial (rf, et, lgbm) reports
 # through the sessions below without paying torch's import in its Ray worker
@@ -187,13 +191,10 @@ def refresh_batch_norm(model: nn.Module, graphs: list, batch_size: int, device=N
     ``graphs``.  Returns False (and changes nothing) for a model without BatchNorm.
 
     Why: with PyTorch's default momentum (0.1) the running statistics trail the weights by
-    about 20 optimizer steps.  A small training set has few steps per epoch (360 graphs in
-    batches of 64: 6), so for the first epochs evaluation normalizes with statistics of
-    weights long gone, and the validation MAE is dominated by that lag instead of by what the
-    model has learnt (CGCNN, 362 phonons graphs, epochs 1-3: 2435 / 879 / 352 cm^-1 without,
-    127 / 114 / 99 with a refresh on 64 graphs; 256 graphs gave the same).  ASHA compares trials
-    after a few epochs, so it needs the validation MAE of the weights themselves.  Node-level
-    statistics need few graphs: one batch of 64 costs about 2-5 % of an epoch."""
+    about 20 optimizer steps, and a small training set has few steps per epoch, so for the first
+    epochs evaluation would normalize with statistics of weights long gone; ASHA compares trials
+    after a few epochs, so it needs the validation MAE of the weights themselves (measurements:
+    docs/notes-trainables.md)."""
     import torch
     from torch import nn
     from torch_geometric.loader import DataLoader

@@ -1,4 +1,4 @@
-"""Training of the tabular families on the descriptor matrix (the ``magpie`` arrays of the trial
+"""Training of the tabular families on the descriptor matrix (the ``descriptors`` arrays of the trial
 data); each family of :mod:`matfusion.families` builds its model and calls in here.
 
 Multi-target: one model per target, trained on the rows labelled for it.  Forests (``rf``,
@@ -24,8 +24,6 @@ from .. import families
 from ..families import TrialConfig
 from .loop import LocalSession, target_stats, validation_score
 
-TABULAR_FAMILIES = families.TABULAR  # (kept importable from here: ensembles/stacking.py reads it)
-ONE_SHOT_FAMILIES = families.ONE_SHOT
 
 
 def _as_2d(y) -> np.ndarray:
@@ -60,9 +58,9 @@ def fit_forest_trial(trial: TrialConfig, data: dict, session, build: Callable) -
     tr, va = data["train"], data["val"]
     y_train, y_val = _as_2d(tr["y"]), _as_2d(va["y"])
     _, y_std = target_stats(y_train)
-    forests = fit_forests(build, tr["magpie"], y_train)
-    val_mae, task_maes = validation_score(predict_forests(forests, va["magpie"]), y_val, y_std)
-    train_mae, _ = validation_score(predict_forests(forests, tr["magpie"]), y_train, y_std)
+    forests = fit_forests(build, tr["descriptors"], y_train)
+    val_mae, task_maes = validation_score(predict_forests(forests, va["descriptors"]), y_val, y_std)
+    train_mae, _ = validation_score(predict_forests(forests, tr["descriptors"]), y_train, y_std)
     metrics = {"epoch": 1, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": val_mae,
                "trial_finished": True, **_task_metrics(trial, task_maes)}
     state = {trial.family: forests}
@@ -94,7 +92,7 @@ def fit_lgbm(trial: TrialConfig, data: dict, session, build: Callable, chunk: in
     from .lgbm import ChunkedLGBM
 
     tr, va = data["train"], data["val"]
-    X_tr, X_va = np.asarray(tr["magpie"], dtype=np.float64), np.asarray(va["magpie"], dtype=np.float64)
+    X_tr, X_va = np.asarray(tr["descriptors"], dtype=np.float64), np.asarray(va["descriptors"], dtype=np.float64)
     y_tr, y_va = _as_2d(tr["y"]), _as_2d(va["y"])
     _, y_std = target_stats(y_tr)
     names = list(trial.targets or [])
@@ -158,7 +156,7 @@ def fit_tabular(config, data: dict, session=None) -> dict:
 def predict_tabular(config, state: dict, X: np.ndarray) -> np.ndarray:
     """(n, k) predictions of a trained tabular trial state."""
     trial = TrialConfig.parse(config)
-    return families.get(trial.family).predict(trial, state, {"magpie": X}, {})
+    return families.get(trial.family).predict(trial, state, {"descriptors": X}, {})
 
 
 def slim_state(config, state: dict) -> dict:

@@ -62,13 +62,13 @@ def loop_settings(config: Config) -> LoopSettings:
 
 
 def build_torch_model(config: Config, node_features: int, edge_features: int, n_targets: int = 1,
-                      angle_features: int = 0, magpie_features: int = 132) -> torch.nn.Module:
+                      angle_features: int = 0, descriptor_features: int = 132) -> torch.nn.Module:
     """The encoder of the trial's graph family, fused with the Magpie branch if the fusion asks."""
     trial = TrialConfig.parse(config)
     family = families.get(trial.family)
     if not family.graph:
         raise ValueError(f"unknown graph family {trial.family!r}; known: {', '.join(families.GRAPH)}")
-    return family.build(trial.params, node_features, edge_features, n_targets, angle_features, magpie_features)
+    return family.build(trial.params, node_features, edge_features, n_targets, angle_features, descriptor_features)
 
 
 def build_criterion(config: Config, n_tasks: int) -> MultiTaskLoss:
@@ -86,27 +86,27 @@ def build_criterion(config: Config, n_tasks: int) -> MultiTaskLoss:
 
 # -- Magpie standardization (fitted on the training rows of the trial) -------------------------
 
-def fit_scaler(magpie: np.ndarray) -> dict:
-    mean = np.nanmean(np.where(np.isfinite(magpie), magpie, np.nan), axis=0)
-    std = np.nanstd(np.where(np.isfinite(magpie), magpie, np.nan), axis=0)
+def fit_scaler(descriptors: np.ndarray) -> dict:
+    mean = np.nanmean(np.where(np.isfinite(descriptors), descriptors, np.nan), axis=0)
+    std = np.nanstd(np.where(np.isfinite(descriptors), descriptors, np.nan), axis=0)
     mean = np.where(np.isfinite(mean), mean, 0.0)
     std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
     return {"mean": mean, "std": std}
 
 
-def scale(magpie: np.ndarray, scaler: dict) -> np.ndarray:
-    z = (magpie - scaler["mean"]) / scaler["std"]
+def scale(descriptors: np.ndarray, scaler: dict) -> np.ndarray:
+    z = (descriptors - scaler["mean"]) / scaler["std"]
     return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
 
 
-def _graphs_with_magpie(part: dict, graph_params: dict, scaler: Optional[dict]) -> list:
+def _graphs_with_descriptors(part: dict, graph_params: dict, scaler: Optional[dict]) -> list:
     import torch
 
     items = data_list(part, graph_params)
     if scaler is not None:
-        z = torch.from_numpy(scale(part["magpie"], scaler))
+        z = torch.from_numpy(scale(part["descriptors"], scaler))
         for k, d in enumerate(items):
-            d.magpie = z[k:k + 1]
+            d.descriptors = z[k:k + 1]
     return items
 
 
@@ -117,11 +117,11 @@ def _feature_widths(item) -> tuple[int, int, int]:
 
 # -- the random forests of late fusion (one per target: multi-task labels may be missing) ------
 
-def fit_forests(config: Config, magpie: np.ndarray, y: np.ndarray) -> list:
+def fit_forests(config: Config, descriptors: np.ndarray, y: np.ndarray) -> list:
     """The late-fusion forests of a GNN trial (its ``rf`` section, else the rf family's defaults)."""
     trial = TrialConfig.parse(config)
     forest = families.get(LATE_FOREST_FAMILY)
-    return _fit_forests(lambda: forest.build(trial.late_forest, seed=trial.seed, n_jobs=trial.threads), magpie, y)
+    return _fit_forests(lambda: forest.build(trial.late_forest, seed=trial.seed, n_jobs=trial.threads), descriptors, y)
 
 
 def choose_late_alpha(rf_pred: np.ndarray, gnn_pred: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> tuple[float, float]:
@@ -145,17 +145,17 @@ def fit_graph(trial: TrialConfig, data: dict, session) -> dict:
     _, y_std = target_stats(y_train)
 
     fusion = families.fusion_of(trial)
-    scaler = fit_scaler(tr["magpie"]) if fusion in ("early", "attention") else None
-    train_list = _graphs_with_magpie(tr, data["graph_params"], scaler)
-    val_list = _graphs_with_magpie(va, data["graph_params"], scaler)
+    scaler = fit_scaler(tr["descriptors"]) if fusion in ("early", "attention") else None
+    train_list = _graphs_with_descriptors(tr, data["graph_params"], scaler)
+    val_list = _graphs_with_descriptors(va, data["graph_params"], scaler)
     n_targets = y_train.shape[1]
     node_f, edge_f, angle_f = _feature_widths(train_list[0])
-    model = build_torch_model(trial, node_f, edge_f, n_targets, angle_f, tr["magpie"].shape[1])
-    extra_state: dict = {"magpie_scaler": scaler, "fusion": fusion}
+    model = build_torch_model(trial, node_f, edge_f, n_targets, angle_f, tr["descriptors"].shape[1])
+    extra_state: dict = {"descriptor_scaler": scaler, "fusion": fusion}
     val_hook = None
     if fusion == "late":
-        forests = fit_forests(trial, tr["magpie"], y_train)
-        rf_val = predict_forests(forests, va["magpie"])
+        forests = fit_forests(trial, tr["descriptors"], y_train)
+        rf_val = predict_forests(forests, va["descriptors"])
         extra_state["rf"] = forests
         val_rows = np.asarray(va["row"]).copy()
 
@@ -174,16 +174,17 @@ def predict_graph(trial: TrialConfig, state: dict, part: dict, graph_params: dic
     """(n, k) predictions of a trained graph trial state (its best weights)."""
     import torch
 
-    items = _graphs_with_magpie(part, graph_params, state.get("magpie_scaler"))
+    scaler = state.get("descriptor_scaler", state.get("magpie_scaler"))  # magpie_scaler: the key of models saved before 2026-12
+    items = _graphs_with_descriptors(part, graph_params, scaler)
     node_f, edge_f, angle_f = _feature_widths(items[0])
     n_targets = len(np.atleast_1d(state["y_mean"]))
-    model = build_torch_model(trial, node_f, edge_f, n_targets, angle_f, part["magpie"].shape[1])
+    model = build_torch_model(trial, node_f, edge_f, n_targets, angle_f, part["descriptors"].shape[1])
     model.load_state_dict(state["best_model"])
     model.to(torch.device("cpu"))
     pred = predict(model, items, state["y_mean"], state["y_std"], device=torch.device("cpu"))
     if state.get("fusion") == "late":
         alpha = state["best_hook_state"]["alpha"]
-        pred = alpha * predict_forests(state["rf"], part["magpie"]) + (1 - alpha) * pred
+        pred = alpha * predict_forests(state["rf"], part["descriptors"]) + (1 - alpha) * pred
     return pred
 
 

@@ -13,14 +13,14 @@ import numpy as np
 from ..data.crystal_graph import GraphSet
 
 
-def pack_rows(magpie: np.ndarray, graphs: Optional[GraphSet], targets: np.ndarray, rows: Sequence[int],
+def pack_rows(descriptors: np.ndarray, graphs: Optional[GraphSet], targets: np.ndarray, rows: Sequence[int],
               ids: Optional[Sequence[str]] = None) -> dict:
-    """Arrays of the given rows: ``magpie``, ``y``, ``row`` (original positions) and, for
+    """Arrays of the given rows: ``descriptors`` (the descriptor matrix), ``y``, ``row`` (original positions) and, for
     structure data, the packed graph arrays under ``graph/<name>``."""
     rows = np.asarray(rows, dtype=np.int64)
     out = {
         "row": rows,
-        "magpie": np.ascontiguousarray(magpie[rows]),
+        "descriptors": np.ascontiguousarray(descriptors[rows]),
         "y": np.ascontiguousarray(np.asarray(targets, dtype=np.float64)[rows]),
     }
     if ids is not None:
@@ -34,13 +34,13 @@ def pack_rows(magpie: np.ndarray, graphs: Optional[GraphSet], targets: np.ndarra
     return out
 
 
-def pack_trial_data(magpie: np.ndarray, graphs: Optional[GraphSet], targets: np.ndarray,
+def pack_trial_data(descriptors: np.ndarray, graphs: Optional[GraphSet], targets: np.ndarray,
                     train: Sequence[int], val: Sequence[int], gaussian_bins: int = 40,
                     gaussian_width: Optional[float] = None) -> dict:
     """The inner train and validation rows only: ``{"train": {...}, "val": {...}, "graph_params": {...}}``."""
     return {
-        "train": pack_rows(magpie, graphs, targets, train),
-        "val": pack_rows(magpie, graphs, targets, val),
+        "train": pack_rows(descriptors, graphs, targets, train),
+        "val": pack_rows(descriptors, graphs, targets, val),
         "graph_params": {"gaussian_bins": int(gaussian_bins), "gaussian_width": gaussian_width},
     }
 
