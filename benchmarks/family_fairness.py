@@ -25,7 +25,6 @@ The numbers measured are in benchmarks/README.md ("Family-fair scheduling").
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -80,23 +79,18 @@ def arm_config(task: str, arm: str, args, workdir: Path) -> dict:
 def stack(res, cfg, args) -> dict:
     """Stack the arm's search; its test MAE and weights, and the modalities' permutation importance."""
     from matfusion.benchmark.importances import modality_importance
+    from matfusion.config import EnsembleConfig
     from matfusion.data import load_dataset, split_fold
     from matfusion.data.featurize import featurize
     from matfusion.ensembles.pipeline import build_ensemble_from_search
 
-    kwargs = {"tracking_uri": res.tracking_uri, "parent_run_id": res.parent_run_id, "progress": False, "seed": args.seed}
-    params = inspect.signature(build_ensemble_from_search).parameters
-    if "settings" in params:  # the EnsembleConfig form of the signature
-        from matfusion.config import EnsembleConfig
-
-        kwargs["settings"] = EnsembleConfig(max_epochs=args.stack_epochs)
-        out = build_ensemble_from_search(None, **kwargs)
-    else:
-        out = build_ensemble_from_search(None, max_epochs=args.stack_epochs, register=False, **kwargs)
+    out = build_ensemble_from_search(
+        parent_run_id=res.parent_run_id, tracking_uri=res.tracking_uri, progress=False, seed=args.seed,
+        settings=EnsembleConfig(max_epochs=args.stack_epochs, register=False))
     dataset = load_dataset(cfg.data, seed=cfg.search.seed)
     split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=cfg.search.seed, n_folds=cfg.data.n_folds)
     features = featurize(dataset, cfg.features, progress=False, graphs=True)
-    imp = modality_importance(out.ensemble, features.magpie, features.graphs, dataset.targets, split.test,
+    imp = modality_importance(out.ensemble, features.descriptors, features.graphs, dataset.targets, split.test,
                               repeats=3, seed=args.seed)
     return {"test_mae": float(out.evaluation.metrics["ensemble_mae"]), "weights": out.evaluation.weights,
             "graph_rise": imp["graph"]["ensemble"], "magpie_rise": imp["magpie"]["ensemble"],
