@@ -86,7 +86,7 @@ def stack(res, cfg, args) -> dict:
 
     out = build_ensemble_from_search(
         parent_run_id=res.parent_run_id, tracking_uri=res.tracking_uri, progress=False, seed=args.seed,
-        settings=EnsembleConfig(max_epochs=args.stack_epochs, register=False))
+        settings=EnsembleConfig(max_epochs=args.stack_epochs, k=args.stack_k, register=False))
     dataset = load_dataset(cfg.data, seed=cfg.search.seed)
     split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=cfg.search.seed, n_folds=cfg.data.n_folds)
     features = featurize(dataset, cfg.features, progress=False, graphs=True)
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, default=2, help="trials at once (1 CPU each)")
     p.add_argument("--stack", action="store_true", help="also stack each arm and measure the modalities")
     p.add_argument("--stack-epochs", type=int, default=40, help="epochs of the stack's GNN members")
+    p.add_argument("--stack-k", type=int, default=1, help="stack members per group (ensemble.k; default 1)")
     p.add_argument("--data-dir", default=os.environ.get("MATFUSION_DATA", "/work/shared/data"))
     p.add_argument("--workdir", default=None, help="where the searches are stored (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
