@@ -95,6 +95,16 @@ class SearchConfig(_Strict):
         "(as published: a trial goes on only when its rung holds at least reduction_factor results and it is among "
         "the best 1/reduction_factor of them; the others are paused with their checkpoint and resumed if they "
         "become so)")
+    asha_scope: Literal["group", "all"] = Field(
+        "group", description="which trials an ASHA rung compares: group (family-fair: each group of trials, family x "
+        "fusion such as lgbm or cgcnn-early, has its own rungs, so a GNN's epoch k is never judged against "
+        "LightGBM's k-th chunk of boosting rounds) or all (family-blind: every epoch-trained trial in one set of "
+        "rungs, the behaviour before; kept for comparison)")
+    min_trials_per_group: int = Field(
+        2, ge=0, description="the search's budget rule across groups: the first groups x this many trials are "
+        "proposed group by group in round robin (each group of the space, family x fusion, gets this many trials; "
+        "the known-good points_to_evaluate count toward their group), then TPE chooses the group too; 0: TPE "
+        "chooses every group from the start. When num_samples is smaller, the round robin is cut short (warned)")
     max_total_epochs: Optional[int] = Field(
         None, gt=0, description="stop the search once all trials together reported this many epochs")
     stop_at_val_mae: Optional[float] = Field(

@@ -119,6 +119,36 @@ def test_trial_bracket_and_forget_trial():
         assert compat.trial_bracket(scheduler, "b") is None  # Ray forgets a completed trial itself
 
 
+def test_empty_bracket_like():
+    with contract("_Bracket (deep copy of rf, _rungs, _stop_last_trials)"):
+        scheduler = asha()
+        template = compat.asha_brackets(scheduler)[0]
+        compat.bracket_record(template, trial("a"), 3, -1.0)
+        fresh = compat.empty_bracket_like(template)
+        assert fresh is not template and type(fresh) is type(template)
+        assert [m for m, _ in compat.bracket_rungs(fresh)] == [9, 3, 1]
+        assert all(not recorded for _, recorded in compat.bracket_rungs(fresh))
+        assert dict(compat.bracket_rungs(template))[3] == {"a": -1.0}  # the template keeps its own
+        # the copy decides as a bracket: its cutoff comes from its own records only
+        compat.bracket_record(fresh, trial("b"), 1, -0.5)
+        assert compat.bracket_record(fresh, trial("c"), 1, -5.0) == TrialScheduler.STOP
+
+
+def test_assign_trial_bracket():
+    with contract("AsyncHyperBandScheduler._trial_info (read by on_trial_result / on_trial_complete)"):
+        scheduler = asha()
+        own = compat.empty_bracket_like(compat.asha_brackets(scheduler)[0])
+        t = trial("a")
+        scheduler.on_trial_add(None, t)
+        compat.assign_trial_bracket(scheduler, "a", own)
+        assert compat.trial_bracket(scheduler, "a") is own
+        scheduler.on_trial_result(None, t, {"training_iteration": 1, "val_mae": 2.0})
+        assert dict(compat.bracket_rungs(own))[1] == {"a": -2.0}  # Ray recorded it in the assigned bracket
+        assert all(not r for _, r in compat.asha_rungs(scheduler))  # and not in its own
+        scheduler.on_trial_complete(None, t, {"training_iteration": 3, "val_mae": 1.0})
+        assert dict(compat.bracket_rungs(own))[3] == {"a": -1.0} and compat.trial_bracket(scheduler, "a") is None
+
+
 def test_asha_time_attr():
     with contract("AsyncHyperBandScheduler._time_attr"):
         assert compat.asha_time_attr(asha(time_attr="epoch")) == "epoch"

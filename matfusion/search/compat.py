@@ -49,6 +49,26 @@ def bracket_record(bracket, trial, time: float, score: float) -> str:
     return bracket.on_result(trial, time, score)
 
 
+def empty_bracket_like(bracket):
+    """A new bracket with the same milestones as ``bracket`` and nothing recorded (a deep copy of
+    the ``_Bracket``, its ``_rungs`` dicts emptied): the rungs of one group of a family-fair
+    scheduler.  Relies on a ``_Bracket`` holding its state in plain attributes (``rf``,
+    ``_rungs``, ``_stop_last_trials``).  Checked: ray 2.60.0."""
+    import copy
+
+    fresh = copy.deepcopy(bracket)
+    for _, recorded in bracket_rungs(fresh):
+        recorded.clear()
+    return fresh
+
+
+def assign_trial_bracket(scheduler, trial_id: str, bracket) -> None:
+    """Put a trial in ``bracket`` (``_trial_info[trial_id] = bracket``): Ray's ``on_trial_result``
+    and ``on_trial_complete`` record the trial's results in the bracket they find there, so a
+    bracket need not be one of ``_brackets``.  Checked: ray 2.60.0."""
+    scheduler._trial_info[trial_id] = bracket
+
+
 def asha_rungs(scheduler) -> list[tuple[float, dict]]:
     """``(milestone, recorded)`` of every bracket, each bracket's highest milestone first
     (see :func:`bracket_rungs`)."""

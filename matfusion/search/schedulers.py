@@ -13,6 +13,13 @@ scheduler (Tune does not save scheduler state).  The rungs are rebuilt by replay
 restored trial's results (its ``result.json``) up to the result Tune restored it at, in the
 order ASHA first saw them, so a resumed search keeps pruning against the trials that finished
 before the interruption.
+
+Family-fair rungs (``scope="group"``, ``search.asha_scope: group``, the default): every group
+of trials (:func:`matfusion.families.group_of`: ``lgbm``, ``cgcnn-none``, ``cgcnn-early``, ...)
+has its own bracket, i.e. its own rungs at the same milestones, and a trial is recorded in and
+judged against its own group's rungs only: a GNN's epoch k never meets LightGBM's k-th chunk of
+boosting rounds.  ``scope="all"`` is the family-blind ASHA of before (one bracket for every
+epoch-trained trial), kept for comparison.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ log = logging.getLogger("matfusion.search")
 TABULAR_FAMILIES = frozenset(families.ONE_SHOT)
 
 RESULT_FILE = "result.json"
+SCOPES = ("group", "all")
+ALL = "all"  # the group label of every trial under scope "all"
 
 
 def rung_milestones(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
@@ -51,14 +60,45 @@ def is_tabular(trial, tabular=TABULAR_FAMILIES) -> bool:
 class TabularAwareASHA(AsyncHyperBandScheduler):
     """ASHA that ignores trials of tabular families (``config["family"]`` in
     :data:`TABULAR_FAMILIES` or in ``tabular_families``): they are never recorded in a rung
-    and never stopped."""
+    and never stopped.
 
-    def __init__(self, *args, tabular_families=None, **kwargs) -> None:
+    ``scope="group"``: each group of trials (``families.group_of(trial.config)``) gets its own
+    bracket (rungs at the scheduler's milestones), made when the group's first trial is added;
+    a trial is recorded in and judged against its group's rungs only.  ``scope="all"`` (the
+    class's default, as before): one set of rungs for every epoch-trained trial."""
+
+    def __init__(self, *args, tabular_families=None, scope: str = ALL, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if scope not in SCOPES:
+            raise ValueError(f"ASHA scope {scope!r} not allowed; allowed: {', '.join(SCOPES)}")
         self.tabular_families = frozenset(tabular_families or ()) | TABULAR_FAMILIES
+        self.scope = scope
+        self._groups: dict = {}  # group -> its bracket (scope "group"), in the order groups appeared
+
+    def __setstate__(self, state: dict) -> None:  # a scheduler pickled before scopes existed
+        state.setdefault("scope", ALL)
+        state.setdefault("_groups", {})
+        self.__dict__.update(state)
 
     def _tabular(self, trial) -> bool:
         return is_tabular(trial, self.tabular_families)
+
+    def group(self, trial) -> str:
+        """The rungs a trial is judged in: its group (scope ``group``) or ``all``."""
+        if self.scope == ALL:
+            return ALL
+        config = getattr(trial, "config", None) or {}
+        try:
+            return families.group_of(config)
+        except families.UnknownFamilyError:  # a family outside the registry: its own group
+            return str(config.get("family"))
+
+    def group_brackets(self) -> list[tuple[str, object]]:
+        """``[(group, bracket)]``: each group's own bracket (scope ``group``, in the order the
+        groups appeared), or ``[("all", bracket), ...]`` for Ray's brackets (scope ``all``)."""
+        if self.scope == ALL:
+            return [(ALL, b) for b in compat.asha_brackets(self)]
+        return list(self._groups.items())
 
     # -- the scheduler interface ------------------------------------------------------------
 
@@ -66,6 +106,11 @@ class TabularAwareASHA(AsyncHyperBandScheduler):
         if self._tabular(trial):
             return
         super().on_trial_add(tune_controller, trial)
+        if self.scope != ALL:
+            group = self.group(trial)
+            if group not in self._groups:
+                self._groups[group] = compat.empty_bracket_like(compat.asha_brackets(self)[0])
+            compat.assign_trial_bracket(self, trial.trial_id, self._groups[group])
         self._replay(trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -88,12 +133,14 @@ class TabularAwareASHA(AsyncHyperBandScheduler):
     # -- inspection ------------------------------------------------------------------------
 
     def rungs(self) -> list[dict]:
-        """``[{"milestone": m, "recorded": {trial_id: metric}}]`` of every bracket, lowest
-        milestone first, metric in its own sign (e.g. a MAE, not its negative)."""
+        """``[{"group": g, "milestone": m, "recorded": {trial_id: metric}}]`` of every bracket
+        (group ``all`` under scope ``all``), group by group, lowest milestone first, metric in its
+        own sign (e.g. a MAE, not its negative)."""
         out, op = [], compat.asha_metric_op(self)
-        for bracket in compat.asha_brackets(self):
+        for group, bracket in self.group_brackets():
             for milestone, recorded in reversed(compat.bracket_rungs(bracket)):
-                out.append({"milestone": milestone, "recorded": {t: float(v) * op for t, v in recorded.items()}})
+                out.append({"group": group, "milestone": milestone,
+                            "recorded": {t: float(v) * op for t, v in recorded.items()}})
         return out
 
     def recorded_trial_ids(self) -> set[str]:
@@ -130,6 +177,11 @@ class PromotingASHA(TabularAwareASHA):
     nothing runs, each rung sends on its best ``ceil(n / reduction_factor)`` (so a small search
     still trains its best trials to ``max_t``), and the trials still waiting then end (pruned).
 
+    Per group (``scope="group"``): a rung is its group's rung, so a trial waits for, and is
+    promoted against, trials of its own group only; a paused trial is remembered with its group
+    and only its group's promotion resumes it; "nothing runs" at the end of the search means
+    nothing of that group runs (a group may finish its rungs while another group still trains).
+
     ``on_pause(trial_id, result)`` and ``on_resume(trial_id)`` tell the searcher (see
     :class:`~matfusion.search.optuna_search.PauseAwareLimiter`) that a trial gave up or took
     back its slot.  Tabular one-shot trials are outside the rungs, as in :class:`TabularAwareASHA`.
@@ -139,13 +191,17 @@ class PromotingASHA(TabularAwareASHA):
         super().__init__(*args, **kwargs)
         self.listen(on_pause, on_resume)
         self._promoted: set[tuple[str, float]] = set()  # (trial_id, milestone) already sent on
-        self._waiting: dict[str, float] = {}  # trial_id -> the milestone it is paused at
+        self._waiting: dict[str, tuple[str, float]] = {}  # trial_id -> (its group, the milestone it waits at)
 
     def listen(self, on_pause=None, on_resume=None) -> None:
         """Tell ``on_pause(trial_id, result)`` / ``on_resume(trial_id)`` of every pause and resume
         from now on (e.g. the searcher a restored Tuner runs with: the one pickled with this
         scheduler is another copy)."""
         self._on_pause, self._on_resume = on_pause, on_resume
+
+    def waiting(self) -> dict[str, tuple[str, float]]:
+        """trial_id -> (group, milestone) of the trials this scheduler paused and has not resumed."""
+        return dict(self._waiting)
 
     def promotable(self, milestone: float, recorded: dict, final: bool = False) -> list[str]:
         """Trials of a rung that may go on, best first: its best ``n // reduction_factor``
@@ -162,7 +218,7 @@ class PromotingASHA(TabularAwareASHA):
         t = result[time_attr]
         if t >= compat.asha_max_t(self):
             return TrialScheduler.STOP
-        bracket = compat.trial_bracket(self, trial.trial_id)
+        bracket = compat.trial_bracket(self, trial.trial_id)  # its group's (scope group)
         if bracket is None:
             return TrialScheduler.CONTINUE
         for milestone, recorded in compat.bracket_rungs(bracket):  # highest milestone first
@@ -172,21 +228,31 @@ class PromotingASHA(TabularAwareASHA):
             if trial.trial_id in self.promotable(milestone, recorded):
                 self._promoted.add((trial.trial_id, milestone))
                 return TrialScheduler.CONTINUE
-            self._waiting[trial.trial_id] = milestone
+            self._waiting[trial.trial_id] = (self.group(trial), milestone)
             if self._on_pause is not None:
                 self._on_pause(trial.trial_id, result)
             return TrialScheduler.PAUSE
         return TrialScheduler.CONTINUE
 
-    def _promotion(self, paused: dict, final: bool = False):
-        for milestone, recorded in compat.asha_rungs(self):  # each bracket's highest milestone first
+    def _group_rungs(self, groups=None) -> list[tuple[float, str, dict]]:
+        """``(milestone, group, recorded)`` of the rungs of ``groups`` (default: all), highest
+        milestone first (groups in the order they appeared at equal milestones)."""
+        rungs = [(milestone, group, recorded) for group, bracket in self.group_brackets()
+                 if groups is None or group in groups for milestone, recorded in compat.bracket_rungs(bracket)]
+        return sorted(rungs, key=lambda r: -r[0])  # stable: group order kept at equal milestones
+
+    def _promotion(self, paused: dict, final: bool = False, groups=None):
+        """The paused trial to resume: the best promotable of the highest rung that has one;
+        a rung of group g resumes only trials that g paused."""
+        for milestone, group, recorded in self._group_rungs(groups):
+            mine = {tid: t for tid, t in paused.items() if self._waiting.get(tid) == (group, milestone)}
             for trial_id in self.promotable(milestone, recorded, final):
-                if self._waiting.get(trial_id) == milestone and trial_id in paused:
+                if trial_id in mine:
                     self._promoted.add((trial_id, milestone))
                     del self._waiting[trial_id]
                     if self._on_resume is not None:
                         self._on_resume(trial_id)
-                    return paused[trial_id]
+                    return mine[trial_id]
         return None
 
     def choose_trial_to_run(self, tune_controller):
@@ -206,15 +272,23 @@ class PromotingASHA(TabularAwareASHA):
             if t.status == Trial.PENDING:
                 return t
         search_alg = getattr(tune_controller, "search_alg", None)
-        if (not paused or any(t.status == Trial.RUNNING for t in trials)
-                or (search_alg is not None and not search_alg.is_finished())):
+        if not paused or (search_alg is not None and not search_alg.is_finished()):
             return None
-        # no more trials to come and nothing runs: finish the rungs, then end the waiting trials
-        trial = self._promotion(paused, final=True)
+        # no more trials to come: a group none of whose trials runs (scope all: nothing runs)
+        # finishes its rungs, then ends its waiting trials
+        running = {self.group(t) for t in trials if t.status == Trial.RUNNING and not self._tabular(t)}
+        if self.scope == ALL and any(t.status == Trial.RUNNING for t in trials):
+            running.add(ALL)
+        idle = [g for g, _ in self.group_brackets() if g not in running]
+        if not idle:
+            return None
+        trial = self._promotion(paused, final=True, groups=idle)
         if trial is None:
             # Tune re-snapshots only the trials it marks; one stopped while PAUSED is not, so the
             # experiment would keep it as PAUSED (a resume would run it on): mark it here
             for t in paused.values():
+                if self._waiting.get(t.trial_id, (None,))[0] not in idle:
+                    continue
                 self._waiting.pop(t.trial_id, None)
                 tune_controller.stop_trial(t)
                 compat.mark_trial_to_checkpoint(tune_controller, t)

@@ -49,6 +49,7 @@ from ..trainables.trial import predict_from_checkpoint, run_trial
 from ..tracking.leaderboard import search_leaderboard
 from ..tracking.logger import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten,
                                resolve_tracking_uri, trial_fusion)
+from ..tracking.leaderboard import format_group_summary, group_summary
 from ..tracking.report import log_search_report
 from ..tracking.runs import nested_runs
 from . import compat
@@ -148,27 +149,58 @@ def build_sampler(search: SearchConfig):
                           n_startup_trials=n_startup_trials(search))
 
 
+def fair_start(search: SearchConfig, space, points_to_evaluate: Optional[list] = None) -> list[dict]:
+    """The points the search starts with under its budget rule across groups: with
+    ``search.min_trials_per_group`` k > 0 and at least two groups in the space, k rounds of
+    round robin over the groups (:meth:`~matfusion.spaces.SearchSpace.round_robin_points`; a
+    group's known-good points fill its slots first), then the known-good points left over.
+    Warns once when ``num_samples`` cuts the round robin short (fewer trials, or none, for the
+    groups last in its order)."""
+    points = list(points_to_evaluate or [])
+    k = search.min_trials_per_group
+    groups = [g for g, _ in space.groups()]
+    if k <= 0 or len(groups) < 2:
+        return points
+    points = space.round_robin_points(k, points)
+    if search.num_samples < k * len(groups):
+        got = {g: 0 for g in groups}
+        for point in points[: search.num_samples]:
+            got[space.group_of_point(point)] += 1
+        short = ", ".join(f"{g} {n}" for g, n in got.items() if n < k)
+        others = f" (the others {k})" if any(n >= k for n in got.values()) else ""
+        print(f"matfusion: warning: search.num_samples ({search.num_samples}) < {len(groups)} groups x "
+              f"search.min_trials_per_group ({k}): the round robin over the groups is cut short; trials per "
+              f"group: {short}{others}", file=sys.stderr, flush=True)
+    return points
+
+
 def build_searcher(search: SearchConfig, space, points_to_evaluate: Optional[list] = None):
     """OptunaSearch over the define-by-run ``space``, at most ``max_concurrent`` trials running at
     once (a trial paused at an ASHA rung does not count); trials ASHA stops or pauses at a rung
-    end PRUNED in Optuna (see :mod:`.optuna_search`)."""
+    end PRUNED in Optuna (see :mod:`.optuna_search`).  It proposes first the points of
+    :func:`fair_start` (every group ``search.min_trials_per_group`` trials, in round robin, the
+    known-good ``points_to_evaluate`` among them: Optuna's enqueued trials, the sampler filling in
+    what a partial point leaves open), then what TPE chooses, the group included."""
     from .optuna_search import PauseAwareLimiter, PrunedAwareOptunaSearch
 
+    points = fair_start(search, space, points_to_evaluate)
     searcher = PrunedAwareOptunaSearch(space=space, metric=SCORE, mode="min", sampler=build_sampler(search),
-                                       points_to_evaluate=points_to_evaluate or None)
+                                       points_to_evaluate=points or None)
     return PauseAwareLimiter(searcher, max_concurrent=search.max_concurrent)
 
 
 def build_scheduler(search: SearchConfig, searcher=None):
-    """ASHA over epochs that leaves one-shot (tabular) trials out of its rungs (``search.asha_mode``:
-    Ray's stopping rule, or the paper's promotion rule with paused trials, told to ``searcher``),
-    or FIFO (``search.scheduler: fifo``: every trial runs to its end)."""
+    """ASHA over epochs that leaves one-shot (tabular) trials out of its rungs, with rungs per group
+    of trials (``search.asha_scope: group``; ``all``: one set for every trial), under
+    ``search.asha_mode`` (Ray's stopping rule, or the paper's promotion rule with paused trials,
+    told to ``searcher``), or FIFO (``search.scheduler: fifo``: every trial runs to its end)."""
     from ray.tune.schedulers import FIFOScheduler
 
     if search.scheduler == "fifo":
         return FIFOScheduler()
     kwargs = dict(time_attr="training_iteration", metric=SCORE, mode="min", max_t=search.max_epochs,
-                  grace_period=search.grace_period, reduction_factor=search.reduction_factor)
+                  grace_period=search.grace_period, reduction_factor=search.reduction_factor,
+                  scope=search.asha_scope)
     if search.asha_mode == "promote":
         return PromotingASHA(**kwargs, on_pause=getattr(searcher, "pause", None),
                              on_resume=getattr(searcher, "resume", None))
@@ -701,6 +733,9 @@ def format_result(res: SearchResult) -> str:
     lines = [f"\nLeaderboard of search {res.name!r} (inner-validation MAE; lower is better):"]
     with pd.option_context("display.max_rows", 50, "display.width", 120):
         lines.append(res.leaderboard.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    if len(res.leaderboard):
+        lines += ["\nBest of each group and the budget it used (epochs trained in total):",
+                  format_group_summary(group_summary(res.leaderboard))]
     if res.interrupted:
         lines.append(f"\nthe search was interrupted before all its trials ended; continue it with "
                      f"`matfusion search CONFIG --resume` (experiment {res.experiment_path})")

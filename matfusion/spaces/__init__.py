@@ -122,6 +122,54 @@ class SearchSpace:
                     points.append(point)
         return points
 
+    def groups(self) -> list[tuple[str, dict]]:
+        """``[(group, point)]``: every group the space allows (a tabular family; a graph family x
+        each fusion it may take), in family order, with the partial point (Optuna param names)
+        that puts a trial in it: ``{"family": f}`` or ``{"family": f, "<f>/fusion": fusion}``."""
+        out = []
+        for family in self.families:
+            if not _families.get(family).graph:
+                out.append((family, {"family": family}))
+                continue
+            spec = self.specs[family]["fusion"]
+            if isinstance(spec, Categorical):
+                for fusion in spec.choices:
+                    out.append((f"{family}-{fusion}", {"family": family, f"{family}/fusion": fusion}))
+            else:  # fixed: not an Optuna parameter
+                out.append((f"{family}-{spec[1]}", {"family": family}))
+        return out
+
+    def group_of_point(self, point: Mapping[str, Any]) -> str:
+        """The group of a (partial) point in Optuna param names."""
+        family = str(point["family"])
+        if not _families.get(family).graph:
+            return family
+        spec = self.specs[family]["fusion"]
+        fusion = point.get(f"{family}/fusion", spec[1] if isinstance(spec, tuple) else None)
+        return f"{family}-{fusion}"
+
+    def round_robin_points(self, per_group: int, known: Sequence[Mapping[str, Any]] = ()) -> list[dict]:
+        """The points that start a search fair to every group: ``per_group`` rounds, each visiting
+        every group of :meth:`groups` in order; a group's slot takes its next point of ``known``
+        (e.g. :meth:`default_points`) if it has one left, else the group's partial point (the
+        sampler then picks the other parameters).  The ``known`` points left over follow.  With
+        one group (or ``per_group`` 0) this is ``known`` unchanged."""
+        groups = self.groups()
+        known = [dict(p) for p in known]
+        if per_group <= 0 or len(groups) < 2:
+            return known
+        queue: dict[str, list[dict]] = {}
+        for point in known:
+            queue.setdefault(self.group_of_point(point), []).append(point)
+        out = []
+        for _ in range(per_group):
+            for group, partial in groups:
+                mine = queue.get(group)
+                out.append(mine.pop(0) if mine else dict(partial))
+        left = {id(p) for rest in queue.values() for p in rest}
+        out += [p for p in known if id(p) in left]
+        return out
+
     def _default_point(self, family: str, variant: dict) -> Optional[dict]:
         """DEFAULTS updated by ``variant``; None when the space excludes a value of ``variant``."""
         point: dict = {"family": family}

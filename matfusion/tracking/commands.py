@@ -59,7 +59,13 @@ def cmd_leaderboard(args) -> int:
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from .leaderboard import LEADERBOARD_COLUMNS, leaderboard, search_trials
+    from .leaderboard import (
+        LEADERBOARD_COLUMNS,
+        format_group_summary,
+        group_summary,
+        leaderboard,
+        search_trials,
+    )
     from .logger import resolve_tracking_uri
     from .runs import latest_search_run
 
@@ -107,6 +113,8 @@ def cmd_leaderboard(args) -> int:
     table["val_mae"] = [f"{v:.4g}" if np.isfinite(v) else "-" for v in table["val_mae"]]
     with pd.option_context("display.max_rows", None, "display.width", 160):
         print(table.to_string(index=False))
+    print("\nbest of each group and the budget it used (epochs trained in total):")
+    print(format_group_summary(group_summary(trials)))
     return 0
 
 

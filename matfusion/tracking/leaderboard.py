@@ -5,6 +5,8 @@ A search is one MLflow parent run (tag ``kind=search``) with one nested run per 
 those runs into a table of trials, :func:`rank_trials` / :func:`leaderboard` rank it, and
 :func:`search_leaderboard` is the search's leaderboard (``LEADERBOARD_COLUMNS``, best first) that
 ``run_search`` returns, ``matfusion leaderboard`` prints and the search report logs.
+:func:`group_summary` is the per-group view of the same trials (each group's best and the
+budget it used), printed after the leaderboard.
 """
 from __future__ import annotations
 
@@ -115,3 +117,39 @@ def search_leaderboard(client, experiment_id: str, parent_run_id: str) -> pd.Dat
     (trial_id, family, fusion, val_mae, epochs, status), sorted by val_mae (best first; trials
     without a val_mae last, ties in start order)."""
     return rank_trials(search_trials(client, experiment_id, parent_run_id))[LEADERBOARD_COLUMNS]
+
+
+GROUP_SUMMARY_COLUMNS = ["group", "trials", "completed", "pruned", "best_val_mae", "epochs"]
+
+
+def group_summary(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per group of trials (:func:`matfusion.families.group_of` of family and fusion:
+    ``rf``, ``lgbm``, ``cgcnn-early``, ...): ``trials`` (how many), ``completed`` / ``pruned``
+    (trials with that status; ``stopped`` ones, cut by the search's budget, count in neither),
+    ``best_val_mae`` (the group's best inner-validation MAE, NaN when none reported) and
+    ``epochs`` (epochs its trials trained in total: the budget it used; a one-shot trial counts 1).
+    Groups by their best val_mae, best first.  ``trials`` is any frame with family, fusion,
+    status, val_mae and epochs columns (:func:`search_trials`, a search's leaderboard)."""
+    if trials is None or len(trials) == 0:
+        return pd.DataFrame(columns=GROUP_SUMMARY_COLUMNS)
+    df = trials.copy()
+    df["group"] = [families.group_of({"family": f, "fusion": u}) if f in families.names() else str(f)
+                   for f, u in zip(df["family"], df["fusion"])]
+    df["val_mae"] = df["val_mae"].astype(float)
+    rows = []
+    for group, part in df.groupby("group", sort=False):
+        vals = part["val_mae"][np.isfinite(part["val_mae"])]
+        rows.append({"group": group, "trials": len(part), "completed": int((part["status"] == "completed").sum()),
+                     "pruned": int((part["status"] == "pruned").sum()),
+                     "best_val_mae": float(vals.min()) if len(vals) else float("nan"),
+                     "epochs": int(part["epochs"].fillna(0).astype(int).sum())})
+    out = pd.DataFrame(rows, columns=GROUP_SUMMARY_COLUMNS)
+    return out.sort_values(["best_val_mae", "group"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def format_group_summary(summary: pd.DataFrame) -> str:
+    """The group summary as printed: best_val_mae with 4 significant digits, ``-`` for none."""
+    table = summary.copy()
+    table["best_val_mae"] = [f"{v:.4g}" if np.isfinite(v) else "-" for v in table["best_val_mae"].astype(float)]
+    with pd.option_context("display.max_rows", None, "display.width", 160):
+        return table.to_string(index=False)
