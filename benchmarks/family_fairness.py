@@ -93,7 +93,7 @@ def stack(res, cfg, args) -> dict:
     imp = modality_importance(out.ensemble, features.descriptors, features.graphs, dataset.targets, split.test,
                               repeats=3, seed=args.seed)
     return {"test_mae": float(out.evaluation.metrics["ensemble_mae"]), "weights": out.evaluation.weights,
-            "graph_rise": imp["graph"]["ensemble"], "magpie_rise": imp["descriptors"]["ensemble"],
+            "graph_rise": imp["graph"]["ensemble"], "magpie_rise": imp["magpie"]["ensemble"],
             "wall_s": float(out.wall_s)}
 
 
