@@ -397,7 +397,7 @@ def test_ridge_with_context_features(phonons):
     rows = np.sort(np.concatenate([split.train, split.val]))
     ens = StackedEnsemble([RF, WEAK], meta="ridge", n_folds=3, context_features=4, seed=1)
     ens.fit(fs.descriptors, None, ds.targets, rows)
-    assert set(ens.weights_) == {"rf", "rf#2", "context_0", "context_1", "context_2", "context_3", "intercept"}
+    assert set(ens.weights_) == {"rf", "rf_2", "context_0", "context_1", "context_2", "context_3", "intercept"}
     mean, std = ens.predict(fs.descriptors, None, split.test)
     assert np.all(np.isfinite(mean)) and mean.shape == (len(split.test),)
 
@@ -840,3 +840,22 @@ def test_search_hook_builds_ensemble_of_that_search(tmp_path, phonons, capsys):
     best = min((k for k in m if k.startswith("member.") and k.endswith("_mae")), key=m.get)
     assert (f"test MAE: ensemble {m['ensemble_mae']:.4g}, best member {best[7:-4]} {m[best]:.4g}, "
             f"plain average {m['average_mae']:.4g}") in out
+
+
+def test_member_names_of_one_group_are_valid_mlflow_keys(tmp_path):
+    """k members of one group (ensemble.k defaults to 2) get names MLflow accepts as metric keys."""
+    import re
+
+    from matfusion.ensembles.stacking import unique_names
+
+    configs = [{"family": "rf", "seed": s} for s in range(3)] + [
+        {"family": "cgcnn", "cgcnn": {"fusion": "early"}}, {"family": "cgcnn", "cgcnn": {"fusion": "early"}}]
+    names = unique_names(configs)
+    assert names == ["rf", "rf_2", "rf_3", "cgcnn-early", "cgcnn-early_2"]
+    allowed = re.compile(r"[A-Za-z0-9_\-. :/]+")  # MLflow 3's rule for metric and param names
+    assert all(allowed.fullmatch(f"member.{n}_mae") for n in names)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'names.db'}")  # and a real store takes them
+    run = client.create_run(client.create_experiment("names"))
+    for n in names:
+        client.log_metric(run.info.run_id, f"member.{n}_mae", 1.0)
+    assert {f"member.{n}_mae" for n in names} <= set(client.get_run(run.info.run_id).data.metrics)

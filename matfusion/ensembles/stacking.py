@@ -56,12 +56,13 @@ def member_name(config: dict) -> str:
 
 
 def unique_names(configs: Sequence[dict]) -> list[str]:
-    """Member names made unique by a suffix (``rf``, ``rf#2``, ...)."""
+    """Member names made unique by a suffix (``rf``, ``rf_2``, ...): they become MLflow metric and
+    param names (``member.rf_2_mae``), which allow only alphanumerics, ``_ - . : /`` and spaces."""
     names, seen = [], {}
     for c in configs:
         base = member_name(c)
         seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
     return names
 
 
