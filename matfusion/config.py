@@ -77,7 +77,7 @@ class SearchConfig(_Strict):
     fusions: list[Literal[FUSIONS]] = Field(
         default_factory=lambda: list(FUSIONS),
         description="fusions of each GNN with Magpie that the search may pick")
-    task_weighting: list[Literal["fixed", "tuned", "uncertainty"]] = Field(
+    task_weighting: list[Literal[TASK_WEIGHTINGS]] = Field(
         default_factory=lambda: ["fixed", "uncertainty"],
         description="multi-task loss weighting choices: fixed (task_weights), tuned (searched), uncertainty (learned)")
     task_weights: Optional[dict[str, float]] = Field(None, description="fixed lambda per target (default 1)")

@@ -17,7 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from conftest import REPO
 from matfusion.config import SearchConfig
 from matfusion.search import compat
-from matfusion.search.schedulers import (TABULAR_FAMILIES, TabularAwareASHA, TargetReachedStopper,
+from matfusion.search.schedulers import (ONE_SHOT_FAMILIES, TabularAwareASHA, TargetReachedStopper,
                                          TotalEpochsStopper)
 from matfusion.search.tuner import (SearchProgress, build_scheduler, build_searcher, result_config,
                                     snapshot_trials, trial_resources)
@@ -248,7 +248,7 @@ def test_lr_restarts_are_ashas_rung_milestones(max_t, grace, rf):
 
 
 def test_rf_trials_never_enter_the_rungs():
-    assert "rf" in TABULAR_FAMILIES
+    assert "rf" in ONE_SHOT_FAMILIES
     ours = _asha(TabularAwareASHA)
     decisions = _feed(ours, with_rf=True)
     # GNN decisions are exactly plain ASHA's on the GNN results alone

@@ -13,7 +13,7 @@ from conftest import DATA_DIR, REPO
 from matfusion.config import DataConfig, FeaturesConfig, SearchConfig
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
-from matfusion.search.schedulers import TABULAR_FAMILIES as ONE_SHOT
+from matfusion.search.schedulers import ONE_SHOT_FAMILIES as ONE_SHOT
 from matfusion import families
 from matfusion.spaces import define_search_space, resolve_specs
 from matfusion.trainables.lgbm import ChunkedLGBM

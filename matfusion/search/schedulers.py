@@ -36,8 +36,8 @@ from . import compat
 
 log = logging.getLogger("matfusion.search")
 
-# families trained in one shot (no epochs): outside ASHA's rungs (the name is kept for its users)
-TABULAR_FAMILIES = frozenset(families.ONE_SHOT)
+# families trained in one shot (no epochs): outside ASHA's rungs
+ONE_SHOT_FAMILIES = frozenset(families.ONE_SHOT)
 
 RESULT_FILE = "result.json"
 SCOPES = ("group", "all")
@@ -52,14 +52,14 @@ def rung_milestones(max_t: int, grace_period: int, reduction_factor: int) -> lis
     return sorted(int(m) for m, _ in compat.bracket_rungs(compat.asha_brackets(asha)[0]))
 
 
-def is_tabular(trial, tabular=TABULAR_FAMILIES) -> bool:
+def is_tabular(trial, tabular=ONE_SHOT_FAMILIES) -> bool:
     config = getattr(trial, "config", None) or {}
     return str(config.get("family")) in tabular
 
 
 class TabularAwareASHA(AsyncHyperBandScheduler):
     """ASHA that ignores trials of tabular families (``config["family"]`` in
-    :data:`TABULAR_FAMILIES` or in ``tabular_families``): they are never recorded in a rung
+    :data:`ONE_SHOT_FAMILIES` or in ``tabular_families``): they are never recorded in a rung
     and never stopped.
 
     ``scope="group"``: each group of trials (``families.group_of(trial.config)``) gets its own
@@ -71,7 +71,7 @@ class TabularAwareASHA(AsyncHyperBandScheduler):
         super().__init__(*args, **kwargs)
         if scope not in SCOPES:
             raise ValueError(f"ASHA scope {scope!r} not allowed; allowed: {', '.join(SCOPES)}")
-        self.tabular_families = frozenset(tabular_families or ()) | TABULAR_FAMILIES
+        self.tabular_families = frozenset(tabular_families or ()) | ONE_SHOT_FAMILIES
         self.scope = scope
         self._groups: dict = {}  # group -> its bracket (scope "group"), in the order groups appeared
 
