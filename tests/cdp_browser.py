@@ -2,7 +2,7 @@
 
 ``--remote-debugging-pipe`` makes Chromium read protocol commands on fd 3 and write answers
 and events on fd 4, one JSON message per NUL-terminated chunk: no port, no websocket
-library, nothing listening.  Used by tests/test_cluster.py to check the MLflow UI.
+library, nothing listening.  Used by tests/search/test_cluster.py to check the MLflow UI.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A real multi-node Ray cluster on this machine, for tests/test_cluster.py and docs/cluster_timing.py.
+"""A real multi-node Ray cluster on this machine, for tests/search/test_cluster.py and docs/cluster_timing.py.
 
 One raylet per node (``ray.cluster_utils.Cluster``: a head node plus worker nodes, each with its
 own object store, node id and CPUs), everything on 127.0.0.1.  It runs in its own process so

@@ -8,7 +8,7 @@ here, in a small named function that says which attribute it reads, what it reli
 it, and the version it was checked against.  Nothing else in ``matfusion`` touches a private
 attribute of a Ray, Ray Tune, Optuna or MLflow object.
 
-``tests/test_compat.py`` holds one contract test per attribute, run against the installed
+``tests/search/test_compat.py`` holds one contract test per attribute, run against the installed
 packages with real objects: when an upgrade changes one, that test fails naming the attribute
 and the version.  pyproject.toml pins ray, optuna and mlflow to the minor versions checked here;
 docs/dependencies.md says how to move that window.

@@ -362,7 +362,7 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
         "search.num_samples": num_samples, "search.max_epochs": max_epochs, "search.reduction_factor": 2,
         "search.families": "[rf, cgcnn]", "search.max_concurrent": 2, "search.cpus_per_trial": 0.5,
         # TPE's own mix of rf and cgcnn (after the budget rule's round robin this seed gives 5 rf of 8:
-        # too few GNN trials for a rung to prune); tests/test_fair_scheduling.py tests the rule
+        # too few GNN trials for a rung to prune); tests/search/test_fair_scheduling.py tests the rule
         "search.min_trials_per_group": 0}, timeout=400)
     assert "Both 'metric' and 'mode' must be set" not in proc.stdout + proc.stderr
     assert len(nested) == num_samples
