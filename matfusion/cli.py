@@ -70,7 +70,8 @@ def _load(args):
 
 def cmd_search(args) -> int:
     cfg = _load(args)  # validated before Ray starts
-    from .search.ray_auth import HELP as RAY_AUTH_HELP, auth_failure, prepare_ray_auth
+    from .search.ray_auth import HELP as RAY_AUTH_HELP
+    from .search.ray_auth import auth_failure, prepare_ray_auth
 
     prepare_ray_auth(cfg.search.address)  # token auth for an explicit HOST:PORT (before ray import)
     from .search.tuner import format_result, run_search
@@ -93,7 +94,8 @@ def ensemble_after_search(cfg, result, progress: bool = True) -> int:
     print the ensemble's summary; 0 when done or not asked for, 1 when the ensemble failed."""
     if not cfg.ensemble.enabled or result.interrupted:
         return 0
-    from .ensembles.pipeline import build_ensemble_from_search, format_result as format_ensemble
+    from .ensembles.pipeline import build_ensemble_from_search
+    from .ensembles.pipeline import format_result as format_ensemble
 
     try:
         res = build_ensemble_from_search(settings=cfg.ensemble, tracking_uri=result.tracking_uri,

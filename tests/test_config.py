@@ -3,9 +3,9 @@ import sys
 import time
 
 import pytest
+from conftest import REPO
 
 from matfusion.config import ConfigError, apply_overrides, config_from_dict, load_config
-from conftest import REPO
 
 BASE = {"name": "t", "data": {"source": "matbench_phonons", "fold": 0, "limit": 200},
         "search": {"num_samples": 3, "max_epochs": 2, "seed": 0, "max_concurrent": 2, "grace_period": 1}}

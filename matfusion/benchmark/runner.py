@@ -47,11 +47,18 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..families import TABULAR
-from .base import (N_OFFICIAL_FOLDS, REPORT_FILE, RESULTS_FILE, STATE_FILE, BenchmarkError, printer, read_state,
-                   write_state)
+from .base import (
+    N_OFFICIAL_FOLDS,
+    REPORT_FILE,
+    RESULTS_FILE,
+    STATE_FILE,
+    BenchmarkError,
+    printer,
+    read_state,
+    write_state,
+)
 from .fold import fold_config, run_fold
-from .matbench_io import (check_alignment, check_task, ensure_matminer_data, fold_scores, open_benchmark,
-                          recorded_folds)
+from .matbench_io import check_alignment, check_task, ensure_matminer_data, fold_scores, open_benchmark, recorded_folds
 
 __all__ = ["BenchmarkError", "BenchmarkResult", "N_OFFICIAL_FOLDS", "REPORT_FILE", "RESULTS_FILE", "STATE_FILE",
            "composition_only_families", "fold_config", "format_result", "parse_folds", "prepare_config",

@@ -373,8 +373,10 @@ def read_inputs(inputs: Iterable[Union[str, Path]], structure_column: str = "str
                 id_column: Optional[str] = None) -> tuple[list[str], list, list[str]]:
     """(ids, structures, problems) from files, folders and tables; each bad item is reported on
     stderr (name and reason) and skipped."""
-    from ..data.tables import error_reason as _reason, parse_structure_file as _parse_structure_file, \
-        read_csv_table as _read_csv, read_json_table as _read_json
+    from ..data.tables import error_reason as _reason
+    from ..data.tables import parse_structure_file as _parse_structure_file
+    from ..data.tables import read_csv_table as _read_csv
+    from ..data.tables import read_json_table as _read_json
 
     ids, structures, problems = [], [], []
 

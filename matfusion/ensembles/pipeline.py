@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..tracking.runs import latest_search_parent, load_run_dict
 from .evaluate import Evaluation, evaluate_ensemble, log_evaluation
 from .export import featurizer_spec, log_ensemble_model, make_card, register_ensemble
-from ..tracking.runs import latest_search_parent, load_run_dict
 from .select import ranked_candidates, select_members
 from .stacking import StackedEnsemble
 

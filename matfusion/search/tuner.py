@@ -44,14 +44,19 @@ from ..config import Config, ConfigError, SearchConfig
 from ..data import load_dataset
 from ..data.prepare import check_structures, prepare_fold
 from ..spaces import define_search_space
-from ..trainables.loop import target_stats, validation_score
-from ..trainables.trial import predict_from_checkpoint, run_trial
-from ..tracking.leaderboard import search_leaderboard
-from ..tracking.logger import (MlflowTrialLogger, close_open_trial_runs, ensure_experiment, flatten,
-                               resolve_tracking_uri, trial_fusion)
-from ..tracking.leaderboard import format_group_summary, group_summary
+from ..tracking.leaderboard import format_group_summary, group_summary, search_leaderboard
+from ..tracking.logger import (
+    MlflowTrialLogger,
+    close_open_trial_runs,
+    ensure_experiment,
+    flatten,
+    resolve_tracking_uri,
+    trial_fusion,
+)
 from ..tracking.report import log_search_report
 from ..tracking.runs import nested_runs
+from ..trainables.loop import target_stats, validation_score
+from ..trainables.trial import predict_from_checkpoint, run_trial
 from . import compat
 from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-
 from typing import Sequence
 
 SEARCH_FILTER = "tags.kind = 'search'"

@@ -25,7 +25,6 @@ from ..families import TrialConfig
 from .loop import LocalSession, target_stats, validation_score
 
 
-
 def _as_2d(y) -> np.ndarray:
     y = np.asarray(y, dtype=np.float64)
     return y.reshape(len(y), -1)

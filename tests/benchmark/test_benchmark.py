@@ -14,12 +14,12 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO
-from matfusion.config import ConfigError, config_from_dict
+
 from matfusion.benchmark import matbench_io as mio
 from matfusion.benchmark import report as rp
 from matfusion.benchmark import runner as bm
+from matfusion.config import ConfigError, config_from_dict
 
 
 def _mini(tmp_path, name="mini", families=("rf", "cgcnn"), **search):

@@ -10,8 +10,7 @@ import pytest
 from matfusion.config import config_from_dict
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
-from matfusion.data.prepare import (features_config, fold_split, needs_graphs, needs_line_graph,
-                                    prepare_fold)
+from matfusion.data.prepare import features_config, fold_split, needs_graphs, needs_line_graph, prepare_fold
 from matfusion.trainables.trial_data import pack_rows, pack_trial_data
 
 

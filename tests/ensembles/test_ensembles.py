@@ -13,14 +13,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DATA_DIR
 from mlflow.tracking import MlflowClient
 
-from conftest import DATA_DIR, REPO
 from matfusion.config import DataConfig, FeaturesConfig
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
-from matfusion.ensembles import (StackedEnsemble, evaluate_ensemble, export_model, log_ensemble_model, log_evaluation,
-                                 predict_structures, register_ensemble, select_members)
+from matfusion.ensembles import (
+    StackedEnsemble,
+    evaluate_ensemble,
+    export_model,
+    log_ensemble_model,
+    log_evaluation,
+    predict_structures,
+    register_ensemble,
+    select_members,
+)
 from matfusion.ensembles.commands import add_parsers
 from matfusion.ensembles.export import featurizer_spec, make_card
 from matfusion.ensembles.stacking import ConvexMAEMeta, GBMMeta, InvalidParameterError, NNLSMeta, RidgeMeta

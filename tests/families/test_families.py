@@ -78,9 +78,9 @@ def test_model_constructors_have_no_defaults_of_their_own_that_drift():
     modules' signature defaults equal the family defaults."""
     from matfusion.trainables.alignn import ALIGNN
     from matfusion.trainables.cgcnn import CGCNN
+    from matfusion.trainables.forest import forest
     from matfusion.trainables.fusion import FusedModel
     from matfusion.trainables.lgbm import ChunkedLGBM
-    from matfusion.trainables.forest import forest
 
     def defaults(fn, skip=("seed", "n_jobs")):
         return {k: p.default for k, p in inspect.signature(fn).parameters.items()

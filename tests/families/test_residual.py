@@ -13,15 +13,22 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DATA_DIR, REPO
 from pymatgen.core import Lattice, Structure
 
-from conftest import DATA_DIR, REPO
 from matfusion import families
 from matfusion.families import TrialConfig, fusion
 from matfusion.trainables.loop import LocalSession, predict, target_stats, validation_score
-from matfusion.trainables.trial import (_graphs_with_descriptors, _feature_widths, build_torch_model, fit_family,
-                                        fit_residual_base, load_trial_state, predict_from_state,
-                                        predict_residual_base)
+from matfusion.trainables.trial import (
+    _feature_widths,
+    _graphs_with_descriptors,
+    build_torch_model,
+    fit_family,
+    fit_residual_base,
+    load_trial_state,
+    predict_from_state,
+    predict_residual_base,
+)
 
 PAIRS = [("Cs", "Cl"), ("Na", "Cl"), ("K", "Br"), ("Rb", "I"), ("Li", "F"), ("Cs", "Br"), ("Tl", "Cl"), ("Ag", "I")]
 N = 48

@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DATA_DIR, REPO
+
+from matfusion import families
 from matfusion.config import DataConfig, FeaturesConfig, SearchConfig
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
 from matfusion.search.schedulers import ONE_SHOT_FAMILIES as ONE_SHOT
-from matfusion import families
 from matfusion.spaces import define_search_space, resolve_specs
 from matfusion.trainables.lgbm import ChunkedLGBM
 from matfusion.trainables.loop import LocalSession
@@ -205,8 +205,8 @@ def test_stack_with_lgbm_member_and_pyfunc_featurizes_new_structures(phonons, tm
     """An lgbm + et stack on the default descriptors; the saved pyfunc model computes the same
     descriptor sets from raw structures (JSON and CIF text) and reproduces the predictions."""
     from matfusion.ensembles.export import featurizer_spec, make_card, save_ensemble_model
-    from matfusion.families import group_of
     from matfusion.ensembles.stacking import StackedEnsemble, member_name
+    from matfusion.families import group_of
 
     ds, split, fs, _ = phonons
     members = [LGBM, {"family": "et", "et": {"n_estimators": 40}, "seed": 0, "cpus": 1}]

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import DATA_DIR, REPO
 
 CLUSTER_CONFIGS = [REPO / "cluster.yaml", REPO / "docs" / "cluster-aws.yaml"]

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from mlflow.tracking import MlflowClient
-
 from ray.tune.experiment import Trial
 
-from conftest import REPO
+from matfusion.search.tuner import discard_orphan_runs, unrestorable_reason
 from matfusion.tracking.logger import MlflowTrialLogger, close_open_trial_runs, ensure_experiment
 from matfusion.tracking.runs import nested_runs
-from matfusion.search.tuner import discard_orphan_runs, unrestorable_reason
 
 NAME = "phonons-smoke"  # configs/smoke.yaml
 NUM_SAMPLES = 6

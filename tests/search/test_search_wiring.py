@@ -10,17 +10,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from conftest import REPO
 from matfusion.config import SearchConfig
 from matfusion.search import compat
-from matfusion.search.schedulers import (ONE_SHOT_FAMILIES, TabularAwareASHA, TargetReachedStopper,
-                                         TotalEpochsStopper)
-from matfusion.search.tuner import (SearchProgress, build_scheduler, build_searcher, result_config,
-                                    snapshot_trials, trial_resources)
+from matfusion.search.schedulers import ONE_SHOT_FAMILIES, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper
+from matfusion.search.tuner import (
+    SearchProgress,
+    build_scheduler,
+    build_searcher,
+    result_config,
+    snapshot_trials,
+    trial_resources,
+)
 from matfusion.spaces import define_search_space
 
 

@@ -69,7 +69,6 @@ def test_unknown_family_and_task_weight_rejected():
 
 from matfusion.config import ConfigError, config_from_dict  # noqa: E402
 from matfusion.spaces import SpaceError, resolve_specs  # noqa: E402
-from matfusion.spaces.params import Categorical, Float, Int  # noqa: E402
 
 
 def test_presets_change_ranges():

@@ -12,8 +12,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from matfusion.cli import main
-from matfusion.tracking.leaderboard import (BASE_COLUMNS, LEADERBOARD_COLUMNS, leaderboard, search_leaderboard,
-                                            search_trials)
+from matfusion.tracking.leaderboard import (
+    BASE_COLUMNS,
+    LEADERBOARD_COLUMNS,
+    leaderboard,
+    search_leaderboard,
+    search_trials,
+)
 from matfusion.tracking.logger import MlflowTrialLogger, ensure_experiment
 from matfusion.tracking.report import log_search_report, param_importances
 from matfusion.tracking.runs import latest_search_parent, latest_search_run, nested_runs

@@ -11,8 +11,14 @@ from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
 from matfusion.trainables.loop import LocalSession, validation_score
 from matfusion.trainables.multitask import MultiTaskLoss
-from matfusion.trainables.trial import (_graphs_with_descriptors, build_torch_model, choose_late_alpha, fit_family,
-                                        fit_scaler, predict_from_state)
+from matfusion.trainables.trial import (
+    _graphs_with_descriptors,
+    build_torch_model,
+    choose_late_alpha,
+    fit_family,
+    fit_scaler,
+    predict_from_state,
+)
 from matfusion.trainables.trial_data import pack_rows, pack_trial_data
 
 

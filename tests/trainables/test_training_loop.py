@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from matfusion import families
 from matfusion.config import DataConfig, FeaturesConfig
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
 from matfusion.trainables.loop import CHECKPOINT_FILE, LocalSession, NonFiniteLossError, write_torch_state
-from matfusion import families
 from matfusion.trainables.trial import fit_family, predict_from_checkpoint
 from matfusion.trainables.trial_data import pack_rows, pack_trial_data
 
