@@ -22,6 +22,7 @@ descriptors in the stack (test rows, after the evaluation).
 
 The numbers measured are in benchmarks/README.md ("Family-fair scheduling").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,14 @@ def task_data(task: str, data_dir: str, limit) -> dict:
     if task == "phonons":
         return {"source": "matbench_phonons", "fold": 0, "limit": limit}
     if task == "flla":
-        return {"source": str(Path(data_dir) / "matminer" / "flla_2015.csv.gz"),
-                "target": "formation_energy_per_atom", "structure_column": "structure", "fold": 0,
-                "n_folds": 5, "limit": limit}
+        return {
+            "source": str(Path(data_dir) / "matminer" / "flla_2015.csv.gz"),
+            "target": "formation_energy_per_atom",
+            "structure_column": "structure",
+            "fold": 0,
+            "n_folds": 5,
+            "limit": limit,
+        }
     raise SystemExit(f"unknown task {task!r}; known: phonons, flla")
 
 
@@ -64,15 +70,26 @@ def arm_config(task: str, arm: str, args, workdir: Path) -> dict:
         "data": {**task_data(task, args.data_dir, args.limit), "data_dir": args.data_dir},
         "features": {"n_jobs": 0},
         "search": {
-            "families": ["rf", "lgbm", "cgcnn"], "fusions": ["none", "early"], "preset": args.preset,
-            "asha_scope": scope, "min_trials_per_group": args.min_per_group if per_group is None else per_group,
-            "asha_mode": args.asha_mode, "num_samples": args.trials, "time_budget_s": args.budget,
-            "max_epochs": args.max_epochs, "grace_period": args.grace, "reduction_factor": 3,
-            "seed": args.seed, "max_concurrent": args.concurrent, "cpus_per_trial": 1,
+            "families": ["rf", "lgbm", "cgcnn"],
+            "fusions": ["none", "early"],
+            "preset": args.preset,
+            "asha_scope": scope,
+            "min_trials_per_group": args.min_per_group if per_group is None else per_group,
+            "asha_mode": args.asha_mode,
+            "num_samples": args.trials,
+            "time_budget_s": args.budget,
+            "max_epochs": args.max_epochs,
+            "grace_period": args.grace,
+            "reduction_factor": 3,
+            "seed": args.seed,
+            "max_concurrent": args.concurrent,
+            "cpus_per_trial": 1,
             "storage_path": str(workdir / "ray"),
         },
-        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlruns.db'}",
-                   "artifact_location": str(workdir / "artifacts")},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{workdir / 'mlruns.db'}",
+            "artifact_location": str(workdir / "artifacts"),
+        },
     }
 
 
@@ -85,16 +102,25 @@ def stack(res, cfg, args) -> dict:
     from matfusion.ensembles.pipeline import build_ensemble_from_search
 
     out = build_ensemble_from_search(
-        parent_run_id=res.parent_run_id, tracking_uri=res.tracking_uri, progress=False, seed=args.seed,
-        settings=EnsembleConfig(max_epochs=args.stack_epochs, k=args.stack_k, register=False))
+        parent_run_id=res.parent_run_id,
+        tracking_uri=res.tracking_uri,
+        progress=False,
+        seed=args.seed,
+        settings=EnsembleConfig(max_epochs=args.stack_epochs, k=args.stack_k, register=False),
+    )
     dataset = load_dataset(cfg.data, seed=cfg.search.seed)
     split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=cfg.search.seed, n_folds=cfg.data.n_folds)
     features = featurize(dataset, cfg.features, progress=False, graphs=True)
-    imp = modality_importance(out.ensemble, features.descriptors, features.graphs, dataset.targets, split.test,
-                              repeats=3, seed=args.seed)
-    return {"test_mae": float(out.evaluation.metrics["ensemble_mae"]), "weights": out.evaluation.weights,
-            "graph_rise": imp["graph"]["ensemble"], "magpie_rise": imp["magpie"]["ensemble"],
-            "wall_s": float(out.wall_s)}
+    imp = modality_importance(
+        out.ensemble, features.descriptors, features.graphs, dataset.targets, split.test, repeats=3, seed=args.seed
+    )
+    return {
+        "test_mae": float(out.evaluation.metrics["ensemble_mae"]),
+        "weights": out.evaluation.weights,
+        "graph_rise": imp["graph"]["ensemble"],
+        "magpie_rise": imp["magpie"]["ensemble"],
+        "wall_s": float(out.wall_s),
+    }
 
 
 def side_by_side(summaries: dict) -> pd.DataFrame:
@@ -107,8 +133,9 @@ def side_by_side(summaries: dict) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tasks", default="flla,phonons", help="comma-separated: flla, phonons (default both)")
     p.add_argument("--arms", default="blind,fair", help="comma-separated: blind, fair (default both)")
     p.add_argument("--budget", type=float, default=900.0, help="search wall budget per arm, seconds (default 900)")
@@ -139,29 +166,44 @@ def main(argv=None) -> int:
             t0 = time.time()
             res = run_search(cfg, progress=False)
             summaries[arm] = group_summary(res.leaderboard)
-            extra[arm] = {"wall_s": time.time() - t0, "n_trials": len(res.leaderboard),
-                          "best_val_mae": res.best_val_mae, "best_family": (res.best_config or {}).get("family"),
-                          "best_test_mae_info": res.best_test_mae}
+            extra[arm] = {
+                "wall_s": time.time() - t0,
+                "n_trials": len(res.leaderboard),
+                "best_val_mae": res.best_val_mae,
+                "best_family": (res.best_config or {}).get("family"),
+                "best_test_mae_info": res.best_test_mae,
+            }
             if args.stack:
                 extra[arm]["stack"] = stack(res, cfg, args)
-            print(f"[{task} / {arm}] {extra[arm]['n_trials']} trials in {extra[arm]['wall_s']:.0f} s; best val "
-                  f"{res.best_val_mae:.4g} ({extra[arm]['best_family']})", flush=True)
+            print(
+                f"[{task} / {arm}] {extra[arm]['n_trials']} trials in {extra[arm]['wall_s']:.0f} s; best val "
+                f"{res.best_val_mae:.4g} ({extra[arm]['best_family']})",
+                flush=True,
+            )
         table = side_by_side(summaries)
-        print(f"\n== {task}: each group's best inner-val MAE and the epochs it used, per arm "
-              f"(budget {args.budget:.0f} s, limit {args.limit}, seed {args.seed}) ==")
+        print(
+            f"\n== {task}: each group's best inner-val MAE and the epochs it used, per arm "
+            f"(budget {args.budget:.0f} s, limit {args.limit}, seed {args.seed}) =="
+        )
         with pd.option_context("display.width", 200, "display.max_columns", 50):
             print(table.to_string(float_format=lambda x: f"{x:.4g}", na_rep="-"))
         for arm, e in extra.items():
-            line = (f"{arm}: {e['n_trials']} trials, best {e['best_val_mae']:.4g} ({e['best_family']}), "
-                    f"its test MAE (info) {e['best_test_mae_info']:.4g}")
+            line = (
+                f"{arm}: {e['n_trials']} trials, best {e['best_val_mae']:.4g} ({e['best_family']}), "
+                f"its test MAE (info) {e['best_test_mae_info']:.4g}"
+            )
             if "stack" in e:
                 s = e["stack"]
                 w = ", ".join(f"{k} {v:.2f}" for k, v in (s["weights"] or {}).items())
-                line += (f"; stack test MAE {s['test_mae']:.4g} (weights: {w}); graphs shuffled +{s['graph_rise']:.4g}, "
-                         f"descriptors shuffled +{s['magpie_rise']:.4g}")
+                line += (
+                    f"; stack test MAE {s['test_mae']:.4g} (weights: {w}); graphs shuffled +{s['graph_rise']:.4g}, "
+                    f"descriptors shuffled +{s['magpie_rise']:.4g}"
+                )
             print(line)
-        report["tasks"][task] = {"groups": {arm: s.to_dict(orient="records") for arm, s in summaries.items()},
-                                 "arms": extra}
+        report["tasks"][task] = {
+            "groups": {arm: s.to_dict(orient="records") for arm, s in summaries.items()},
+            "arms": extra,
+        }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=float))
     print(f"\nsearches stored under {workdir}")

@@ -7,6 +7,7 @@ back from disk), in structures per second.  Measured figures: docs/notes-data.md
 Targets (2 cores): cold >= 300 structures/s, warm >= 20,000 structures/s.  Exits 1 when a
 target is missed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ WARM_TARGET = 20_000.0
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="matbench_phonons", help="matbench task with structures (default: %(default)s)")
+    parser.add_argument(
+        "--task", default="matbench_phonons", help="matbench task with structures (default: %(default)s)"
+    )
     parser.add_argument("--data-dir", default=None, help="data dir (default: $MATFUSION_DATA or ../shared/data)")
     parser.add_argument("--n-jobs", type=int, default=0, help="worker processes; 0 = all cores (default)")
     args = parser.parse_args(argv)
@@ -52,9 +55,15 @@ def main(argv=None) -> int:
 
     cold_rate, warm_rate = n / cold_s, n / warm_s
     graphs = cold.graphs
-    print(f"{ds.name}: {n} structures, {'with' if graphs is not None else 'no'} graphs"
-          + (f" ({len(graphs.distance)} edges, cutoff {graphs.cutoff} A, max {graphs.max_neighbors} neighbours)" if graphs is not None else "")
-          + f"; {n_jobs} worker(s) on {os.cpu_count()} core(s); cache {cache_mb:.1f} MiB")
+    print(
+        f"{ds.name}: {n} structures, {'with' if graphs is not None else 'no'} graphs"
+        + (
+            f" ({len(graphs.distance)} edges, cutoff {graphs.cutoff} A, max {graphs.max_neighbors} neighbours)"
+            if graphs is not None
+            else ""
+        )
+        + f"; {n_jobs} worker(s) on {os.cpu_count()} core(s); cache {cache_mb:.1f} MiB"
+    )
     rows = [
         ("cold (compute + save)", cold_s, cold_rate, COLD_TARGET),
         ("warm (load from cache)", warm_s, warm_rate, WARM_TARGET),
@@ -64,7 +73,9 @@ def main(argv=None) -> int:
     for name, secs, rate, target in rows:
         passed = rate >= target
         ok &= passed
-        print(f"{name:<24}{secs:>10.3f}{rate:>15,.0f}{'>= ' + format(target, ',.0f'):>12}  {'PASS' if passed else 'FAIL'}")
+        print(
+            f"{name:<24}{secs:>10.3f}{rate:>15,.0f}{'>= ' + format(target, ',.0f'):>12}  {'PASS' if passed else 'FAIL'}"
+        )
     print(f"warm / cold speed-up: {warm_rate / cold_rate:,.0f}x")
     return 0 if ok else 1
 

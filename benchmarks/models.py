@@ -29,6 +29,7 @@ Every run prints the core count and load average: on a shared machine the absolu
 move with other people's jobs (the interleaved ratio much less).  Exits 1 when the loop
 overhead target is missed (default run) or a family's MAE is not finite (``--accuracy``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,15 @@ LOOP_RATIO_TARGET = 0.9
 
 HP = {
     "cgcnn": {"hidden": 64, "n_conv": 3, "head_hidden": 128, "dropout": 0.0, "lr": 1e-3, "batch_size": 64},
-    "alignn": {"hidden": 64, "n_layers": 2, "n_gcn": 1, "head_hidden": 128, "dropout": 0.0, "lr": 1e-3,
-               "batch_size": 64},
+    "alignn": {
+        "hidden": 64,
+        "n_layers": 2,
+        "n_gcn": 1,
+        "head_hidden": 128,
+        "dropout": 0.0,
+        "lr": 1e-3,
+        "batch_size": 64,
+    },
 }
 # (label, family, fusion)
 THROUGHPUT_FAMILIES = [
@@ -67,8 +75,14 @@ ACCURACY_FAMILIES = [
 
 
 def family_config(family: str, fusion, max_epochs: int, threads: int, seed: int = 0, trees: int = 300) -> dict:
-    cfg = {"family": family, "max_epochs": max_epochs, "patience": max_epochs + 1, "seed": seed, "cpus": threads,
-           "rf": {"n_estimators": trees}}
+    cfg = {
+        "family": family,
+        "max_epochs": max_epochs,
+        "patience": max_epochs + 1,
+        "seed": seed,
+        "cpus": threads,
+        "rf": {"n_estimators": trees},
+    }
     if family != "rf":
         cfg[family] = dict(HP[family], fusion=fusion)
     return cfg
@@ -76,15 +90,20 @@ def family_config(family: str, fusion, max_epochs: int, threads: int, seed: int 
 
 def machine_note(threads: int = 1) -> str:
     load, cores = os.getloadavg(), os.cpu_count() or 1
-    note = (f"machine: {cores} core(s), load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
-            "(1/5/15 min; the machine is shared: other jobs move absolute timings)")
+    note = (
+        f"machine: {cores} core(s), load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+        "(1/5/15 min; the machine is shared: other jobs move absolute timings)"
+    )
     if threads > 1 and load[0] > 0.5 * cores:
-        note += (f"\nwarning: busy machine and {threads} torch threads: OpenMP threads spin-wait for a descheduled "
-                 "peer, so epochs can run several times slower and vary widely; compare with --threads 1")
+        note += (
+            f"\nwarning: busy machine and {threads} torch threads: OpenMP threads spin-wait for a descheduled "
+            "peer, so epochs can run several times slower and vary widely; compare with --threads 1"
+        )
     return note
 
 
 # -- data ------------------------------------------------------------------------------------
+
 
 def load_fold(args):
     """Packed trial data (train + inner val) and the packed test part of phonons fold 0."""
@@ -109,6 +128,7 @@ def load_fold(args):
 
 
 # -- timing instruments ------------------------------------------------------------------------
+
 
 @contextmanager
 def timed_validation(logs: dict):
@@ -163,11 +183,19 @@ def epoch_breakdown(session, val_log: list, skip: int = 1) -> dict:
         train.append(v0 - start)
         val.append(v1 - v0)
         rest.append(end - v1)
-    return {"epochs": len(total), "total_s": sum(total), "train_s": sum(train), "val_s": sum(val),
-            "rest_s": sum(rest), "best_epoch_s": min(total), "epoch_s": total}
+    return {
+        "epochs": len(total),
+        "total_s": sum(total),
+        "train_s": sum(train),
+        "val_s": sum(val),
+        "rest_s": sum(rest),
+        "best_epoch_s": min(total),
+        "epoch_s": total,
+    }
 
 
 # -- part 1: throughput ------------------------------------------------------------------------
+
 
 class Ring:
     """Threads that take turns in a fixed circular order, exactly one running at a time."""
@@ -225,9 +253,15 @@ def throughput(data: dict, args) -> list[dict]:
             ring.leave(i)
 
     with timed_validation(val_logs):
-        threads = [threading.Thread(target=worker, args=(i, family_config(family, fusion, 1 + args.epochs, args.threads)),
-                                    name=label, daemon=True)
-                   for i, (label, family, fusion) in enumerate(THROUGHPUT_FAMILIES)]
+        threads = [
+            threading.Thread(
+                target=worker,
+                args=(i, family_config(family, fusion, 1 + args.epochs, args.threads)),
+                name=label,
+                daemon=True,
+            )
+            for i, (label, family, fusion) in enumerate(THROUGHPUT_FAMILIES)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -238,32 +272,46 @@ def throughput(data: dict, args) -> list[dict]:
     rows = []
     for i, (label, _, _) in enumerate(THROUGHPUT_FAMILIES):
         b = epoch_breakdown(sessions[i], val_logs[idents[i]])
-        b.update(label=label, n_train=n_train, n_val=n_val,
-                 graphs_per_s=n_train * b["epochs"] / b["total_s"], best_graphs_per_s=n_train / b["best_epoch_s"],
-                 train_graphs_per_s=n_train * b["epochs"] / b["train_s"],
-                 val_graphs_per_s=n_val * b["epochs"] / b["val_s"])
+        b.update(
+            label=label,
+            n_train=n_train,
+            n_val=n_val,
+            graphs_per_s=n_train * b["epochs"] / b["total_s"],
+            best_graphs_per_s=n_train / b["best_epoch_s"],
+            train_graphs_per_s=n_train * b["epochs"] / b["train_s"],
+            val_graphs_per_s=n_val * b["epochs"] / b["val_s"],
+        )
         rows.append(b)
     return rows
 
 
 def print_throughput(rows: list[dict], args) -> None:
     base = rows[0]["graphs_per_s"]
-    print(f"\nThroughput: {rows[0]['n_train']} training graphs, {rows[0]['n_val']} inner-val graphs, batch 64, "
-          f"{args.threads} torch thread(s), {args.epochs} timed epoch(s) after 1 warm-up; families interleaved "
-          "epoch by epoch (round robin, one at a time)")
-    print(f"{'family':<17}{'graphs/s':>10}{'vs cgcnn':>10}{'best ep':>9}{'s/epoch':>9}{'train s':>9}{'val s':>8}"
-          f"{'rest s':>8}{'train g/s':>11}{'val g/s':>9}")
+    print(
+        f"\nThroughput: {rows[0]['n_train']} training graphs, {rows[0]['n_val']} inner-val graphs, batch 64, "
+        f"{args.threads} torch thread(s), {args.epochs} timed epoch(s) after 1 warm-up; families interleaved "
+        "epoch by epoch (round robin, one at a time)"
+    )
+    print(
+        f"{'family':<17}{'graphs/s':>10}{'vs cgcnn':>10}{'best ep':>9}{'s/epoch':>9}{'train s':>9}{'val s':>8}"
+        f"{'rest s':>8}{'train g/s':>11}{'val g/s':>9}"
+    )
     for r in rows:
         e = r["epochs"]
-        print(f"{r['label']:<17}{r['graphs_per_s']:>10.1f}{r['graphs_per_s'] / base:>9.2f}x{r['best_graphs_per_s']:>9.1f}"
-              f"{r['total_s'] / e:>9.2f}{r['train_s'] / e:>9.2f}{r['val_s'] / e:>8.2f}{r['rest_s'] / e:>8.3f}"
-              f"{r['train_graphs_per_s']:>11.1f}{r['val_graphs_per_s']:>9.1f}")
-    print("(graphs/s: training graphs per second over the timed whole epochs, validation included; best ep: the same "
-          "for the fastest epoch (least disturbed by other jobs); train/val/rest s: per epoch, rest = scoring + "
-          "checkpoint state + report)")
+        print(
+            f"{r['label']:<17}{r['graphs_per_s']:>10.1f}{r['graphs_per_s'] / base:>9.2f}x{r['best_graphs_per_s']:>9.1f}"
+            f"{r['total_s'] / e:>9.2f}{r['train_s'] / e:>9.2f}{r['val_s'] / e:>8.2f}{r['rest_s'] / e:>8.3f}"
+            f"{r['train_graphs_per_s']:>11.1f}{r['val_graphs_per_s']:>9.1f}"
+        )
+    print(
+        "(graphs/s: training graphs per second over the timed whole epochs, validation included; best ep: the same "
+        "for the fastest epoch (least disturbed by other jobs); train/val/rest s: per epoch, rest = scoring + "
+        "checkpoint state + report)"
+    )
 
 
 # -- part 2: loop overhead ---------------------------------------------------------------------
+
 
 def bare_epoch_fn(model, train_list, settings, y_mean, y_std):
     """One epoch of a plain PyG loop per call: same DataLoader settings, AdamW, L1 on
@@ -326,9 +374,15 @@ def loop_overhead(data: dict, args) -> dict:
     ours = epoch_breakdown(session, val_logs[threading.get_ident()])
     n = len(train_list)
     bare_s = sum(bare_times[1:])
-    res = {"n_train": n, "n_val": len(val_list), "epochs": ours["epochs"], "ours": ours, "bare_s": bare_s,
-           "ours_graphs_per_s": n * ours["epochs"] / ours["total_s"],
-           "bare_graphs_per_s": n * (len(bare_times) - 1) / bare_s}
+    res = {
+        "n_train": n,
+        "n_val": len(val_list),
+        "epochs": ours["epochs"],
+        "ours": ours,
+        "bare_s": bare_s,
+        "ours_graphs_per_s": n * ours["epochs"] / ours["total_s"],
+        "bare_graphs_per_s": n * (len(bare_times) - 1) / bare_s,
+    }
     res["ratio"] = res["ours_graphs_per_s"] / res["bare_graphs_per_s"]
     res["bare_epoch_s"] = bare_times[1:]
     pair_ratios = sorted(b / a for a, b in zip(ours["epoch_s"], bare_times[1:]))
@@ -375,24 +429,37 @@ def overhead_parts(model, train_list, settings) -> dict:
     opt.step()
     state_copy = per_call(lambda: (_to_cpu(model.state_dict()), copy.deepcopy(opt.state_dict())))
     steps = -(-len(train_list) // settings.batch_size)
-    return {"steps_per_epoch": steps, "clip_s": clip, "loss_extra_s": max(0.0, loss_mtl - loss_l1),
-            "check_s": check, "to_device_s": to_device, "state_copy_s": state_copy}
+    return {
+        "steps_per_epoch": steps,
+        "clip_s": clip,
+        "loss_extra_s": max(0.0, loss_mtl - loss_l1),
+        "check_s": check,
+        "to_device_s": to_device,
+        "state_copy_s": state_copy,
+    }
 
 
 def print_loop(res: dict, args) -> bool:
     o, e = res["ours"], res["epochs"]
     passed = res["ratio"] >= LOOP_RATIO_TARGET
-    print(f"\nLoop overhead: CGCNN, {res['n_train']} training graphs, {e} timed epoch(s) each after 1 warm-up, "
-          f"interleaved ours/bare epoch by epoch, {args.threads} torch thread(s)")
+    print(
+        f"\nLoop overhead: CGCNN, {res['n_train']} training graphs, {e} timed epoch(s) each after 1 warm-up, "
+        f"interleaved ours/bare epoch by epoch, {args.threads} torch thread(s)"
+    )
     print(f"{'loop':<44}{'s/epoch':>9}{'graphs/s':>10}")
-    print(f"{'bare PyG loop (no val, no state, no clip)':<44}{res['bare_s'] / e:>9.2f}{res['bare_graphs_per_s']:>10.0f}")
+    print(
+        f"{'bare PyG loop (no val, no state, no clip)':<44}{res['bare_s'] / e:>9.2f}{res['bare_graphs_per_s']:>10.0f}"
+    )
     print(f"{'ours: train_torch_model (LocalSession)':<44}{o['total_s'] / e:>9.2f}{res['ours_graphs_per_s']:>10.0f}")
     print(f"{'  of which training pass':<44}{o['train_s'] / e:>9.2f}")
     print(f"{'  of which validation predict (' + str(res['n_val']) + ' graphs)':<44}{o['val_s'] / e:>9.2f}")
     print(f"{'  of which scoring + checkpoint state':<44}{o['rest_s'] / e:>9.3f}")
     pairs = list(zip(o["epoch_s"], res["bare_epoch_s"]))
-    print("per epoch, ours / bare s: " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in pairs)
-          + f"  (median per-epoch ours/bare graphs/s: {res['median_pair_ratio']:.3f})")
+    print(
+        "per epoch, ours / bare s: "
+        + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in pairs)
+        + f"  (median per-epoch ours/bare graphs/s: {res['median_pair_ratio']:.3f})"
+    )
     print(f"ours / bare graphs/s: {res['ratio']:.3f}  (target >= {LOOP_RATIO_TARGET})  {'PASS' if passed else 'FAIL'}")
     p, bare_epoch = res["parts"], res["bare_s"] / e
     steps = p["steps_per_epoch"]
@@ -407,12 +474,15 @@ def print_loop(res: dict, args) -> bool:
     print("where ours spends its extra time, per epoch (share of a bare epoch):")
     for name, secs in items:
         print(f"  {name:<52}{secs:>8.3f} s  {100 * secs / bare_epoch:>5.1f}%")
-    print(f"  {'measured: ours training pass - bare epoch':<52}{o['train_s'] / e - bare_epoch:>8.3f} s  "
-          f"{100 * (o['train_s'] / e - bare_epoch) / bare_epoch:>5.1f}%")
+    print(
+        f"  {'measured: ours training pass - bare epoch':<52}{o['train_s'] / e - bare_epoch:>8.3f} s  "
+        f"{100 * (o['train_s'] / e - bare_epoch) / bare_epoch:>5.1f}%"
+    )
     return passed
 
 
 # -- accuracy ----------------------------------------------------------------------------------
+
 
 def accuracy(data: dict, test_part: dict, args) -> list[dict]:
     import numpy as np
@@ -432,55 +502,91 @@ def accuracy(data: dict, test_part: dict, args) -> list[dict]:
         wall = time.perf_counter() - t
         pred = np.asarray(predict_from_state(cfg, state, test_part, data["graph_params"]), dtype=np.float64).reshape(-1)
         h = session.history
-        row = {"label": label, "val_mae": float(min(m["val_mae"] for m in h)),
-               "test_mae": float(np.mean(np.abs(pred - y_test))), "epochs": int(h[-1]["epoch"]),
-               "best_epoch": int(state.get("best_epoch", 1)) if family != "rf" else 1, "wall_s": wall}
+        row = {
+            "label": label,
+            "val_mae": float(min(m["val_mae"] for m in h)),
+            "test_mae": float(np.mean(np.abs(pred - y_test))),
+            "epochs": int(h[-1]["epoch"]),
+            "best_epoch": int(state.get("best_epoch", 1)) if family != "rf" else 1,
+            "wall_s": wall,
+        }
         if fusion == "late":
             row["late_alpha"] = float(state["best_hook_state"]["alpha"])
         rows.append(row)
-        print(f"  {label}: val MAE {row['val_mae']:.2f}, test MAE {row['test_mae']:.2f}, "
-              f"best epoch {row['best_epoch']}/{row['epochs']}, {wall:.0f} s", flush=True)
+        print(
+            f"  {label}: val MAE {row['val_mae']:.2f}, test MAE {row['test_mae']:.2f}, "
+            f"best epoch {row['best_epoch']}/{row['epochs']}, {wall:.0f} s",
+            flush=True,
+        )
     return rows
 
 
 def print_accuracy(rows: list[dict], data: dict, test_part: dict, args) -> bool:
     import numpy as np
 
-    print(f"\nFixed-budget accuracy, phonons fold 0: train {len(data['train']['y'])}, inner val "
-          f"{len(data['val']['y'])}, test {len(test_part['y'])}; {args.budget} epochs (rf: {args.trees} trees), "
-          f"best epoch on inner val; {args.threads} torch thread(s); MAE in cm^-1")
+    print(
+        f"\nFixed-budget accuracy, phonons fold 0: train {len(data['train']['y'])}, inner val "
+        f"{len(data['val']['y'])}, test {len(test_part['y'])}; {args.budget} epochs (rf: {args.trees} trees), "
+        f"best epoch on inner val; {args.threads} torch thread(s); MAE in cm^-1"
+    )
     print(f"{'family':<17}{'val MAE':>9}{'test MAE':>10}{'best ep':>9}{'epochs':>8}{'wall s':>9}{'s/epoch':>9}")
     ok = True
     for r in rows:
         ok &= bool(np.isfinite(r["val_mae"]) and np.isfinite(r["test_mae"]))
         extra = f"  alpha={r['late_alpha']:.2f}" if "late_alpha" in r else ""
         per_epoch = "-" if r["label"] == "rf" else f"{r['wall_s'] / r['epochs']:.1f}"
-        print(f"{r['label']:<17}{r['val_mae']:>9.2f}{r['test_mae']:>10.2f}{r['best_epoch']:>9}{r['epochs']:>8}"
-              f"{r['wall_s']:>9.0f}{per_epoch:>9}{extra}")
+        print(
+            f"{r['label']:<17}{r['val_mae']:>9.2f}{r['test_mae']:>10.2f}{r['best_epoch']:>9}{r['epochs']:>8}"
+            f"{r['wall_s']:>9.0f}{per_epoch:>9}{extra}"
+        )
     print("(wall s: the whole fit_family call, graph building and, for late fusion, the forest included)")
     return ok
 
 
 # -- main --------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="matbench_phonons", help="matbench task with structures (default: %(default)s)")
+    parser.add_argument(
+        "--task", default="matbench_phonons", help="matbench task with structures (default: %(default)s)"
+    )
     parser.add_argument("--data-dir", default=None, help="data dir (default: $MATFUSION_DATA or ../shared/data)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for every model (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up epoch (default: %(default)s)")
-    parser.add_argument("--loop-epochs", type=int, default=6,
-                        help="loop overhead: timed epochs of each loop after the warm-up (default: %(default)s)")
-    parser.add_argument("--limit-train", type=int, default=0,
-                        help="use a seeded subset of this many training rows (and a quarter as many val rows)")
-    parser.add_argument("--quick", action="store_true",
-                        help="fast check: 192 training rows, 2 timed epochs (loop: 3); with --accuracy 3 epochs, 50 trees")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads, the same for every model (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="timed epochs after the warm-up epoch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--loop-epochs",
+        type=int,
+        default=6,
+        help="loop overhead: timed epochs of each loop after the warm-up (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--limit-train",
+        type=int,
+        default=0,
+        help="use a seeded subset of this many training rows (and a quarter as many val rows)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fast check: 192 training rows, 2 timed epochs (loop: 3); with --accuracy 3 epochs, 50 trees",
+    )
     parser.add_argument("--skip-throughput", action="store_true", help="loop-overhead comparison only")
     parser.add_argument("--accuracy", action="store_true", help="fixed-budget accuracy table instead (long)")
-    parser.add_argument("--budget", type=int, default=40, help="--accuracy: epochs per torch family (default: %(default)s)")
+    parser.add_argument(
+        "--budget", type=int, default=40, help="--accuracy: epochs per torch family (default: %(default)s)"
+    )
     parser.add_argument("--trees", type=int, default=300, help="--accuracy: random-forest trees (default: %(default)s)")
-    parser.add_argument("--families", nargs="*", default=None,
-                        help="--accuracy: only these labels (rf cgcnn cgcnn+early cgcnn+attention cgcnn+late alignn alignn+early)")
+    parser.add_argument(
+        "--families",
+        nargs="*",
+        default=None,
+        help="--accuracy: only these labels (rf cgcnn cgcnn+early cgcnn+attention cgcnn+late alignn alignn+early)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -496,8 +602,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(machine_note(args.threads), flush=True)
     ds, data, test_part = load_fold(args)
-    print(f"{ds.name}: {len(ds)} rows; fold 0: train {len(data['train']['y'])}, inner val {len(data['val']['y'])}, "
-          f"test {len(test_part['y'])}; torch {torch.__version__}, {args.threads} thread(s)", flush=True)
+    print(
+        f"{ds.name}: {len(ds)} rows; fold 0: train {len(data['train']['y'])}, inner val {len(data['val']['y'])}, "
+        f"test {len(test_part['y'])}; torch {torch.__version__}, {args.threads} thread(s)",
+        flush=True,
+    )
     out: dict = {"args": vars(args), "load_before": os.getloadavg()}
     ok = True
     if args.accuracy:

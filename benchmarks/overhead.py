@@ -9,6 +9,7 @@ Target: Tune / bare wall-time ratio <= 1.10 for ~30-second trials.
     python benchmarks/overhead.py                 # 3 trials of ~30 s per arm
     python benchmarks/overhead.py --epochs 5 --trials 2   # quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,18 @@ from matfusion.trainables.trial_data import pack_trial_data
 
 
 def trial_configs(n: int, epochs: int, threads: int, checkpoint_every: int = 1) -> list[dict]:
-    return [{"family": "cgcnn", "cgcnn": {"hidden": 64, "n_conv": 3, "lr": 2e-3 * (1 + i), "batch_size": 64,
-                                          "fusion": "none"},
-             "max_epochs": epochs, "patience": 10 * epochs, "seed": i, "cpus": threads,
-             "checkpoint_every": checkpoint_every} for i in range(n)]
+    return [
+        {
+            "family": "cgcnn",
+            "cgcnn": {"hidden": 64, "n_conv": 3, "lr": 2e-3 * (1 + i), "batch_size": 64, "fusion": "none"},
+            "max_epochs": epochs,
+            "patience": 10 * epochs,
+            "seed": i,
+            "cpus": threads,
+            "checkpoint_every": checkpoint_every,
+        }
+        for i in range(n)
+    ]
 
 
 def bare(configs, data) -> float:
@@ -66,9 +75,13 @@ def under_tune(configs, data, threads: int, workdir: Path) -> float:
         tune.with_resources(tune.with_parameters(_tune_trainable, data=data), {"cpu": threads}),
         param_space={"trial": tune.grid_search(configs)},
         tune_config=TuneConfig(num_samples=1, max_concurrent_trials=1, reuse_actors=True),
-        run_config=RunConfig(name="overhead", storage_path=str(workdir / "ray"), verbose=0,
-                             callbacks=[MlflowTrialLogger(uri, exp, parent)],
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=RunConfig(
+            name="overhead",
+            storage_path=str(workdir / "ray"),
+            verbose=0,
+            callbacks=[MlflowTrialLogger(uri, exp, parent)],
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
     )
     t0 = time.perf_counter()
     result = tuner.fit()
@@ -83,8 +96,12 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=25, help="epochs per trial (~30 s per trial on 2 cores at 25)")
     p.add_argument("--limit", type=int, default=None, help="rows of matbench_phonons (default: all)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per trial (1: on 2 cores, 2 OpenMP threads spin-wait beside Ray and add noise)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per trial (1: on 2 cores, 2 OpenMP threads spin-wait beside Ray and add noise)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (both arms)")
     p.add_argument("--target", type=float, default=1.10)
     args = p.parse_args(argv)
@@ -115,8 +132,10 @@ def main(argv=None) -> int:
     ratio = walls["tune"] / walls["bare"]
     per_trial = walls["bare"] / len(configs)
     verdict = "PASS" if ratio <= args.target else "FAIL"
-    print(f"\n{len(configs)} trials x {args.epochs} epochs (~{per_trial:.0f} s per trial), {args.threads} threads, "
-          f"checkpoint every {args.checkpoint_every} epoch(s)")
+    print(
+        f"\n{len(configs)} trials x {args.epochs} epochs (~{per_trial:.0f} s per trial), {args.threads} threads, "
+        f"checkpoint every {args.checkpoint_every} epoch(s)"
+    )
     print(f"bare loop   {walls['bare']:8.1f} s")
     print(f"under Tune  {walls['tune']:8.1f} s   (Ray start, paid once: {ray_start:.1f} s, not included)")
     print(f"ratio Tune/bare: {ratio:.3f} (target <= {args.target:.2f}): {verdict}")

@@ -16,6 +16,7 @@ not change the count; ``--full-runs`` runs them to the end of the budget too).
     python benchmarks/search_efficiency.py                # 3 seeds x 3 methods x 1296 epochs, ~55 min on 2 cores
     python benchmarks/search_efficiency.py --seeds 0 --limit 300 --trials 8   # quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,18 +76,29 @@ def run_method(method: str, seed: int, args, workdir: Path, stop_at=None) -> lis
         "data": {"source": "matbench_phonons", "fold": 0, "limit": args.limit, "val_fraction": args.val_fraction},
         "features": {"n_jobs": 0},
         "search": {
-            "families": ["cgcnn"], "fusions": ["none", "early"], "preset": "quick",
-            "sampler": sampler, "scheduler": scheduler, "points_to_evaluate": False,
+            "families": ["cgcnn"],
+            "fusions": ["none", "early"],
+            "preset": "quick",
+            "sampler": sampler,
+            "scheduler": scheduler,
+            "points_to_evaluate": False,
             "num_samples": args.trials if scheduler == "fifo" else args.trials * 20,
-            "max_total_epochs": budget, "max_epochs": args.max_epochs, "stop_at_val_mae": stop_at,
-            "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+            "max_total_epochs": budget,
+            "max_epochs": args.max_epochs,
+            "stop_at_val_mae": stop_at,
+            "grace_period": args.grace_period,
+            "reduction_factor": args.reduction_factor,
             "asha_mode": args.asha_mode,
-            "early_stopping_patience": 10 * args.max_epochs, "seed": seed,
-            "max_concurrent": args.max_concurrent, "cpus_per_trial": 2 / args.max_concurrent,
+            "early_stopping_patience": 10 * args.max_epochs,
+            "seed": seed,
+            "max_concurrent": args.max_concurrent,
+            "cpus_per_trial": 2 / args.max_concurrent,
             "storage_path": str(workdir / "ray"),
         },
-        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlruns.db'}",
-                   "artifact_location": str(workdir / "artifacts")},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{workdir / 'mlruns.db'}",
+            "artifact_location": str(workdir / "artifacts"),
+        },
     }
     if args.data_dir:
         raw["data"]["data_dir"] = args.data_dir
@@ -97,8 +109,11 @@ def run_method(method: str, seed: int, args, workdir: Path, stop_at=None) -> lis
     res = run_search(cfg, progress=False)
     timeline = epoch_timeline(res.tracking_uri, name)[:budget]
     cut = " (stopped at the target)" if stop_at is not None and min(timeline) <= stop_at else ""
-    print(f"  {method:9s} seed {seed}: {len(res.leaderboard)} trials, {len(timeline)} epochs{cut}, "
-          f"best val_mae {min(timeline):.2f}, {time.time() - t0:.0f} s", flush=True)
+    print(
+        f"  {method:9s} seed {seed}: {len(res.leaderboard)} trials, {len(timeline)} epochs{cut}, "
+        f"best val_mae {min(timeline):.2f}, {time.time() - t0:.0f} s",
+        flush=True,
+    )
     return timeline
 
 
@@ -106,27 +121,48 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--limit", type=int, default=1000, help="rows of matbench_phonons used (seeded subset)")
-    p.add_argument("--val-fraction", type=float, default=0.3,
-                   help="inner validation share of the fold's training part (1,000 rows: ~560 train / ~240 val)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.3,
+        help="inner validation share of the fold's training part (1,000 rows: ~560 train / ~240 val)",
+    )
     p.add_argument("--trials", type=int, default=48, help="random search trials; budget = trials x max_epochs")
     p.add_argument("--max-epochs", type=int, default=27)
     p.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung (rungs 1, 3, 9, 27)")
     p.add_argument("--reduction-factor", type=int, default=3)
-    p.add_argument("--asha-mode", choices=["stop", "promote"], default="promote",
-                   help="ASHA's rule at a rung (search.asha_mode): Ray's stopping rule or the paper's promotion rule")
-    p.add_argument("--lr-schedule", choices=["cosine", "rungs"], default=None,
-                   help="GNN learning rate (search.lr_schedule; default: the search's default, cosine): one cosine "
-                        "cycle over max_epochs, or cycles that end at ASHA's rungs (applied to ASHA+TPE only; "
-                        "random search and TPE always train one cosine cycle)")
+    p.add_argument(
+        "--asha-mode",
+        choices=["stop", "promote"],
+        default="promote",
+        help="ASHA's rule at a rung (search.asha_mode): Ray's stopping rule or the paper's promotion rule",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["cosine", "rungs"],
+        default=None,
+        help="GNN learning rate (search.lr_schedule; default: the search's default, cosine): one cosine "
+        "cycle over max_epochs, or cycles that end at ASHA's rungs (applied to ASHA+TPE only; "
+        "random search and TPE always train one cosine cycle)",
+    )
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--full-runs", action="store_true",
-                   help="run TPE and ASHA+TPE to the end of the budget (default: stop once random's best is reached)")
-    p.add_argument("--target", type=float, default=1 / 3, help="pass if ASHA+TPE needs <= this share of random's epochs")
-    p.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "random"],
-                   default=[m for m in METHODS if m != "random"],
-                   help="methods run against random search (always run: it sets the target); "
-                        "e.g. --methods asha+tpe to leave out TPE without pruning")
+    p.add_argument(
+        "--full-runs",
+        action="store_true",
+        help="run TPE and ASHA+TPE to the end of the budget (default: stop once random's best is reached)",
+    )
+    p.add_argument(
+        "--target", type=float, default=1 / 3, help="pass if ASHA+TPE needs <= this share of random's epochs"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=[m for m in METHODS if m != "random"],
+        default=[m for m in METHODS if m != "random"],
+        help="methods run against random search (always run: it sets the target); "
+        "e.g. --methods asha+tpe to leave out TPE without pruning",
+    )
     args = p.parse_args(argv)
     if "asha+tpe" not in args.methods:
         p.error("--methods must include asha+tpe (the verdict compares it with random search)")
@@ -138,11 +174,14 @@ def main(argv=None) -> int:
             timelines = {"random": run_method("random", seed, args, Path(tmp) / f"random-{seed}")}
             target = min(timelines["random"])
             for m in args.methods:
-                timelines[m] = run_method(m, seed, args, Path(tmp) / f"{m}-{seed}",
-                                          stop_at=None if args.full_runs else target)
+                timelines[m] = run_method(
+                    m, seed, args, Path(tmp) / f"{m}-{seed}", stop_at=None if args.full_runs else target
+                )
             need = {m: epochs_to_reach(t, target) for m, t in timelines.items()}
-            print(f"  seed {seed}: target {target:.4f}, epochs needed: "
-                  + ", ".join(f"{m} {need[m]:.0f}" for m in need), flush=True)
+            print(
+                f"  seed {seed}: target {target:.4f}, epochs needed: " + ", ".join(f"{m} {need[m]:.0f}" for m in need),
+                flush=True,
+            )
             rows.append((seed, target, need))
 
     print("\nepochs needed to reach random search's final best inner-validation MAE")
@@ -152,20 +191,29 @@ def main(argv=None) -> int:
     for seed, target, need in rows:
         r_asha = need["asha+tpe"] / need["random"]
         ratios.append(r_asha)
-        tpe = (f"{need['tpe']:>7.0f}", f"{need['tpe'] / need['random']:>11.3f}") if ran_tpe else (
-            f"{'not run':>7}", f"{'-':>11}")
-        print(f"{seed:>4} {target:>9.2f} {need['random']:>7.0f} {tpe[0]} {need['asha+tpe']:>9.0f} "
-              f"{r_asha:>12.3f} {tpe[1]}")
+        tpe = (
+            (f"{need['tpe']:>7.0f}", f"{need['tpe'] / need['random']:>11.3f}")
+            if ran_tpe
+            else (f"{'not run':>7}", f"{'-':>11}")
+        )
+        print(
+            f"{seed:>4} {target:>9.2f} {need['random']:>7.0f} {tpe[0]} {need['asha+tpe']:>9.0f} "
+            f"{r_asha:>12.3f} {tpe[1]}"
+        )
     total = {m: float(sum(need[m] for _, _, need in rows)) for m in ["random", *args.methods]}
     ratio = total["asha+tpe"] / total["random"]
     tpe_total = f"tpe {total['tpe']:.0f}, " if ran_tpe else "tpe not run, "
-    print(f"\nall seeds together: random {total['random']:.0f}, {tpe_total}"
-          f"asha+tpe {total['asha+tpe']:.0f} epochs (inf: not reached within the budget)")
+    print(
+        f"\nall seeds together: random {total['random']:.0f}, {tpe_total}"
+        f"asha+tpe {total['asha+tpe']:.0f} epochs (inf: not reached within the budget)"
+    )
     print(f"mean of the per-seed ratios: {float(np.mean(ratios)):.3f}")
     verdict = "PASS" if ratio <= args.target else "FAIL"
     tpe_ratio = f", TPE / random: {total['tpe'] / total['random']:.3f}" if ran_tpe else ""
-    print(f"ASHA+TPE / random epochs ratio (summed over seeds): {ratio:.3f}{tpe_ratio} "
-          f"(target <= {args.target:.3f}): {verdict}")
+    print(
+        f"ASHA+TPE / random epochs ratio (summed over seeds): {ratio:.3f}{tpe_ratio} "
+        f"(target <= {args.target:.3f}): {verdict}"
+    )
     return 0 if verdict == "PASS" else 1
 
 

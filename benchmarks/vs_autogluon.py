@@ -21,6 +21,7 @@ ratio (ours / AutoGluon; < 1 means we are better) and both wall times; ``--json`
     python benchmarks/vs_autogluon.py --autogluon-python /work/agvenv/bin/python \\
         --tasks matbench_phonons --budget 60
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,27 +98,46 @@ def run_ours(task: str, fold: int, args, workdir: Path, features_cfg, ds, fs, ov
         "name": name,
         "data": {"source": task, "fold": fold, "data_dir": str(args.data_dir) if args.data_dir else None},
         "features": features_cfg.model_dump(),
-        "search": {"families": ["rf", "lgbm", "et"], "num_samples": 500, "max_epochs": args.max_epochs,
-                   "grace_period": 2, "reduction_factor": 3, "seed": args.seed, "max_concurrent": args.cpus,
-                   "cpus_per_trial": 1,
-                   "time_budget_s": args.tune_budget or max(10.0, args.search_share * (args.budget - overhead)),
-                   "early_stopping_patience": 5, "storage_path": str(workdir / "ray")},
-        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlruns.db'}", "experiment": name,
-                   "artifact_location": str(workdir / "mlartifacts")},
+        "search": {
+            "families": ["rf", "lgbm", "et"],
+            "num_samples": 500,
+            "max_epochs": args.max_epochs,
+            "grace_period": 2,
+            "reduction_factor": 3,
+            "seed": args.seed,
+            "max_concurrent": args.cpus,
+            "cpus_per_trial": 1,
+            "time_budget_s": args.tune_budget or max(10.0, args.search_share * (args.budget - overhead)),
+            "early_stopping_patience": 5,
+            "storage_path": str(workdir / "ray"),
+        },
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{workdir / 'mlruns.db'}",
+            "experiment": name,
+            "artifact_location": str(workdir / "mlartifacts"),
+        },
     }
     cfg = config_from_dict(raw, origin="vs_autogluon")
     res = run_search(cfg, progress=False)
     search_s = time.time() - t0
     if res.best_config is None:
-        raise RuntimeError(f"{task} fold {fold}: no trial finished within search.time_budget_s="
-                           f"{cfg.search.time_budget_s:.0f} s; raise --budget or --search-share")
+        raise RuntimeError(
+            f"{task} fold {fold}: no trial finished within search.time_budget_s="
+            f"{cfg.search.time_budget_s:.0f} s; raise --budget or --search-share"
+        )
     split = split_fold(ds, fold, cfg.data.val_fraction, seed=args.seed)
     y_test = ds.targets[split.test]
-    out = {"search_s": search_s, "tune_budget_s": cfg.search.time_budget_s,
-           "overhead_s": search_s - cfg.search.time_budget_s, "n_trials": int(len(res.leaderboard)), "best_family": res.best_config.get("family"),
-           "best_trial_test_mae": float(res.best_test_mae), "best_val_mae": float(res.best_val_mae),
-           "trials_per_family": res.leaderboard["family"].value_counts().to_dict(),
-           "pruned": int((res.leaderboard["status"] == "pruned").sum())}
+    out = {
+        "search_s": search_s,
+        "tune_budget_s": cfg.search.time_budget_s,
+        "overhead_s": search_s - cfg.search.time_budget_s,
+        "n_trials": int(len(res.leaderboard)),
+        "best_family": res.best_config.get("family"),
+        "best_trial_test_mae": float(res.best_test_mae),
+        "best_val_mae": float(res.best_val_mae),
+        "trials_per_family": res.leaderboard["family"].value_counts().to_dict(),
+        "pruned": int((res.leaderboard["status"] == "pruned").sum()),
+    }
     if args.final == "best":
         out.update(mae=float(res.best_test_mae), wall_s=time.time() - t0, final="best", members=[])
         return out
@@ -148,9 +168,14 @@ def run_ours(task: str, fold: int, args, workdir: Path, features_cfg, ds, fs, ov
     ens = StackedEnsemble(members, meta="nnls", n_folds=args.stack_folds, seed=args.seed)
     ens.fit(fs.descriptors, None, ds.targets, rows)
     pred = ens.predict(fs.descriptors, None, split.test, return_std=False)
-    out.update(mae=float(np.mean(np.abs(pred - y_test))), wall_s=time.time() - t0, final="stack",
-               stack_s=time.time() - t0 - search_s, members=[chosen["group"].iloc[j] for j in keep],
-               weights={k: round(v, 3) for k, v in (ens.weights_ or {}).items()})
+    out.update(
+        mae=float(np.mean(np.abs(pred - y_test))),
+        wall_s=time.time() - t0,
+        final="stack",
+        stack_s=time.time() - t0 - search_s,
+        members=[chosen["group"].iloc[j] for j in keep],
+        weights={k: round(v, 3) for k, v in (ens.weights_ or {}).items()},
+    )
     return out
 
 
@@ -163,20 +188,45 @@ def run_autogluon(task: str, fold: int, args, workdir: Path, ds, fs) -> dict:
     np.savez(npz, X_train=fs.descriptors[rows], y_train=ds.targets[rows], X_test=fs.descriptors[split.test])
     out_dir = workdir / f"ag-{task}-{fold}"
     t0 = time.time()
-    proc = subprocess.run([args.autogluon_python, "-c", AG_SCRIPT, str(npz), str(out_dir), str(args.budget),
-                           args.presets, str(args.cpus), str(args.seed)],
-                          capture_output=True, text=True, timeout=args.budget * 6 + 600)
+    proc = subprocess.run(
+        [
+            args.autogluon_python,
+            "-c",
+            AG_SCRIPT,
+            str(npz),
+            str(out_dir),
+            str(args.budget),
+            args.presets,
+            str(args.cpus),
+            str(args.seed),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.budget * 6 + 600,
+    )
     wall = time.time() - t0
     if proc.returncode != 0:
         print(f"AutoGluon failed on {task} fold {fold}:\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
-        return {"mae": float("nan"), "wall_s": wall, "fit_s": float("nan"), "best_model": "failed", "n_models": 0,
-                "note": proc.stderr[-300:]}
+        return {
+            "mae": float("nan"),
+            "wall_s": wall,
+            "fit_s": float("nan"),
+            "best_model": "failed",
+            "n_models": 0,
+            "note": proc.stderr[-300:],
+        }
     r = json.loads((out_dir / "result.json").read_text())
     pred = np.asarray(r["pred"], dtype=np.float64)
     if r.get("note"):
         print(f"  AutoGluon {task} fold {fold}: {r['note']}", flush=True)
-    return {"mae": float(np.mean(np.abs(pred - ds.targets[split.test]))), "wall_s": wall, "fit_s": r["fit_s"],
-            "best_model": r["best_model"], "n_models": r["n_models"], "note": r.get("note", "")}
+    return {
+        "mae": float(np.mean(np.abs(pred - ds.targets[split.test]))),
+        "wall_s": wall,
+        "fit_s": r["fit_s"],
+        "best_model": r["best_model"],
+        "n_models": r["n_models"],
+        "note": r.get("note", ""),
+    }
 
 
 def main(argv=None) -> int:
@@ -185,14 +235,26 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", default=["matbench_phonons"])
     p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--budget", type=float, default=60.0, help="wall seconds per fold per method")
-    p.add_argument("--search-share", type=float, default=0.6,
-                   help="share of the budget given to the search (search.time_budget_s); the rest stacks "
-                   "(members whose projected stacking time does not fit are left out)")
+    p.add_argument(
+        "--search-share",
+        type=float,
+        default=0.6,
+        help="share of the budget given to the search (search.time_budget_s); the rest stacks "
+        "(members whose projected stacking time does not fit are left out)",
+    )
     p.add_argument("--final", choices=["stack", "best"], default="stack")
-    p.add_argument("--tune-budget", type=float, default=None,
-                   help="fixed search.time_budget_s (default: search_share x (budget - measured overhead))")
-    p.add_argument("--overhead", type=float, default=20.0,
-                   help="expected run_search time outside Tune's fit on the first fold (later folds: measured)")
+    p.add_argument(
+        "--tune-budget",
+        type=float,
+        default=None,
+        help="fixed search.time_budget_s (default: search_share x (budget - measured overhead))",
+    )
+    p.add_argument(
+        "--overhead",
+        type=float,
+        default=20.0,
+        help="expected run_search time outside Tune's fit on the first fold (later folds: measured)",
+    )
     p.add_argument("--stack-folds", type=int, default=3)
     p.add_argument("--max-epochs", type=int, default=20, help="lgbm chunks per trial (ASHA's axis)")
     p.add_argument("--descriptors", nargs="*", default=None, help="descriptor sets (default: the data's default)")
@@ -206,8 +268,11 @@ def main(argv=None) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vs_autogluon-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"budget {args.budget:.0f} s per fold per method, {args.cpus} cpus, load average {os.getloadavg()}, "
-          f"workdir {workdir}", flush=True)
+    print(
+        f"budget {args.budget:.0f} s per fold per method, {args.cpus} cpus, load average {os.getloadavg()}, "
+        f"workdir {workdir}",
+        flush=True,
+    )
     # Ray is started once, before any timing (like a cluster that is up); AutoGluon's imports
     # are inside its wall time but outside its time_limit
     from matfusion.search.tuner import init_ray
@@ -217,18 +282,24 @@ def main(argv=None) -> int:
     results = []
     for task in args.tasks:
         ds, fs, features_cfg, feat_s = load_task(task, args.data_dir, args.descriptors)
-        print(f"{task}: {len(ds)} rows, descriptors {list(fs.descriptor_sets)} ({fs.descriptors.shape[1]} columns), "
-              f"featurized/loaded in {feat_s:.1f} s (cached; not part of either arm)", flush=True)
+        print(
+            f"{task}: {len(ds)} rows, descriptors {list(fs.descriptor_sets)} ({fs.descriptors.shape[1]} columns), "
+            f"featurized/loaded in {feat_s:.1f} s (cached; not part of either arm)",
+            flush=True,
+        )
         for fold in args.folds:
             ours = run_ours(task, fold, args, workdir, features_cfg, ds, fs, overhead)
             overhead = ours["overhead_s"]
             ag = run_autogluon(task, fold, args, workdir, ds, fs)
             row = {"task": task, "fold": fold, "ours": ours, "autogluon": ag, "ratio": ours["mae"] / ag["mae"]}
             results.append(row)
-            print(f"  fold {fold}: ours {ours['mae']:.4g} ({ours['wall_s']:.0f} s, {ours['n_trials']} trials, "
-                  f"{ours['final']} {'+'.join(ours['members'])}, "
-                  f"best single {ours['best_family']} {ours['best_trial_test_mae']:.4g}) | AutoGluon {ag['mae']:.4g} "
-                  f"({ag['wall_s']:.0f} s, best {ag['best_model']}) | ratio {row['ratio']:.3f}", flush=True)
+            print(
+                f"  fold {fold}: ours {ours['mae']:.4g} ({ours['wall_s']:.0f} s, {ours['n_trials']} trials, "
+                f"{ours['final']} {'+'.join(ours['members'])}, "
+                f"best single {ours['best_family']} {ours['best_trial_test_mae']:.4g}) | AutoGluon {ag['mae']:.4g} "
+                f"({ag['wall_s']:.0f} s, best {ag['best_model']}) | ratio {row['ratio']:.3f}",
+                flush=True,
+            )
             if args.json:
                 Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
     print(f"\nload average {os.getloadavg()}")
@@ -237,14 +308,18 @@ def main(argv=None) -> int:
     for task in args.tasks:
         rows = [r for r in results if r["task"] == task]
         for r in rows:
-            print(f"{task:<22} {r['fold']:>4} {r['ours']['mae']:>10.4g} {r['autogluon']['mae']:>10.4g} "
-                  f"{r['ratio']:>8.3f} {r['ours']['wall_s']:>7.0f} {r['autogluon']['wall_s']:>7.0f}")
+            print(
+                f"{task:<22} {r['fold']:>4} {r['ours']['mae']:>10.4g} {r['autogluon']['mae']:>10.4g} "
+                f"{r['ratio']:>8.3f} {r['ours']['wall_s']:>7.0f} {r['autogluon']['wall_s']:>7.0f}"
+            )
         if rows:
             mo = float(np.mean([r["ours"]["mae"] for r in rows]))
             ma = float(np.mean([r["autogluon"]["mae"] for r in rows]))
             verdict = "PASS" if mo <= ma else "FAIL"
             ok &= mo <= ma
-            print(f"{task:<22} {'mean':>4} {mo:>10.4g} {ma:>10.4g} {mo / ma:>8.3f}   target ours <= AutoGluon: {verdict}")
+            print(
+                f"{task:<22} {'mean':>4} {mo:>10.4g} {ma:>10.4g} {mo / ma:>8.3f}   target ours <= AutoGluon: {verdict}"
+            )
     return 0 if ok else 1
 
 

@@ -5,6 +5,7 @@ subcommands: ``leaderboard`` and ``mlflow-server`` (:mod:`matfusion.tracking.com
 ``ensemble``, ``export`` and ``predict`` (:mod:`matfusion.ensembles.commands`), ``benchmark`` and
 ``report`` (:mod:`matfusion.benchmark.commands`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,14 @@ in the working directory (artifacts in ./mlartifacts).
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML search config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set search.num_samples=10 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set search.num_samples=10 (repeatable)",
+    )
     p.add_argument("--data-dir", help="folder with the datasets (default: $MATFUSION_DATA or ../shared/data)")
 
 
@@ -98,9 +105,14 @@ def ensemble_after_search(cfg, result, progress: bool = True) -> int:
     from .ensembles.pipeline import format_result as format_ensemble
 
     try:
-        res = build_ensemble_from_search(settings=cfg.ensemble, tracking_uri=result.tracking_uri,
-                                         seed=cfg.search.seed, data_dir=cfg.data.data_dir,
-                                         progress=progress, parent_run_id=result.parent_run_id)
+        res = build_ensemble_from_search(
+            settings=cfg.ensemble,
+            tracking_uri=result.tracking_uri,
+            seed=cfg.search.seed,
+            data_dir=cfg.data.data_dir,
+            progress=progress,
+            parent_run_id=result.parent_run_id,
+        )
     except ValueError as err:
         print(f"matfusion: ensemble after search {result.parent_run_id} failed: {err}", file=sys.stderr)
         return 1
@@ -117,8 +129,10 @@ def cmd_featurize(args) -> int:
     print(ds.summary())
     fs = featurize(ds, cfg.features, progress=True)
     n_edges = int(fs.graphs.edge_ptr[-1]) if fs.graphs is not None else 0
-    print(f"descriptors {fs.descriptors.shape}; graphs {0 if fs.graphs is None else len(fs.graphs)} "
-          f"({n_edges} edges); from cache: {fs.from_cache}")
+    print(
+        f"descriptors {fs.descriptors.shape}; graphs {0 if fs.graphs is None else len(fs.graphs)} "
+        f"({n_edges} edges); from cache: {fs.from_cache}"
+    )
     return 0
 
 
@@ -131,21 +145,31 @@ def cmd_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="matfusion", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="matfusion", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"matfusion {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("search", help="run a hyperparameter search (Ray Tune + Optuna TPE + ASHA, logged to MLflow)",
-                       description="Run the search a YAML config describes and print its leaderboard.",
-                       epilog=SEARCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "search",
+        help="run a hyperparameter search (Ray Tune + Optuna TPE + ASHA, logged to MLflow)",
+        description="Run the search a YAML config describes and print its leaderboard.",
+        epilog=SEARCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_common(p)
-    p.add_argument("--address", help="connect to an existing Ray cluster (auto or HOST:PORT); "
-                                     "default: start a local Ray on 127.0.0.1")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted search of this config's name (see below); "
-                        "starts afresh, saying so, if nothing is restorable")
+    p.add_argument(
+        "--address",
+        help="connect to an existing Ray cluster (auto or HOST:PORT); default: start a local Ray on 127.0.0.1",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted search of this config's name (see below); "
+        "starts afresh, saying so, if nothing is restorable",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress table")
     p.set_defaults(func=cmd_search)
 
@@ -175,8 +199,9 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -4,6 +4,7 @@ A config is a YAML file; ``--set dotted.key=value`` overrides any key.  Unknown 
 bad values raise :class:`ConfigError` with a message that names the key and, where the
 values are a closed set, the allowed values.  Validation happens before Ray starts.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,8 @@ class DataConfig(_Strict):
         "a CSV/JSON table path, or a folder of CIF/POSCAR files with id_prop.csv"
     )
     target: Optional[Union[str, list[str]]] = Field(
-        None, description="target column of a table, or a list of columns for multi-task; default: the task's target")
+        None, description="target column of a table, or a list of columns for multi-task; default: the task's target"
+    )
     structure_column: str = "structure"
     id_column: Optional[str] = None
     data_dir: Optional[str] = Field(None, description="default: $MATFUSION_DATA or ../shared/data")
@@ -58,11 +60,16 @@ class FeaturesConfig(_Strict):
     max_neighbors: int = Field(12, gt=0)
     gaussian_bins: int = Field(40, gt=1, description="number of Gaussians expanding each distance")
     gaussian_width: Optional[float] = Field(None, gt=0.0, description="default: cutoff / gaussian_bins")
-    line_graph: bool = Field(False, description="also build each graph's line graph (bond angles; ALIGNN needs it). "
-                             "The search turns it on when it searches alignn")
+    line_graph: bool = Field(
+        False,
+        description="also build each graph's line graph (bond angles; ALIGNN needs it). "
+        "The search turns it on when it searches alignn",
+    )
     descriptors: Optional[list[Literal[DESCRIPTOR_SETS]]] = Field(
-        None, description="descriptor sets of the tabular matrix (rf, lgbm, et and the descriptor branch of fused "
-        "GNNs); default: magpie, density, symmetry, bonds with structures, magpie for compositions only")
+        None,
+        description="descriptor sets of the tabular matrix (rf, lgbm, et and the descriptor branch of fused "
+        "GNNs); default: magpie, density, symmetry, bonds with structures, magpie for compositions only",
+    )
     n_jobs: int = Field(0, ge=0, description="worker processes; 0 = all cores")
     cache_dir: Optional[str] = Field(None, description="default: $MATFUSION_CACHE or ~/.cache/matfusion")
 
@@ -73,51 +80,72 @@ class SearchConfig(_Strict):
     families: list[Literal[FAMILIES]] = Field(
         default_factory=lambda: list(FAMILIES),
         description="model families the search picks from; rf, lgbm (LightGBM) and et (extra trees) train on "
-        "features.descriptors like rf")
+        "features.descriptors like rf",
+    )
     fusions: list[Literal[FUSIONS]] = Field(
-        default_factory=lambda: list(FUSIONS),
-        description="fusions of each GNN with Magpie that the search may pick")
+        default_factory=lambda: list(FUSIONS), description="fusions of each GNN with Magpie that the search may pick"
+    )
     task_weighting: list[Literal[TASK_WEIGHTINGS]] = Field(
         default_factory=lambda: ["fixed", "uncertainty"],
-        description="multi-task loss weighting choices: fixed (task_weights), tuned (searched), uncertainty (learned)")
+        description="multi-task loss weighting choices: fixed (task_weights), tuned (searched), uncertainty (learned)",
+    )
     task_weights: Optional[dict[str, float]] = Field(None, description="fixed lambda per target (default 1)")
     preset: Literal["quick", "default", "thorough"] = Field(
-        "default", description="ranges of every family's space: quick (small models), default, thorough (wider)")
+        "default", description="ranges of every family's space: quick (small models), default, thorough (wider)"
+    )
     space: dict[str, Any] = Field(
         default_factory=dict,
         description="fix or narrow parameters: {'cgcnn.hidden': 64, 'cgcnn.lr': {low: 1e-3, high: 5e-3}, "
-        "'rf.max_depth': [0, 20], 'cgcnn.fusion': [none, early]}")
+        "'rf.max_depth': [0, 20], 'cgcnn.fusion': [none, early]}",
+    )
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler proposing trials")
-    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops bad trials early; fifo runs every trial to the end")
+    scheduler: Literal["asha", "fifo"] = Field(
+        "asha", description="asha stops bad trials early; fifo runs every trial to the end"
+    )
     asha_mode: Literal["stop", "promote"] = Field(
-        "stop", description="ASHA's rule at a rung: stop (Ray's: a trial goes on unless it is below the best "
+        "stop",
+        description="ASHA's rule at a rung: stop (Ray's: a trial goes on unless it is below the best "
         "1/reduction_factor of the results its rung holds so far, so the first trials go on unopposed) or promote "
         "(as published: a trial goes on only when its rung holds at least reduction_factor results and it is among "
         "the best 1/reduction_factor of them; the others are paused with their checkpoint and resumed if they "
-        "become so)")
+        "become so)",
+    )
     asha_scope: Literal["group", "all"] = Field(
-        "group", description="which trials an ASHA rung compares: group (family-fair: each group of trials, family x "
+        "group",
+        description="which trials an ASHA rung compares: group (family-fair: each group of trials, family x "
         "fusion such as lgbm or cgcnn-early, has its own rungs, so a GNN's epoch k is never judged against "
         "LightGBM's k-th chunk of boosting rounds) or all (family-blind: every epoch-trained trial in one set of "
-        "rungs, the behaviour before; kept for comparison)")
+        "rungs, the behaviour before; kept for comparison)",
+    )
     min_trials_per_group: int = Field(
-        2, ge=0, description="the search's budget rule across groups: the first groups x this many trials are "
+        2,
+        ge=0,
+        description="the search's budget rule across groups: the first groups x this many trials are "
         "proposed group by group in round robin (each group of the space, family x fusion, gets this many trials; "
         "the known-good points_to_evaluate count toward their group), then TPE chooses the group too; 0: TPE "
-        "chooses every group from the start. When num_samples is smaller, the round robin is cut short (warned)")
+        "chooses every group from the start. When num_samples is smaller, the round robin is cut short (warned)",
+    )
     max_total_epochs: Optional[int] = Field(
-        None, gt=0, description="stop the search once all trials together reported this many epochs")
+        None, gt=0, description="stop the search once all trials together reported this many epochs"
+    )
     stop_at_val_mae: Optional[float] = Field(
-        None, description="stop the search as soon as any trial reports a val_mae at or below this (good enough: "
-        "e.g. a known baseline's score)")
+        None,
+        description="stop the search as soon as any trial reports a val_mae at or below this (good enough: "
+        "e.g. a known baseline's score)",
+    )
     checkpoint_every: int = Field(
-        1, gt=0, description="epochs between trial checkpoints (the last epoch always has one); "
-        "a resumed trial restarts from its last checkpoint")
+        1,
+        gt=0,
+        description="epochs between trial checkpoints (the last epoch always has one); "
+        "a resumed trial restarts from its last checkpoint",
+    )
     lr_schedule: Literal["cosine", "rungs"] = Field(
-        "cosine", description="GNN learning rate: cosine (one cycle over max_epochs, as a trial trained alone; an "
+        "cosine",
+        description="GNN learning rate: cosine (one cycle over max_epochs, as a trial trained alone; an "
         "ASHA rung then compares models mid-schedule) or rungs (cosine cycles that end at each ASHA rung milestone, "
         "so every rung compares annealed models, with a warm restart when a trial goes on; the restarts cost "
-        "accuracy at max_epochs, see benchmarks/README.md)")
+        "accuracy at max_epochs, see benchmarks/README.md)",
+    )
     points_to_evaluate: bool = Field(True, description="seed the search with one known-good config per family")
     num_samples: int = Field(8, gt=0)
     max_epochs: int = Field(30, gt=0)
@@ -126,12 +154,19 @@ class SearchConfig(_Strict):
     seed: int = 0
     max_concurrent: int = Field(2, gt=0)
     cpus_per_trial: float = Field(1.0, gt=0.0)
-    gpus_per_trial: Optional[float] = Field(None, ge=0.0, description="default: 0, or 1/max_concurrent when CUDA is present")
-    early_stopping_patience: int = Field(20, gt=0, description="epochs without inner-val improvement before a trial stops")
+    gpus_per_trial: Optional[float] = Field(
+        None, ge=0.0, description="default: 0, or 1/max_concurrent when CUDA is present"
+    )
+    early_stopping_patience: int = Field(
+        20, gt=0, description="epochs without inner-val improvement before a trial stops"
+    )
     time_budget_s: Optional[float] = Field(None, gt=0.0)
     max_failures: int = Field(
-        0, ge=-1, description="times a failed trial (e.g. its node died) is retried from its last checkpoint; "
-        "-1 = without limit. 2 is a good value on a cluster")
+        0,
+        ge=-1,
+        description="times a failed trial (e.g. its node died) is retried from its last checkpoint; "
+        "-1 = without limit. 2 is a good value on a cluster",
+    )
     storage_path: Optional[str] = Field(None, description="default: ./ray_results")
     address: Optional[str] = Field(None, description="Ray cluster address; default: start a local one on 127.0.0.1")
 
@@ -194,15 +229,23 @@ def _ensemble_config() -> type:
             enabled: bool = Field(False, description="build, evaluate and log an ensemble after a completed search")
             k: int = Field(2, ge=1, description="members per group (rf; each graph family x fusion)")
             meta: Literal["mae", "nnls", "ridge", "gbm"] = Field(
-                "mae", description="mae: convex blend minimizing the out-of-fold MAE; nnls: non-negative least squares; "
-                "ridge; gbm")
+                "mae",
+                description="mae: convex blend minimizing the out-of-fold MAE; nnls: non-negative least squares; "
+                "ridge; gbm",
+            )
             n_folds: int = Field(5, ge=2, description="out-of-fold splits of the training rows")
-            max_epochs: Optional[int] = Field(None, ge=1,
-                                              description="epochs of the graph (GNN) members; default as searched "
-                                              "(trials the search stopped early are then trained this long)")
-            refit: bool = Field(True, description="train every weighted member once more on all the training rows "
-                                "for the point prediction (weights still from the out-of-fold predictions); false: "
-                                "predict with the K fold models")
+            max_epochs: Optional[int] = Field(
+                None,
+                ge=1,
+                description="epochs of the graph (GNN) members; default as searched "
+                "(trials the search stopped early are then trained this long)",
+            )
+            refit: bool = Field(
+                True,
+                description="train every weighted member once more on all the training rows "
+                "for the point prediction (weights still from the out-of-fold predictions); false: "
+                "predict with the K fold models",
+            )
             register: bool = Field(True, description="register the model as matfusion-<task> (champion if better)")
 
     EnsembleConfig.__qualname__ = "EnsembleConfig"  # picklable by reference as matfusion.config.EnsembleConfig
@@ -217,16 +260,28 @@ class BenchmarkConfig(_Strict):
     search budget: ``search.time_budget_s``; stacking: the ``ensemble`` section)."""
 
     train_limit: Optional[int] = Field(
-        None, gt=1, description="about this many training rows per fold (miniature runs): the search and the "
-        "stacking use a seeded subset of the fold's training part; every test row is still predicted")
+        None,
+        gt=1,
+        description="about this many training rows per fold (miniature runs): the search and the "
+        "stacking use a seeded subset of the fold's training part; every test row is still predicted",
+    )
     max_groups: Optional[int] = Field(
-        None, gt=0, description="stack the best N groups (rf; graph family x fusion) by inner-validation MAE; "
-        "default: every group the search tried")
+        None,
+        gt=0,
+        description="stack the best N groups (rf; graph family x fusion) by inner-validation MAE; "
+        "default: every group the search tried",
+    )
     graph_member: bool = Field(
-        True, description="with max_groups: also stack the best graph-model group (family x fusion) when none of the "
-        "best max_groups is one; the meta-learner then weighs it on out-of-fold predictions like any member")
-    permutation_repeats: int = Field(3, ge=0, description="shuffles per feature/modality of the permutation "
-                                     "importances in the report (0: impurity importance only)")
+        True,
+        description="with max_groups: also stack the best graph-model group (family x fusion) when none of the "
+        "best max_groups is one; the meta-learner then weighs it on out-of-fold predictions like any member",
+    )
+    permutation_repeats: int = Field(
+        3,
+        ge=0,
+        description="shuffles per feature/modality of the permutation "
+        "importances in the report (0: impurity importance only)",
+    )
 
 
 class Config(_Strict):

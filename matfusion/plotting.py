@@ -4,6 +4,7 @@ benchmark report (:mod:`matfusion.benchmark.report`).
 Figures are drawn on matplotlib's Agg canvas directly: no pyplot state, no display needed, safe
 in a Ray driver and in tests.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@
 and events on fd 4, one JSON message per NUL-terminated chunk: no port, no websocket
 library, nothing listening.  Used by tests/search/test_cluster.py to check the MLflow UI.
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,9 +17,18 @@ import subprocess
 import time
 from typing import Optional
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 
 
 def find_chromium() -> Optional[str]:
@@ -34,8 +44,9 @@ class CDPError(RuntimeError):
 
 
 class Chromium:
-    def __init__(self, binary: str, user_data_dir: str, width: int = 1600, height: int = 1000,
-                 log_path: Optional[str] = None) -> None:
+    def __init__(
+        self, binary: str, user_data_dir: str, width: int = 1600, height: int = 1000, log_path: Optional[str] = None
+    ) -> None:
         cmd_r, cmd_w = os.pipe()  # we write commands, Chromium reads them on its fd 3
         out_r, out_w = os.pipe()  # Chromium writes on its fd 4, we read
 
@@ -46,10 +57,21 @@ class Chromium:
 
         self._log = open(log_path or os.devnull, "w")
         self.proc = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={user_data_dir}", f"--window-size={width},{height}",
-             "--remote-debugging-pipe", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, close_fds=False,
-            preexec_fn=to_fds_3_and_4, start_new_session=True)
+            [
+                binary,
+                *FLAGS,
+                f"--user-data-dir={user_data_dir}",
+                f"--window-size={width},{height}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            close_fds=False,
+            preexec_fn=to_fds_3_and_4,
+            start_new_session=True,
+        )
         os.close(cmd_r)
         os.close(out_w)
         self._w, self._r = cmd_w, out_r
@@ -92,17 +114,19 @@ class Chromium:
 
     def open(self, url: str) -> None:
         target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                 session=False)["sessionId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)[
+            "sessionId"
+        ]
         self.send("Page.enable")
         self.send("Runtime.enable")
-        self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False})
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
+        )
         self.send("Page.navigate", {"url": url})
 
     def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True})
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
         if "exceptionDetails" in result:
             raise CDPError(f"{expression!r}: {result['exceptionDetails'].get('text')}")
         return result.get("result", {}).get("value")

@@ -15,6 +15,7 @@ It prints one JSON line per event on stdout: first ``{"address": ..., "head": NO
 environment says where Ray keeps its files (``RAY_TMPDIR``) and whether token authentication
 is on (``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN_PATH``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,16 +40,30 @@ def main(argv=None) -> int:
     from ray.cluster_utils import Cluster
 
     # quick failure detection: a dead node is declared dead after ~3 s instead of ~30 s
-    system_config = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
-                     "health_check_initial_delay_ms": 1000}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": args.cpus, "include_dashboard": False, "resources": {"matfusion_head": 1},
-        "_system_config": system_config})
-    workers = [cluster.add_node(num_cpus=args.cpus, resources={"matfusion_worker": 1})
-               for _ in range(args.workers)]
+    system_config = {
+        "health_check_period_ms": 1000,
+        "health_check_failure_threshold": 3,
+        "health_check_initial_delay_ms": 1000,
+    }
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": args.cpus,
+            "include_dashboard": False,
+            "resources": {"matfusion_head": 1},
+            "_system_config": system_config,
+        },
+    )
+    workers = [cluster.add_node(num_cpus=args.cpus, resources={"matfusion_worker": 1}) for _ in range(args.workers)]
     cluster.wait_for_nodes()
-    emit({"address": cluster.address, "head": cluster.head_node.node_id,
-          "workers": [w.node_id for w in workers], "pid": os.getpid()})
+    emit(
+        {
+            "address": cluster.address,
+            "head": cluster.head_node.node_id,
+            "workers": [w.node_id for w in workers],
+            "pid": os.getpid(),
+        }
+    )
     try:
         for line in sys.stdin:
             cmd = line.strip()

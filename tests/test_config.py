@@ -7,8 +7,11 @@ from conftest import REPO
 
 from matfusion.config import ConfigError, apply_overrides, config_from_dict, load_config
 
-BASE = {"name": "t", "data": {"source": "matbench_phonons", "fold": 0, "limit": 200},
-        "search": {"num_samples": 3, "max_epochs": 2, "seed": 0, "max_concurrent": 2, "grace_period": 1}}
+BASE = {
+    "name": "t",
+    "data": {"source": "matbench_phonons", "fold": 0, "limit": 200},
+    "search": {"num_samples": 3, "max_epochs": 2, "seed": 0, "max_concurrent": 2, "grace_period": 1},
+}
 
 
 def _with(**sections):
@@ -60,8 +63,9 @@ def test_bad_values_are_named():
 
 
 def test_overrides_parse_yaml_scalars_and_create_sections():
-    raw = apply_overrides(_with(), ["search.num_samples=7", "data.limit=50", "features.cutoff=5.5",
-                                    "search.families=[rf]"])
+    raw = apply_overrides(
+        _with(), ["search.num_samples=7", "data.limit=50", "features.cutoff=5.5", "search.families=[rf]"]
+    )
     cfg = config_from_dict(raw)
     assert cfg.search.num_samples == 7 and cfg.data.limit == 50 and cfg.features.cutoff == 5.5
     assert cfg.search.families == ["rf"]
@@ -73,8 +77,13 @@ def test_invalid_config_fails_fast_before_ray(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ndata: {source: matbench_phonons}\nsearch: {families: [rf, gpt]}\n")
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "matfusion.cli", "search", str(bad)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "matfusion.cli", "search", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "search.families.1" in proc.stderr and "'gpt'" in proc.stderr
     assert "Started a local Ray" not in proc.stderr + proc.stdout

@@ -1,13 +1,14 @@
 """What every part of the benchmark shares: its error, the files of its output folder (and the
 state file's reading and writing), the progress printer."""
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-RESULTS_FILE = "results.json.gz"      # matbench's MatbenchBenchmark.as_dict(), gzip JSON
-STATE_FILE = "benchmark_state.json"   # per-fold progress and the settings the benchmark started with
+RESULTS_FILE = "results.json.gz"  # matbench's MatbenchBenchmark.as_dict(), gzip JSON
+STATE_FILE = "benchmark_state.json"  # per-fold progress and the settings the benchmark started with
 REPORT_FILE = "report.md"
 N_OFFICIAL_FOLDS = 5
 

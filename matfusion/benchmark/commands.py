@@ -1,4 +1,5 @@
 """The ``benchmark`` and ``report`` subcommands: their parsers and what they run."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,27 +26,39 @@ def add_parsers(subparsers) -> None:
     """Register ``benchmark`` and ``report`` on the main parser's subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
-        "benchmark", formatter_class=fmt, epilog=BENCHMARK_EPILOG,
+        "benchmark",
+        formatter_class=fmt,
+        epilog=BENCHMARK_EPILOG,
         help="nested cross-validation over matbench's 5 official folds: search, stack, record results.json.gz",
         description="Benchmark matfusion on a matbench v0.1 task: for each official fold, a search on the fold's\n"
-        "training part, a stacked ensemble, and its predictions of the test fold recorded with matbench.")
+        "training part, a stacked ensemble, and its predictions of the test fold recorded with matbench.",
+    )
     p.add_argument("task", help="matbench task, e.g. matbench_phonons")
     p.add_argument("--config", required=True, help="YAML config (see configs/benchmark.yaml)")
     p.add_argument("--folds", default=None, help="comma-separated folds to run, e.g. 0,1 (default: all 5)")
     p.add_argument("--out", default=None, help="output folder (default: results/<task>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set search.time_budget_s=180 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set search.time_budget_s=180 (repeatable)",
+    )
     p.add_argument("--data-dir", help="folder with the datasets (default: $MATFUSION_DATA or ../shared/data)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_benchmark)
 
     p = subparsers.add_parser(
-        "report", formatter_class=fmt, help="write the markdown report + plots of a benchmark folder",
+        "report",
+        formatter_class=fmt,
+        help="write the markdown report + plots of a benchmark folder",
         description="Write <out>/report.md and its PNGs from the files `matfusion benchmark` wrote there\n"
         "(results.json.gz, fold_<k>/*): per-fold and mean MAE next to the matbench leaderboard, model\n"
         "families, parity plots, search history, feature and modality importances.",
-        epilog="example: matfusion report results/matbench_phonons")
+        epilog="example: matfusion report results/matbench_phonons",
+    )
     p.add_argument("out", metavar="DIR", help="benchmark output folder, e.g. results/matbench_phonons")
     p.set_defaults(func=cmd_report)
 
@@ -60,8 +73,14 @@ def cmd_benchmark(args) -> int:
     try:
         folds = parse_folds(args.folds)
         cfg = load_config(args.config, overrides)
-        res = run_benchmark(cfg, args.task, folds=folds, out=Path(args.out) if args.out else None,
-                            progress=not args.quiet, report=not args.no_report)
+        res = run_benchmark(
+            cfg,
+            args.task,
+            folds=folds,
+            out=Path(args.out) if args.out else None,
+            progress=not args.quiet,
+            report=not args.no_report,
+        )
     except BenchmarkError as err:
         print(f"matfusion benchmark: error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ were recorded (they never feed back into a prediction): which modalities (crysta
 vector) a member uses, the permutation importance of the two modalities, and the impurity and
 permutation importance of the descriptor columns in the tabular (RF) member.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -26,8 +27,9 @@ def uses_modalities(config: dict) -> tuple[bool, bool]:
     return True, fusion in DESCRIPTOR_FUSIONS
 
 
-def modality_importance(ensemble, descriptors: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
-                        repeats: int = 3, seed: int = 0) -> dict:
+def modality_importance(
+    ensemble, descriptors: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int], repeats: int = 3, seed: int = 0
+) -> dict:
     """Permutation importance of the two modalities on ``rows``: the rise in MAE when the crystal
     graphs (or the Magpie vectors) are shuffled across the rows while the other input stays in
     place, for every member that uses both (fused models) and for the whole ensemble.
@@ -47,8 +49,14 @@ def modality_importance(ensemble, descriptors: np.ndarray, graphs, targets: np.n
         return {"ensemble": _mae(out["mean"], y), **{ensemble.names_[j]: _mae(out["members"][:, j], y) for j in fused}}
 
     base_scores = scores(base)
-    out = {"base_mae": base_scores, "graph": dict.fromkeys(names, 0.0), "magpie": dict.fromkeys(names, 0.0),
-           "repeats": repeats, "n_rows": int(len(rows)), "fused_members": [ensemble.names_[j] for j in fused]}
+    out = {
+        "base_mae": base_scores,
+        "graph": dict.fromkeys(names, 0.0),
+        "magpie": dict.fromkeys(names, 0.0),
+        "repeats": repeats,
+        "n_rows": int(len(rows)),
+        "fused_members": [ensemble.names_[j] for j in fused],
+    }
     if graphs is None or repeats < 1:
         return out
     rng = np.random.default_rng([seed, 4242])
@@ -68,8 +76,15 @@ def modality_importance(ensemble, descriptors: np.ndarray, graphs, targets: np.n
     return out
 
 
-def rf_importance(ensemble, descriptors: np.ndarray, targets: np.ndarray, rows: Sequence[int], columns: Sequence[str],
-                  repeats: int = 3, seed: int = 0) -> Optional[dict]:
+def rf_importance(
+    ensemble,
+    descriptors: np.ndarray,
+    targets: np.ndarray,
+    rows: Sequence[int],
+    columns: Sequence[str],
+    repeats: int = 3,
+    seed: int = 0,
+) -> Optional[dict]:
     """Of the ensemble's first ``rf`` member (else its first tabular member), over its K fold
     models: the impurity importance of each descriptor (Magpie) column, mean over the fold models
     (where the models have ``feature_importances_``), and, with ``repeats`` > 0, the permutation
@@ -91,8 +106,14 @@ def rf_importance(ensemble, descriptors: np.ndarray, targets: np.ndarray, rows: 
     models = [st.get(family) for st in states]
     if all(isinstance(m, (list, tuple)) and m and hasattr(m[0], "feature_importances_") for m in models):
         impurity = np.mean([m[0].feature_importances_ for m in models], axis=0).tolist()
-    out = {"member": ensemble.names_[j], "family": family, "columns": names, "impurity": impurity,
-           "permutation": None, "repeats": repeats}
+    out = {
+        "member": ensemble.names_[j],
+        "family": family,
+        "columns": names,
+        "impurity": impurity,
+        "permutation": None,
+        "repeats": repeats,
+    }
     if repeats < 1:
         return out
     rows = np.asarray(rows, dtype=np.int64)
@@ -101,8 +122,13 @@ def rf_importance(ensemble, descriptors: np.ndarray, targets: np.ndarray, rows: 
 
     def predict(x):
         part = {"descriptors": x, "y": y, "row": rows}
-        return np.mean([np.asarray(predict_from_state(c, st, part, ensemble.graph_params_), dtype=np.float64)
-                        .reshape(len(rows)) for c, st in zip(configs, states)], axis=0)
+        return np.mean(
+            [
+                np.asarray(predict_from_state(c, st, part, ensemble.graph_params_), dtype=np.float64).reshape(len(rows))
+                for c, st in zip(configs, states)
+            ],
+            axis=0,
+        )
 
     base = _mae(predict(X), y)
     rng = np.random.default_rng([seed, 777])

@@ -5,6 +5,7 @@ and the check that our rows line up with matbench's folds.
 matbench 0.6's ``from_file`` opens files as plain text; :func:`load_results` reads both gzip and
 plain JSON and validates with matbench's ``from_dict``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -17,8 +18,19 @@ import numpy as np
 
 from .base import N_OFFICIAL_FOLDS, RESULTS_FILE, BenchmarkError
 
-__all__ = ["N_OFFICIAL_FOLDS", "RESULTS_FILE", "check_alignment", "check_task", "ensure_matminer_data",
-           "fold_scores", "load_results", "open_benchmark", "read_results_dict", "recorded_folds", "write_results"]
+__all__ = [
+    "N_OFFICIAL_FOLDS",
+    "RESULTS_FILE",
+    "check_alignment",
+    "check_task",
+    "ensure_matminer_data",
+    "fold_scores",
+    "load_results",
+    "open_benchmark",
+    "read_results_dict",
+    "recorded_folds",
+    "write_results",
+]
 
 
 def check_task(task: str) -> dict:
@@ -41,14 +53,18 @@ def ensure_matminer_data(task: str, data_dir: Optional[Path]) -> str:
     current = os.environ.get("MATMINER_DATA")
     if current:
         if not (Path(current) / f"{task}.json.gz").is_file():
-            raise BenchmarkError(f"MATMINER_DATA={current} has no {task}.json.gz; matbench would try to download it. "
-                                 "Unset MATMINER_DATA (matfusion then uses <data_dir>/matbench) or point it at the "
-                                 "folder that holds the file")
+            raise BenchmarkError(
+                f"MATMINER_DATA={current} has no {task}.json.gz; matbench would try to download it. "
+                "Unset MATMINER_DATA (matfusion then uses <data_dir>/matbench) or point it at the "
+                "folder that holds the file"
+            )
         return current
     path = find_matbench_file(task, data_dir)
     if path is None or not path.name.endswith(".json.gz"):
-        raise BenchmarkError(f"no {task}.json.gz under the data dir {data_dir} (looked in <data_dir>/matbench/ and "
-                             "<data_dir>/); matbench needs it to score the predictions")
+        raise BenchmarkError(
+            f"no {task}.json.gz under the data dir {data_dir} (looked in <data_dir>/matbench/ and "
+            "<data_dir>/); matbench needs it to score the predictions"
+        )
     os.environ["MATMINER_DATA"] = str(path.parent)
     return str(path.parent)
 
@@ -92,8 +108,10 @@ def open_benchmark(task: str, path: Path):
         return mb
     d = read_results_dict(path)
     if not _hash_ok(d):
-        raise BenchmarkError(f"{path}: its hash does not match its content (modified or truncated); move it aside "
-                             "to start the benchmark afresh")
+        raise BenchmarkError(
+            f"{path}: its hash does not match its content (modified or truncated); move it aside "
+            "to start the benchmark afresh"
+        )
     tasks = d.get("tasks") or {}
     if set(tasks) != {task}:
         raise BenchmarkError(f"{path} holds results of {sorted(tasks)}, not {task}; use another --out")
@@ -137,24 +155,31 @@ def check_alignment(mb_task, dataset) -> dict[int, list[str]]:
         test_df = mb_task.get_test_data(k, as_type="df", include_target=True)
         ids = [str(i) for i in test_df.index]
         if ids != [str(i) for i in mb_task.validation[mb_task.folds_map[k]].test]:
-            raise BenchmarkError(f"{dataset.name} fold {k}: matbench's get_test_data order differs from its "
-                                 "validation ids")
+            raise BenchmarkError(
+                f"{dataset.name} fold {k}: matbench's get_test_data order differs from its validation ids"
+            )
         missing = [i for i in ids if i not in pos]
         if missing:
-            raise BenchmarkError(f"{dataset.name} fold {k}: {len(missing)} of matbench's test rows are not in our "
-                                 f"dataset (first: {missing[0]}); every test row must be predicted. Rows our loader "
-                                 f"skipped: {dict(dataset.skipped) or 'none'} (disordered structures: set "
-                                 "data.disordered: majority)")
+            raise BenchmarkError(
+                f"{dataset.name} fold {k}: {len(missing)} of matbench's test rows are not in our "
+                f"dataset (first: {missing[0]}); every test row must be predicted. Rows our loader "
+                f"skipped: {dict(dataset.skipped) or 'none'} (disordered structures: set "
+                "data.disordered: majority)"
+            )
         ours = sorted(dataset.ids[p] for p in dataset.official_folds[k])
         if ours != sorted(ids):
-            raise BenchmarkError(f"{dataset.name} fold {k}: our fold's test ids differ from matbench's "
-                                 f"({len(set(ours) ^ set(ids))} ids differ)")
+            raise BenchmarkError(
+                f"{dataset.name} fold {k}: our fold's test ids differ from matbench's "
+                f"({len(set(ours) ^ set(ids))} ids differ)"
+            )
         y_mb = np.asarray(test_df[target], dtype=np.float64)
         y_ours = np.asarray(dataset.targets, dtype=np.float64)[[pos[i] for i in ids]]
         bad = np.flatnonzero(~np.isclose(y_mb, y_ours, rtol=1e-7, atol=1e-9))
         if len(bad):
             i = int(bad[0])
-            raise BenchmarkError(f"{dataset.name} fold {k}: target of {ids[i]} is {y_ours[i]!r} in our rows and "
-                                 f"{y_mb[i]!r} in matbench's; the rows do not line up")
+            raise BenchmarkError(
+                f"{dataset.name} fold {k}: target of {ids[i]} is {y_ours[i]!r} in our rows and "
+                f"{y_mb[i]!r} in matbench's; the rows do not line up"
+            )
         out[k] = ids
     return out

@@ -15,6 +15,7 @@ Magpie vectors are shuffled, for the fused members and the ensemble).
 Test MAEs of single members are for information: members were chosen by inner-validation MAE
 only, and the importances are computed after the fold's predictions were recorded.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,16 +30,37 @@ from .. import plotting
 from .base import N_OFFICIAL_FOLDS, REPORT_FILE, RESULTS_FILE, STATE_FILE, BenchmarkError
 from .matbench_io import read_results_dict
 
-LEADERBOARD_SOURCE = ("matbench v0.1 leaderboard (https://matbench.materialsproject.org), mean MAE over the 5 "
-                      "official folds; figures as copied into ../shared/ANCHORS.md")
+LEADERBOARD_SOURCE = (
+    "matbench v0.1 leaderboard (https://matbench.materialsproject.org), mean MAE over the 5 "
+    "official folds; figures as copied into ../shared/ANCHORS.md"
+)
 # (model, mean MAE) from the matbench v0.1 leaderboard, via ../shared/ANCHORS.md
 LEADERBOARD = {
-    "matbench_phonons": {"unit": "cm^-1", "entries": [
-        ("Dummy (predicts the mean)", 323.98), ("RF-SCM/Magpie", 67.61), ("CGCNN", 57.76), ("MODNet", 34.28),
-        ("ALIGNN", 29.54), ("coNGN", 28.89), ("MEGNet", 28.76)]},
-    "matbench_dielectric": {"unit": "", "entries": [
-        ("Dummy (predicts the mean)", 0.8088), ("RF-SCM/Magpie", 0.4196), ("CGCNN", 0.5988), ("MODNet", 0.2711),
-        ("ALIGNN", 0.3449), ("coGN", 0.3088), ("AMMExpress", 0.3150), ("CrabNet", 0.3234)]},
+    "matbench_phonons": {
+        "unit": "cm^-1",
+        "entries": [
+            ("Dummy (predicts the mean)", 323.98),
+            ("RF-SCM/Magpie", 67.61),
+            ("CGCNN", 57.76),
+            ("MODNet", 34.28),
+            ("ALIGNN", 29.54),
+            ("coNGN", 28.89),
+            ("MEGNet", 28.76),
+        ],
+    },
+    "matbench_dielectric": {
+        "unit": "",
+        "entries": [
+            ("Dummy (predicts the mean)", 0.8088),
+            ("RF-SCM/Magpie", 0.4196),
+            ("CGCNN", 0.5988),
+            ("MODNet", 0.2711),
+            ("ALIGNN", 0.3449),
+            ("coGN", 0.3088),
+            ("AMMExpress", 0.3150),
+            ("CrabNet", 0.3234),
+        ],
+    },
     "matbench_expt_gap": {"unit": "eV", "entries": [("MODNet", 0.3327)]},
 }
 LOCAL_SOURCE = "measured on the project's 2-core machine with the official folds (../shared/ANCHORS.md)"
@@ -46,10 +68,12 @@ LOCAL_SOURCE = "measured on the project's 2-core machine with the official folds
 LOCAL_ANCHORS = {
     "matbench_phonons": [
         ("RandomForest (300 trees) on Magpie", 65.36, [81.75, 71.17, 58.83, 55.50, 59.57]),
-        ("AutoGluon-tabular best_quality, 150 s/fold, Magpie", 51.67, [65.21, 48.72, 44.82, 50.31, 49.31])],
+        ("AutoGluon-tabular best_quality, 150 s/fold, Magpie", 51.67, [65.21, 48.72, 44.82, 50.31, 49.31]),
+    ],
     "matbench_dielectric": [
         ("RandomForest (300 trees) on Magpie", 0.4175, [0.3178, 0.4203, 0.5165, 0.3949, 0.4378]),
-        ("AutoGluon-tabular best_quality, 150 s/fold, Magpie", 0.3271, [0.2258, 0.2992, 0.4499, 0.3189, 0.3417])],
+        ("AutoGluon-tabular best_quality, 150 s/fold, Magpie", 0.3271, [0.2258, 0.2992, 0.4499, 0.3189, 0.3417]),
+    ],
 }
 TOP_FEATURES = 20
 
@@ -81,6 +105,7 @@ def _read_csv(path: Path) -> Optional[pd.DataFrame]:
 
 
 # -- reading the folder ---------------------------------------------------------------------------
+
 
 def collect(out: Path) -> dict:
     """Everything the report needs from a benchmark folder; raises :class:`BenchmarkError` when
@@ -118,11 +143,18 @@ def collect(out: Path) -> dict:
         for name in ("members", "predictions", "trials"):
             entry[name] = _read_csv(fdir / f"{name}.csv")
         folds[k] = entry
-    return {"task": task, "out": out, "folds": folds, "state": state, "user_metadata": d.get("user_metadata") or {},
-            "datestamp": d.get("datestamp")}
+    return {
+        "task": task,
+        "out": out,
+        "folds": folds,
+        "state": state,
+        "user_metadata": d.get("user_metadata") or {},
+        "datestamp": d.get("datestamp"),
+    }
 
 
 # -- figures ----------------------------------------------------------------------------------------
+
 
 def plot_fold_mae(info: dict, path: Path) -> str:
     task, folds = info["task"], info["folds"]
@@ -132,8 +164,9 @@ def plot_fold_mae(info: dict, path: Path) -> str:
     ax.bar([str(k) for k in ks], [folds[k]["scores"]["mae"] for k in ks], color="tab:blue", label="matfusion ensemble")
     markers = ["v", "s", "^"]
     for i, (label, _, per_fold) in enumerate(LOCAL_ANCHORS.get(task, [])):
-        ax.scatter([str(k) for k in ks], [per_fold[k] for k in ks], marker=markers[i % 3], color="k", zorder=3,
-                   label=label)
+        ax.scatter(
+            [str(k) for k in ks], [per_fold[k] for k in ks], marker=markers[i % 3], color="k", zorder=3, label=label
+        )
     ax.set_xlabel("official fold")
     ax.set_ylabel(f"test MAE {LEADERBOARD.get(task, {}).get('unit', '')}".strip())
     ax.set_title(f"{task}: test MAE per fold")
@@ -169,11 +202,13 @@ def plot_families(info: dict, table: pd.DataFrame, path: Path) -> str:
     task = info["task"]
     order = [g for g in table.index if g not in ("plain average of members", "stacked ensemble")]
     order = sorted(order, key=lambda g: -table.loc[g, "mean"]) + [
-        g for g in ("plain average of members", "stacked ensemble") if g in table.index]
+        g for g in ("plain average of members", "stacked ensemble") if g in table.index
+    ]
     fig = plotting.new_figure(10, 0.45 * len(order) + 1.8)
     ax = fig.add_subplot()
-    colors = ["tab:blue" if g == "stacked ensemble" else "tab:gray" if g.startswith("plain") else "tab:orange"
-              for g in order]
+    colors = [
+        "tab:blue" if g == "stacked ensemble" else "tab:gray" if g.startswith("plain") else "tab:orange" for g in order
+    ]
     values = [table.loc[g, "mean"] for g in order]
     ax.barh(order, values, color=colors)
     for i, v in enumerate(values):
@@ -203,7 +238,9 @@ def plot_parity(info: dict, path: Path) -> Optional[str]:
     ax = fig.add_subplot()
     lo, hi = math.inf, -math.inf
     for k, df in frames:
-        ax.scatter(df["y"], df["prediction"], s=8, alpha=0.6, label=f"fold {k} (MAE {info['folds'][k]['scores']['mae']:.4g})")
+        ax.scatter(
+            df["y"], df["prediction"], s=8, alpha=0.6, label=f"fold {k} (MAE {info['folds'][k]['scores']['mae']:.4g})"
+        )
         lo = min(lo, float(df["y"].min()), float(df["prediction"].min()))
         hi = max(hi, float(df["y"].max()), float(df["prediction"].max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
@@ -257,8 +294,9 @@ def rf_importance_table(info: dict) -> Optional[pd.DataFrame]:
     frame = pd.DataFrame({"feature": cols})
     frame["impurity"] = np.mean(imps, axis=0) if imps else np.nan
     frame["permutation"] = np.mean(perms, axis=0) if perms else np.nan
-    frame.attrs.update(n_folds=len(imps), n_perm_folds=len(perms),
-                       members=sorted({str(p.get("member")) for p in parts}))
+    frame.attrs.update(
+        n_folds=len(imps), n_perm_folds=len(perms), members=sorted({str(p.get("member")) for p in parts})
+    )
     key = "impurity" if imps else "permutation"
     return frame.sort_values(key, ascending=False).reset_index(drop=True)
 
@@ -267,16 +305,19 @@ def plot_rf_importance(table: pd.DataFrame, path: Path, task: str) -> str:
     kinds = [k for k in ("impurity", "permutation") if table[k].notna().any()]
     fig = plotting.new_figure(6 * len(kinds), 0.28 * TOP_FEATURES + 1.5)
     axes = fig.subplots(1, len(kinds), squeeze=False)[0]
-    titles = {"impurity": f"impurity importance (mean of {table.attrs.get('n_folds')} fold(s))",
-              "permutation": f"permutation importance: rise in test MAE ({table.attrs.get('n_perm_folds')} fold(s))"}
+    titles = {
+        "impurity": f"impurity importance (mean of {table.attrs.get('n_folds')} fold(s))",
+        "permutation": f"permutation importance: rise in test MAE ({table.attrs.get('n_perm_folds')} fold(s))",
+    }
     for ax, kind, color in zip(axes, kinds, ("tab:green", "tab:purple")):
         top = table.sort_values(kind, ascending=False).head(TOP_FEATURES).iloc[::-1]
         ax.barh(top["feature"], top[kind], color=color)
         ax.set_title(titles[kind], fontsize=10)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{task}: member {', '.join(table.attrs.get('members', []))}, top {TOP_FEATURES} features",
-                 fontsize=11)
+    fig.suptitle(
+        f"{task}: member {', '.join(table.attrs.get('members', []))}, top {TOP_FEATURES} features", fontsize=11
+    )
     plotting.save_figure(fig, path)
     return path.name
 
@@ -288,13 +329,25 @@ def modality_table(info: dict) -> Optional[pd.DataFrame]:
         if not mod:
             continue
         for name in mod["graph"]:
-            rows.append({"fold": k, "model": name, "base_mae": mod["base_mae"].get(name),
-                         "graph": mod["graph"][name], "magpie": mod["magpie"][name]})
+            rows.append(
+                {
+                    "fold": k,
+                    "model": name,
+                    "base_mae": mod["base_mae"].get(name),
+                    "graph": mod["graph"][name],
+                    "magpie": mod["magpie"][name],
+                }
+            )
     if not rows:
         return None
     df = pd.DataFrame(rows)
-    return df.groupby("model", sort=False).agg(base_mae=("base_mae", "mean"), graph=("graph", "mean"),
-                                               magpie=("magpie", "mean"), n_folds=("fold", "count")).reset_index()
+    return (
+        df.groupby("model", sort=False)
+        .agg(
+            base_mae=("base_mae", "mean"), graph=("graph", "mean"), magpie=("magpie", "mean"), n_folds=("fold", "count")
+        )
+        .reset_index()
+    )
 
 
 def plot_modality(table: pd.DataFrame, path: Path, task: str) -> str:
@@ -314,6 +367,7 @@ def plot_modality(table: pd.DataFrame, path: Path, task: str) -> str:
 
 # -- markdown ---------------------------------------------------------------------------------------
 
+
 def _leaderboard_rows(task: str, ours: float, complete: bool) -> list:
     entries = list(LEADERBOARD.get(task, {}).get("entries", []))
     label = "**matfusion (this benchmark)**" + ("" if complete else " (partial: not all 5 folds)")
@@ -321,8 +375,10 @@ def _leaderboard_rows(task: str, ours: float, complete: bool) -> list:
     rows += [(name, mean, "local anchor") for name, mean, _ in LOCAL_ANCHORS.get(task, [])]
     rows.append((label, ours, "this run"))
     rows.sort(key=lambda r: r[1])
-    return [(i + 1, name, f"**{_fmt(mae)}**" if src == "this run" else _fmt(mae), src)
-            for i, (name, mae, src) in enumerate(rows)]
+    return [
+        (i + 1, name, f"**{_fmt(mae)}**" if src == "this run" else _fmt(mae), src)
+        for i, (name, mae, src) in enumerate(rows)
+    ]
 
 
 def write_report(out: Path) -> Path:
@@ -338,46 +394,99 @@ def write_report(out: Path) -> Path:
     any_s = next((s for s in summaries.values() if s), {})
     budget = any_s.get("time_budget_s")
     md = [f"# matfusion benchmark: {task}", ""]
-    md.append(f"Config `{info['state'].get('config_name', any_s.get('config', '?'))}`; folds recorded: "
-              f"{', '.join(map(str, ks)) or 'none'} of 0-{N_OFFICIAL_FOLDS - 1}; search budget per fold: "
-              f"{_fmt(budget) + ' s' if budget else 'none'}; searched families: "
-              f"{', '.join(any_s.get('families', [])) or '?'}; matbench results: `{RESULTS_FILE}` "
-              f"(written {info.get('datestamp') or '?'} UTC).")
+    md.append(
+        f"Config `{info['state'].get('config_name', any_s.get('config', '?'))}`; folds recorded: "
+        f"{', '.join(map(str, ks)) or 'none'} of 0-{N_OFFICIAL_FOLDS - 1}; search budget per fold: "
+        f"{_fmt(budget) + ' s' if budget else 'none'}; searched families: "
+        f"{', '.join(any_s.get('families', [])) or '?'}; matbench results: `{RESULTS_FILE}` "
+        f"(written {info.get('datestamp') or '?'} UTC)."
+    )
     md.append("")
-    md.append(f"**Mean test MAE over {len(ks)} fold(s): {_fmt(mean)}{' ' + unit if unit else ''}**"
-              + ("" if complete else " — not comparable to the leaderboard until all 5 folds are recorded."))
+    md.append(
+        f"**Mean test MAE over {len(ks)} fold(s): {_fmt(mean)}{' ' + unit if unit else ''}**"
+        + ("" if complete else " — not comparable to the leaderboard until all 5 folds are recorded.")
+    )
     md += ["", "## Test MAE per fold", ""]
     rows = []
     for k in ks:
         s, sc = summaries[k], folds[k]["scores"]
         wall = s.get("fold_wall_s")
-        rows.append([k, f"**{_fmt(sc['mae'])}**", _fmt(sc.get("rmse")), _fmt(s.get("ensemble_r2"), 3),
-                     f"{s.get('best_member', '-')} {_fmt(s.get('best_member_mae'))}", _fmt(s.get("average_mae")),
-                     f"{_fmt(s.get('best_val_mae'))} / {_fmt(s.get('best_test_mae_info'))}",
-                     s.get("n_trials", "-"), s.get("n_stack_rows", "-"), s.get("n_test", "-"),
-                     " / ".join(_seconds(v) for v in (s.get("search_wall_s"), s.get("stack_wall_s"), wall))])
+        rows.append(
+            [
+                k,
+                f"**{_fmt(sc['mae'])}**",
+                _fmt(sc.get("rmse")),
+                _fmt(s.get("ensemble_r2"), 3),
+                f"{s.get('best_member', '-')} {_fmt(s.get('best_member_mae'))}",
+                _fmt(s.get("average_mae")),
+                f"{_fmt(s.get('best_val_mae'))} / {_fmt(s.get('best_test_mae_info'))}",
+                s.get("n_trials", "-"),
+                s.get("n_stack_rows", "-"),
+                s.get("n_test", "-"),
+                " / ".join(_seconds(v) for v in (s.get("search_wall_s"), s.get("stack_wall_s"), wall)),
+            ]
+        )
     if ks:
-        rows.append(["mean", f"**{_fmt(mean)}**",
-                     _fmt(np.mean([folds[k]["scores"].get("rmse", np.nan) for k in ks])), "", "", "", "", "", "", "",
-                     ""])
+        rows.append(
+            [
+                "mean",
+                f"**{_fmt(mean)}**",
+                _fmt(np.mean([folds[k]["scores"].get("rmse", np.nan) for k in ks])),
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
         if len(ks) > 1:
             rows.append(["std", _fmt(np.std(maes)), "", "", "", "", "", "", "", "", ""])
-    md.append(_table(["fold", "ensemble MAE", "RMSE", "R^2", "best member (test MAE)", "plain average",
-                      "best trial val / test (info)", "trials", "train rows", "test rows",
-                      "wall s: search / stack / fold"], rows))
-    md += ["", "Members are chosen by inner-validation MAE only; member and best-trial test MAEs are for "
-           "information. The ensemble std is recorded with the predictions (calibration per fold: "
-           + ", ".join(f"fold {k} {_fmt(summaries[k].get('calib_within_1std'), 2)} within 1 std" for k in ks
-                       if summaries[k]) + ").", ""]
+    md.append(
+        _table(
+            [
+                "fold",
+                "ensemble MAE",
+                "RMSE",
+                "R^2",
+                "best member (test MAE)",
+                "plain average",
+                "best trial val / test (info)",
+                "trials",
+                "train rows",
+                "test rows",
+                "wall s: search / stack / fold",
+            ],
+            rows,
+        )
+    )
+    md += [
+        "",
+        "Members are chosen by inner-validation MAE only; member and best-trial test MAEs are for "
+        "information. The ensemble std is recorded with the predictions (calibration per fold: "
+        + ", ".join(
+            f"fold {k} {_fmt(summaries[k].get('calib_within_1std'), 2)} within 1 std" for k in ks if summaries[k]
+        )
+        + ").",
+        "",
+    ]
 
     md += ["## Next to the matbench leaderboard", ""]
     if task in LEADERBOARD or task in LOCAL_ANCHORS:
-        md.append(_table(["rank", "model", f"mean MAE {unit}".strip(), "source"], _leaderboard_rows(task, mean, complete)))
+        md.append(
+            _table(["rank", "model", f"mean MAE {unit}".strip(), "source"], _leaderboard_rows(task, mean, complete))
+        )
         md += ["", f"Leaderboard figures: {LEADERBOARD_SOURCE}. Local anchors: {LOCAL_SOURCE}.", ""]
         anchors = LOCAL_ANCHORS.get(task, [])
         if anchors and ks:
-            md.append(_table(["fold", "matfusion"] + [a[0] for a in anchors],
-                             [[k, _fmt(folds[k]["scores"]["mae"])] + [_fmt(a[2][k]) for a in anchors] for k in ks]))
+            md.append(
+                _table(
+                    ["fold", "matfusion"] + [a[0] for a in anchors],
+                    [[k, _fmt(folds[k]["scores"]["mae"])] + [_fmt(a[2][k]) for a in anchors] for k in ks],
+                )
+            )
             md.append("")
     else:
         md += [f"No leaderboard figures are stored for {task}.", ""]
@@ -389,26 +498,45 @@ def write_report(out: Path) -> Path:
     md += ["## Model families", ""]
     table = family_table(info)
     plot_families(info, table, out / "families.png")
-    md += ["Best configuration (by inner-validation MAE) of each family/fusion, retrained out of fold as an "
-           "ensemble member, its test MAE for information; the plain average of the members; the stacked ensemble.",
-           "", "![families](families.png)", ""]
-    md.append(_table(["model"] + list(table.columns), [[g] + [_fmt(v) if c != "n_folds" else int(v)
-                                                              for c, v in row.items()] for g, row in table.iterrows()]))
+    md += [
+        "Best configuration (by inner-validation MAE) of each family/fusion, retrained out of fold as an "
+        "ensemble member, its test MAE for information; the plain average of the members; the stacked ensemble.",
+        "",
+        "![families](families.png)",
+        "",
+    ]
+    md.append(
+        _table(
+            ["model"] + list(table.columns),
+            [[g] + [_fmt(v) if c != "n_folds" else int(v) for c, v in row.items()] for g, row in table.iterrows()],
+        )
+    )
     md.append("")
     weights = [(k, summaries[k].get("weights")) for k in ks if summaries[k].get("weights")]
     if weights:
-        md += ["Meta-learner weights per fold: " + "; ".join(
-            f"fold {k}: " + ", ".join(f"{n} {_fmt(w, 3)}" for n, w in ws.items()) for k, ws in weights), ""]
+        md += [
+            "Meta-learner weights per fold: "
+            + "; ".join(f"fold {k}: " + ", ".join(f"{n} {_fmt(w, 3)}" for n, w in ws.items()) for k, ws in weights),
+            "",
+        ]
 
     md += ["## Parity", ""]
     if plot_parity(info, out / "parity.png"):
         md += ["![parity](parity.png)", ""]
     md += ["## Search history", ""]
     if plot_search_history(info, out / "search_history.png"):
-        counts = "; ".join(f"fold {k}: " + ", ".join(f"{n} {s}" for s, n in (summaries[k].get("trial_status") or {}).items())
-                           for k in ks if summaries[k])
-        md += ["Inner-validation MAE of each trial in start order, coloured by family, and the running best per fold "
-               f"({counts}).", "", "![search history](search_history.png)", ""]
+        counts = "; ".join(
+            f"fold {k}: " + ", ".join(f"{n} {s}" for s, n in (summaries[k].get("trial_status") or {}).items())
+            for k in ks
+            if summaries[k]
+        )
+        md += [
+            "Inner-validation MAE of each trial in start order, coloured by family, and the running best per fold "
+            f"({counts}).",
+            "",
+            "![search history](search_history.png)",
+            "",
+        ]
     else:
         md += ["No trial history was recorded.", ""]
 
@@ -416,40 +544,64 @@ def write_report(out: Path) -> Path:
     rf = rf_importance_table(info)
     if rf is not None:
         plot_rf_importance(rf, out / "rf_importance.png", task)
-        md += [f"Member {', '.join(rf.attrs['members'])} (the best random forest of each fold's search, its K fold "
-               f"models): impurity importance (mean over {rf.attrs['n_folds']} fold(s)) and permutation importance on "
-               f"the test rows (rise in MAE when one Magpie/descriptor column is shuffled; {rf.attrs['n_perm_folds']} "
-               "fold(s)), computed after the predictions were recorded.", "", "![rf importance](rf_importance.png)", ""]
+        md += [
+            f"Member {', '.join(rf.attrs['members'])} (the best random forest of each fold's search, its K fold "
+            f"models): impurity importance (mean over {rf.attrs['n_folds']} fold(s)) and permutation importance on "
+            f"the test rows (rise in MAE when one Magpie/descriptor column is shuffled; {rf.attrs['n_perm_folds']} "
+            "fold(s)), computed after the predictions were recorded.",
+            "",
+            "![rf importance](rf_importance.png)",
+            "",
+        ]
         top = rf.head(10)
-        md.append(_table(["feature", "impurity", "permutation (MAE rise)"],
-                         [[r.feature, _fmt(r.impurity, 3), _fmt(r.permutation, 3)] for r in top.itertuples()]))
+        md.append(
+            _table(
+                ["feature", "impurity", "permutation (MAE rise)"],
+                [[r.feature, _fmt(r.impurity, 3), _fmt(r.permutation, 3)] for r in top.itertuples()],
+            )
+        )
         md.append("")
     else:
         md += ["No RF member in the ensembles: no Magpie feature importance.", ""]
     mod = modality_table(info)
     if mod is not None and len(mod) > 1:
         plot_modality(mod, out / "modality_importance.png", task)
-        md += ["Permutation importance of the two modalities (test rows, after recording): rise in MAE when the "
-               "crystal graphs, or the Magpie vectors, are shuffled across rows while the other input stays, for "
-               "each fused member (early/attention/late/residual fusion) and the whole ensemble.", "",
-               "![modality importance](modality_importance.png)", ""]
-        md.append(_table(["model", "test MAE", "graphs shuffled: MAE rise", "Magpie shuffled: MAE rise", "folds"],
-                         [[r.model, _fmt(r.base_mae), _fmt(r.graph), _fmt(r.magpie), r.n_folds]
-                          for r in mod.itertuples()]))
+        md += [
+            "Permutation importance of the two modalities (test rows, after recording): rise in MAE when the "
+            "crystal graphs, or the Magpie vectors, are shuffled across rows while the other input stays, for "
+            "each fused member (early/attention/late/residual fusion) and the whole ensemble.",
+            "",
+            "![modality importance](modality_importance.png)",
+            "",
+        ]
+        md.append(
+            _table(
+                ["model", "test MAE", "graphs shuffled: MAE rise", "Magpie shuffled: MAE rise", "folds"],
+                [[r.model, _fmt(r.base_mae), _fmt(r.graph), _fmt(r.magpie), r.n_folds] for r in mod.itertuples()],
+            )
+        )
         md.append("")
     elif mod is not None:
-        md += ["No fused member (early/attention/late/residual) in the ensembles; modality importance of the ensemble only: "
-               + "; ".join(f"graphs shuffled +{_fmt(r.graph)}, Magpie shuffled +{_fmt(r.magpie)}"
-                           for r in mod.itertuples()), ""]
+        md += [
+            "No fused member (early/attention/late/residual) in the ensembles; modality importance of the ensemble only: "
+            + "; ".join(
+                f"graphs shuffled +{_fmt(r.graph)}, Magpie shuffled +{_fmt(r.magpie)}" for r in mod.itertuples()
+            ),
+            "",
+        ]
     else:
         md += ["No crystal graphs (composition-only task) or no importances recorded: no modality importance.", ""]
     notes = [n for k in ks for n in (folds[k].get("importance") or {}).get("notes", [])]
     if notes:
         md += ["Notes: " + "; ".join(notes), ""]
-    md += ["## Files", "",
-           f"`{RESULTS_FILE}`: matbench's results (`MatbenchBenchmark.as_dict()`, gzip); `fold_<k>/`: predictions.csv "
-           "(id, truth, prediction, std, members), members.csv, trials.csv, summary.json, importance.json, rows.json "
-           "(ids used by the search and the stacking, and the test ids); `benchmark_state.json`: resume state.", ""]
+    md += [
+        "## Files",
+        "",
+        f"`{RESULTS_FILE}`: matbench's results (`MatbenchBenchmark.as_dict()`, gzip); `fold_<k>/`: predictions.csv "
+        "(id, truth, prediction, std, members), members.csv, trials.csv, summary.json, importance.json, rows.json "
+        "(ids used by the search and the stacking, and the test ids); `benchmark_state.json`: resume state.",
+        "",
+    ]
     path = out / REPORT_FILE
     path.write_text("\n".join(md))
     return path

@@ -37,6 +37,7 @@ left out with a message.
 ``results.json.gz`` and the matbench side: :mod:`matfusion.benchmark.matbench_io`; importances:
 :mod:`matfusion.benchmark.importances`; the report: :mod:`matfusion.benchmark.report`.
 """
+
 from __future__ import annotations
 
 import time
@@ -60,13 +61,32 @@ from .base import (
 from .fold import fold_config, run_fold
 from .matbench_io import check_alignment, check_task, ensure_matminer_data, fold_scores, open_benchmark, recorded_folds
 
-__all__ = ["BenchmarkError", "BenchmarkResult", "N_OFFICIAL_FOLDS", "REPORT_FILE", "RESULTS_FILE", "STATE_FILE",
-           "composition_only_families", "fold_config", "format_result", "parse_folds", "prepare_config",
-           "read_state", "run_benchmark", "write_state"]
+__all__ = [
+    "BenchmarkError",
+    "BenchmarkResult",
+    "N_OFFICIAL_FOLDS",
+    "REPORT_FILE",
+    "RESULTS_FILE",
+    "STATE_FILE",
+    "composition_only_families",
+    "fold_config",
+    "format_result",
+    "parse_folds",
+    "prepare_config",
+    "read_state",
+    "run_benchmark",
+    "write_state",
+]
 
 # config keys that may differ between the first call of a benchmark and its resumption
-_RESUME_FREE_KEYS = ("data.data_dir", "features.n_jobs", "features.cache_dir", "search.address",
-                     "search.storage_path", "mlflow.")
+_RESUME_FREE_KEYS = (
+    "data.data_dir",
+    "features.n_jobs",
+    "features.cache_dir",
+    "search.address",
+    "search.storage_path",
+    "mlflow.",
+)
 
 
 @dataclass
@@ -74,10 +94,10 @@ class BenchmarkResult:
     task: str
     out_dir: Path
     results_path: Path
-    folds_run: list = field(default_factory=list)       # folds recorded by this call
-    folds_skipped: list = field(default_factory=list)   # already recorded before this call
-    summaries: dict = field(default_factory=dict)       # fold -> summary dict (this call's folds)
-    fold_mae: dict = field(default_factory=dict)        # fold -> test MAE, every recorded fold
+    folds_run: list = field(default_factory=list)  # folds recorded by this call
+    folds_skipped: list = field(default_factory=list)  # already recorded before this call
+    summaries: dict = field(default_factory=dict)  # fold -> summary dict (this call's folds)
+    fold_mae: dict = field(default_factory=dict)  # fold -> test MAE, every recorded fold
     interrupted: bool = False
     report_path: Optional[Path] = None
     wall_s: float = 0.0
@@ -89,19 +109,23 @@ class BenchmarkResult:
 
 # -- families -----------------------------------------------------------------------------------
 
+
 def composition_only_families(families: Sequence[str], task: str) -> tuple[list, list]:
     """(kept, dropped): the tabular families of ``families`` and the others; raises
     :class:`BenchmarkError` when none is tabular."""
     kept = [f for f in families if f in TABULAR]
     dropped = [f for f in families if f not in TABULAR]
     if not kept:
-        raise BenchmarkError(f"{task} has compositions only (no crystal structures), and none of search.families "
-                             f"{list(families)} works without structures; add a composition family: "
-                             f"{', '.join(TABULAR)}")
+        raise BenchmarkError(
+            f"{task} has compositions only (no crystal structures), and none of search.families "
+            f"{list(families)} works without structures; add a composition family: "
+            f"{', '.join(TABULAR)}"
+        )
     return kept, dropped
 
 
 # -- folds --------------------------------------------------------------------------------------
+
 
 def parse_folds(text: Optional[str]) -> Optional[list[int]]:
     """``"0,1,3"`` -> [0, 1, 3]; None -> None (all folds).  Names a bad item."""
@@ -123,6 +147,7 @@ def parse_folds(text: Optional[str]) -> Optional[list[int]]:
 
 # -- config ---------------------------------------------------------------------------------------
 
+
 def prepare_config(cfg, task: str):
     """The config a benchmark of ``task`` runs with: ``data.source`` set to the task (the name
     gets the task appended when the config named another source).  ``data.limit`` is refused:
@@ -130,8 +155,10 @@ def prepare_config(cfg, task: str):
     from ..config import ConfigError
 
     if cfg.data.limit is not None:
-        raise ConfigError(f"data.limit ({cfg.data.limit}) would also drop test rows of the folds; in a benchmark "
-                          "use benchmark.train_limit (training rows per fold; every test row is predicted)")
+        raise ConfigError(
+            f"data.limit ({cfg.data.limit}) would also drop test rows of the folds; in a benchmark "
+            "use benchmark.train_limit (training rows per fold; every test row is predicted)"
+        )
     update = {}
     if cfg.data.source != task:
         update["name"] = f"{cfg.name}-{task}"
@@ -143,11 +170,15 @@ def prepare_config(cfg, task: str):
 def _flat(cfg) -> dict:
     from ..tracking.logger import flatten
 
-    return {k: v for k, v in flatten(cfg.model_dump(mode="json")).items()
-            if not any(k == p or k.startswith(p) for p in _RESUME_FREE_KEYS) and k != "data.fold"}
+    return {
+        k: v
+        for k, v in flatten(cfg.model_dump(mode="json")).items()
+        if not any(k == p or k.startswith(p) for p in _RESUME_FREE_KEYS) and k != "data.fold"
+    }
 
 
 # -- state (read_state / write_state: .base) ---------------------------------------------------------
+
 
 def _check_same_settings(state: dict, settings: dict, out: Path) -> None:
     before = state.get("settings")
@@ -157,9 +188,11 @@ def _check_same_settings(state: dict, settings: dict, out: Path) -> None:
     diff = [k for k in keys if before.get(k) != settings.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in diff[:5])
-        raise BenchmarkError(f"{out} holds a benchmark started with other settings ({shown}"
-                             f"{'' if len(diff) <= 5 else f', and {len(diff) - 5} more'}); resume it with the same "
-                             "config, or pass another --out")
+        raise BenchmarkError(
+            f"{out} holds a benchmark started with other settings ({shown}"
+            f"{'' if len(diff) <= 5 else f', and {len(diff) - 5} more'}); resume it with the same "
+            "config, or pass another --out"
+        )
 
 
 # -- one fold: matfusion.benchmark.fold.run_fold ------------------------------------------------------
@@ -167,8 +200,15 @@ def _check_same_settings(state: dict, settings: dict, out: Path) -> None:
 
 # -- the benchmark ------------------------------------------------------------------------------------
 
-def run_benchmark(cfg, task: str, folds: Optional[Sequence[int]] = None, out: Optional[Path] = None,
-                  progress: bool = True, report: bool = True) -> BenchmarkResult:
+
+def run_benchmark(
+    cfg,
+    task: str,
+    folds: Optional[Sequence[int]] = None,
+    out: Optional[Path] = None,
+    progress: bool = True,
+    report: bool = True,
+) -> BenchmarkResult:
     """Run (or resume) the benchmark of ``task`` over ``folds`` (default all 5); see the module
     docstring.  Returns what was recorded; ``interrupted`` when a search was interrupted."""
     from matbench.constants import MBV01_KEY  # noqa: F401 - fails early without matbench
@@ -193,12 +233,15 @@ def run_benchmark(cfg, task: str, folds: Optional[Sequence[int]] = None, out: Op
     if not full.has_structures:
         kept, dropped = composition_only_families(cfg.search.families, task)
         if dropped:
-            say(f"{task} has compositions only (no crystal structures): searching the composition (tabular) "
-                f"families {', '.join(kept)} only; left out {', '.join(dropped)}")
+            say(
+                f"{task} has compositions only (no crystal structures): searching the composition (tabular) "
+                f"families {', '.join(kept)} only; left out {', '.join(dropped)}"
+            )
             raw = cfg.model_dump(mode="json")
             raw["search"]["families"] = kept
-            raw["search"]["space"] = {k: v for k, v in (raw["search"].get("space") or {}).items()
-                                      if k.split(".")[0] in kept}
+            raw["search"]["space"] = {
+                k: v for k, v in (raw["search"].get("space") or {}).items() if k.split(".")[0] in kept
+            }
             from ..config import config_from_dict
 
             cfg = config_from_dict(raw, origin=f"benchmark of {task} (composition families)")
@@ -208,8 +251,9 @@ def run_benchmark(cfg, task: str, folds: Optional[Sequence[int]] = None, out: Op
     if state.get("task") not in (None, task):
         raise BenchmarkError(f"{out} holds a benchmark of {state.get('task')}, not {task}; use another --out")
     _check_same_settings(state, settings, out)
-    state.update(task=task, config_name=cfg.name, settings=state.get("settings") or settings,
-                 dataset_hash=full.content_hash)
+    state.update(
+        task=task, config_name=cfg.name, settings=state.get("settings") or settings, dataset_hash=full.content_hash
+    )
     if state.get("dataset_hash_first") not in (None, full.content_hash):
         raise BenchmarkError(f"{out}: the data of {task} changed since this benchmark started; use another --out")
     state.setdefault("dataset_hash_first", full.content_hash)
@@ -231,9 +275,15 @@ def run_benchmark(cfg, task: str, folds: Optional[Sequence[int]] = None, out: Op
         if not mb.user_metadata:
             from .. import __version__
 
-            mb.add_metadata({"algorithm": "matfusion", "matfusion_version": __version__, "config": cfg.name,
-                             "description": "Ray Tune + Optuna TPE + ASHA search over RF on Magpie and "
-                             "CGCNN/ALIGNN (fused with Magpie), out-of-fold stacked ensemble per fold"})
+            mb.add_metadata(
+                {
+                    "algorithm": "matfusion",
+                    "matfusion_version": __version__,
+                    "config": cfg.name,
+                    "description": "Ray Tune + Optuna TPE + ASHA search over RF on Magpie and "
+                    "CGCNN/ALIGNN (fused with Magpie), out-of-fold stacked ensemble per fold",
+                }
+            )
         for k in todo:
             summary = run_fold(cfg, task, k, full, mb, test_ids[k], out, state, progress=progress)
             if summary is None:
@@ -257,9 +307,14 @@ def format_result(res: BenchmarkResult) -> str:
         tag = " (this run)" if k in res.folds_run else ""
         lines.append(f"  fold {k}: test MAE {res.fold_mae[k]:.4g}{tag}")
     if res.fold_mae:
-        lines.append(f"  mean over {len(res.fold_mae)} fold(s): {res.mean_mae:.4g}"
-                     + ("" if len(res.fold_mae) == N_OFFICIAL_FOLDS else " (not comparable to the leaderboard until "
-                                                                        "all 5 folds are recorded)"))
+        lines.append(
+            f"  mean over {len(res.fold_mae)} fold(s): {res.mean_mae:.4g}"
+            + (
+                ""
+                if len(res.fold_mae) == N_OFFICIAL_FOLDS
+                else " (not comparable to the leaderboard until all 5 folds are recorded)"
+            )
+        )
     if res.interrupted:
         lines.append("interrupted: run the same command again to resume at the first unfinished fold")
     if res.report_path:

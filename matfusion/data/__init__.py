@@ -12,10 +12,20 @@
 Imports run one way: ``featurize`` -> ``descriptors`` / ``crystal_graph`` / ``line_graph`` ->
 ``parallel`` / ``cache``; no module imports ``featurize``.
 """
+
 from .dataset import DataError, Dataset, default_data_dir
 from .folds import FoldSplit, limit_rows, outer_folds, split_fold
 
-__all__ = ["DataError", "Dataset", "FoldSplit", "default_data_dir", "limit_rows", "outer_folds", "split_fold", "load_dataset"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "FoldSplit",
+    "default_data_dir",
+    "limit_rows",
+    "outer_folds",
+    "split_fold",
+    "load_dataset",
+]
 
 
 def load_dataset(data_config, seed: int = 0) -> Dataset:
@@ -42,14 +52,23 @@ def load_dataset(data_config, seed: int = 0) -> Dataset:
             raise DataError(f"data.target is required for a table source ({source}): name the target column")
         from .tables import load_table
 
-        ds = load_table(path, target=data_config.target, structure_column=data_config.structure_column,
-                        id_column=data_config.id_column, disordered=data_config.disordered)
+        ds = load_table(
+            path,
+            target=data_config.target,
+            structure_column=data_config.structure_column,
+            id_column=data_config.id_column,
+            disordered=data_config.disordered,
+        )
     elif source.startswith("matbench_"):
         if find_matbench_file(source, data_dir) is None and data_dir is None:
             default_data_dir()  # raises a clear error when no data dir exists at all
         ds = load_matbench(source, data_dir, disordered=data_config.disordered)
         if data_config.target and data_config.target != ds.target_name:
-            raise DataError(f"{source}: target {data_config.target!r} does not exist; the task's target is {ds.target_name!r}")
+            raise DataError(
+                f"{source}: target {data_config.target!r} does not exist; the task's target is {ds.target_name!r}"
+            )
     else:
-        raise DataError(f"data.source {source!r}: not a matbench task name (matbench_*), nor an existing file or folder")
+        raise DataError(
+            f"data.source {source!r}: not a matbench task name (matbench_*), nor an existing file or folder"
+        )
     return limit_rows(ds, data_config.limit, seed=seed)

@@ -5,6 +5,7 @@ hash, the featurizer's parameters and the matfusion version.  Every file stores 
 its arrays; a file that cannot be read or fails that check is reported, deleted and rebuilt.
 Writes go to a temporary file first and are renamed into place (atomic on POSIX).
 """
+
 from __future__ import annotations
 
 import hashlib

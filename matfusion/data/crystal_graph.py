@@ -15,6 +15,7 @@ A whole dataset is packed into a :class:`GraphSet` of flat numpy arrays (cheap t
 and zero-copy through Ray's object store); PyG ``Data`` objects (:class:`CrystalGraphData`)
 are built on demand.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,10 +26,30 @@ import numpy as np
 
 # Elemental properties (from matminer's Magpie tables) that make up each node's features.
 NODE_PROPERTIES = (
-    "Number", "MendeleevNumber", "AtomicWeight", "MeltingT", "Column", "Row", "CovalentRadius",
-    "Electronegativity", "NsValence", "NpValence", "NdValence", "NfValence", "NValence",
-    "NsUnfilled", "NpUnfilled", "NdUnfilled", "NfUnfilled", "NUnfilled", "GSvolume_pa",
-    "GSbandgap", "GSmagmom", "SpaceGroupNumber", "FirstIonizationEnergy", "ElectronAffinity",
+    "Number",
+    "MendeleevNumber",
+    "AtomicWeight",
+    "MeltingT",
+    "Column",
+    "Row",
+    "CovalentRadius",
+    "Electronegativity",
+    "NsValence",
+    "NpValence",
+    "NdValence",
+    "NfValence",
+    "NValence",
+    "NsUnfilled",
+    "NpUnfilled",
+    "NdUnfilled",
+    "NfUnfilled",
+    "NUnfilled",
+    "GSvolume_pa",
+    "GSbandgap",
+    "GSmagmom",
+    "SpaceGroupNumber",
+    "FirstIonizationEnergy",
+    "ElectronAffinity",
     "Polarizability",
 )
 MAX_Z = 103
@@ -95,8 +116,7 @@ def neighbor_graph(structure, cutoff: float, max_neighbors: int):
     z = np.array([site.specie.Z for site in structure], dtype=np.int16)
     centers, neighbors, images, dist = structure.get_neighbor_list(r=cutoff)
     if len(dist) == 0:
-        return (z, np.zeros((2, 0), dtype=np.int32), np.zeros(0, dtype=np.float32),
-                np.zeros((0, 3), dtype=np.float32))
+        return (z, np.zeros((2, 0), dtype=np.int32), np.zeros(0, dtype=np.float32), np.zeros((0, 3), dtype=np.float32))
     order = np.lexsort((dist, centers))  # by centre, then distance
     centers, neighbors, images, dist = centers[order], neighbors[order], images[order], dist[order]
     # rank of each edge within its centre's sorted neighbour list
@@ -160,8 +180,17 @@ class GraphSet:
     line_cos: Optional[np.ndarray] = None
     line_ptr: Optional[np.ndarray] = None
 
-    ARRAY_NAMES = ("z", "node_ptr", "edge_index", "distance", "edge_vec", "edge_ptr",
-                   "line_index", "line_cos", "line_ptr")
+    ARRAY_NAMES = (
+        "z",
+        "node_ptr",
+        "edge_index",
+        "distance",
+        "edge_vec",
+        "edge_ptr",
+        "line_index",
+        "line_cos",
+        "line_ptr",
+    )
 
     def __len__(self) -> int:
         return len(self.node_ptr) - 1
@@ -184,9 +213,13 @@ class GraphSet:
         gs = cls(
             z=np.concatenate([p[0] for p in parts]).astype(np.int16) if parts else np.zeros(0, np.int16),
             node_ptr=np.concatenate([[0], np.cumsum(n_nodes)]).astype(np.int64),
-            edge_index=np.concatenate([p[1] for p in parts], axis=1).astype(np.int32) if parts else np.zeros((2, 0), np.int32),
+            edge_index=np.concatenate([p[1] for p in parts], axis=1).astype(np.int32)
+            if parts
+            else np.zeros((2, 0), np.int32),
             distance=np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.zeros(0, np.float32),
-            edge_vec=np.concatenate([p[3] for p in parts]).astype(np.float32).reshape(-1, 3) if parts else np.zeros((0, 3), np.float32),
+            edge_vec=np.concatenate([p[3] for p in parts]).astype(np.float32).reshape(-1, 3)
+            if parts
+            else np.zeros((0, 3), np.float32),
             edge_ptr=np.concatenate([[0], np.cumsum(n_edges)]).astype(np.int64),
             cutoff=float(cutoff),
             max_neighbors=int(max_neighbors),
@@ -230,9 +263,14 @@ class GraphSet:
     def num_edges(self, g: int) -> int:
         return int(self.edge_ptr[g + 1] - self.edge_ptr[g])
 
-    def to_data_list(self, indices: Sequence[int], targets: Optional[np.ndarray] = None,
-                     gaussian_bins: int = 40, gaussian_width: Optional[float] = None,
-                     line_graph_bins: int = 20) -> list:
+    def to_data_list(
+        self,
+        indices: Sequence[int],
+        targets: Optional[np.ndarray] = None,
+        gaussian_bins: int = 40,
+        gaussian_width: Optional[float] = None,
+        line_graph_bins: int = 20,
+    ) -> list:
         """:class:`CrystalGraphData` objects (``x`` element features, ``z``, ``edge_index``,
         ``edge_attr`` Gaussian-expanded distances, ``y`` if targets are given) for the given
         graphs.  With a line graph, also ``lg_edge_index`` (2, L) (indices of the graph's

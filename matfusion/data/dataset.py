@@ -4,6 +4,7 @@ A :class:`Dataset` holds parsed pymatgen structures (or compositions), one or mo
 targets and a content hash.  Loaders never drop a row silently: every skipped row is
 counted by reason in :attr:`Dataset.skipped` and described in :attr:`Dataset.messages`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,7 @@ class Dataset:
         folds = None
         if self.official_folds is not None:
             folds = [
-                np.array([remap[int(p)] for p in f if int(p) in remap], dtype=np.int64)
-                for f in self.official_folds
+                np.array([remap[int(p)] for p in f if int(p) in remap], dtype=np.int64) for f in self.official_folds
             ]
         digest = hashlib.sha256(self.content_hash.encode() + positions.tobytes()).hexdigest()
         return Dataset(
@@ -226,9 +226,7 @@ class RowCollector:
         if not self.ids:
             detail = ""
             if self.skipped:
-                detail = "; every row was skipped: " + ", ".join(
-                    f"{n} {r}" for r, n in sorted(self.skipped.items())
-                )
+                detail = "; every row was skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
                 if self.messages:
                     detail += f" (first: {self.messages[0]})"
             raise DataError(f"{self.name}: the dataset is empty{detail}")

@@ -35,6 +35,7 @@ Every set is computed by the same machinery (:func:`compute_sets`: one pass over
 and its version; Magpie keeps the ``magpie-`` key it had before it joined the registry, so the
 caches already on disk stay valid), so adding a set to the config featurizes only that set.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,6 +65,7 @@ class DescriptorError(ValueError):
 
 
 # -- the featurizers of one structure ---------------------------------------------------------
+
 
 def _as_composition(item):
     return item.composition if hasattr(item, "composition") else item
@@ -159,11 +161,22 @@ _CENTROSYMMETRIC = frozenset({"-1", "2/m", "mmm", "4/m", "4/mmm", "-3", "-3m", "
 
 
 BOND_COLUMNS = (
-    "nn_dist_min", "nn_dist_mean", "nn_dist_max", "nn_dist_std",
-    "cn_min", "cn_mean", "cn_max", "cn_std",
-    "bond_mean", "bond_std", "bond_spread_mean",
-    "nn_rel_cov_min", "nn_rel_cov_mean", "nn_rel_cov_max",  # min over the first shell of d / (r_i + r_j)
-    "n_within_radius_mean", "n_sites_log",
+    "nn_dist_min",
+    "nn_dist_mean",
+    "nn_dist_max",
+    "nn_dist_std",
+    "cn_min",
+    "cn_mean",
+    "cn_max",
+    "cn_std",
+    "bond_mean",
+    "bond_std",
+    "bond_spread_mean",
+    "nn_rel_cov_min",
+    "nn_rel_cov_mean",
+    "nn_rel_cov_max",  # min over the first shell of d / (r_i + r_j)
+    "n_within_radius_mean",
+    "n_sites_log",
 )
 
 
@@ -230,10 +243,13 @@ def bond_features(structure, radius: float = BOND_RADIUS, tolerance: float = SHE
             # over the whole first shell: no dependence on the order of equidistant neighbours
             rel_cov[i] = float(np.min(bonds / (radii[i] + radii[neighbors[a:b][shell]])))
     all_bonds = np.concatenate(shell_bonds) if shell_bonds else np.zeros(0)
-    out = [*_stats(d0), *_stats(cn),
-           float(np.nanmean(bond_mean)) if np.isfinite(bond_mean).any() else np.nan,
-           float(all_bonds.std()) if len(all_bonds) else np.nan,
-           float(np.nanmean(spread)) if np.isfinite(spread).any() else np.nan]
+    out = [
+        *_stats(d0),
+        *_stats(cn),
+        float(np.nanmean(bond_mean)) if np.isfinite(bond_mean).any() else np.nan,
+        float(all_bonds.std()) if len(all_bonds) else np.nan,
+        float(np.nanmean(spread)) if np.isfinite(spread).any() else np.nan,
+    ]
     rc = _stats(rel_cov)
     out += [rc[0], rc[1], rc[2], float(count.mean()), float(np.log(n))]
     # rounded: float noise (a std of 1e-15 for equal bonds, 1e-8 A from a CIF round trip) must
@@ -278,16 +294,36 @@ def registry() -> dict:
     return {
         # Magpie's cache entry is the one it had before it joined the registry (kind "magpie",
         # array "magpie"): the files already on disk stay valid
-        "magpie": DescriptorSet("magpie", _magpie_columns(), magpie_vector, structural=False, prefixed=False,
-                                prepare=_magpie, cache_kind="magpie",
-                                cache_params={"preset": "magpie", "width": MAGPIE_WIDTH}, cache_array="magpie"),
-        "stoichiometry": DescriptorSet("stoichiometry", ("0-norm", "2-norm", "3-norm", "5-norm", "7-norm", "10-norm"),
-                                       stoichiometry_features, structural=False, prepare=_stoichiometry),
-        "density": DescriptorSet("density", ("density", "vpa", "packing_fraction"), density_features, structural=True,
-                                 version=2, prepare=_density),
+        "magpie": DescriptorSet(
+            "magpie",
+            _magpie_columns(),
+            magpie_vector,
+            structural=False,
+            prefixed=False,
+            prepare=_magpie,
+            cache_kind="magpie",
+            cache_params={"preset": "magpie", "width": MAGPIE_WIDTH},
+            cache_array="magpie",
+        ),
+        "stoichiometry": DescriptorSet(
+            "stoichiometry",
+            ("0-norm", "2-norm", "3-norm", "5-norm", "7-norm", "10-norm"),
+            stoichiometry_features,
+            structural=False,
+            prepare=_stoichiometry,
+        ),
+        "density": DescriptorSet(
+            "density",
+            ("density", "vpa", "packing_fraction"),
+            density_features,
+            structural=True,
+            version=2,
+            prepare=_density,
+        ),
         "symmetry": DescriptorSet("symmetry", SYMMETRY_COLUMNS, symmetry_features, structural=True, version=2),
-        "bonds": DescriptorSet("bonds", BOND_COLUMNS, bond_features, structural=True, version=2,
-                               prepare=_covalent_radii),
+        "bonds": DescriptorSet(
+            "bonds", BOND_COLUMNS, bond_features, structural=True, version=2, prepare=_covalent_radii
+        ),
     }
 
 
@@ -303,16 +339,20 @@ def resolve_sets(names: Optional[Sequence[str]], has_structures: bool) -> list[s
         return list(DEFAULT_STRUCTURE_SETS if has_structures else DEFAULT_COMPOSITION_SETS)
     names = list(names)
     if not names:
-        raise DescriptorError("features.descriptors is empty; name at least one set of "
-                              f"{', '.join(DESCRIPTOR_SETS)} (or leave it out for the default)")
+        raise DescriptorError(
+            "features.descriptors is empty; name at least one set of "
+            f"{', '.join(DESCRIPTOR_SETS)} (or leave it out for the default)"
+        )
     unknown = [n for n in names if n not in DESCRIPTOR_SETS]
     if unknown:
         raise DescriptorError(f"features.descriptors: unknown set(s) {unknown}; known: {', '.join(DESCRIPTOR_SETS)}")
     if not has_structures:
         structural = [n for n in names if registry()[n].structural]
         if structural:
-            raise DescriptorError(f"features.descriptors: {structural} need crystal structures, and this dataset has "
-                                  "compositions only (use magpie and/or stoichiometry)")
+            raise DescriptorError(
+                f"features.descriptors: {structural} need crystal structures, and this dataset has "
+                "compositions only (use magpie and/or stoichiometry)"
+            )
     return [n for n in DESCRIPTOR_SETS if n in names]
 
 
@@ -340,6 +380,7 @@ def infer_sets(width: int, has_structures: bool = True) -> list[str]:
 
 
 # -- sets over many items (parallel), with their failures counted ---------------------------
+
 
 def _featurize_one(fz: Callable, item, width: int) -> np.ndarray:
     """``fz(item)`` as a (width,) float vector, inf turned into NaN; raises on a wrong width."""
@@ -380,8 +421,9 @@ def compute_sets(items: Sequence, names: Sequence[str], n_jobs: int = 1, progres
     for name in names:  # featurizers built once here: forked workers inherit them
         if registry()[name].prepare is not None:
             registry()[name].prepare()
-    rows, crashed = parallel_map(_Row(names), items, n_jobs=n_jobs, progress=progress,
-                                 desc=f"descriptors ({', '.join(names)})")
+    rows, crashed = parallel_map(
+        _Row(names), items, n_jobs=n_jobs, progress=progress, desc=f"descriptors ({', '.join(names)})"
+    )
     matrix = np.full((n, width_of(names)), np.nan)
     failed = [(f.index, "all sets", f"{f.error}: {f.message}") for f in crashed]  # _Row itself does not raise
     for i, row in enumerate(rows):
@@ -390,12 +432,18 @@ def compute_sets(items: Sequence, names: Sequence[str], n_jobs: int = 1, progres
             failed.extend((i, name, reason) for name, reason in row[1])
     if failed:
         i, name, reason = min(failed)
-        log.warning("descriptors: %d featurizer call(s) failed on a structure; their values are NaN (rows kept); "
-                    "first: item %d, %s: %s", len(failed), i, name, reason)
+        log.warning(
+            "descriptors: %d featurizer call(s) failed on a structure; their values are NaN (rows kept); "
+            "first: item %d, %s: %s",
+            len(failed),
+            i,
+            name,
+            reason,
+        )
     out, col = {}, 0
     for name in names:
         w = registry()[name].width
-        out[name] = matrix[:, col:col + w]
+        out[name] = matrix[:, col : col + w]
         col += w
     return out
 
@@ -408,8 +456,9 @@ def descriptor_matrix(items: Sequence, names: Sequence[str], n_jobs: int = 1) ->
     return np.hstack(parts) if parts else np.zeros((len(items), 0))
 
 
-def cached_matrix(dataset, names: Sequence[str], cache, n_jobs: int = 1,
-                  progress: bool = False) -> tuple[np.ndarray, bool]:
+def cached_matrix(
+    dataset, names: Sequence[str], cache, n_jobs: int = 1, progress: bool = False
+) -> tuple[np.ndarray, bool]:
     """(the descriptor matrix of every row of ``dataset``, whether every set came from the
     cache): each set loaded from the feature cache or computed (only the missing sets, in one
     pass) and saved; NaN counts logged per set."""
@@ -434,8 +483,13 @@ def cached_matrix(dataset, names: Sequence[str], cache, n_jobs: int = 1,
         block = np.asarray(blocks[n], dtype=np.float64)
         nan = ~np.isfinite(block)
         if nan.any():
-            log.info("descriptors %s: %d NaN values in %d of %d rows (kept: trees take NaN, other models impute)",
-                     n, int(nan.sum()), int(nan.any(axis=1).sum()), len(block))
+            log.info(
+                "descriptors %s: %d NaN values in %d of %d rows (kept: trees take NaN, other models impute)",
+                n,
+                int(nan.sum()),
+                int(nan.any(axis=1).sum()),
+                len(block),
+            )
         parts.append(np.where(nan, np.nan, block))
     matrix = np.hstack(parts) if parts else np.zeros((len(dataset), 0))
     return matrix, not missing
@@ -461,4 +515,3 @@ class MedianImputer:
 
     def fit_transform(self, X: np.ndarray) -> np.ndarray:
         return self.fit(X).transform(X)
-

@@ -8,6 +8,7 @@ dataset's content hash, the featurizer parameters and the matfusion version, so 
 does no featurization.  A cache file that fails its checksum or cannot be read is reported
 and rebuilt.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,31 +60,55 @@ class _GraphParts:
         return graph_parts(structure, self.cutoff, self.max_neighbors, self.with_line_graph)
 
 
-def build_graphs(dataset: Dataset, cutoff: float, max_neighbors: int, with_line_graph: bool = False,
-                 n_jobs: int = 1, progress: bool = False) -> GraphSet:
+def build_graphs(
+    dataset: Dataset,
+    cutoff: float,
+    max_neighbors: int,
+    with_line_graph: bool = False,
+    n_jobs: int = 1,
+    progress: bool = False,
+) -> GraphSet:
     """The crystal graphs (and line graphs when asked) of every row; a structure the builder
     fails on is an error naming its row id and the reason."""
     what = "graphs + line graphs" if with_line_graph else "graphs"
-    parts, failures = parallel_map(_GraphParts(cutoff, max_neighbors, with_line_graph), dataset.structures,
-                                   n_jobs=n_jobs, progress=progress, desc=f"featurize ({what})")
+    parts, failures = parallel_map(
+        _GraphParts(cutoff, max_neighbors, with_line_graph),
+        dataset.structures,
+        n_jobs=n_jobs,
+        progress=progress,
+        desc=f"featurize ({what})",
+    )
     if failures:
         named = "; ".join(f"row {f.index} (id {dataset.ids[f.index]}): {f.error}: {f.message}" for f in failures[:5])
-        raise DataError(f"{dataset.name}: cannot build the crystal graph of {len(failures)} structure(s): {named}"
-                        + (" ..." if len(failures) > 5 else ""))
+        raise DataError(
+            f"{dataset.name}: cannot build the crystal graph of {len(failures)} structure(s): {named}"
+            + (" ..." if len(failures) > 5 else "")
+        )
     return GraphSet.from_parts(parts, cutoff, max_neighbors)
 
 
-def cached_graphs(dataset: Dataset, features, cache: FeatureCache, n_jobs: int = 1,
-                  progress: bool = False) -> tuple[GraphSet, bool]:
+def cached_graphs(
+    dataset: Dataset, features, cache: FeatureCache, n_jobs: int = 1, progress: bool = False
+) -> tuple[GraphSet, bool]:
     """(the graphs of every row, whether they came from the cache)."""
-    params = {"cutoff": features.cutoff, "max_neighbors": features.max_neighbors, "format": GRAPH_FORMAT,
-              "line_graph": bool(features.line_graph)}
+    params = {
+        "cutoff": features.cutoff,
+        "max_neighbors": features.max_neighbors,
+        "format": GRAPH_FORMAT,
+        "line_graph": bool(features.line_graph),
+    }
     key = cache_key("graph", dataset.content_hash, params)
     arrays = cache.load(key)
     hit = arrays is not None
     if not hit:
-        gs = build_graphs(dataset, features.cutoff, features.max_neighbors, bool(features.line_graph),
-                          n_jobs=n_jobs, progress=progress)
+        gs = build_graphs(
+            dataset,
+            features.cutoff,
+            features.max_neighbors,
+            bool(features.line_graph),
+            n_jobs=n_jobs,
+            progress=progress,
+        )
         arrays = gs.arrays()
         cache.save(key, arrays)
     graphs = GraphSet(**arrays, cutoff=features.cutoff, max_neighbors=features.max_neighbors)
@@ -92,8 +117,9 @@ def cached_graphs(dataset: Dataset, features, cache: FeatureCache, n_jobs: int =
     return graphs, hit
 
 
-def featurize(dataset: Dataset, features=None, progress: bool = True, cache: Optional[FeatureCache] = None,
-              graphs: bool = True) -> FeatureSet:
+def featurize(
+    dataset: Dataset, features=None, progress: bool = True, cache: Optional[FeatureCache] = None, graphs: bool = True
+) -> FeatureSet:
     """The descriptor matrix and (for structure datasets, unless ``graphs=False``: a search of
     tabular families only) crystal graphs of every row, cached."""
     from ..config import FeaturesConfig

@@ -3,6 +3,7 @@
 The test part of a fold is returned separately and is never used for fitting, early
 stopping or model selection: searches see only ``train`` and ``val``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

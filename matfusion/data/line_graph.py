@@ -22,6 +22,7 @@ different images of the atom, on opposite sides of j: cos = -1).
 So for every atom j, (bonds into j) x (bonds out of j), minus one pair for each bond out of
 j whose reverse is also in the graph (always, unless ``max_neighbors`` dropped it).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ Files use matbench's layout (``<task>.json.gz``: ``{"index", "columns", "data"}`
 id ``mb-<short>-<i+1 zero-padded to 4>``.  The official folds come from the matbench
 package's ``matbench_v0.1_validation.json`` (read as a file; matbench itself is not imported).
 """
+
 from __future__ import annotations
 
 import gzip

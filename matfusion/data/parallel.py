@@ -12,6 +12,7 @@ and the workers receive only ``(start, stop)`` bounds of contiguous chunks.  Res
 chunk by chunk, in any order, and are put in place; a tqdm bar counts the items.  Without fork
 (or for small inputs, or ``n_jobs=1``) the same chunks run in this process.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -35,7 +36,9 @@ class Failure:
     message: str
 
     def __str__(self) -> str:
-        return f"item {self.index}: {self.error}: {self.message}" if self.message else f"item {self.index}: {self.error}"
+        return (
+            f"item {self.index}: {self.error}: {self.message}" if self.message else f"item {self.index}: {self.error}"
+        )
 
 
 def default_n_jobs(n_jobs: int = 0) -> int:
@@ -76,8 +79,15 @@ def _run_chunk(bounds: tuple[int, int], task: tuple | None = None) -> tuple[int,
     return start, values, failures
 
 
-def parallel_map(fn: Callable[[Any], Any], items: Sequence, n_jobs: int = 1, chunk: int | None = None,
-                 progress: bool = False, desc: str = "", unit: str = "struct") -> tuple[list, list[Failure]]:
+def parallel_map(
+    fn: Callable[[Any], Any],
+    items: Sequence,
+    n_jobs: int = 1,
+    chunk: int | None = None,
+    progress: bool = False,
+    desc: str = "",
+    unit: str = "struct",
+) -> tuple[list, list[Failure]]:
     """``([fn(item) for item in items], failures)`` over ``n_jobs`` forked workers (see the
     module docstring); ``chunk`` items per task (default :func:`chunk_size`), a tqdm bar
     labelled ``desc`` when ``progress``.  Runs serially for ``n_jobs <= 1``, without fork, or
@@ -91,7 +101,7 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence, n_jobs: int = 1, chu
     bar = tqdm(total=n, desc=desc or None, unit=unit, disable=not progress)
 
     def store(start: int, vals: list, fails: list) -> None:
-        values[start:start + len(vals)] = vals
+        values[start : start + len(vals)] = vals
         failures.extend(fails)
         bar.update(len(vals))
 

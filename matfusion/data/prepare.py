@@ -11,6 +11,7 @@ Leakage: :attr:`PreparedFold.trial_data` packs the inner train and validation ro
 evaluations after the fit.  Both are packed on first use (the ensemble and the benchmark read the
 feature matrices directly and never need them).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -49,15 +50,16 @@ def check_structures(dataset: Dataset, families: Sequence[str]) -> None:
     that ``dataset`` (compositions only) does not have."""
     graph_families = [f for f in families if f in _families.GRAPH]
     if graph_families and not dataset.has_structures:
-        raise ValueError(f"{dataset.name} has compositions only; family '{graph_families[0]}' needs crystal "
-                         f"structures (use tabular families only: search.families: {list(_families.TABULAR)})")
+        raise ValueError(
+            f"{dataset.name} has compositions only; family '{graph_families[0]}' needs crystal "
+            f"structures (use tabular families only: search.families: {list(_families.TABULAR)})"
+        )
 
 
 def fold_split(cfg, dataset: Dataset) -> FoldSplit:
     """The outer fold ``cfg.data.fold`` of ``dataset`` split as every search splits it (seed
     ``cfg.search.seed``)."""
-    return split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=cfg.search.seed,
-                      n_folds=cfg.data.n_folds)
+    return split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=cfg.search.seed, n_folds=cfg.data.n_folds)
 
 
 @dataclass
@@ -95,15 +97,24 @@ class PreparedFold:
     @property
     def graph_params(self) -> dict:
         """How the graph models expand distances: ``gaussian_bins``, ``gaussian_width``."""
-        return {"gaussian_bins": int(self.features_config.gaussian_bins),
-                "gaussian_width": self.features_config.gaussian_width}
+        return {
+            "gaussian_bins": int(self.features_config.gaussian_bins),
+            "gaussian_width": self.features_config.gaussian_width,
+        }
 
     @cached_property
     def trial_data(self) -> dict:
         """``pack_trial_data`` of the inner train and validation rows: what every trial gets."""
         p = self.graph_params
-        return pack_trial_data(self.descriptors, self.graphs, self.targets, self.split.train, self.split.val,
-                               gaussian_bins=p["gaussian_bins"], gaussian_width=p["gaussian_width"])
+        return pack_trial_data(
+            self.descriptors,
+            self.graphs,
+            self.targets,
+            self.split.train,
+            self.split.val,
+            gaussian_bins=p["gaussian_bins"],
+            gaussian_width=p["gaussian_width"],
+        )
 
     @cached_property
     def test_part(self) -> dict:
@@ -111,9 +122,16 @@ class PreparedFold:
         return pack_rows(self.descriptors, self.graphs, self.targets, self.split.test)
 
 
-def prepare_fold(cfg, dataset: Optional[Dataset] = None, *, families: Optional[Sequence[str]] = None,
-                 members: Iterable[dict] = (), graphs: Optional[bool] = None, split: Optional[FoldSplit] = None,
-                 progress: bool = True) -> PreparedFold:
+def prepare_fold(
+    cfg,
+    dataset: Optional[Dataset] = None,
+    *,
+    families: Optional[Sequence[str]] = None,
+    members: Iterable[dict] = (),
+    graphs: Optional[bool] = None,
+    split: Optional[FoldSplit] = None,
+    progress: bool = True,
+) -> PreparedFold:
     """Prepare the fold that ``cfg`` (a Config) describes.
 
     ``dataset``: default ``load_dataset(cfg.data, seed=cfg.search.seed)``.  ``families``: default

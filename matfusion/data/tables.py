@@ -21,6 +21,7 @@ predict``):
 - :func:`read_csv_table`, :func:`read_json_table` (a table file -> pandas DataFrame of text cells)
 - :func:`error_reason` (an exception -> one short line for a skip message)
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,8 +38,15 @@ from tqdm.auto import tqdm
 
 from .dataset import DataError, Dataset, RowCollector, hash_bytes, hash_file
 
-__all__ = ["error_reason", "load_cif_folder", "load_table", "parse_structure", "parse_structure_file",
-           "read_csv_table", "read_json_table"]
+__all__ = [
+    "error_reason",
+    "load_cif_folder",
+    "load_table",
+    "parse_structure",
+    "parse_structure_file",
+    "read_csv_table",
+    "read_json_table",
+]
 
 _DISORDERED_CHOICES = ("skip", "majority")
 
@@ -48,9 +56,7 @@ _DISORDERED_CHOICES = ("skip", "majority")
 
 def _check_disordered(disordered: str) -> None:
     if disordered not in _DISORDERED_CHOICES:
-        raise DataError(
-            f"disordered={disordered!r} is not one of {', '.join(_DISORDERED_CHOICES)}"
-        )
+        raise DataError(f"disordered={disordered!r} is not one of {', '.join(_DISORDERED_CHOICES)}")
 
 
 def _stem(path: Path) -> str:
@@ -156,9 +162,7 @@ def read_csv_table(path: Path):
     try:
         skip = _count_comment_lines(path)
         # Everything as text: ids stay exactly as written; targets are checked per row.
-        return pd.read_csv(
-            path, skiprows=skip, dtype=str, keep_default_na=False, skipinitialspace=False
-        )
+        return pd.read_csv(path, skiprows=skip, dtype=str, keep_default_na=False, skipinitialspace=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty (no header and no rows)") from None
     except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
@@ -189,8 +193,7 @@ def read_json_table(path: Path):
         bad = next((i for i, r in enumerate(raw) if not isinstance(r, dict)), None)
         if bad is not None:
             raise DataError(
-                f"{path}: a JSON list must hold one object per row; item {bad} is a "
-                f"{type(raw[bad]).__name__}"
+                f"{path}: a JSON list must hold one object per row; item {bad} is a {type(raw[bad]).__name__}"
             )
         return pd.DataFrame.from_records(raw)
     if not isinstance(raw, dict):
@@ -201,9 +204,7 @@ def read_json_table(path: Path):
             raise DataError(f"{path}: 'columns' and 'data' must be lists")
         short = [i for i, r in enumerate(data) if not isinstance(r, list) or len(r) != len(columns)]
         if short:
-            raise DataError(
-                f"{path}: data row {short[0]} does not have {len(columns)} values ({columns})"
-            )
+            raise DataError(f"{path}: data row {short[0]} does not have {len(columns)} values ({columns})")
         return pd.DataFrame(data, columns=columns)
     if raw and all(isinstance(v, dict) for v in raw.values()):  # pandas "columns" orient
         # {column: {index: value}}; rows in the order of the first column's index.
@@ -285,17 +286,13 @@ def load_table(
             rid = f"{name}-row{i}"
         where = f"{path.name} row {i} (id {rid})"
         if rid in seen:
-            collector.skip(
-                "duplicate id", f"{where}: id already used by row {seen[rid]}; row skipped"
-            )
+            collector.skip("duplicate id", f"{where}: id already used by row {seen[rid]}; row skipped")
             continue
         seen[rid] = i
         try:
             structure = parse_structure(structures[i])
         except Exception as err:  # noqa: BLE001 - pymatgen raises many types
-            collector.skip(
-                "unparseable structure", f"{where}: cannot parse structure: {error_reason(err)}"
-            )
+            collector.skip("unparseable structure", f"{where}: cannot parse structure: {error_reason(err)}")
             continue
         value = target_values[0][i] if len(targets) == 1 else [col[i] for col in target_values]
         collector.add(rid, structure, value, where)
@@ -367,9 +364,7 @@ def load_cif_folder(path: Union[str, Path], disordered: str = "skip") -> Dataset
     seen: dict[str, int] = {}
     for line_no, row in tqdm(rows, desc=f"load {name}", unit="row", leave=False):
         if len(row) < 2 or not row[0]:
-            collector.skip(
-                "bad row", f"{_ID_PROP} line {line_no}: expected 'id,target', got {','.join(row)!r}"
-            )
+            collector.skip("bad row", f"{_ID_PROP} line {line_no}: expected 'id,target', got {','.join(row)!r}")
             continue
         rid, value = row[0], row[1]
         where = f"{_ID_PROP} line {line_no} (id {rid})"

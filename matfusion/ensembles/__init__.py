@@ -15,15 +15,24 @@ Public API::
 The MLflow run queries these use live in :mod:`matfusion.tracking.runs`; the matbench benchmark
 that stacks one ensemble per fold lives in :mod:`matfusion.benchmark`.
 """
+
 import importlib
 
 # names -> submodule; imported on first use so that `matfusion --help` (which registers the
 # commands) does not pay for importing mlflow, torch and scikit-learn
 _EXPORTS = {
-    "Evaluation": "evaluate", "evaluate_ensemble": "evaluate", "log_evaluation": "evaluate",
-    "EnsemblePyfunc": "export", "export_model": "export", "log_ensemble_model": "export",
-    "predict_structures": "export", "register_ensemble": "export", "save_ensemble_model": "export",
-    "select_members": "select", "StackedEnsemble": "stacking", "build_ensemble_from_search": "pipeline",
+    "Evaluation": "evaluate",
+    "evaluate_ensemble": "evaluate",
+    "log_evaluation": "evaluate",
+    "EnsemblePyfunc": "export",
+    "export_model": "export",
+    "log_ensemble_model": "export",
+    "predict_structures": "export",
+    "register_ensemble": "export",
+    "save_ensemble_model": "export",
+    "select_members": "select",
+    "StackedEnsemble": "stacking",
+    "build_ensemble_from_search": "pipeline",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -9,6 +9,7 @@ unset: a flag not given keeps EnsembleConfig's default, and :func:`settings_from
 validated EnsembleConfig from the given ones.  ``--context-features`` and ``--seed`` default to
 :class:`~matfusion.ensembles.stacking.StackedEnsemble`'s own defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,14 @@ from ..config import EnsembleConfig
 from .stacking import META_LEARNERS, StackedEnsemble
 
 # flag of each EnsembleConfig field the `ensemble` command sets
-_FLAGS = {"k": "--k", "meta": "--meta", "n_folds": "--folds", "max_epochs": "--max-epochs", "refit": "--no-refit",
-          "register": "--no-register"}
+_FLAGS = {
+    "k": "--k",
+    "meta": "--meta",
+    "n_folds": "--folds",
+    "max_epochs": "--max-epochs",
+    "refit": "--no-refit",
+    "register": "--no-register",
+}
 
 
 def _stacking_default(name: str):
@@ -49,15 +56,19 @@ def settings_from_args(args) -> EnsembleConfig:
 
 
 def _tracking(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)",
+    )
 
 
 def add_parsers(subparsers) -> None:
     """Register ``ensemble``, ``export`` and ``predict`` on an argparse subparsers object."""
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
-        "ensemble", formatter_class=fmt,
+        "ensemble",
+        formatter_class=fmt,
         help="stack the best trials of a finished search into an ensemble, evaluate, log and register it",
         description="Build an out-of-fold stacked ensemble from the latest search of an MLflow experiment.\n\n"
         "Members: the top-k trials per group (rf; each graph family x fusion) by inner-validation MAE.\n"
@@ -66,53 +77,81 @@ def add_parsers(subparsers) -> None:
         "out-of-fold predictions, and the fold's test rows are used only for the final metrics.\n"
         "The result is a nested MLflow run (kind=ensemble) and a pyfunc model registered as\n"
         "matfusion-<task>; alias 'champion' moves to it only if its test MAE is better.",
-        epilog="example: matfusion ensemble --experiment phonons-smoke --k 2 --meta mae --folds 5")
+        epilog="example: matfusion ensemble --experiment phonons-smoke --k 2 --meta mae --folds 5",
+    )
     p.add_argument("--experiment", required=True, help="MLflow experiment name of the search")
     d = EnsembleConfig()
     p.add_argument("--k", type=int, default=None, help=f"members per group (default {d.k})")
-    p.add_argument("--meta", choices=META_LEARNERS, default=None,
-                   help="meta-learner: mae (convex blend minimizing the out-of-fold MAE), nnls (non-negative least "
-                   f"squares), ridge, gbm (default {d.meta})")
+    p.add_argument(
+        "--meta",
+        choices=META_LEARNERS,
+        default=None,
+        help="meta-learner: mae (convex blend minimizing the out-of-fold MAE), nnls (non-negative least "
+        f"squares), ridge, gbm (default {d.meta})",
+    )
     p.add_argument("--folds", type=int, default=None, help=f"out-of-fold splits K (>= 2; default {d.n_folds})")
-    p.add_argument("--context-features", type=int, default=_stacking_default("context_features"),
-                   help="append the first N descriptor columns to the meta input (ridge/gbm only; default "
-                   f"{_stacking_default('context_features')})")
+    p.add_argument(
+        "--context-features",
+        type=int,
+        default=_stacking_default("context_features"),
+        help="append the first N descriptor columns to the meta input (ridge/gbm only; default "
+        f"{_stacking_default('context_features')})",
+    )
     p.add_argument("--families", nargs="+", default=None, help="only these families (default: all)")
-    p.add_argument("--max-epochs", type=int, default=None,
-                   help="epochs of the graph (GNN) members (default: "
-                   f"{'as searched' if d.max_epochs is None else d.max_epochs})")
-    p.add_argument("--seed", type=int, default=_stacking_default("seed"),
-                   help=f"seed of the K-fold and early-stopping splits (default {_stacking_default('seed')})")
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help=f"epochs of the graph (GNN) members (default: {'as searched' if d.max_epochs is None else d.max_epochs})",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_stacking_default("seed"),
+        help=f"seed of the K-fold and early-stopping splits (default {_stacking_default('seed')})",
+    )
     p.add_argument("--data-dir", default=None, help="data dir (default: $MATFUSION_DATA or ../shared/data)")
-    p.add_argument("--no-register", action="store_true",
-                   help="log the model but do not register it" + ("" if d.register else " (the default)"))
-    p.add_argument("--no-refit", action="store_true",
-                   help="predict with the K fold models instead of refitting every weighted member on all rows"
-                   + ("" if d.refit else " (the default)"))
+    p.add_argument(
+        "--no-register",
+        action="store_true",
+        help="log the model but do not register it" + ("" if d.register else " (the default)"),
+    )
+    p.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="predict with the K fold models instead of refitting every weighted member on all rows"
+        + ("" if d.refit else " (the default)"),
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _tracking(p)
     p.set_defaults(func=run_ensemble)
 
     p = subparsers.add_parser(
-        "export", formatter_class=fmt, help="write a registered/logged ensemble model to a self-contained folder",
+        "export",
+        formatter_class=fmt,
+        help="write a registered/logged ensemble model to a self-contained folder",
         description="Copy the MLflow model files of a model URI (models:/matfusion-<task>@champion,\n"
         "runs:/<run_id>/model) or an ensemble run id into DIR and write README.md (model card:\n"
         "data, folds, members and weights, metrics, seed, package versions).\n"
         "Load it later with mlflow.pyfunc.load_model(DIR) or `matfusion predict DIR ...`.",
-        epilog="example: matfusion export models:/matfusion-matbench_phonons@champion --to ./phonons-model")
+        epilog="example: matfusion export models:/matfusion-matbench_phonons@champion --to ./phonons-model",
+    )
     p.add_argument("model", metavar="RUN_OR_MODEL_URI", help="model URI or ensemble run id")
     p.add_argument("--to", required=True, metavar="DIR", help="target folder (new or empty)")
     _tracking(p)
     p.set_defaults(func=run_export)
 
     p = subparsers.add_parser(
-        "predict", formatter_class=fmt, help="predict structures (CIF/POSCAR files, folders, CSV/JSON tables) with a model",
+        "predict",
+        formatter_class=fmt,
+        help="predict structures (CIF/POSCAR files, folders, CSV/JSON tables) with a model",
         description="Predict with an ensemble model (a model URI, run id or exported folder).\n"
         "INPUT: CIF/POSCAR files, folders of them, or CSV/JSON tables with a structure column\n"
         "(pymatgen dict, CIF or POSCAR text). A bad file or row is named on stderr and skipped;\n"
         "all the others are predicted. Output columns: id, prediction, std\n"
         "(a multi-target model: id, prediction_<target>, std_<target> for each target).",
-        epilog="example: matfusion predict models:/matfusion-matbench_phonons@champion cifs/ --out preds.csv")
+        epilog="example: matfusion predict models:/matfusion-matbench_phonons@champion cifs/ --out preds.csv",
+    )
     p.add_argument("model", metavar="MODEL", help="model URI, ensemble run id, or exported folder")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="files, folders or tables")
     p.add_argument("--out", default=None, help="CSV to write (default: print to stdout)")
@@ -134,10 +173,16 @@ def run_ensemble(args) -> int:
 
     try:
         settings = settings_from_args(args)
-        res = build_ensemble_from_search(args.experiment, settings=settings, tracking_uri=args.tracking_uri,
-                                         families=args.families, data_dir=args.data_dir,
-                                         context_features=args.context_features, seed=args.seed,
-                                         progress=not args.quiet)
+        res = build_ensemble_from_search(
+            args.experiment,
+            settings=settings,
+            tracking_uri=args.tracking_uri,
+            families=args.families,
+            data_dir=args.data_dir,
+            context_features=args.context_features,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     except ValueError as err:
         print(f"matfusion ensemble: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ target's name as suffix (``ensemble_mae_K_VRH``, ``member.rf_r2_G_VRH``,
 ``calib_within_1std_G_VRH``, ``n_test_G_VRH`` ...); ``Evaluation.test_mae`` is then the mean of
 the per-target ensemble MAEs (what the registry compares).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,21 @@ def regression_metrics(pred: np.ndarray, y: np.ndarray) -> dict:
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     err = pred - y
     ss_tot = float(np.sum((y - y.mean()) ** 2))
-    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))),
-            "r2": float(1.0 - np.sum(err ** 2) / ss_tot) if ss_tot > 0 else float("nan")}
+    return {
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "r2": float(1.0 - np.sum(err**2) / ss_tot) if ss_tot > 0 else float("nan"),
+    }
 
 
 def calibration(pred: np.ndarray, std: np.ndarray, y: np.ndarray) -> dict:
     err = np.abs(np.asarray(pred) - np.asarray(y))
     std = np.asarray(std)
-    return {"calib_within_1std": float(np.mean(err <= std)), "calib_within_2std": float(np.mean(err <= 2 * std)),
-            "mean_std": float(np.mean(std))}
+    return {
+        "calib_within_1std": float(np.mean(err <= std)),
+        "calib_within_2std": float(np.mean(err <= 2 * std)),
+        "mean_std": float(np.mean(std)),
+    }
 
 
 @dataclass
@@ -75,8 +82,9 @@ def _block(ensemble, pred, std, members, y, suffix: str) -> dict:
     return metrics
 
 
-def evaluate_ensemble(ensemble: StackedEnsemble, descriptors: np.ndarray, graphs, targets: np.ndarray,
-                      test_rows: Sequence[int]) -> Evaluation:
+def evaluate_ensemble(
+    ensemble: StackedEnsemble, descriptors: np.ndarray, graphs, targets: np.ndarray, test_rows: Sequence[int]
+) -> Evaluation:
     """Metrics of the ensemble, each member and the members' plain average on ``test_rows``."""
     y_all = _as_targets(targets)
     test_rows = np.asarray(test_rows, dtype=np.int64)
@@ -84,8 +92,9 @@ def evaluate_ensemble(ensemble: StackedEnsemble, descriptors: np.ndarray, graphs
     if overlap:
         raise ValueError(f"{len(overlap)} test rows were used to fit the ensemble (e.g. row {min(overlap)})")
     if (y_all.ndim == 2) != ensemble.multi_target or (y_all.ndim == 2 and y_all.shape[1] != ensemble.n_targets_):
-        raise ValueError(f"targets of shape {y_all.shape} do not match the ensemble's "
-                         f"{getattr(ensemble, 'n_targets_', 1)} target(s)")
+        raise ValueError(
+            f"targets of shape {y_all.shape} do not match the ensemble's {getattr(ensemble, 'n_targets_', 1)} target(s)"
+        )
     y = y_all[test_rows]
     out = ensemble.predict_all(descriptors, graphs, test_rows)
     members, pred, std = out["members"], out["mean"], out["std"]
@@ -126,8 +135,16 @@ def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> str:
     fig, axes = plt.subplots(1, len(suffixes), figsize=(5 * len(suffixes), 5), dpi=100, squeeze=False)
     for ax, sfx in zip(axes[0], suffixes):
         part = df[np.isfinite(df[f"y{sfx}"])]
-        ax.errorbar(part[f"y{sfx}"], part[f"prediction{sfx}"], yerr=part[f"std{sfx}"], fmt="o", ms=3, alpha=0.7,
-                    elinewidth=0.8, label=f"ensemble (MAE {evaluation.metrics[f'ensemble_mae{sfx}']:.4g})")
+        ax.errorbar(
+            part[f"y{sfx}"],
+            part[f"prediction{sfx}"],
+            yerr=part[f"std{sfx}"],
+            fmt="o",
+            ms=3,
+            alpha=0.7,
+            elinewidth=0.8,
+            label=f"ensemble (MAE {evaluation.metrics[f'ensemble_mae{sfx}']:.4g})",
+        )
         lo = float(min(part[f"y{sfx}"].min(), part[f"prediction{sfx}"].min()))
         hi = float(max(part[f"y{sfx}"].max(), part[f"prediction{sfx}"].max()))
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
@@ -141,8 +158,14 @@ def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> str:
     return path
 
 
-def log_evaluation(client, experiment_id: str, parent_run_id: str, evaluation: Evaluation,
-                   tags: Optional[dict] = None, run_name: str = "ensemble") -> str:
+def log_evaluation(
+    client,
+    experiment_id: str,
+    parent_run_id: str,
+    evaluation: Evaluation,
+    tags: Optional[dict] = None,
+    run_name: str = "ensemble",
+) -> str:
     """A nested run (``mlflow.parentRunId`` = the search's parent, ``kind=ensemble``) with the
     metrics, meta-learner weights (as ``weight.<member>`` metrics and ``weights.json``), the
     member configs, test predictions and a parity plot.  Returns its run id; the run is left
@@ -150,9 +173,17 @@ def log_evaluation(client, experiment_id: str, parent_run_id: str, evaluation: E
     from mlflow.entities import Metric, Param
 
     summary = evaluation.summary
-    run = client.create_run(experiment_id, run_name=run_name, tags={
-        "mlflow.parentRunId": parent_run_id, "kind": "ensemble", "meta": str(summary.get("meta")),
-        "members": ",".join(summary.get("members", [])), **{k: str(v) for k, v in (tags or {}).items()}})
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "kind": "ensemble",
+            "meta": str(summary.get("meta")),
+            "members": ",".join(summary.get("members", [])),
+            **{k: str(v) for k, v in (tags or {}).items()},
+        },
+    )
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in evaluation.metrics.items() if np.isfinite(v)]
@@ -161,21 +192,29 @@ def log_evaluation(client, experiment_id: str, parent_run_id: str, evaluation: E
             metrics += [Metric(f"weight.{name}.{m}", float(v), now, 0) for m, v in w.items()]
         elif w is not None:
             metrics.append(Metric(f"weight.{name}", float(w), now, 0))
-    params = [Param("meta", str(summary.get("meta"))), Param("n_folds", str(summary.get("n_folds"))),
-              Param("context_features", str(summary.get("context_features"))),
-              Param("seed", str(summary.get("seed"))), Param("n_members", str(len(summary.get("members", [])))),
-              Param("n_meta_rows", str(summary.get("n_meta_rows"))),
-              Param("refit", ",".join(summary.get("refit") or []) or "none")]
+    params = [
+        Param("meta", str(summary.get("meta"))),
+        Param("n_folds", str(summary.get("n_folds"))),
+        Param("context_features", str(summary.get("context_features"))),
+        Param("seed", str(summary.get("seed"))),
+        Param("n_members", str(len(summary.get("members", [])))),
+        Param("n_meta_rows", str(summary.get("n_meta_rows"))),
+        Param("refit", ",".join(summary.get("refit") or []) or "none"),
+    ]
     client.log_batch(run_id, metrics=metrics, params=params)
     client.log_dict(run_id, evaluation.weights or {}, "weights.json")
-    client.log_dict(run_id, {"members": summary.get("members"), "configs": summary.get("member_configs")},
-                    "members.json")
+    client.log_dict(
+        run_id, {"members": summary.get("members"), "configs": summary.get("member_configs")}, "members.json"
+    )
     with tempfile.TemporaryDirectory() as d:
         csv = os.path.join(d, "test_predictions.csv")
         evaluation.predictions.to_csv(csv, index=False)
         client.log_artifact(run_id, csv)
-        png = parity_plot(evaluation, os.path.join(d, "parity.png"),
-                          title=f"{tags.get('dataset', '') if tags else ''} fold {tags.get('fold', '') if tags else ''}")
+        png = parity_plot(
+            evaluation,
+            os.path.join(d, "parity.png"),
+            title=f"{tags.get('dataset', '') if tags else ''} fold {tags.get('fold', '') if tags else ''}",
+        )
         client.log_artifact(run_id, png)
     return run_id
 

@@ -20,6 +20,7 @@ Registry: :func:`register_ensemble` registers a model as ``matfusion-<task>`` wi
 test MAE is lower than the current champion's *on the same task and fold* (a champion on
 another fold is not comparable: it keeps the alias).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,18 @@ log = logging.getLogger("matfusion.ensembles")
 
 MODEL_NAME = "model"  # artifact name of the pyfunc model inside the ensemble run
 CHAMPION = "champion"
-_PACKAGES = ("matfusion", "torch", "torch_geometric", "scikit-learn", "scipy", "numpy", "pandas", "pymatgen",
-             "matminer", "mlflow")
+_PACKAGES = (
+    "matfusion",
+    "torch",
+    "torch_geometric",
+    "scikit-learn",
+    "scipy",
+    "numpy",
+    "pandas",
+    "pymatgen",
+    "matminer",
+    "mlflow",
+)
 
 
 def registered_name(task: str) -> str:
@@ -63,6 +74,7 @@ def package_versions() -> dict:
 
 
 # -- featurization of raw structures ------------------------------------------------------------
+
 
 def parse_structure(value):
     """A pymatgen Structure from a Structure, dict, JSON text, CIF or POSCAR text."""
@@ -88,8 +100,9 @@ def featurize_structures(structures: Sequence, featurizer: dict):
     return X, GraphSet.from_parts(parts, cutoff, max_nb)
 
 
-def featurizer_spec(ensemble, cutoff: float, max_neighbors: int, line_graph: bool = False,
-                    descriptors: Optional[Sequence[str]] = None) -> dict:
+def featurizer_spec(
+    ensemble, cutoff: float, max_neighbors: int, line_graph: bool = False, descriptors: Optional[Sequence[str]] = None
+) -> dict:
     """What the pyfunc model needs to featurize like training did.  ``descriptors``: the
     descriptor sets of the training matrix (``FeatureSet.descriptor_sets``); if not given they are
     inferred from the width of the matrix the ensemble was fitted on (magpie, or the default
@@ -102,12 +115,19 @@ def featurizer_spec(ensemble, cutoff: float, max_neighbors: int, line_graph: boo
     descriptors = list(descriptors)
     width = getattr(ensemble, "n_features_", None)
     if width and width_of(descriptors) != width:
-        raise ValueError(f"descriptor sets {descriptors} make {width_of(descriptors)} columns; the ensemble was "
-                         f"fitted on {width}")
-    return {"magpie": "matminer ElementProperty magpie preset (132)", "descriptors": descriptors,
-            "descriptor_columns": len(columns_of(descriptors)), "graphs": bool(ensemble.needs_graphs),
-            "cutoff": float(cutoff), "max_neighbors": int(max_neighbors),
-            "line_graph": bool(line_graph or ensemble.needs_line_graph), "graph_params": ensemble.graph_params_}
+        raise ValueError(
+            f"descriptor sets {descriptors} make {width_of(descriptors)} columns; the ensemble was fitted on {width}"
+        )
+    return {
+        "magpie": "matminer ElementProperty magpie preset (132)",
+        "descriptors": descriptors,
+        "descriptor_columns": len(columns_of(descriptors)),
+        "graphs": bool(ensemble.needs_graphs),
+        "cutoff": float(cutoff),
+        "max_neighbors": int(max_neighbors),
+        "line_graph": bool(line_graph or ensemble.needs_line_graph),
+        "graph_params": ensemble.graph_params_,
+    }
 
 
 def output_columns(ensemble) -> list[str]:
@@ -128,6 +148,7 @@ def predict_parsed(ensemble, featurizer: dict, structures: Sequence) -> tuple[np
 
 # -- the pyfunc model -----------------------------------------------------------------------------
 
+
 class EnsemblePyfunc(_PythonModel):
     """MLflow pyfunc wrapper of a :class:`~matfusion.ensembles.stacking.StackedEnsemble`."""
 
@@ -141,7 +162,9 @@ class EnsemblePyfunc(_PythonModel):
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
         if not isinstance(model_input, pd.DataFrame) or "structure" not in model_input.columns:
-            raise ValueError("input must be a DataFrame with a 'structure' column (pymatgen dict, JSON, CIF or POSCAR text)")
+            raise ValueError(
+                "input must be a DataFrame with a 'structure' column (pymatgen dict, JSON, CIF or POSCAR text)"
+            )
         values = model_input["structure"].tolist()
         ok, structures = [], []
         for i, v in enumerate(values):
@@ -149,8 +172,9 @@ class EnsemblePyfunc(_PythonModel):
                 structures.append(parse_structure(v))
                 ok.append(i)
             except Exception as err:  # noqa: BLE001 - pymatgen raises many types
-                warnings.warn(f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN",
-                              stacklevel=2)
+                warnings.warn(
+                    f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN", stacklevel=2
+                )
         k = getattr(self.ensemble, "n_targets_", 1)
         pred = np.full((len(values), k), np.nan)
         std = np.full((len(values), k), np.nan)
@@ -169,8 +193,9 @@ def _signature_and_example(example_structures: Sequence, columns: Sequence[str] 
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    signature = ModelSignature(inputs=Schema([ColSpec(AnyType(), "structure")]),
-                               outputs=Schema([ColSpec("double", c) for c in columns]))
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(AnyType(), "structure")]), outputs=Schema([ColSpec("double", c) for c in columns])
+    )
     example = pd.DataFrame({"structure": [json.dumps(s.as_dict()) for s in example_structures]})
     return signature, example
 
@@ -182,8 +207,11 @@ def _pip_requirements() -> list[str]:
 
 
 def _write_artifacts(ensemble, featurizer: dict, card: dict, directory: str) -> dict:
-    paths = {"ensemble": os.path.join(directory, "ensemble.pkl"), "featurizer": os.path.join(directory, "featurizer.json"),
-             "card": os.path.join(directory, "card.json")}
+    paths = {
+        "ensemble": os.path.join(directory, "ensemble.pkl"),
+        "featurizer": os.path.join(directory, "featurizer.json"),
+        "card": os.path.join(directory, "card.json"),
+    }
     with open(paths["ensemble"], "wb") as fh:
         pickle.dump(ensemble, fh)
     with open(paths["featurizer"], "w") as fh:
@@ -193,14 +221,29 @@ def _write_artifacts(ensemble, featurizer: dict, card: dict, directory: str) -> 
     return paths
 
 
-def make_card(ensemble, task: str, fold: int, metrics: dict, data: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
+def make_card(
+    ensemble, task: str, fold: int, metrics: dict, data: Optional[dict] = None, extra: Optional[dict] = None
+) -> dict:
     """The model card's content (written as card.json, rendered into README.md on export)."""
-    return {"task": task, "fold": int(fold), "data": data or {}, "ensemble": ensemble.summary(),
-            "metrics": {k: float(v) for k, v in metrics.items()}, "versions": package_versions(), **(extra or {})}
+    return {
+        "task": task,
+        "fold": int(fold),
+        "data": data or {},
+        "ensemble": ensemble.summary(),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "versions": package_versions(),
+        **(extra or {}),
+    }
 
 
-def log_ensemble_model(run_id: str, ensemble, featurizer: dict, card: dict, example_structures: Sequence,
-                       tracking_uri: Optional[str] = None):
+def log_ensemble_model(
+    run_id: str,
+    ensemble,
+    featurizer: dict,
+    card: dict,
+    example_structures: Sequence,
+    tracking_uri: Optional[str] = None,
+):
     """Log the pyfunc model into run ``run_id`` (under ``model``); returns its ModelInfo."""
     import mlflow
 
@@ -211,9 +254,14 @@ def log_ensemble_model(run_id: str, ensemble, featurizer: dict, card: dict, exam
         artifacts = _write_artifacts(ensemble, featurizer, card, d)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=EnsemblePyfunc(), artifacts=artifacts,
-                                           signature=signature, input_example=example,
-                                           pip_requirements=_pip_requirements())
+            return mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=EnsemblePyfunc(),
+                artifacts=artifacts,
+                signature=signature,
+                input_example=example,
+                pip_requirements=_pip_requirements(),
+            )
 
 
 def save_ensemble_model(path: str, ensemble, featurizer: dict, card: dict, example_structures: Sequence) -> str:
@@ -225,8 +273,14 @@ def save_ensemble_model(path: str, ensemble, featurizer: dict, card: dict, examp
         artifacts = _write_artifacts(ensemble, featurizer, card, d)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mlflow.pyfunc.save_model(path, python_model=EnsemblePyfunc(), artifacts=artifacts, signature=signature,
-                                     input_example=example, pip_requirements=_pip_requirements())
+            mlflow.pyfunc.save_model(
+                path,
+                python_model=EnsemblePyfunc(),
+                artifacts=artifacts,
+                signature=signature,
+                input_example=example,
+                pip_requirements=_pip_requirements(),
+            )
     return path
 
 
@@ -249,8 +303,9 @@ def register_ensemble(tracking_uri: str, model_uri: str, task: str, fold: int, t
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     name = registered_name(task)
-    mv = mlflow.register_model(model_uri, name, tags={"task": task, "fold": str(int(fold)),
-                                                      "test_mae": repr(float(test_mae))})
+    mv = mlflow.register_model(
+        model_uri, name, tags={"task": task, "fold": str(int(fold)), "test_mae": repr(float(test_mae))}
+    )
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -262,14 +317,21 @@ def register_ensemble(tracking_uri: str, model_uri: str, task: str, fold: int, t
         old = _float_tag(champ, "test_mae")
         moved = not math.isfinite(old) or float(test_mae) < old
     else:
-        log.warning("%s@%s is on task %s fold %s, not comparable with fold %s: alias kept", name, CHAMPION,
-                    champ.tags.get("task"), champ.tags.get("fold"), fold)
+        log.warning(
+            "%s@%s is on task %s fold %s, not comparable with fold %s: alias kept",
+            name,
+            CHAMPION,
+            champ.tags.get("task"),
+            champ.tags.get("fold"),
+            fold,
+        )
     if moved:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
     return mv, moved
 
 
 # -- export --------------------------------------------------------------------------------------
+
 
 def resolve_model_uri(ref: str) -> str:
     """A model URI from a URI (``models:/``, ``runs:/``, a path) or a bare run id."""
@@ -286,41 +348,68 @@ def _fmt(v) -> str:
 
 def render_card(card: dict, model_uri: str) -> str:
     ens = card.get("ensemble", {})
-    lines = [f"# matfusion stacked ensemble: {card.get('task')}", "",
-             f"Source: `{model_uri}`", "",
-             "## Data", ""]
+    lines = [f"# matfusion stacked ensemble: {card.get('task')}", "", f"Source: `{model_uri}`", "", "## Data", ""]
     for k, v in (card.get("data") or {}).items():
         lines.append(f"- {k}: {v}")
-    lines += [f"- outer fold: {card.get('fold')} (the ensemble was fitted on its training rows only; "
-              "metrics are on its untouched test rows)",
-              f"- meta-learner trained on {ens.get('n_meta_rows')} out-of-fold predictions "
-              f"({ens.get('n_folds')}-fold, seed {ens.get('seed')})", "",
-              "## Members and weights", "", f"Meta-learner: `{ens.get('meta')}`", "",
-              "| member | weight |", "|---|---|"]
+    lines += [
+        f"- outer fold: {card.get('fold')} (the ensemble was fitted on its training rows only; "
+        "metrics are on its untouched test rows)",
+        f"- meta-learner trained on {ens.get('n_meta_rows')} out-of-fold predictions "
+        f"({ens.get('n_folds')}-fold, seed {ens.get('seed')})",
+        "",
+        "## Members and weights",
+        "",
+        f"Meta-learner: `{ens.get('meta')}`",
+        "",
+        "| member | weight |",
+        "|---|---|",
+    ]
     weights = ens.get("weights") or {}
     targets = list(ens.get("targets") or [])
     if len(targets) > 1:  # one meta-learner per target
-        lines[-2:] = ["| member | " + " | ".join(f"weight {t}" for t in targets) + " |",
-                      "|---|" + "---|" * len(targets)]
+        lines[-2:] = [
+            "| member | " + " | ".join(f"weight {t}" for t in targets) + " |",
+            "|---|" + "---|" * len(targets),
+        ]
         per = [weights.get(t) or {} for t in targets]
         for name in ens.get("members", []) + ["intercept"]:
             if name == "intercept" and not any("intercept" in w for w in per):
                 continue
             label = "(intercept)" if name == "intercept" else name
-            lines.append(f"| {label} | " + " | ".join(_fmt(w.get(name, 'n/a')) for w in per) + " |")
+            lines.append(f"| {label} | " + " | ".join(_fmt(w.get(name, "n/a")) for w in per) + " |")
     else:
         for name in ens.get("members", []):
             lines.append(f"| {name} | {_fmt(weights.get(name, 'n/a'))} |")
         if "intercept" in weights:
             lines.append(f"| (intercept) | {_fmt(weights['intercept'])} |")
-    lines += ["", "Member configs:", "", "```json", json.dumps(ens.get("member_configs"), indent=1), "```", "",
-              "## Test metrics", "", "| metric | value |", "|---|---|"]
+    lines += [
+        "",
+        "Member configs:",
+        "",
+        "```json",
+        json.dumps(ens.get("member_configs"), indent=1),
+        "```",
+        "",
+        "## Test metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     for k, v in sorted((card.get("metrics") or {}).items()):
         lines.append(f"| {k} | {_fmt(v)} |")
-    lines += ["", "## Usage", "", "```python", "import mlflow, pandas as pd",
-              "model = mlflow.pyfunc.load_model('.')  # this directory",
-              "model.predict(pd.DataFrame({'structure': [structure.as_dict()]}))  # -> prediction, std",
-              "```", "", "## Package versions", ""]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import mlflow, pandas as pd",
+        "model = mlflow.pyfunc.load_model('.')  # this directory",
+        "model.predict(pd.DataFrame({'structure': [structure.as_dict()]}))  # -> prediction, std",
+        "```",
+        "",
+        "## Package versions",
+        "",
+    ]
     for k, v in (card.get("versions") or {}).items():
         lines.append(f"- {k} {v}")
     return "\n".join(lines) + "\n"
@@ -369,8 +458,9 @@ def _report(message: str) -> None:
     print(f"matfusion predict: skipped {message}", file=sys.stderr, flush=True)
 
 
-def read_inputs(inputs: Iterable[Union[str, Path]], structure_column: str = "structure",
-                id_column: Optional[str] = None) -> tuple[list[str], list, list[str]]:
+def read_inputs(
+    inputs: Iterable[Union[str, Path]], structure_column: str = "structure", id_column: Optional[str] = None
+) -> tuple[list[str], list, list[str]]:
     """(ids, structures, problems) from files, folders and tables; each bad item is reported on
     stderr (name and reason) and skipped."""
     from ..data.tables import error_reason as _reason
@@ -431,8 +521,9 @@ def load_model(model_uri_or_dir: Union[str, Path]):
     return mlflow.pyfunc.load_model(resolve_model_uri(str(model_uri_or_dir)))
 
 
-def predict_structures(model_uri_or_dir, inputs: Iterable[Union[str, Path]], structure_column: str = "structure",
-                       model=None) -> pd.DataFrame:
+def predict_structures(
+    model_uri_or_dir, inputs: Iterable[Union[str, Path]], structure_column: str = "structure", model=None
+) -> pd.DataFrame:
     """DataFrame(id, prediction, std) for every readable structure in ``inputs`` (CIF/POSCAR
     files, folders of them, CSV/JSON tables with a structure column); bad ones are named on
     stderr and skipped.  A multi-target model gives ``prediction_<t>``, ``std_<t>`` per target."""

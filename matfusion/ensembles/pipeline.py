@@ -10,6 +10,7 @@
 4. Evaluation on the test rows, logged as a nested run (``kind=ensemble``) of the search.
 5. The pyfunc model logged into that run and registered as ``matfusion-<task>``.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,10 +41,18 @@ class EnsembleResult:
     wall_s: float
 
 
-def build_ensemble_from_search(experiment: Optional[str] = None, *, settings=None, tracking_uri: Optional[str] = None,
-                               families: Optional[Sequence[str]] = None, data_dir: Optional[str] = None,
-                               context_features: int = 0, seed: int = 0, progress: bool = True,
-                               parent_run_id: Optional[str] = None) -> EnsembleResult:
+def build_ensemble_from_search(
+    experiment: Optional[str] = None,
+    *,
+    settings=None,
+    tracking_uri: Optional[str] = None,
+    families: Optional[Sequence[str]] = None,
+    data_dir: Optional[str] = None,
+    context_features: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    parent_run_id: Optional[str] = None,
+) -> EnsembleResult:
     """Stack the latest search of ``experiment`` or, given ``parent_run_id``, that search
     parent run (``experiment`` is then not needed).  ``settings``: a
     :class:`~matfusion.config.EnsembleConfig` (k, meta, n_folds, max_epochs, refit, register;
@@ -70,12 +79,25 @@ def build_ensemble_from_search(experiment: Optional[str] = None, *, settings=Non
     prep = prepare_fold(cfg, dataset, families=cfg.search.families, members=members, graphs=True, progress=progress)
     ensemble = _fit_ensemble(prep, members, settings, context_features, seed, progress)
     evaluation = evaluate_ensemble(ensemble, prep.descriptors, prep.graphs, prep.targets, prep.split.test)
-    run_id = log_evaluation(client, parent.info.experiment_id, parent.info.run_id, evaluation,
-                            tags=_run_tags(prep, parent))
-    info, version, moved = _log_and_register(client, run_id, cfg, prep, ensemble, evaluation, parent, settings,
-                                             tracking_uri)
-    return EnsembleResult(run_id, parent.info.run_id, parent.info.experiment_id, prep.dataset.name, prep.split.fold,
-                          evaluation, ensemble, info.model_uri, version, moved, time.time() - t0)
+    run_id = log_evaluation(
+        client, parent.info.experiment_id, parent.info.run_id, evaluation, tags=_run_tags(prep, parent)
+    )
+    info, version, moved = _log_and_register(
+        client, run_id, cfg, prep, ensemble, evaluation, parent, settings, tracking_uri
+    )
+    return EnsembleResult(
+        run_id,
+        parent.info.run_id,
+        parent.info.experiment_id,
+        prep.dataset.name,
+        prep.split.fold,
+        evaluation,
+        ensemble,
+        info.model_uri,
+        version,
+        moved,
+        time.time() - t0,
+    )
 
 
 def _search_parent(client, experiment: Optional[str], parent_run_id: Optional[str]):
@@ -110,8 +132,10 @@ def _search_dataset(cfg, parent):
     parent_id, tags = parent.info.run_id, parent.data.tags
     dataset = load_dataset(cfg.data, seed=cfg.search.seed)
     if tags.get("dataset_hash") and tags["dataset_hash"] != dataset.content_hash:
-        raise ValueError(f"the data changed since search run {parent_id}: dataset hash {dataset.content_hash} "
-                         f"now, {tags['dataset_hash']} then")
+        raise ValueError(
+            f"the data changed since search run {parent_id}: dataset hash {dataset.content_hash} "
+            f"now, {tags['dataset_hash']} then"
+        )
     if tags.get("fold") is not None and tags["fold"] != str(cfg.data.fold):
         raise ValueError(f"search run {parent_id} was on fold {tags['fold']}, its config says {cfg.data.fold}")
     return dataset
@@ -129,17 +153,34 @@ def _fit_ensemble(prep, members, settings, context_features: int, seed: int, pro
     """The stack fitted on the fold's train + inner val rows (the search's whole training part);
     the test rows are not passed to it."""
     rows = np.sort(np.concatenate([prep.split.train, prep.split.val]))
-    ensemble = StackedEnsemble(members, meta=settings.meta, n_folds=settings.n_folds,
-                               context_features=context_features, seed=seed, refit=settings.refit,
-                               graph_max_epochs=settings.max_epochs)
-    ensemble.fit(prep.descriptors, prep.graphs, prep.targets, rows, graph_params=prep.graph_params, progress=progress,
-                 target_names=prep.target_names if prep.targets.ndim == 2 else None)
+    ensemble = StackedEnsemble(
+        members,
+        meta=settings.meta,
+        n_folds=settings.n_folds,
+        context_features=context_features,
+        seed=seed,
+        refit=settings.refit,
+        graph_max_epochs=settings.max_epochs,
+    )
+    ensemble.fit(
+        prep.descriptors,
+        prep.graphs,
+        prep.targets,
+        rows,
+        graph_params=prep.graph_params,
+        progress=progress,
+        target_names=prep.target_names if prep.targets.ndim == 2 else None,
+    )
     return ensemble
 
 
 def _run_tags(prep, parent) -> dict:
-    return {"dataset": prep.dataset.name, "fold": prep.split.fold, "dataset_hash": prep.dataset.content_hash,
-            "search_run_id": parent.info.run_id}
+    return {
+        "dataset": prep.dataset.name,
+        "fold": prep.split.fold,
+        "dataset_hash": prep.dataset.content_hash,
+        "search_run_id": parent.info.run_id,
+    }
 
 
 def _log_and_register(client, run_id: str, cfg, prep, ensemble, evaluation, parent, settings, tracking_uri: str):
@@ -149,15 +190,36 @@ def _log_and_register(client, run_id: str, cfg, prep, ensemble, evaluation, pare
     dataset, split = prep.dataset, prep.split
     n_train = len(split.train) + len(split.val)
     try:
-        featurizer = featurizer_spec(ensemble, cfg.features.cutoff, cfg.features.max_neighbors,
-                                     descriptors=prep.features.descriptor_sets)
-        card = make_card(ensemble, dataset.name, split.fold, evaluation.metrics, data={
-            "source": cfg.data.source, "target": dataset.target_name, "rows": len(dataset),
-            "limit": cfg.data.limit, "dataset_hash": dataset.content_hash, "train_rows": n_train,
-            "test_rows": len(split.test), "search_run_id": parent.info.run_id, "ensemble_run_id": run_id,
-            "cutoff": cfg.features.cutoff, "max_neighbors": cfg.features.max_neighbors})
-        info = log_ensemble_model(run_id, ensemble, featurizer, card,
-                                  [dataset.structures[int(r)] for r in split.test[:2]], tracking_uri=tracking_uri)
+        featurizer = featurizer_spec(
+            ensemble, cfg.features.cutoff, cfg.features.max_neighbors, descriptors=prep.features.descriptor_sets
+        )
+        card = make_card(
+            ensemble,
+            dataset.name,
+            split.fold,
+            evaluation.metrics,
+            data={
+                "source": cfg.data.source,
+                "target": dataset.target_name,
+                "rows": len(dataset),
+                "limit": cfg.data.limit,
+                "dataset_hash": dataset.content_hash,
+                "train_rows": n_train,
+                "test_rows": len(split.test),
+                "search_run_id": parent.info.run_id,
+                "ensemble_run_id": run_id,
+                "cutoff": cfg.features.cutoff,
+                "max_neighbors": cfg.features.max_neighbors,
+            },
+        )
+        info = log_ensemble_model(
+            run_id,
+            ensemble,
+            featurizer,
+            card,
+            [dataset.structures[int(r)] for r in split.test[:2]],
+            tracking_uri=tracking_uri,
+        )
         version, moved = None, False
         if settings.register:
             mv, moved = register_ensemble(tracking_uri, info.model_uri, dataset.name, split.fold, evaluation.test_mae)
@@ -173,13 +235,17 @@ def _log_and_register(client, run_id: str, cfg, prep, ensemble, evaluation, pare
 
 def format_result(res: EnsembleResult) -> str:
     m = res.evaluation.metrics
-    lines = [f"\nStacked ensemble ({res.ensemble.meta}, {res.ensemble.n_folds} folds) on {res.task} fold {res.fold}, "
-             f"{int(m['n_test'])} test rows:",
-             f"  {'model':<28} {'MAE':>10} {'RMSE':>10} {'R2':>8}"]
+    lines = [
+        f"\nStacked ensemble ({res.ensemble.meta}, {res.ensemble.n_folds} folds) on {res.task} fold {res.fold}, "
+        f"{int(m['n_test'])} test rows:",
+        f"  {'model':<28} {'MAE':>10} {'RMSE':>10} {'R2':>8}",
+    ]
 
     def row(label, prefix, sfx=""):
-        lines.append(f"  {label:<28} {m[prefix + '_mae' + sfx]:>10.4g} {m[prefix + '_rmse' + sfx]:>10.4g} "
-                     f"{m[prefix + '_r2' + sfx]:>8.3f}")
+        lines.append(
+            f"  {label:<28} {m[prefix + '_mae' + sfx]:>10.4g} {m[prefix + '_rmse' + sfx]:>10.4g} "
+            f"{m[prefix + '_r2' + sfx]:>8.3f}"
+        )
 
     for sfx in [f"_{t}" for t in res.evaluation.targets] or [""]:
         if sfx:
@@ -188,20 +254,27 @@ def format_result(res: EnsembleResult) -> str:
         row("plain average", "average", sfx)
         for name in res.ensemble.names_:
             row(f"member {name}", f"member.{name}", sfx)
-        lines.append(f"  calibration: {m['calib_within_1std' + sfx]:.0%} within 1 std, "
-                     f"{m['calib_within_2std' + sfx]:.0%} within 2 std")
+        lines.append(
+            f"  calibration: {m['calib_within_1std' + sfx]:.0%} within 1 std, "
+            f"{m['calib_within_2std' + sfx]:.0%} within 2 std"
+        )
     for sfx in [f"_{t}" for t in res.evaluation.targets] or [""]:
         best = min(res.ensemble.names_, key=lambda n: m[f"member.{n}_mae{sfx}"])
-        lines.append(f"  test MAE{' ' + sfx[1:] if sfx else ''}: ensemble {m['ensemble_mae' + sfx]:.4g}, best member "
-                     f"{best} {m[f'member.{best}_mae{sfx}']:.4g}, plain average {m['average_mae' + sfx]:.4g}")
+        lines.append(
+            f"  test MAE{' ' + sfx[1:] if sfx else ''}: ensemble {m['ensemble_mae' + sfx]:.4g}, best member "
+            f"{best} {m[f'member.{best}_mae{sfx}']:.4g}, plain average {m['average_mae' + sfx]:.4g}"
+        )
     weights = res.ensemble.weights_ or {}
     for target, w in weights.items() if res.evaluation.targets else [("", weights)]:
         if w:
-            lines.append(f"  weights{' ' + target if target else ''}: "
-                         + ", ".join(f"{k}={v:.3g}" for k, v in w.items()))
+            lines.append(
+                f"  weights{' ' + target if target else ''}: " + ", ".join(f"{k}={v:.3g}" for k, v in w.items())
+            )
     lines.append(f"MLflow run {res.run_id} (nested in search run {res.parent_run_id}); model {res.model_uri}")
     if res.version:
-        lines.append(f"registered matfusion-{res.task} version {res.version}"
-                     + ("; alias 'champion' moved to it" if res.champion_moved else "; 'champion' kept (not better)"))
+        lines.append(
+            f"registered matfusion-{res.task} version {res.version}"
+            + ("; alias 'champion' moved to it" if res.champion_moved else "; 'champion' kept (not better)")
+        )
     lines.append(f"wall time {res.wall_s:.1f} s")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ Each member's exact trial config is read from its run's ``trial_config.json`` ar
 runs logged before that artifact existed, the config is rebuilt from the run's params
 (flattened ``a.b`` keys, values parsed as YAML scalars); a warning says so.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ TRIAL_CONFIG_ARTIFACT = "trial_config.json"
 USABLE_STATUSES = ("completed", "pruned", "stopped")
 
 
-def ranked_candidates(client, experiment_id: str, parent_run_id: str, k: int = 2,
-                      families: Optional[Sequence[str]] = None) -> pd.DataFrame:
+def ranked_candidates(
+    client, experiment_id: str, parent_run_id: str, k: int = 2, families: Optional[Sequence[str]] = None
+) -> pd.DataFrame:
     """The chosen trials: columns ``trial_id, run_id, family, fusion, group, status, val_mae``,
     best first within each group, groups ordered by their best val_mae."""
     from ..tracking.leaderboard import search_trials
@@ -90,12 +92,15 @@ def load_trial_config(client, run_id: str) -> dict:
     return config
 
 
-def select_members(client, experiment_id: str, parent_run_id: str, k: int = 2,
-                   families: Optional[Sequence[str]] = None) -> list[dict]:
+def select_members(
+    client, experiment_id: str, parent_run_id: str, k: int = 2, families: Optional[Sequence[str]] = None
+) -> list[dict]:
     """Trial configs of the top-``k`` trials per group (rf, lgbm, et; graph family x fusion) by
     inner-validation MAE, failed trials skipped.  Raises ``ValueError`` if nothing is usable."""
     top = ranked_candidates(client, experiment_id, parent_run_id, k=k, families=families)
     if top.empty:
-        raise ValueError(f"search run {parent_run_id} has no finished trial with a val_mae"
-                         + (f" among families {', '.join(families)}" if families else ""))
+        raise ValueError(
+            f"search run {parent_run_id} has no finished trial with a val_mae"
+            + (f" among families {', '.join(families)}" if families else "")
+        )
     return [load_trial_config(client, run_id) for run_id in top["run_id"]]

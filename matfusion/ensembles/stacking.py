@@ -29,6 +29,7 @@ per fold on all k targets (``fit_family`` masks missing labels), the OOF predict
 label only (``meta_fit_rows_[t]``).  ``predict`` then returns (n, k) arrays; with a single
 target everything stays 1-D as before.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,6 +69,7 @@ def unique_names(configs: Sequence[dict]) -> list[str]:
 
 # -- meta-learners ------------------------------------------------------------------------------
 
+
 class ConvexMAEMeta(RegressorMixin, BaseEstimator):
     """min_w sum_i |y_i - X_i w|  subject to  w >= 0, sum(w) = 1 (no intercept).
 
@@ -84,8 +86,12 @@ class ConvexMAEMeta(RegressorMixin, BaseEstimator):
         y = np.asarray(y, dtype=np.float64)
         n, m = X.shape
         eye = sparse.identity(n, format="csr")
-        A_eq = sparse.vstack([sparse.hstack([sparse.csr_matrix(X), eye, -eye]),
-                              sparse.hstack([sparse.csr_matrix(np.ones((1, m))), sparse.csr_matrix((1, 2 * n))])])
+        A_eq = sparse.vstack(
+            [
+                sparse.hstack([sparse.csr_matrix(X), eye, -eye]),
+                sparse.hstack([sparse.csr_matrix(np.ones((1, m))), sparse.csr_matrix((1, 2 * n))]),
+            ]
+        )
         b_eq = np.concatenate([y, [1.0]])
         cost = np.concatenate([np.zeros(m), np.ones(2 * n)])
         res = linprog(cost, A_eq=A_eq.tocsr(), b_eq=b_eq, bounds=(0, None), method="highs")
@@ -159,8 +165,13 @@ class GBMMeta(RegressorMixin, BaseEstimator):
         # one thread: the OOF matrix is small (see docs/notes-ensembles.md)
         with threadpool_limits(1):
             self.model_ = HistGradientBoostingRegressor(
-                max_iter=200, learning_rate=0.05, max_depth=3, min_samples_leaf=max(5, len(y) // 50),
-                early_stopping=False, random_state=self.seed).fit(np.asarray(X, dtype=np.float64), y)
+                max_iter=200,
+                learning_rate=0.05,
+                max_depth=3,
+                min_samples_leaf=max(5, len(y) // 50),
+                early_stopping=False,
+                random_state=self.seed,
+            ).fit(np.asarray(X, dtype=np.float64), y)
         self.coef_ = None
         self.intercept_ = None
         return self
@@ -185,6 +196,7 @@ def make_meta(meta: str, seed: int = 0):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
 
 class InvalidParameterError(ValueError, TypeError):
     """A bad hyperparameter of :class:`StackedEnsemble` (raised by ``fit``; the message names the
@@ -220,8 +232,7 @@ def _slim_state(config: dict, state: dict) -> dict:
 def kfold_assignment(n: int, n_folds: int, seed: int) -> np.ndarray:
     """Fold number (0..K-1) of each of ``n`` positions: a seeded permutation cut in K parts."""
     if n < 2 * n_folds:
-        raise ValueError(f"{n} training rows are too few for {n_folds}-fold stacking "
-                         f"(need at least {2 * n_folds})")
+        raise ValueError(f"{n} training rows are too few for {n_folds}-fold stacking (need at least {2 * n_folds})")
     order = np.random.default_rng([seed, 7919]).permutation(n)
     fold = np.empty(n, dtype=np.int64)
     for k, part in enumerate(np.array_split(order, n_folds)):
@@ -296,10 +307,18 @@ class StackedEnsemble(BaseEstimator):
     (n, members, k) and ``oof_y_`` (n, k) with NaN for missing labels.
     """
 
-    def __init__(self, members: Sequence[dict], meta: str = _DEFAULTS.meta, n_folds: int = _DEFAULTS.n_folds,
-                 context_features: int = 0, seed: int = 0, es_fraction: float = 0.15,
-                 member_overrides: Optional[dict] = None, refit: bool = _DEFAULTS.refit,
-                 graph_max_epochs: Optional[int] = _DEFAULTS.max_epochs) -> None:
+    def __init__(
+        self,
+        members: Sequence[dict],
+        meta: str = _DEFAULTS.meta,
+        n_folds: int = _DEFAULTS.n_folds,
+        context_features: int = 0,
+        seed: int = 0,
+        es_fraction: float = 0.15,
+        member_overrides: Optional[dict] = None,
+        refit: bool = _DEFAULTS.refit,
+        graph_max_epochs: Optional[int] = _DEFAULTS.max_epochs,
+    ) -> None:
         self.members = members
         self.meta = meta
         self.n_folds = n_folds
@@ -324,40 +343,57 @@ class StackedEnsemble(BaseEstimator):
     def _check_params(self) -> None:
         """Every hyperparameter's check; the error names the parameter."""
         if isinstance(self.members, (str, bytes, dict)) or not isinstance(self.members, Sequence) or not self.members:
-            raise InvalidParameterError(f"members: StackedEnsemble needs a non-empty list of member configs "
-                             f"(got {self.members!r:.80})")
+            raise InvalidParameterError(
+                f"members: StackedEnsemble needs a non-empty list of member configs (got {self.members!r:.80})"
+            )
         for i, m in enumerate(self.members):
             if not isinstance(m, dict) or "family" not in m:
-                raise InvalidParameterError(f"members[{i}]: a member is a trial config dict with a 'family' key (got {m!r:.80})")
+                raise InvalidParameterError(
+                    f"members[{i}]: a member is a trial config dict with a 'family' key (got {m!r:.80})"
+                )
         if self.meta not in META_LEARNERS:
-            raise InvalidParameterError(f"meta: unknown meta-learner {self.meta!r}; choose one of {', '.join(META_LEARNERS)}")
+            raise InvalidParameterError(
+                f"meta: unknown meta-learner {self.meta!r}; choose one of {', '.join(META_LEARNERS)}"
+            )
         if not _is_int(self.n_folds) or self.n_folds < 2:
             raise InvalidParameterError(f"n_folds must be an integer >= 2 (got {self.n_folds!r})")
         if not _is_int(self.context_features) or self.context_features < 0:
             raise InvalidParameterError(f"context_features must be an integer >= 0 (got {self.context_features!r})")
         if self.context_features and self.meta in ("mae", "nnls"):
-            raise InvalidParameterError("context_features needs meta 'ridge' or 'gbm' (mae and nnls weights are non-negative "
-                             "blend weights of members only)")
+            raise InvalidParameterError(
+                "context_features needs meta 'ridge' or 'gbm' (mae and nnls weights are non-negative "
+                "blend weights of members only)"
+            )
         if not _is_int(self.seed):
             raise InvalidParameterError(f"seed must be an integer (got {self.seed!r})")
-        if isinstance(self.es_fraction, bool) or not isinstance(self.es_fraction, Real) \
-                or not 0.0 < self.es_fraction < 0.5:
+        if (
+            isinstance(self.es_fraction, bool)
+            or not isinstance(self.es_fraction, Real)
+            or not 0.0 < self.es_fraction < 0.5
+        ):
             raise InvalidParameterError(f"es_fraction must be in (0, 0.5) (got {self.es_fraction!r})")
         if self.member_overrides is not None and not isinstance(self.member_overrides, dict):
-            raise InvalidParameterError(f"member_overrides must be a dict of config keys or None (got {self.member_overrides!r})")
+            raise InvalidParameterError(
+                f"member_overrides must be a dict of config keys or None (got {self.member_overrides!r})"
+            )
         if not isinstance(self.refit, (bool, np.bool_)):
             raise InvalidParameterError(f"refit must be True or False (got {self.refit!r})")
         if self.graph_max_epochs is not None and (not _is_int(self.graph_max_epochs) or self.graph_max_epochs < 1):
-            raise InvalidParameterError(f"graph_max_epochs must be an integer >= 1 or None (got {self.graph_max_epochs!r})")
+            raise InvalidParameterError(
+                f"graph_max_epochs must be an integer >= 1 or None (got {self.graph_max_epochs!r})"
+            )
 
     def _derived_members(self) -> list[dict]:
         """The member configs as trained: ``lr_restarts`` emptied, ``member_overrides`` applied,
         ``graph_max_epochs`` on the graph members."""
-        configs = [{**_fresh_config(m), "lr_restarts": [], **_fresh_config(self.member_overrides or {})}
-                   for m in self.members]
+        configs = [
+            {**_fresh_config(m), "lr_restarts": [], **_fresh_config(self.member_overrides or {})} for m in self.members
+        ]
         if self.graph_max_epochs is not None:
-            configs = [c if c["family"] in families.TABULAR else dict(c, max_epochs=int(self.graph_max_epochs))
-                       for c in configs]
+            configs = [
+                c if c["family"] in families.TABULAR else dict(c, max_epochs=int(self.graph_max_epochs))
+                for c in configs
+            ]
         return configs
 
     # -- fitting -----------------------------------------------------------------------------------
@@ -383,9 +419,16 @@ class StackedEnsemble(BaseEstimator):
             return member_pred
         return np.hstack([member_pred, self._context(descriptors, rows)])
 
-    def fit(self, descriptors: np.ndarray, graphs, targets: np.ndarray, rows: Sequence[int],
-            graph_params: Optional[dict] = None, progress: bool = False,
-            target_names: Optional[Sequence[str]] = None) -> "StackedEnsemble":
+    def fit(
+        self,
+        descriptors: np.ndarray,
+        graphs,
+        targets: np.ndarray,
+        rows: Sequence[int],
+        graph_params: Optional[dict] = None,
+        progress: bool = False,
+        target_names: Optional[Sequence[str]] = None,
+    ) -> "StackedEnsemble":
         """Fit on ``rows`` only (the outer fold's training part: never pass test rows).
 
         ``descriptors`` (N, d) the descriptor matrix, ``graphs`` (a GraphSet of all N rows, or None for tabular-only
@@ -411,10 +454,12 @@ class StackedEnsemble(BaseEstimator):
                 raise ValueError("some training rows have no finite label for any target")
         elif not np.all(np.isfinite(y_rows)):
             raise ValueError("some training rows have no finite target")
-        names = target_names or next((list(m["targets"]) for m in self.members_
-                                      if len(m.get("targets") or []) == n_targets), None)
-        self.target_names_ = [str(t) for t in names] if names else (
-            [f"t{k}" for k in range(n_targets)] if multi else ["target"])
+        names = target_names or next(
+            (list(m["targets"]) for m in self.members_ if len(m.get("targets") or []) == n_targets), None
+        )
+        self.target_names_ = (
+            [str(t) for t in names] if names else ([f"t{k}" for k in range(n_targets)] if multi else ["target"])
+        )
         if len(self.target_names_) != n_targets:
             raise ValueError(f"{len(self.target_names_)} target names for {n_targets} targets")
         for k in range(n_targets):
@@ -446,11 +491,15 @@ class StackedEnsemble(BaseEstimator):
                 config = self._member_config(j, k)
                 state = fit_family(config, data, LocalSession())
                 states.append(_slim_state(config, state))
-                oof[fold == k, j, :] = np.asarray(predict_from_state(config, states[-1], held_part,
-                                                                     self.graph_params_)).reshape(len(held), n_targets)
+                oof[fold == k, j, :] = np.asarray(
+                    predict_from_state(config, states[-1], held_part, self.graph_params_)
+                ).reshape(len(held), n_targets)
                 if progress:
-                    print(f"  fold {k + 1}/{self.n_folds} member {self.names_[j]}: trained on {len(fit_rows)} "
-                          f"rows (+{len(es_rows)} early stopping), predicted {len(held)}", flush=True)
+                    print(
+                        f"  fold {k + 1}/{self.n_folds} member {self.names_[j]}: trained on {len(fit_rows)} "
+                        f"rows (+{len(es_rows)} early stopping), predicted {len(held)}",
+                        flush=True,
+                    )
             self.fold_states_.append(states)
             self.fold_train_rows_.append(fit_rows)
             self.fold_es_rows_.append(es_rows)
@@ -508,13 +557,18 @@ class StackedEnsemble(BaseEstimator):
         shuffled = rng.permutation(rows)
         n_es = min(max(1, int(round(self.es_fraction * len(rows)))), len(rows) - 1)
         self.refit_es_rows_, self.refit_train_rows_ = np.sort(shuffled[:n_es]), np.sort(shuffled[n_es:])
-        data = pack_trial_data(descriptors, graphs, y_all, self.refit_train_rows_, self.refit_es_rows_, **self.graph_params_)
+        data = pack_trial_data(
+            descriptors, graphs, y_all, self.refit_train_rows_, self.refit_es_rows_, **self.graph_params_
+        )
         for j in self.weighted_members():
             config = self._refit_config(j)
             self.refit_states_[j] = _slim_state(config, fit_family(config, data, LocalSession()))
             if progress:
-                print(f"  refit member {self.names_[j]}: trained on {len(self.refit_train_rows_)} rows "
-                      f"(+{len(self.refit_es_rows_)} early stopping)", flush=True)
+                print(
+                    f"  refit member {self.names_[j]}: trained on {len(self.refit_train_rows_)} rows "
+                    f"(+{len(self.refit_es_rows_)} early stopping)",
+                    flush=True,
+                )
 
     @property
     def multi_target(self) -> bool:
@@ -550,8 +604,9 @@ class StackedEnsemble(BaseEstimator):
         rows = np.asarray(rows, dtype=np.int64)
         return self.fold_part_predictions(pack_rows(descriptors, graphs, np.zeros(len(descriptors)), rows))
 
-    def fold_part_predictions(self, part: dict, members: Optional[Sequence[int]] = None,
-                              base: Optional[np.ndarray] = None) -> np.ndarray:
+    def fold_part_predictions(
+        self, part: dict, members: Optional[Sequence[int]] = None, base: Optional[np.ndarray] = None
+    ) -> np.ndarray:
         """Each fold model's prediction of a packed ``part`` (rows in the part's order), shaped as
         :meth:`fold_member_predictions`.  With ``members`` (indices) only those members are
         predicted and the others are copied from ``base`` (an earlier result of this method)."""
@@ -560,7 +615,11 @@ class StackedEnsemble(BaseEstimator):
         n_targets = getattr(self, "n_targets_", 1)
         n = len(part["y"])
         per_row = (n_targets,) if n_targets > 1 else ()
-        out = np.empty((len(self.fold_states_), n, len(self.members_)) + per_row) if base is None else np.array(base, dtype=np.float64)
+        out = (
+            np.empty((len(self.fold_states_), n, len(self.members_)) + per_row)
+            if base is None
+            else np.array(base, dtype=np.float64)
+        )
         for k, states in enumerate(self.fold_states_):
             for j, state in enumerate(states):
                 if members is not None and j not in members:
@@ -580,17 +639,34 @@ class StackedEnsemble(BaseEstimator):
         rows = np.asarray(rows, dtype=np.int64)
         models = getattr(self, "meta_models_", None) or [self.meta_model_]
         if not self.multi_target:
-            return np.stack([models[0].predict(self._meta_input(per_fold[f], descriptors, rows))
-                             for f in range(len(per_fold))])
-        return np.stack([np.stack([m.predict(self._meta_input(per_fold[f, :, :, t], descriptors, rows))
-                                   for t, m in enumerate(models)], axis=1) for f in range(len(per_fold))])
+            return np.stack(
+                [models[0].predict(self._meta_input(per_fold[f], descriptors, rows)) for f in range(len(per_fold))]
+            )
+        return np.stack(
+            [
+                np.stack(
+                    [
+                        m.predict(self._meta_input(per_fold[f, :, :, t], descriptors, rows))
+                        for t, m in enumerate(models)
+                    ],
+                    axis=1,
+                )
+                for f in range(len(per_fold))
+            ]
+        )
 
     @property
     def refitted(self) -> bool:
         return any(s is not None for s in (getattr(self, "refit_states_", None) or []))
 
-    def part_outputs(self, part: dict, descriptors: np.ndarray, rows: Sequence[int], members: Optional[Sequence[int]] = None,
-                     base: Optional[dict] = None) -> dict:
+    def part_outputs(
+        self,
+        part: dict,
+        descriptors: np.ndarray,
+        rows: Sequence[int],
+        members: Optional[Sequence[int]] = None,
+        base: Optional[dict] = None,
+    ) -> dict:
         """Everything the ensemble predicts for a packed ``part`` (rows ``rows`` of ``descriptors``):
         ``per_fold`` (see :meth:`fold_part_predictions`), ``members`` (each member's column of the
         point prediction: its refit, else its fold-model average), ``mean`` (the point prediction)
@@ -649,10 +725,19 @@ class StackedEnsemble(BaseEstimator):
 
     def summary(self) -> dict:
         self._check_fitted()
-        return {"meta": self.meta, "n_folds": self.n_folds, "context_features": self.context_features,
-                "refit": [self.names_[j] for j, st in enumerate(getattr(self, "refit_states_", None) or []) if st is not None],
-                "seed": self.seed, "members": self.names_, "member_configs": self.members_,
-                "weights": self.weights_, "n_meta_rows": int(len(self.meta_rows_)),
-                "targets": list(getattr(self, "target_names_", ["target"])),
-                "n_meta_rows_per_target": [int(len(r)) for r in getattr(self, "meta_fit_rows_", [self.meta_rows_])],
-                "graph_params": self.graph_params_}
+        return {
+            "meta": self.meta,
+            "n_folds": self.n_folds,
+            "context_features": self.context_features,
+            "refit": [
+                self.names_[j] for j, st in enumerate(getattr(self, "refit_states_", None) or []) if st is not None
+            ],
+            "seed": self.seed,
+            "members": self.names_,
+            "member_configs": self.members_,
+            "weights": self.weights_,
+            "n_meta_rows": int(len(self.meta_rows_)),
+            "targets": list(getattr(self, "target_names_", ["target"])),
+            "n_meta_rows_per_target": [int(len(r)) for r in getattr(self, "meta_fit_rows_", [self.meta_rows_])],
+            "graph_params": self.graph_params_,
+        }

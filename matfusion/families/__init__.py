@@ -10,6 +10,7 @@ class (each family imports its models inside ``build`` / ``fit``).
   ``lgbm``, ``cgcnn-early``, ``alignn-none``, ...)
 - :class:`TrialConfig`: the typed trial config
 """
+
 from __future__ import annotations
 
 import importlib
@@ -87,6 +88,23 @@ def group_of(config: Union[TrialConfig, Mapping[str, Any]]) -> str:
     return family if not get(family).graph else f"{family}-{fusion_of(config)}"
 
 
-__all__ = ["DEFAULT_TASK_WEIGHT", "FUSIONS", "Family", "GRAPH", "HyperParams", "Multitask", "NAMES", "ONE_SHOT",
-           "TABULAR", "TASK_WEIGHTINGS", "TrialConfig", "TrialConfigError", "UnknownFamilyError", "fusion_of", "get",
-           "group_of", "names", "needs_line_graph"]
+__all__ = [
+    "DEFAULT_TASK_WEIGHT",
+    "FUSIONS",
+    "Family",
+    "GRAPH",
+    "HyperParams",
+    "Multitask",
+    "NAMES",
+    "ONE_SHOT",
+    "TABULAR",
+    "TASK_WEIGHTINGS",
+    "TrialConfig",
+    "TrialConfigError",
+    "UnknownFamilyError",
+    "fusion_of",
+    "get",
+    "group_of",
+    "names",
+    "needs_line_graph",
+]

@@ -1,5 +1,6 @@
 """ALIGNN (Choudhary & DeCost, 2021): the crystal graph and its line graph (bond angles); needs
 ``features.line_graph``.  The fusion has its own space (:mod:`.fusion`)."""
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -38,15 +39,24 @@ class ALIGNNFamily(GraphFamily):
     PRESETS = PRESETS
     needs_line_graph = True
 
-    def encoder(self, params: ALIGNNParams, node_features: int, edge_features: int, angle_features: int,
-                n_targets: int):
+    def encoder(
+        self, params: ALIGNNParams, node_features: int, edge_features: int, angle_features: int, n_targets: int
+    ):
         from ..trainables.alignn import ALIGNN
 
         if angle_features <= 0:
             raise ValueError("alignn needs the line graph: featurize with features.line_graph=true")
-        return ALIGNN(node_features, edge_features, angle_features, hidden=params.hidden, n_layers=params.n_layers,
-                      n_gcn=params.n_gcn, head_hidden=params.head_hidden, dropout=params.dropout,
-                      n_targets=n_targets)
+        return ALIGNN(
+            node_features,
+            edge_features,
+            angle_features,
+            hidden=params.hidden,
+            n_layers=params.n_layers,
+            n_gcn=params.n_gcn,
+            head_hidden=params.head_hidden,
+            dropout=params.dropout,
+            n_targets=n_targets,
+        )
 
 
 FAMILY = ALIGNNFamily()

@@ -8,6 +8,7 @@ a pydantic model whose field defaults are THE defaults of the family), its searc
 defaults), ``build`` (the unfitted model; model classes are imported inside, so importing the
 registry imports no model), ``fit`` / ``predict`` and its checkpoint format.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping, Optional

@@ -1,4 +1,5 @@
 """CGCNN (Xie & Grossman, 2018) on the crystal graph; the fusion has its own space (:mod:`.fusion`)."""
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -34,12 +35,18 @@ class CGCNNFamily(GraphFamily):
     PARAMS = PARAMS
     PRESETS = PRESETS
 
-    def encoder(self, params: CGCNNParams, node_features: int, edge_features: int, angle_features: int,
-                n_targets: int):
+    def encoder(self, params: CGCNNParams, node_features: int, edge_features: int, angle_features: int, n_targets: int):
         from ..trainables.cgcnn import CGCNN
 
-        return CGCNN(node_features, edge_features, hidden=params.hidden, n_conv=params.n_conv,
-                     head_hidden=params.head_hidden, dropout=params.dropout, n_targets=n_targets)
+        return CGCNN(
+            node_features,
+            edge_features,
+            hidden=params.hidden,
+            n_conv=params.n_conv,
+            head_hidden=params.head_hidden,
+            dropout=params.dropout,
+            n_targets=n_targets,
+        )
 
 
 FAMILY = CGCNNFamily()

@@ -1,4 +1,5 @@
 """Extra trees (extremely randomized trees) on the descriptor matrix (scikit-learn)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -37,7 +38,6 @@ class ExtraTrees(ForestFamily):
     Params = ETParams
     PARAMS = PARAMS
     PRESETS = PRESETS
-
 
 
 FAMILY = ExtraTrees()

@@ -1,6 +1,7 @@
 """What the scikit-learn forests (rf, et) share: one forest per target on its labelled rows,
 trained in one shot (one report at epoch 1, outside ASHA's rungs), checkpointed as the pickled
 list of forests (``model.pkl``)."""
+
 from __future__ import annotations
 
 import os

@@ -17,6 +17,7 @@ names, their typed parameters and defaults, their search space and the model wra
   on all the training rows.  No validation or test row reaches a t fit (the trainable does it:
   :func:`matfusion.trainables.trial.fit_residual_base`).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -30,8 +31,13 @@ FUSIONS = ("none", "early", "attention", "late", "residual")
 # the fusion a graph family's seeded default point takes, first allowed of these
 PREFERRED = ("early", "attention", "none", "late", "residual")
 # fusion -> the fusion parameters it searches
-USES = {"none": (), "late": (), "early": ("comp_hidden", "comp_layers"),
-        "attention": ("comp_hidden", "comp_layers", "fusion_dim"), "residual": ("residual_base",)}
+USES = {
+    "none": (),
+    "late": (),
+    "early": ("comp_hidden", "comp_layers"),
+    "attention": ("comp_hidden", "comp_layers", "fusion_dim"),
+    "residual": ("residual_base",),
+}
 # the fusions whose model is the encoder alone (late and residual add a tabular model outside it)
 ENCODER_ONLY = ("none", "late", "residual")
 # the fusions whose prediction reads the descriptor matrix (all but none)
@@ -47,8 +53,11 @@ class FusionParams(HyperParams):
     comp_layers: int = Field(2, ge=1, description="layers of the descriptor MLP branch")
     fusion_dim: int = Field(128, ge=1, description="attention: width both modalities are projected to")
     residual_base: Literal[RESIDUAL_BASES] = Field(
-        "lgbm", description="residual: the tabular model t whose residual y - t(x) the GNN learns")
-    residual_folds: int = Field(5, ge=2, description="residual: folds of the training rows for t's out-of-fold predictions")
+        "lgbm", description="residual: the tabular model t whose residual y - t(x) the GNN learns"
+    )
+    residual_folds: int = Field(
+        5, ge=2, description="residual: folds of the training rows for t's out-of-fold predictions"
+    )
 
 
 PARAMS = {
@@ -79,14 +88,30 @@ def default_fusion(choices) -> str:
     return preferred[0] if preferred else choices[0]
 
 
-def fuse(encoder, params: FusionParams, graph_dim: int, descriptor_features: int, head_hidden: int, dropout: float,
-         n_targets: int):
+def fuse(
+    encoder,
+    params: FusionParams,
+    graph_dim: int,
+    descriptor_features: int,
+    head_hidden: int,
+    dropout: float,
+    n_targets: int,
+):
     """The encoder fused with the descriptor branch as ``params.fusion`` asks (``none``, ``late``
     and ``residual``: the encoder itself)."""
     if params.fusion in ENCODER_ONLY:
         return encoder
     from ..trainables.fusion import FusedModel
 
-    return FusedModel(encoder, graph_dim=graph_dim, fusion=params.fusion, descriptor_dim=descriptor_features,
-                      comp_hidden=params.comp_hidden, comp_layers=params.comp_layers, fusion_dim=params.fusion_dim,
-                      head_hidden=head_hidden, dropout=dropout, n_targets=n_targets)
+    return FusedModel(
+        encoder,
+        graph_dim=graph_dim,
+        fusion=params.fusion,
+        descriptor_dim=descriptor_features,
+        comp_hidden=params.comp_hidden,
+        comp_layers=params.comp_layers,
+        fusion_dim=params.fusion_dim,
+        head_hidden=head_hidden,
+        dropout=dropout,
+        n_targets=n_targets,
+    )

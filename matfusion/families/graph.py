@@ -1,6 +1,7 @@
 """What the crystal-graph families (cgcnn, alignn) share: the training hyperparameters of the
 torch loop, the fusion with the descriptor branch (:mod:`.fusion`), training by
 :func:`matfusion.trainables.trial.fit_graph` and the torch checkpoint (``state.pt``)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -15,8 +16,19 @@ from .fusion import FusionParams
 
 LOSSES = ("l1", "mse", "huber")
 # what prediction needs of a torch trial state (the optimizer etc. are dropped)
-STATE_KEYS = ("best_model", "y_mean", "y_std", "descriptor_scaler", "fusion", "rf", "residual", "best_hook_state",
-              "best_val_mae", "best_epoch", "target_names")
+STATE_KEYS = (
+    "best_model",
+    "y_mean",
+    "y_std",
+    "descriptor_scaler",
+    "fusion",
+    "rf",
+    "residual",
+    "best_hook_state",
+    "best_val_mae",
+    "best_epoch",
+    "target_names",
+)
 
 
 class GraphParams(FusionParams):
@@ -52,12 +64,26 @@ class GraphFamily(Family):
         """The unfitted encoder (a torch module with ``embed_crystal``)."""
         raise NotImplementedError
 
-    def build(self, params, node_features: int, edge_features: int, n_targets: int = 1, angle_features: int = 0,
-              descriptor_features: int = 132):
+    def build(
+        self,
+        params,
+        node_features: int,
+        edge_features: int,
+        n_targets: int = 1,
+        angle_features: int = 0,
+        descriptor_features: int = 132,
+    ):
         """The encoder, fused with the descriptor branch if ``params.fusion`` asks."""
         encoder = self.encoder(params, node_features, edge_features, angle_features, n_targets)
-        return _fusion.fuse(encoder, params, graph_dim=params.hidden, descriptor_features=descriptor_features,
-                            head_hidden=params.head_hidden, dropout=params.dropout, n_targets=n_targets)
+        return _fusion.fuse(
+            encoder,
+            params,
+            graph_dim=params.hidden,
+            descriptor_features=descriptor_features,
+            head_hidden=params.head_hidden,
+            dropout=params.dropout,
+            n_targets=n_targets,
+        )
 
     def fit(self, trial, data: dict, session) -> dict:
         from ..trainables.trial import fit_graph

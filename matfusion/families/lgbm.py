@@ -6,6 +6,7 @@ trial's ``max_epochs`` reported epochs (``ceil(n_estimators / max_epochs)`` roun
 ASHA may stop it at a rung.  Checkpoint: the pickled trial state (``state.pkl``: the trees as
 LightGBM text, no torch needed).
 """
+
 from __future__ import annotations
 
 import math
@@ -72,11 +73,19 @@ class LightGBM(Family):
         """One unfitted :class:`~matfusion.trainables.lgbm.ChunkedLGBM` (one per target is trained)."""
         from ..trainables.lgbm import ChunkedLGBM
 
-        return ChunkedLGBM(learning_rate=params.learning_rate, num_leaves=params.num_leaves,
-                           min_child_samples=params.min_child_samples, feature_fraction=params.feature_fraction,
-                           bagging_fraction=params.bagging_fraction, lambda_l1=params.lambda_l1,
-                           lambda_l2=params.lambda_l2, objective=params.objective, max_bin=params.max_bin,
-                           seed=seed, n_jobs=n_jobs)
+        return ChunkedLGBM(
+            learning_rate=params.learning_rate,
+            num_leaves=params.num_leaves,
+            min_child_samples=params.min_child_samples,
+            feature_fraction=params.feature_fraction,
+            bagging_fraction=params.bagging_fraction,
+            lambda_l1=params.lambda_l1,
+            lambda_l2=params.lambda_l2,
+            objective=params.objective,
+            max_bin=params.max_bin,
+            seed=seed,
+            n_jobs=n_jobs,
+        )
 
     @staticmethod
     def rounds_per_epoch(params: LGBMParams, max_epochs: int) -> int:
@@ -87,8 +96,13 @@ class LightGBM(Family):
     def fit(self, trial, data: dict, session) -> dict:
         from ..trainables.tabular import fit_lgbm
 
-        return fit_lgbm(trial, data, session, build=lambda: self.build(trial.params, trial.seed, trial.threads),
-                        chunk=self.rounds_per_epoch(trial.params, trial.max_epochs))
+        return fit_lgbm(
+            trial,
+            data,
+            session,
+            build=lambda: self.build(trial.params, trial.seed, trial.threads),
+            chunk=self.rounds_per_epoch(trial.params, trial.max_epochs),
+        )
 
     def predict(self, trial, state: dict, part: dict, graph_params: dict) -> np.ndarray:
         from ..trainables.tabular import predict_lgbm

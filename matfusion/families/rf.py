@@ -1,4 +1,5 @@
 """The random forest on the descriptor matrix (scikit-learn; NaN features handled natively)."""
+
 from __future__ import annotations
 
 from typing import Optional

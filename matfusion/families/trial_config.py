@@ -15,6 +15,7 @@ produces (Optuna's define-by-run output, un-flattened by Ray), e.g.::
 leaves out); :meth:`TrialConfig.to_dict` gives the dict back.  A graph trial may also carry an
 ``rf`` section: the parameters of its late-fusion forests.  Unknown keys are errors naming them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal, Mapping, Optional, Union
@@ -27,8 +28,18 @@ from .base import HyperParams
 TASK_WEIGHTINGS = ("fixed", "tuned", "uncertainty")
 DEFAULT_TASK_WEIGHT = 1.0  # lambda of a target without a fixed or searched weight
 LATE_FOREST_FAMILY = "rf"  # the family whose section parametrizes late fusion's forests
-_TOP_LEVEL = ("family", "multitask", "max_epochs", "seed", "patience", "cpus", "targets", "checkpoint_every",
-              "lr_restarts", "checkpoint_at")
+_TOP_LEVEL = (
+    "family",
+    "multitask",
+    "max_epochs",
+    "seed",
+    "patience",
+    "cpus",
+    "targets",
+    "checkpoint_every",
+    "lr_restarts",
+    "checkpoint_at",
+)
 
 
 class TrialConfigError(ValueError):
@@ -68,7 +79,8 @@ class TrialConfig(BaseModel):
     family: str
     params: SerializeAsAny[HyperParams]
     forest: Optional[SerializeAsAny[HyperParams]] = Field(
-        None, description="a graph trial's rf section: its late-fusion forests (default: the rf family's defaults)")
+        None, description="a graph trial's rf section: its late-fusion forests (default: the rf family's defaults)"
+    )
     max_epochs: int = Field(LoopSettings.max_epochs, ge=1)
     seed: int = LoopSettings.seed
     patience: int = Field(LoopSettings.patience, ge=1)
@@ -137,8 +149,11 @@ class TrialConfig(BaseModel):
                 errors += _messages(err, "")
             else:
                 return trial
-        raise TrialConfigError(f"invalid {name} trial config:\n  " + "\n  ".join(errors)
-                               + f"\n(top-level keys: {', '.join(_TOP_LEVEL)}, and the {name} section)")
+        raise TrialConfigError(
+            f"invalid {name} trial config:\n  "
+            + "\n  ".join(errors)
+            + f"\n(top-level keys: {', '.join(_TOP_LEVEL)}, and the {name} section)"
+        )
 
     def to_dict(self) -> dict:
         """The nested trial dict (what the search space emits; defaults the dict left out stay out)."""

@@ -15,6 +15,7 @@ docs/dependencies.md says how to move that window.
 
 Checked against: ray 2.60.0 (``ray[tune]``), optuna 5.0.0 (MLflow: no private access).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ CHECKED_MLFLOW = "3.17"
 
 # -- Ray Tune: AsyncHyperBandScheduler (ray/tune/schedulers/async_hyperband.py) ------------------
 # State an ASHA subclass needs and Ray keeps in private fields set in ``__init__``.
+
 
 def asha_brackets(scheduler) -> list:
     """The scheduler's brackets (``AsyncHyperBandScheduler._brackets``: a list of ``_Bracket``,
@@ -113,6 +115,7 @@ def asha_reduction_factor(scheduler) -> float:
 
 # -- Ray Tune: the controller a scheduler is handed (ray/tune/execution/tune_controller.py) ------
 
+
 def mark_trial_to_checkpoint(controller, trial) -> bool:
     """Have Tune write ``trial`` into its next experiment snapshot.  Tune re-snapshots only the
     trials it marked itself; one a scheduler stops while it is PAUSED is not, so a later resume
@@ -129,6 +132,7 @@ def mark_trial_to_checkpoint(controller, trial) -> bool:
 
 
 # -- Ray Tune: OptunaSearch (ray/tune/search/optuna/optuna_search.py) -----------------------------
+
 
 def optuna_study(searcher):
     """The ``optuna.Study`` behind Ray's ``OptunaSearch`` (``_ot_study``: created by
@@ -158,6 +162,7 @@ def mark_completed(searcher, trial_id: str) -> None:
 
 # -- Ray Tune: ConcurrencyLimiter (ray/tune/search/concurrency_limiter.py) ------------------------
 
+
 def limiter_take_slot(limiter, trial_id: str) -> None:
     """Count ``trial_id`` as running again in a ``ConcurrencyLimiter`` (``live_trials``: the set
     ``suggest`` refuses beyond ``max_concurrent``; ``num_unfinished_live_trials``: its count),
@@ -170,6 +175,7 @@ def limiter_take_slot(limiter, trial_id: str) -> None:
 # -- Ray Tune: Tuner (ray/tune/tuner.py, ray/tune/impl/tuner_internal.py) -------------------------
 # A Tuner keeps its TunerInternal in ``_local_tuner`` (``_remote_tuner`` under Ray Client, where
 # these return None); after ``Tuner.restore`` that holds the configs unpickled from tuner.pkl.
+
 
 def _tuner_internal(tuner):
     return getattr(tuner, "_local_tuner", None)
@@ -204,6 +210,7 @@ def tuner_searcher(tuner):
 
 # -- Ray Tune: CLIReporter (ray/tune/progress_reporter.py) ----------------------------------------
 
+
 def reporter_max_rows(reporter) -> int | None:
     """``max_progress_rows`` a ``CLIReporter`` was built with (``_max_progress_rows``).
     Checked: ray 2.60.0."""
@@ -217,6 +224,7 @@ def reporter_print(reporter, text: str) -> None:
 
 
 # -- Ray core ---------------------------------------------------------------------------------------
+
 
 def refresh_ray_config() -> bool:
     """Make an already imported Ray re-read its ``RAY_*`` environment (``ray._raylet.Config.
@@ -237,13 +245,15 @@ def refresh_ray_config() -> bool:
 
 # -- used by the tests only -------------------------------------------------------------------------
 
+
 def trial_storage(storage_path: str, experiment_dir_name: str, trial_dir_name: str):
     """A ``StorageContext`` (``ray.train._internal.storage``) for building a ``Trial`` with a
     folder on disk outside a Tune run.  Checked: ray 2.60.0."""
     from ray.train._internal.storage import StorageContext
 
-    return StorageContext(storage_path=storage_path, experiment_dir_name=experiment_dir_name,
-                          trial_dir_name=trial_dir_name)
+    return StorageContext(
+        storage_path=storage_path, experiment_dir_name=experiment_dir_name, trial_dir_name=trial_dir_name
+    )
 
 
 def tpe_split_trials(study, trials: Iterable, n_below: int) -> tuple[list, list]:

@@ -11,6 +11,7 @@ they got (the step of their last report) and by their score there.  Trials that 
 PRUNED at a pause (``search.asha_mode: promote``) that later runs to its end is added again as a
 COMPLETE trial with its final score.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -53,8 +54,14 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             return
         study = compat.optuna_study(self)
         frozen = study.get_trials(deepcopy=False)[ot_trial.number]
-        study.add_trial(create_trial(params=frozen.params, distributions=frozen.distributions,
-                                     value=float(result[self.metric]), state=TrialState.COMPLETE))
+        study.add_trial(
+            create_trial(
+                params=frozen.params,
+                distributions=frozen.distributions,
+                value=float(result[self.metric]),
+                state=TrialState.COMPLETE,
+            )
+        )
 
 
 class PauseAwareLimiter(ConcurrencyLimiter):

@@ -14,6 +14,7 @@ the file ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), it sets ``RAY_AUTH_MO
 Sending a token to a cluster without authentication is harmless; ``RAY_AUTH_MODE=disabled``
 opts out.  :func:`auth_failure` recognises the refusal and says what to do.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,11 @@ from typing import Optional
 from . import compat
 
 AUTH_MODE = "RAY_AUTH_MODE"
-HELP = ("the Ray cluster requires its authentication token: copy the head node's ~/.ray/auth_token to "
-        "this machine (or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token; "
-        "on the head, `ray get-auth-token` prints it (see docs/cluster.md)")
+HELP = (
+    "the Ray cluster requires its authentication token: copy the head node's ~/.ray/auth_token to "
+    "this machine (or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and set RAY_AUTH_MODE=token; "
+    "on the head, `ray get-auth-token` prints it (see docs/cluster.md)"
+)
 
 
 def token_source() -> Optional[str]:

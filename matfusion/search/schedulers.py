@@ -21,6 +21,7 @@ judged against its own group's rungs only: a GNN's epoch k never meets LightGBM'
 boosting rounds.  ``scope="all"`` is the family-blind ASHA of before (one bracket for every
 epoch-trained trial), kept for comparison.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,14 @@ ALL = "all"  # the group label of every trial under scope "all"
 def rung_milestones(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
     """The epochs at which ASHA (as :func:`~matfusion.search.tuner.build_scheduler` builds it: one
     bracket) compares trials, lowest first, read from a real Ray scheduler so they always match."""
-    asha = AsyncHyperBandScheduler(time_attr="training_iteration", metric="m", mode="min", max_t=max_t,
-                                   grace_period=grace_period, reduction_factor=reduction_factor)
+    asha = AsyncHyperBandScheduler(
+        time_attr="training_iteration",
+        metric="m",
+        mode="min",
+        max_t=max_t,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
     return sorted(int(m) for m, _ in compat.bracket_rungs(compat.asha_brackets(asha)[0]))
 
 
@@ -139,8 +146,13 @@ class TabularAwareASHA(AsyncHyperBandScheduler):
         out, op = [], compat.asha_metric_op(self)
         for group, bracket in self.group_brackets():
             for milestone, recorded in reversed(compat.bracket_rungs(bracket)):
-                out.append({"group": group, "milestone": milestone,
-                            "recorded": {t: float(v) * op for t, v in recorded.items()}})
+                out.append(
+                    {
+                        "group": group,
+                        "milestone": milestone,
+                        "recorded": {t: float(v) * op for t, v in recorded.items()},
+                    }
+                )
         return out
 
     def recorded_trial_ids(self) -> set[str]:
@@ -237,8 +249,12 @@ class PromotingASHA(TabularAwareASHA):
     def _group_rungs(self, groups=None) -> list[tuple[float, str, dict]]:
         """``(milestone, group, recorded)`` of the rungs of ``groups`` (default: all), highest
         milestone first (groups in the order they appeared at equal milestones)."""
-        rungs = [(milestone, group, recorded) for group, bracket in self.group_brackets()
-                 if groups is None or group in groups for milestone, recorded in compat.bracket_rungs(bracket)]
+        rungs = [
+            (milestone, group, recorded)
+            for group, bracket in self.group_brackets()
+            if groups is None or group in groups
+            for milestone, recorded in compat.bracket_rungs(bracket)
+        ]
         return sorted(rungs, key=lambda r: -r[0])  # stable: group order kept at equal milestones
 
     def _promotion(self, paused: dict, final: bool = False, groups=None):

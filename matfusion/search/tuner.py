@@ -15,6 +15,7 @@ their ``trial_id`` tag (see :class:`MlflowTrialLogger`).  If the folder holds no
 experiment (killed before Tune wrote its first experiment snapshot), the search starts afresh:
 the leftover folder is moved aside and the leftover MLflow runs are closed as ``interrupted``.
 """
+
 from __future__ import annotations
 
 import glob
@@ -90,8 +91,12 @@ class SearchResult:
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -134,8 +139,11 @@ def lr_restarts(search: SearchConfig) -> list[int]:
     below ``max_epochs`` when ``search.lr_schedule`` is ``rungs``, else none (one cosine cycle)."""
     if search.lr_schedule != "rungs":
         return []
-    return [m for m in rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
-            if m < search.max_epochs]
+    return [
+        m
+        for m in rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
+        if m < search.max_epochs
+    ]
 
 
 def build_sampler(search: SearchConfig):
@@ -150,8 +158,13 @@ def build_sampler(search: SearchConfig):
         return RandomSampler(seed=search.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return TPESampler(seed=search.seed, multivariate=True, group=True, constant_liar=True,
-                          n_startup_trials=n_startup_trials(search))
+        return TPESampler(
+            seed=search.seed,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+            n_startup_trials=n_startup_trials(search),
+        )
 
 
 def fair_start(search: SearchConfig, space, points_to_evaluate: Optional[list] = None) -> list[dict]:
@@ -173,9 +186,13 @@ def fair_start(search: SearchConfig, space, points_to_evaluate: Optional[list] =
             got[space.group_of_point(point)] += 1
         short = ", ".join(f"{g} {n}" for g, n in got.items() if n < k)
         others = f" (the others {k})" if any(n >= k for n in got.values()) else ""
-        print(f"matfusion: warning: search.num_samples ({search.num_samples}) < {len(groups)} groups x "
-              f"search.min_trials_per_group ({k}): the round robin over the groups is cut short; trials per "
-              f"group: {short}{others}", file=sys.stderr, flush=True)
+        print(
+            f"matfusion: warning: search.num_samples ({search.num_samples}) < {len(groups)} groups x "
+            f"search.min_trials_per_group ({k}): the round robin over the groups is cut short; trials per "
+            f"group: {short}{others}",
+            file=sys.stderr,
+            flush=True,
+        )
     return points
 
 
@@ -189,8 +206,9 @@ def build_searcher(search: SearchConfig, space, points_to_evaluate: Optional[lis
     from .optuna_search import PauseAwareLimiter, PrunedAwareOptunaSearch
 
     points = fair_start(search, space, points_to_evaluate)
-    searcher = PrunedAwareOptunaSearch(space=space, metric=SCORE, mode="min", sampler=build_sampler(search),
-                                       points_to_evaluate=points or None)
+    searcher = PrunedAwareOptunaSearch(
+        space=space, metric=SCORE, mode="min", sampler=build_sampler(search), points_to_evaluate=points or None
+    )
     return PauseAwareLimiter(searcher, max_concurrent=search.max_concurrent)
 
 
@@ -203,12 +221,19 @@ def build_scheduler(search: SearchConfig, searcher=None):
 
     if search.scheduler == "fifo":
         return FIFOScheduler()
-    kwargs = dict(time_attr="training_iteration", metric=SCORE, mode="min", max_t=search.max_epochs,
-                  grace_period=search.grace_period, reduction_factor=search.reduction_factor,
-                  scope=search.asha_scope)
+    kwargs = dict(
+        time_attr="training_iteration",
+        metric=SCORE,
+        mode="min",
+        max_t=search.max_epochs,
+        grace_period=search.grace_period,
+        reduction_factor=search.reduction_factor,
+        scope=search.asha_scope,
+    )
     if search.asha_mode == "promote":
-        return PromotingASHA(**kwargs, on_pause=getattr(searcher, "pause", None),
-                             on_resume=getattr(searcher, "resume", None))
+        return PromotingASHA(
+            **kwargs, on_pause=getattr(searcher, "pause", None), on_resume=getattr(searcher, "resume", None)
+        )
     return TabularAwareASHA(**kwargs)
 
 
@@ -218,7 +243,6 @@ def checkpoint_epochs(search: SearchConfig) -> list[int]:
     if search.scheduler != "asha" or search.asha_mode != "promote":
         return []
     return rung_milestones(search.max_epochs, search.grace_period, search.reduction_factor)
-
 
 
 def _num(value, fmt: str = "{:.4g}") -> str:
@@ -234,10 +258,15 @@ class SearchProgress(CLIReporter):
     COLUMNS = ["trial", "status", "family", "fusion", "epoch", "val_mae", "best"]
 
     def __init__(self, max_report_frequency: int = 15, max_rows: int = 20) -> None:
-        super().__init__(metric_columns={"epoch": "epoch", "val_mae": "val_mae", "best_val_mae": "best"},
-                         parameter_columns={"family": "family"}, metric="val_mae", mode="min",
-                         sort_by_metric=True, max_report_frequency=max_report_frequency,
-                         max_progress_rows=max_rows)
+        super().__init__(
+            metric_columns={"epoch": "epoch", "val_mae": "val_mae", "best_val_mae": "best"},
+            parameter_columns={"family": "family"},
+            metric="val_mae",
+            mode="min",
+            sort_by_metric=True,
+            max_report_frequency=max_report_frequency,
+            max_progress_rows=max_rows,
+        )
         self._t0: Optional[float] = None
 
     def rows(self, trials) -> list[list[str]]:
@@ -246,9 +275,15 @@ class SearchProgress(CLIReporter):
             r, config = t.last_result or {}, t.config or {}
             val = r.get("val_mae")
             key = float(val) if isinstance(val, (int, float)) and np.isfinite(val) else float("inf")
-            row = [t.trial_id, t.status, str(config.get("family", "?")), trial_fusion(config),
-                   _num(r.get("epoch"), "{:d}") if isinstance(r.get("epoch"), int) else _num(r.get("epoch")),
-                   _num(val), _num(r.get("best_val_mae"))]
+            row = [
+                t.trial_id,
+                t.status,
+                str(config.get("family", "?")),
+                trial_fusion(config),
+                _num(r.get("epoch"), "{:d}") if isinstance(r.get("epoch"), int) else _num(r.get("epoch")),
+                _num(val),
+                _num(r.get("best_val_mae")),
+            ]
             keyed.append((key, t.trial_id, row))
         return [row for *_, row in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
@@ -256,8 +291,10 @@ class SearchProgress(CLIReporter):
         if self._t0 is None:
             self._t0 = time.time()
         counts = pd.Series([t.status for t in trials]).value_counts() if trials else pd.Series(dtype=int)
-        head = (f"== {'Final' if done else 'Status'} == {time.time() - self._t0:.0f} s; {len(trials)} trials: "
-                + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        head = (
+            f"== {'Final' if done else 'Status'} == {time.time() - self._t0:.0f} s; {len(trials)} trials: "
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+        )
         rows = self.rows(trials)
         shown = rows if done else rows[: compat.reporter_max_rows(self)]
         lines = [head]
@@ -275,6 +312,7 @@ class SearchProgress(CLIReporter):
 
 
 # -- experiment folder and resume --------------------------------------------------------------
+
 
 def experiment_path(cfg: Config) -> Path:
     return Path(cfg.search.storage_path or "ray_results").resolve() / cfg.name
@@ -318,9 +356,12 @@ def find_parent_run(client, experiment_ids: list[str], path: Path, state: dict) 
             log.warning("parent run %s named in %s not found", run_id, path / STATE_FILE)
     if "'" in str(path):
         return None
-    runs = client.search_runs([e for e in experiment_ids if e],
-                              filter_string=f"tags.ray_experiment_path = '{path}' and tags.kind = 'search'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+    runs = client.search_runs(
+        [e for e in experiment_ids if e],
+        filter_string=f"tags.ray_experiment_path = '{path}' and tags.kind = 'search'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
     runs = [r for r in runs if r.data.tags.get("status") != "completed"]
     return runs[0] if runs else None
 
@@ -400,6 +441,7 @@ def _restored_scheduler(tuner):
 
 # -- the search --------------------------------------------------------------------------------
 
+
 def result_config(result) -> dict:
     """The config of one trial of a ResultGrid.  A restored grid gives ``config=None`` for a
     trial that never reported (e.g. started just before the budget ended); its ``params.json``
@@ -433,8 +475,10 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     space = _define_space(cfg.search, dataset.target_names)
     prep = prepare_fold(cfg, dataset, families=cfg.search.families, progress=progress)
     split = prep.split
-    print(f"fold {split.fold}: train {len(split.train)}, inner val {len(split.val)}, "
-          f"test {len(split.test)} (held out)", flush=True)
+    print(
+        f"fold {split.fold}: train {len(split.train)}, inner val {len(split.val)}, test {len(split.test)} (held out)",
+        flush=True,
+    )
     parent = _open_parent_run(cfg, path, prep, space, resuming)
     _start_ray(cfg.search, parent)
     trainable = _trainable(cfg.search, prep.trial_data)
@@ -450,9 +494,20 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
     best_val, best_test, best_config = _best_trial_test_mae(best, prep)
     wall = time.time() - t0
     _log_report(parent, scheduler)
-    result = SearchResult(cfg.name, parent.experiment_id, parent.run_id, parent.tracking_uri, board, best_config,
-                          best_val, best_test, wall, resumed=resuming, interrupted=bool(unfinished),
-                          experiment_path=str(path))
+    result = SearchResult(
+        cfg.name,
+        parent.experiment_id,
+        parent.run_id,
+        parent.tracking_uri,
+        board,
+        best_config,
+        best_val,
+        best_test,
+        wall,
+        resumed=resuming,
+        interrupted=bool(unfinished),
+        experiment_path=str(path),
+    )
     _finish(parent, result)
     return result
 
@@ -466,8 +521,11 @@ def _resolve_resume(cfg: Config, path: Path, resume: bool) -> bool:
     if reason is None:
         print(f"resuming search {cfg.name!r} from {path}", flush=True)
         return True
-    print(f"matfusion: --resume: nothing to resume for {cfg.name!r}: {reason}; "
-          "starting the search from the beginning", file=sys.stderr, flush=True)
+    print(
+        f"matfusion: --resume: nothing to resume for {cfg.name!r}: {reason}; starting the search from the beginning",
+        file=sys.stderr,
+        flush=True,
+    )
     return False
 
 
@@ -482,13 +540,26 @@ def _load_dataset(cfg: Config):
 
 def _define_space(s: SearchConfig, targets: list[str]):
     """The define-by-run search space, with the constants every trial config carries."""
-    constants = {"max_epochs": s.max_epochs, "seed": s.seed, "patience": s.early_stopping_patience,
-                 "cpus": s.cpus_per_trial, "targets": targets,
-                 "checkpoint_every": s.checkpoint_every, "lr_restarts": lr_restarts(s),
-                 "checkpoint_at": checkpoint_epochs(s)}
-    return define_search_space(s.families, constants, fusions=s.fusions, targets=targets,
-                               task_weighting=s.task_weighting, task_weights=s.task_weights,
-                               preset=s.preset, overrides=s.space)
+    constants = {
+        "max_epochs": s.max_epochs,
+        "seed": s.seed,
+        "patience": s.early_stopping_patience,
+        "cpus": s.cpus_per_trial,
+        "targets": targets,
+        "checkpoint_every": s.checkpoint_every,
+        "lr_restarts": lr_restarts(s),
+        "checkpoint_at": checkpoint_epochs(s),
+    }
+    return define_search_space(
+        s.families,
+        constants,
+        fusions=s.fusions,
+        targets=targets,
+        task_weighting=s.task_weighting,
+        task_weights=s.task_weights,
+        preset=s.preset,
+        overrides=s.space,
+    )
 
 
 def _open_parent_run(cfg: Config, path: Path, prep, space, resuming: bool) -> _ParentRun:
@@ -512,14 +583,18 @@ def _resumed_parent_run(cfg: Config, path: Path, prep, client, tracking_uri: str
     state = read_state(path)
     parent = find_parent_run(client, [state.get("experiment_id"), experiment_id], path, state)
     if parent is None:
-        raise ConfigError(f"cannot resume {cfg.name!r}: its MLflow parent run is not in {tracking_uri} "
-                          f"(looked for the run in {path / STATE_FILE} and for tag ray_experiment_path); "
-                          "resume with the same mlflow settings, or start a new search without --resume")
+        raise ConfigError(
+            f"cannot resume {cfg.name!r}: its MLflow parent run is not in {tracking_uri} "
+            f"(looked for the run in {path / STATE_FILE} and for tag ray_experiment_path); "
+            "resume with the same mlflow settings, or start a new search without --resume"
+        )
     tags = parent.data.tags
     if (tags.get("dataset_hash"), tags.get("fold")) != (dataset.content_hash, str(split.fold)):
-        raise ConfigError(f"cannot resume {cfg.name!r}: its data changed (dataset hash / fold "
-                          f"{tags.get('dataset_hash')}/{tags.get('fold')} then, {dataset.content_hash}/"
-                          f"{split.fold} now); resume with the same data settings")
+        raise ConfigError(
+            f"cannot resume {cfg.name!r}: its data changed (dataset hash / fold "
+            f"{tags.get('dataset_hash')}/{tags.get('fold')} then, {dataset.content_hash}/"
+            f"{split.fold} now); resume with the same data settings"
+        )
     parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
     attempt = int(tags.get("attempts", "1")) + 1
     if parent.info.status != "RUNNING":
@@ -529,13 +604,15 @@ def _resumed_parent_run(cfg: Config, path: Path, prep, client, tracking_uri: str
     print(f"MLflow parent run {parent_id} (attempt {attempt})", flush=True)
     discarded = discard_orphan_runs(client, experiment_id, parent_id, set(snapshot_trials(path)))
     if discarded:
-        print(f"discarded the MLflow runs of {len(discarded)} trial(s) started after the last "
-              f"experiment snapshot: {', '.join(map(str, discarded))}", flush=True)
+        print(
+            f"discarded the MLflow runs of {len(discarded)} trial(s) started after the last "
+            f"experiment snapshot: {', '.join(map(str, discarded))}",
+            flush=True,
+        )
     return _ParentRun(client, tracking_uri, experiment_id, parent_id, attempt)
 
 
-def _new_parent_run(cfg: Config, path: Path, prep, space, client, tracking_uri: str,
-                    experiment_id: str) -> _ParentRun:
+def _new_parent_run(cfg: Config, path: Path, prep, space, client, tracking_uri: str, experiment_id: str) -> _ParentRun:
     """Close and move aside a leftover folder of the same name, then create the parent run with
     the search's tags, its flattened config and sizes as params, config and space as artifacts."""
     from mlflow.entities import Param
@@ -543,18 +620,34 @@ def _new_parent_run(cfg: Config, path: Path, prep, space, client, tracking_uri: 
     dataset, split = prep.dataset, prep.split
     if path.exists() and any(path.iterdir()):
         _abandon(client, path, experiment_id)
-    parent = client.create_run(experiment_id, run_name=f"search-{cfg.name}", tags={
-        "kind": "search", "dataset": dataset.name, "fold": str(split.fold),
-        "dataset_hash": dataset.content_hash, "git_commit": _git_commit(),
-        "matfusion_version": __version__, "search_name": cfg.name,
-        "ray_experiment_path": str(path), "status": "running", "attempts": "1",
-    })
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"search-{cfg.name}",
+        tags={
+            "kind": "search",
+            "dataset": dataset.name,
+            "fold": str(split.fold),
+            "dataset_hash": dataset.content_hash,
+            "git_commit": _git_commit(),
+            "matfusion_version": __version__,
+            "search_name": cfg.name,
+            "ray_experiment_path": str(path),
+            "status": "running",
+            "attempts": "1",
+        },
+    )
     parent_id = parent.info.run_id
     config_dict = cfg.model_dump(mode="json")
-    client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(config_dict).items()] + [
-        Param("n_train", str(len(split.train))), Param("n_val", str(len(split.val))),
-        Param("n_test", str(len(split.test))), Param("n_rows", str(len(dataset))),
-    ])
+    client.log_batch(
+        parent_id,
+        params=[Param(k, str(v)[:6000]) for k, v in flatten(config_dict).items()]
+        + [
+            Param("n_train", str(len(split.train))),
+            Param("n_val", str(len(split.val))),
+            Param("n_test", str(len(split.test))),
+            Param("n_rows", str(len(dataset))),
+        ],
+    )
     for reason, n in dataset.skipped.items():
         client.set_tag(parent_id, f"skipped.{reason}", str(n))
     client.log_dict(parent_id, config_dict, "config.json")
@@ -586,8 +679,9 @@ def _restore_tuner(path: Path, trainable):
     budget come back from it; unfinished trials continue, errored ones are retried."""
     from ray.tune import Tuner
 
-    tuner = Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
-                          resume_errored=True, restart_errored=False)
+    tuner = Tuner.restore(
+        str(path), trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+    )
     return tuner, _restored_scheduler(tuner)
 
 
@@ -612,15 +706,21 @@ def _build_tuner(cfg: Config, path: Path, space, trainable, parent: _ParentRun, 
     scheduler = build_scheduler(s, searcher)
     tuner = Tuner(
         trainable,
-        tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler,
-                               num_samples=s.num_samples, time_budget_s=s.time_budget_s,
-                               reuse_actors=True),
+        tune_config=TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=s.num_samples,
+            time_budget_s=s.time_budget_s,
+            reuse_actors=True,
+        ),
         run_config=RunConfig(
-            name=cfg.name, storage_path=str(path.parent),
+            name=cfg.name,
+            storage_path=str(path.parent),
             callbacks=[MlflowTrialLogger(parent.tracking_uri, parent.experiment_id, parent.run_id)],
             stop=_stopper(s),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=s.max_failures), progress_reporter=SearchProgress(),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            progress_reporter=SearchProgress(),
             verbose=1 if progress else 0,
         ),
     )
@@ -629,10 +729,18 @@ def _build_tuner(cfg: Config, path: Path, space, trainable, parent: _ParentRun, 
 
 def _write_new_state(cfg: Config, path: Path, prep, parent: _ParentRun) -> None:
     """The state file a resume reads (written before the search starts)."""
-    write_state(path, {"search_name": cfg.name, "parent_run_id": parent.run_id,
-                       "experiment_id": parent.experiment_id, "tracking_uri": parent.tracking_uri,
-                       "dataset_hash": prep.dataset.content_hash, "fold": prep.split.fold,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_state(
+        path,
+        {
+            "search_name": cfg.name,
+            "parent_run_id": parent.run_id,
+            "experiment_id": parent.experiment_id,
+            "tracking_uri": parent.tracking_uri,
+            "dataset_hash": prep.dataset.content_hash,
+            "fold": prep.split.fold,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
 
 
 def _fit(tuner, parent: _ParentRun):
@@ -694,8 +802,9 @@ def _best_trial_test_mae(best, prep) -> tuple[float, float, Optional[dict]]:
         pred = predict_from_checkpoint(best_config, d, test_part, data["graph_params"])
     y_test = np.asarray(test_part["y"], dtype=np.float64)
     _, train_std = target_stats(data["train"]["y"])
-    best_test, _ = validation_score(np.asarray(pred).reshape(len(y_test), -1), y_test.reshape(len(y_test), -1),
-                                    train_std)
+    best_test, _ = validation_score(
+        np.asarray(pred).reshape(len(y_test), -1), y_test.reshape(len(y_test), -1), train_std
+    )
     return best_val, best_test, best_config
 
 
@@ -722,10 +831,15 @@ def _finish(parent: _ParentRun, result: SearchResult) -> None:
         return
     now = int(time.time() * 1000)
     step = parent.attempt - 1  # one value per attempt (a resumed search logs again)
-    metrics = [Metric("wall_s", result.wall_s, now, step), Metric("n_trials", float(len(result.leaderboard)), now, step)]
+    metrics = [
+        Metric("wall_s", result.wall_s, now, step),
+        Metric("n_trials", float(len(result.leaderboard)), now, step),
+    ]
     if np.isfinite(result.best_val_mae):
-        metrics += [Metric("best_val_mae", result.best_val_mae, now, step),
-                    Metric("best_test_mae_info", result.best_test_mae, now, step)]
+        metrics += [
+            Metric("best_val_mae", result.best_val_mae, now, step),
+            Metric("best_test_mae_info", result.best_test_mae, now, step),
+        ]
     client.log_batch(parent_id, metrics=metrics)
     if result.best_config is not None:
         client.log_dict(parent_id, result.best_config, "best_config.json")
@@ -739,14 +853,20 @@ def format_result(res: SearchResult) -> str:
     with pd.option_context("display.max_rows", 50, "display.width", 120):
         lines.append(res.leaderboard.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     if len(res.leaderboard):
-        lines += ["\nBest of each group and the budget it used (epochs trained in total):",
-                  format_group_summary(group_summary(res.leaderboard))]
+        lines += [
+            "\nBest of each group and the budget it used (epochs trained in total):",
+            format_group_summary(group_summary(res.leaderboard)),
+        ]
     if res.interrupted:
-        lines.append(f"\nthe search was interrupted before all its trials ended; continue it with "
-                     f"`matfusion search CONFIG --resume` (experiment {res.experiment_path})")
+        lines.append(
+            f"\nthe search was interrupted before all its trials ended; continue it with "
+            f"`matfusion search CONFIG --resume` (experiment {res.experiment_path})"
+        )
     elif res.best_config is not None:
-        lines.append(f"\nbest trial: family={res.best_config.get('family')} val_mae={res.best_val_mae:.4g}; "
-                     f"its test MAE (information only, not used for any choice) = {res.best_test_mae:.4g}")
+        lines.append(
+            f"\nbest trial: family={res.best_config.get('family')} val_mae={res.best_val_mae:.4g}; "
+            f"its test MAE (information only, not used for any choice) = {res.best_test_mae:.4g}"
+        )
     lines.append(f"wall time {res.wall_s:.1f} s; MLflow experiment {res.experiment_id}, parent run {res.parent_run_id}")
     uri = res.tracking_uri
     if uri.startswith("sqlite:") or uri.startswith("postgresql") or uri.startswith("mysql"):

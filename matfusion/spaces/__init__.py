@@ -12,6 +12,7 @@ the family's ``DEFAULTS`` (a known-good point, used to seed the search through
 ``points_to_evaluate``).  A config may fix or narrow any parameter with ``search.space``
 (keys ``<family>.<param>``; see :mod:`.params`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
@@ -42,8 +43,12 @@ def normalize_overrides(space: Optional[Mapping[str, Any]]) -> dict:
     return out
 
 
-def resolve_specs(families: Sequence[str], preset: str = "default", fusions: Optional[Sequence[str]] = None,
-                  overrides: Optional[Mapping[str, Any]] = None) -> dict:
+def resolve_specs(
+    families: Sequence[str],
+    preset: str = "default",
+    fusions: Optional[Sequence[str]] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> dict:
     """family -> param -> spec (or ("fixed", value)); raises SpaceError naming a bad key."""
     if preset not in PRESETS:
         raise SpaceError(f"search.preset {preset!r} not allowed; allowed values: {list(PRESETS)}")
@@ -69,10 +74,17 @@ class SearchSpace:
     """A define-by-run function ``space(trial) -> constants`` over the given families
     (a class rather than a closure so that Tune can pickle it into experiment snapshots)."""
 
-    def __init__(self, families: Sequence[str], constants: dict, fusions: Sequence[str] = ("none",),
-                 targets: Sequence[str] = (), task_weighting: Sequence[str] = ("fixed",),
-                 task_weights: Optional[dict] = None, preset: str = "default",
-                 overrides: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        families: Sequence[str],
+        constants: dict,
+        fusions: Sequence[str] = ("none",),
+        targets: Sequence[str] = (),
+        task_weighting: Sequence[str] = ("fixed",),
+        task_weights: Optional[dict] = None,
+        preset: str = "default",
+        overrides: Optional[Mapping[str, Any]] = None,
+    ) -> None:
         unknown = [f for f in families if f not in _families.names()]
         if unknown:
             raise ValueError(f"unknown model families {unknown}; known: {', '.join(_families.names())}")
@@ -104,10 +116,15 @@ class SearchSpace:
         """The resolved space, readable: family -> param -> range, choices or fixed value."""
         out = {}
         for family, specs in self.specs.items():
-            out[family] = {p: (f"fixed {spec[1]!r}" if isinstance(spec, tuple) else describe(spec))
-                           for p, spec in specs.items()}
-        return {"families": out, "preset": self.preset, "targets": self.targets,
-                "task_weighting": self.task_weighting if len(self.targets) > 1 else None}
+            out[family] = {
+                p: (f"fixed {spec[1]!r}" if isinstance(spec, tuple) else describe(spec)) for p, spec in specs.items()
+            }
+        return {
+            "families": out,
+            "preset": self.preset,
+            "targets": self.targets,
+            "task_weighting": self.task_weighting if len(self.targets) > 1 else None,
+        }
 
     def default_points(self) -> list[dict]:
         """Known-good points (Optuna param names) to seed the search: each family's DEFAULTS,
@@ -202,5 +219,4 @@ def define_search_space(families: Sequence[str], constants: dict, **choices) -> 
     return SearchSpace(families, constants, **choices)
 
 
-__all__ = ["PRESETS", "SearchSpace", "SpaceError", "define_search_space",
-           "resolve_specs"]
+__all__ = ["PRESETS", "SearchSpace", "SpaceError", "define_search_space", "resolve_specs"]

@@ -1,6 +1,7 @@
 """Search space of multi-task loss weighting (only for configs with several targets):
 ``fixed``: lambda_k from config (default 1); ``tuned``: lambda_k in [0.1, 1] searched;
 ``uncertainty``: learned homoscedastic weights (nothing to search)."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -5,6 +5,7 @@ replacing the default range) and ``DEFAULTS`` (a known-good point).  A config ma
 parameter, *fix* it (a scalar), *narrow* a numeric range (``{low: .., high: ..}``) or narrow
 the choices of a categorical (a list).  Narrowing outside the declared range is an error.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

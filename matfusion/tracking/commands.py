@@ -1,4 +1,5 @@
 """The ``leaderboard`` and ``mlflow-server`` subcommands: their parsers and what they run."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,32 +19,51 @@ $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory.
 
 def add_parsers(subparsers) -> None:
     """Register ``leaderboard`` and ``mlflow-server`` on the main parser's subparsers."""
-    p = subparsers.add_parser("leaderboard", help="print the best trials of the latest search logged to MLflow",
-                              description="Print the best trial of each model family (default), the top N trials "
-                                          "or all trials of the latest search of an MLflow experiment.",
-                              epilog=LEADERBOARD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "leaderboard",
+        help="print the best trials of the latest search logged to MLflow",
+        description="Print the best trial of each model family (default), the top N trials "
+        "or all trials of the latest search of an MLflow experiment.",
+        epilog=LEADERBOARD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--experiment", help="MLflow experiment name (default: the one whose search started last)")
     p.add_argument("--top", type=int, metavar="N", help="the N best trials overall instead of the best per family")
     p.add_argument("--all", action="store_true", help="every trial, ranked (trials without a val_mae last)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///mlruns.db in the working directory)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the working directory)",
+    )
     p.set_defaults(func=cmd_leaderboard)
 
     p = subparsers.add_parser(
-        "mlflow-server", help="run one MLflow tracking server for a cluster (SQL backend, proxied artifacts)",
+        "mlflow-server",
+        help="run one MLflow tracking server for a cluster (SQL backend, proxied artifacts)",
         description="Run `mlflow server` with a sqlite or PostgreSQL backend and proxied artifact "
-                    "storage (--serve-artifacts), on 127.0.0.1 unless --host says otherwise; print "
-                    "the tracking URI once it is up.  See docs/cluster.md.")
-    p.add_argument("--backend-store-uri", default="sqlite:///mlruns.db",
-                   help="sqlite:///FILE or postgresql://USER@HOST/DB (default: sqlite:///mlruns.db here)")
-    p.add_argument("--artifacts-destination", default="mlartifacts",
-                   help="where the server keeps proxied artifacts: a folder or s3://... (default: ./mlartifacts)")
+        "storage (--serve-artifacts), on 127.0.0.1 unless --host says otherwise; print "
+        "the tracking URI once it is up.  See docs/cluster.md.",
+    )
+    p.add_argument(
+        "--backend-store-uri",
+        default="sqlite:///mlruns.db",
+        help="sqlite:///FILE or postgresql://USER@HOST/DB (default: sqlite:///mlruns.db here)",
+    )
+    p.add_argument(
+        "--artifacts-destination",
+        default="mlartifacts",
+        help="where the server keeps proxied artifacts: a folder or s3://... (default: ./mlartifacts)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--allowed-hosts", help="Host headers the server accepts (mlflow's DNS-rebinding guard)")
-    p.add_argument("--experiment", action="append", default=[], metavar="NAME",
-                   help="create this experiment on the server (proxied artifact root) if missing; repeatable")
+    p.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="create this experiment on the server (proxied artifact root) if missing; repeatable",
+    )
     p.set_defaults(func=cmd_mlflow_server)
 
 
@@ -72,7 +92,7 @@ def cmd_leaderboard(args) -> int:
     if args.top is not None and args.top < 1:
         return _error(f"--top must be at least 1, got {args.top}")
     uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         # do not let MLflow create an empty store as a side effect of reading one
         return _error(f"no MLflow store at {uri} (pass --tracking-uri or set $MLFLOW_TRACKING_URI)")
     client = MlflowClient(uri)
@@ -102,8 +122,10 @@ def cmd_leaderboard(args) -> int:
         what = "best trial per family"
     counts = trials["status"].value_counts()
     started = pd.Timestamp(parent.info.start_time, unit="ms", tz="UTC").strftime("%Y-%m-%d %H:%M UTC")
-    print(f"search {parent.info.run_name!r} (experiment {exp.name!r}, parent run {parent.info.run_id}, "
-          f"started {started}, {parent.info.status.lower()})")
+    print(
+        f"search {parent.info.run_name!r} (experiment {exp.name!r}, parent run {parent.info.run_id}, "
+        f"started {started}, {parent.info.status.lower()})"
+    )
     print((f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())) if len(trials) else "0 trials")
     print(f"{what} by inner-validation MAE (lower is better):")
     if board.empty:
@@ -121,5 +143,12 @@ def cmd_leaderboard(args) -> int:
 def cmd_mlflow_server(args) -> int:
     from .server import serve
 
-    return serve(args.backend_store_uri, args.artifacts_destination, host=args.host, port=args.port,
-                 workers=args.workers, allowed_hosts=args.allowed_hosts, experiments=args.experiment)
+    return serve(
+        args.backend_store_uri,
+        args.artifacts_destination,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        allowed_hosts=args.allowed_hosts,
+        experiments=args.experiment,
+    )

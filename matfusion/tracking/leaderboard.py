@@ -8,6 +8,7 @@ those runs into a table of trials, :func:`rank_trials` / :func:`leaderboard` ran
 :func:`group_summary` is the per-group view of the same trials (each group's best and the
 budget it used), printed after the leaderboard.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,7 @@ from .logger import trial_fusion
 from .runs import child_runs
 
 PARAM_PREFIX = "params."
-BASE_COLUMNS = ["trial_id", "run_id", "family", "encoder", "fusion", "status", "val_mae", "epochs",
-                "start_time"]
+BASE_COLUMNS = ["trial_id", "run_id", "family", "encoder", "fusion", "status", "val_mae", "epochs", "start_time"]
 LEADERBOARD_COLUMNS = ["trial_id", "family", "fusion", "val_mae", "epochs", "status"]
 FINISHED = ("completed", "pruned", "stopped")  # stopped: cut by the search's time/epoch budget
 
@@ -38,9 +38,11 @@ def collect_trials(client, experiment_id: str, parent_run_id: str) -> tuple[pd.D
             continue  # not a trial: an ensemble built from the search, or a run dropped on resume
         family = tags.get("family") or params.get("family") or "?"
         trial_id = tags.get("trial_id") or run.info.run_name or run.info.run_id
-        history = sorted((int(m.step), float(m.value))
-                         for m in client.get_metric_history(run.info.run_id, "val_mae")
-                         if m.value is not None and math.isfinite(m.value))
+        history = sorted(
+            (int(m.step), float(m.value))
+            for m in client.get_metric_history(run.info.run_id, "val_mae")
+            if m.value is not None and math.isfinite(m.value)
+        )
         histories[trial_id] = history
         if history:
             val = min(v for _, v in history)
@@ -52,12 +54,19 @@ def collect_trials(client, experiment_id: str, parent_run_id: str) -> tuple[pd.D
         if not status or status == "running" and run.info.status != "RUNNING":
             # a run that ended without its logger writing the final tag
             status = {"FINISHED": "completed", "FAILED": "failed", "KILLED": "failed"}.get(
-                run.info.status, str(run.info.status).lower())
-        row = {"trial_id": trial_id, "run_id": run.info.run_id, "family": family,
-               "encoder": family if family in families.GRAPH else "-",
-               "fusion": trial_fusion({"family": family, "fusion": params.get(f"{family}.fusion", "none")}),
-               "status": status, "val_mae": val, "epochs": epochs,
-               "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC")}
+                run.info.status, str(run.info.status).lower()
+            )
+        row = {
+            "trial_id": trial_id,
+            "run_id": run.info.run_id,
+            "family": family,
+            "encoder": family if family in families.GRAPH else "-",
+            "fusion": trial_fusion({"family": family, "fusion": params.get(f"{family}.fusion", "none")}),
+            "status": status,
+            "val_mae": val,
+            "epochs": epochs,
+            "start_time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC"),
+        }
         row.update({PARAM_PREFIX + k: v for k, v in params.items()})
         rows.append(row)
     param_cols = sorted({k for r in rows for k in r if k.startswith(PARAM_PREFIX)})
@@ -107,9 +116,12 @@ def leaderboard(df: pd.DataFrame, top: Optional[int] = None, per_family: bool = 
     scored = ranked[np.isfinite(ranked["val_mae"])]
     best = scored.groupby("family", sort=False).head(top or 1)
     order = {f: i for i, f in enumerate(scored["family"].drop_duplicates())}
-    return (best.assign(_family_rank=best["family"].map(order))
-                .sort_values("_family_rank", kind="stable")
-                .drop(columns="_family_rank").reset_index(drop=True))
+    return (
+        best.assign(_family_rank=best["family"].map(order))
+        .sort_values("_family_rank", kind="stable")
+        .drop(columns="_family_rank")
+        .reset_index(drop=True)
+    )
 
 
 def search_leaderboard(client, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
@@ -133,16 +145,24 @@ def group_summary(trials: pd.DataFrame) -> pd.DataFrame:
     if trials is None or len(trials) == 0:
         return pd.DataFrame(columns=GROUP_SUMMARY_COLUMNS)
     df = trials.copy()
-    df["group"] = [families.group_of({"family": f, "fusion": u}) if f in families.names() else str(f)
-                   for f, u in zip(df["family"], df["fusion"])]
+    df["group"] = [
+        families.group_of({"family": f, "fusion": u}) if f in families.names() else str(f)
+        for f, u in zip(df["family"], df["fusion"])
+    ]
     df["val_mae"] = df["val_mae"].astype(float)
     rows = []
     for group, part in df.groupby("group", sort=False):
         vals = part["val_mae"][np.isfinite(part["val_mae"])]
-        rows.append({"group": group, "trials": len(part), "completed": int((part["status"] == "completed").sum()),
-                     "pruned": int((part["status"] == "pruned").sum()),
-                     "best_val_mae": float(vals.min()) if len(vals) else float("nan"),
-                     "epochs": int(part["epochs"].fillna(0).astype(int).sum())})
+        rows.append(
+            {
+                "group": group,
+                "trials": len(part),
+                "completed": int((part["status"] == "completed").sum()),
+                "pruned": int((part["status"] == "pruned").sum()),
+                "best_val_mae": float(vals.min()) if len(vals) else float("nan"),
+                "epochs": int(part["epochs"].fillna(0).astype(int).sum()),
+            }
+        )
     out = pd.DataFrame(rows, columns=GROUP_SUMMARY_COLUMNS)
     return out.sort_values(["best_val_mae", "group"], na_position="last", kind="stable").reset_index(drop=True)
 

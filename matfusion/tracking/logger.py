@@ -13,6 +13,7 @@ looked up by its tags (``trial_id`` under the parent run) before one is created,
 closed by the interruption is reopened, and a (metric, step) already logged is never logged
 twice.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,13 @@ TRIAL_METRIC_PREFIXES = ("val_mae_", "task_weight_", "late_alpha", "attention_gr
 
 
 def trial_metric_names(result: dict) -> list[str]:
-    return [k for k, v in result.items()
-            if (k in TRIAL_METRICS or k.startswith(TRIAL_METRIC_PREFIXES))
-            and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [
+        k
+        for k, v in result.items()
+        if (k in TRIAL_METRICS or k.startswith(TRIAL_METRIC_PREFIXES))
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+    ]
 
 
 def resolve_tracking_uri(uri: Optional[str] = None) -> str:
@@ -43,7 +48,7 @@ def resolve_tracking_uri(uri: Optional[str] = None) -> str:
     (made absolute so that every process agrees on it)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     return uri
 
 
@@ -83,8 +88,9 @@ def _params(d: dict) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in flatten(d).items()]
 
 
-def close_open_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str,
-                          run_status: str = "FINISHED") -> list[str]:
+def close_open_trial_runs(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, status: str, run_status: str = "FINISHED"
+) -> list[str]:
     """Tag every nested run still RUNNING with ``status`` and terminate it; returns their trial ids."""
     closed = []
     for run in nested_runs(client, experiment_id, parent_run_id, "attributes.status = 'RUNNING'"):
@@ -178,10 +184,14 @@ class MlflowTrialLogger(Callback):
             run_id = self.client.create_run(
                 self.experiment_id,
                 run_name=f"{family}-{trial_id}",
-                tags={"mlflow.parentRunId": self.parent_run_id, "family": family,
-                      "encoder": family if family in families.GRAPH else "-",
-                      "fusion": trial_fusion(config),
-                      "trial_id": trial_id, "status": "running"},
+                tags={
+                    "mlflow.parentRunId": self.parent_run_id,
+                    "family": family,
+                    "encoder": family if family in families.GRAPH else "-",
+                    "fusion": trial_fusion(config),
+                    "trial_id": trial_id,
+                    "status": "running",
+                },
             ).info.run_id
             self.client.log_batch(run_id, params=_params(config))
             self.client.log_dict(run_id, config, "trial_config.json")  # exact types, for ensembles

@@ -18,6 +18,7 @@ logs to the parent run:
 
 Only the driver reads and writes here; nothing imports Ray.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,9 +62,9 @@ def _importance_inputs(df: pd.DataFrame, family: str) -> tuple[pd.DataFrame, dic
         values = rows[col]
         if values.isna().all() or values.fillna("<absent>").astype(str).nunique() < 2:
             continue  # other family's param, or a constant of the search
-        name = col[len(PARAM_PREFIX):]
+        name = col[len(PARAM_PREFIX) :]
         if name.startswith(family + "."):
-            name = name[len(family) + 1:]
+            name = name[len(family) + 1 :]
         nums = _as_numeric(values)
         if nums is not None:
             lo, hi = float(nums.min()), float(nums.max())
@@ -159,12 +160,19 @@ def _study_frame(study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if t.value is None or not math.isfinite(t.value):
             continue
-        row = {"trial_id": str(t.number), "family": str(t.params.get("family", "?")),
-               "status": "completed", "val_mae": float(t.value)}
+        row = {
+            "trial_id": str(t.number),
+            "family": str(t.params.get("family", "?")),
+            "status": "completed",
+            "val_mae": float(t.value),
+        }
         row.update({PARAM_PREFIX + k.replace("/", "."): str(v) for k, v in t.params.items()})
         rows.append(row)
-    return pd.DataFrame(rows, columns=["trial_id", "family", "status", "val_mae"] +
-                        sorted({k for r in rows for k in r if k.startswith(PARAM_PREFIX)}))
+    return pd.DataFrame(
+        rows,
+        columns=["trial_id", "family", "status", "val_mae"]
+        + sorted({k for r in rows for k in r if k.startswith(PARAM_PREFIX)}),
+    )
 
 
 # ----------------------------------------------------------------------------- plots
@@ -182,16 +190,31 @@ def plot_optimization_history(df: pd.DataFrame, path: Path) -> Optional[str]:
         for status, marker in markers.items():
             sel = ((df["family"] == family) & (df["status"] == status)).to_numpy() & np.isfinite(vals)
             if sel.any():
-                ax.scatter(order[sel], vals[sel], color=colors[family], marker=marker, s=36, alpha=0.85,
-                           label=f"{family} ({status})")
+                ax.scatter(
+                    order[sel],
+                    vals[sel],
+                    color=colors[family],
+                    marker=marker,
+                    s=36,
+                    alpha=0.85,
+                    label=f"{family} ({status})",
+                )
     other = np.isfinite(vals) & ~df["status"].isin(list(markers)).to_numpy()
     if other.any():
         ax.scatter(order[other], vals[other], color="grey", marker="x", label="other status")
     plotting.plot_running_best(ax, vals, color="black")
     n_failed = int((~np.isfinite(vals)).sum())
     if n_failed:  # trials without a val_mae: a cross on the x axis
-        ax.scatter(order[~np.isfinite(vals)], np.full(n_failed, 0.02), transform=ax.get_xaxis_transform(),
-                   color="red", marker="x", s=36, label="no val_mae (failed)", clip_on=False)
+        ax.scatter(
+            order[~np.isfinite(vals)],
+            np.full(n_failed, 0.02),
+            transform=ax.get_xaxis_transform(),
+            color="red",
+            marker="x",
+            s=36,
+            label="no val_mae (failed)",
+            clip_on=False,
+        )
     ax.set_xlabel("trial (start order)")
     ax.set_ylabel("best val_mae of the trial")
     title = f"Optimization history: {len(df)} trials"
@@ -209,8 +232,9 @@ def plot_param_importances(importances: dict, counts: dict, path: Path) -> None:
     families = list(importances)
     height = sum(max(1.2, 0.35 * len(importances[f]) + 0.8) for f in families)
     fig = plotting.new_figure(7, height + 0.4)
-    axes = fig.subplots(len(families), 1, squeeze=False,
-                        height_ratios=[max(1.2, 0.35 * len(importances[f]) + 0.8) for f in families])[:, 0]
+    axes = fig.subplots(
+        len(families), 1, squeeze=False, height_ratios=[max(1.2, 0.35 * len(importances[f]) + 0.8) for f in families]
+    )[:, 0]
     colors = plotting.family_colors(families)
     for ax, family in zip(axes, families):
         imp = importances[family]
@@ -236,8 +260,16 @@ def plot_val_mae_per_epoch(df: pd.DataFrame, histories: dict, path: Path) -> Opt
     styles = {"completed": "-", "pruned": "--", "failed": ":", "running": "-."}
     for row, history in curves:
         steps, values = zip(*history)
-        ax.plot(steps, values, color=colors[row.family], ls=styles.get(row.status, "-"), lw=1.2,
-                marker="o", ms=4 if len(history) > 1 else 6, alpha=0.8)
+        ax.plot(
+            steps,
+            values,
+            color=colors[row.family],
+            ls=styles.get(row.status, "-"),
+            lw=1.2,
+            marker="o",
+            ms=4 if len(history) > 1 else 6,
+            alpha=0.8,
+        )
     from matplotlib.lines import Line2D
 
     seen_status = {row.status for row, _ in curves}
@@ -287,15 +319,21 @@ def log_search_report(client, parent_run_id: str, experiment_id: str, study=None
                 notes.append(f"param_importances.png: {note}")
             if imp:
                 importances[family] = imp
-                counts[family] = int(((source["family"] == family) & source["status"].isin(FINISHED)
-                                      & np.isfinite(source["val_mae"])).sum())
+                counts[family] = int(
+                    (
+                        (source["family"] == family) & source["status"].isin(FINISHED) & np.isfinite(source["val_mae"])
+                    ).sum()
+                )
         if importances:
             plot_param_importances(importances, counts, out / "param_importances.png")
-            pd.DataFrame([{"family": f, "param": p, "importance": v} for f, imp in importances.items()
-                          for p, v in imp.items()]).to_csv(out / "param_importances.csv", index=False)
+            pd.DataFrame(
+                [{"family": f, "param": p, "importance": v} for f, imp in importances.items() for p, v in imp.items()]
+            ).to_csv(out / "param_importances.csv", index=False)
         else:
-            notes.append("param_importances.png: left out, no family has "
-                         f"{MIN_TRIALS_FOR_IMPORTANCE} finished trials with varying parameters")
+            notes.append(
+                "param_importances.png: left out, no family has "
+                f"{MIN_TRIALS_FOR_IMPORTANCE} finished trials with varying parameters"
+            )
 
         note = plot_val_mae_per_epoch(df, histories, out / "val_mae_per_epoch.png")
         if note:
@@ -310,17 +348,24 @@ def log_search_report(client, parent_run_id: str, experiment_id: str, study=None
 
     now = int(time.time() * 1000)
     counts_by_status = df["status"].value_counts()
-    metrics = [Metric(f"n_trials_{s}", float(counts_by_status.get(s, 0)), now, 0)
-               for s in ("completed", "pruned", "failed")]
+    metrics = [
+        Metric(f"n_trials_{s}", float(counts_by_status.get(s, 0)), now, 0) for s in ("completed", "pruned", "failed")
+    ]
     tags = [RunTag("report.plots", ",".join(plots) or "none")]
     best_rows = leaderboard(df, per_family=True)
     for row in best_rows.itertuples():
         metrics.append(Metric(f"best_val_mae.{row.family}", float(row.val_mae), now, 0))
     if not best_rows.empty:
         best = best_rows.iloc[0]
-        metrics += [Metric("report_best_val_mae", float(best["val_mae"]), now, 0),
-                    Metric("report_best_epochs", float(best["epochs"]), now, 0)]
-        tags += [RunTag("best_trial_id", str(best["trial_id"])), RunTag("best_run_id", str(best["run_id"])),
-                 RunTag("best_family", str(best["family"])), RunTag("best_fusion", str(best["fusion"]))]
+        metrics += [
+            Metric("report_best_val_mae", float(best["val_mae"]), now, 0),
+            Metric("report_best_epochs", float(best["epochs"]), now, 0),
+        ]
+        tags += [
+            RunTag("best_trial_id", str(best["trial_id"])),
+            RunTag("best_run_id", str(best["run_id"])),
+            RunTag("best_family", str(best["family"])),
+            RunTag("best_fusion", str(best["fusion"])),
+        ]
     client.log_batch(parent_run_id, metrics=metrics, tags=tags)
     return df

@@ -4,6 +4,7 @@ A search is one parent run tagged ``kind=search``; each trial is a nested run of
 (``mlflow.parentRunId``) carrying a ``trial_id`` tag (see :mod:`matfusion.tracking.logger`).
 Every query here pages through all results (MLflow returns at most 1000 runs a call).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ def all_runs(client, experiment_ids: Sequence[str], filter_string: str, order_by
     """Every run matching ``filter_string`` in ``experiment_ids``, all pages."""
     runs, token = [], None
     while True:
-        page = client.search_runs(list(experiment_ids), filter_string=filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
+        page = client.search_runs(
+            list(experiment_ids), filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -52,15 +54,18 @@ def find_trial_run(client, experiment_id: str, parent_run_id: str, trial_id: str
     return runs[0] if runs else None
 
 
-def latest_search_run(client, experiment_ids: Sequence[str], prefer_completed: bool = False,
-                         max_results: int = 100):
+def latest_search_run(client, experiment_ids: Sequence[str], prefer_completed: bool = False, max_results: int = 100):
     """The most recent parent run tagged ``kind=search`` in ``experiment_ids`` (with
     ``prefer_completed``: the most recent completed one among the latest ``max_results``, else the
     most recent); None when there is none."""
     if not experiment_ids:
         return None
-    runs = client.search_runs(list(experiment_ids), filter_string=SEARCH_FILTER, order_by=LATEST_FIRST,
-                              max_results=max_results if prefer_completed else 1)
+    runs = client.search_runs(
+        list(experiment_ids),
+        filter_string=SEARCH_FILTER,
+        order_by=LATEST_FIRST,
+        max_results=max_results if prefer_completed else 1,
+    )
     if not runs:
         return None
     done = [r for r in runs if r.data.tags.get("status") == "completed"] if prefer_completed else []

@@ -15,6 +15,7 @@ on the head node and keep the server on its loopback (see docs/cluster.md).
 server's proxied artifact root, so that the search's artifacts (trial configs, leaderboard,
 plots) go through the server too, not to a path on the driver's disk.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def absolute_backend(uri: str) -> str:
     """A sqlite URI with an absolute path (the server's working directory must not matter);
     other URIs (postgresql://..., mysql://...) unchanged."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     if "://" not in uri:  # a bare file name: a sqlite file
         return "sqlite:///" + str(Path(uri).resolve())
     return uri
@@ -64,14 +65,33 @@ def tracking_uri(host: str, port: int) -> str:
     return f"http://{h}:{port}"
 
 
-def server_command(backend_store_uri: str = DEFAULT_BACKEND, artifacts_destination: str = DEFAULT_ARTIFACTS,
-                   host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 2,
-                   allowed_hosts: Optional[str] = None, extra: Optional[list[str]] = None) -> list[str]:
+def server_command(
+    backend_store_uri: str = DEFAULT_BACKEND,
+    artifacts_destination: str = DEFAULT_ARTIFACTS,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    workers: int = 2,
+    allowed_hosts: Optional[str] = None,
+    extra: Optional[list[str]] = None,
+) -> list[str]:
     """The ``mlflow server`` command line (run with this interpreter's mlflow)."""
-    cmd = [sys.executable, "-m", "mlflow", "server",
-           "--backend-store-uri", absolute_backend(backend_store_uri),
-           "--serve-artifacts", "--artifacts-destination", absolute_destination(artifacts_destination),
-           "--host", host, "--port", str(port), "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        absolute_backend(backend_store_uri),
+        "--serve-artifacts",
+        "--artifacts-destination",
+        absolute_destination(artifacts_destination),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
     return cmd + list(extra or [])
@@ -97,8 +117,9 @@ def wait_healthy(uri: str, timeout: float = 120.0, proc: Optional[subprocess.Pop
 def _api(uri: str, path: str, body: Optional[dict] = None) -> dict:
     """One call of the MLflow REST API (plain HTTP: no client threads in this process)."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{uri}/api/2.0/mlflow/{path}", data=data,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{uri}/api/2.0/mlflow/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read() or b"{}")
 
@@ -120,10 +141,16 @@ def create_experiments(uri: str, names: list[str]) -> dict[str, str]:
     return out
 
 
-def serve(backend_store_uri: str = DEFAULT_BACKEND, artifacts_destination: str = DEFAULT_ARTIFACTS,
-          host: str = "127.0.0.1", port: int = DEFAULT_PORT, workers: int = 2,
-          allowed_hosts: Optional[str] = None, experiments: Optional[list[str]] = None,
-          startup_timeout: float = 120.0) -> int:
+def serve(
+    backend_store_uri: str = DEFAULT_BACKEND,
+    artifacts_destination: str = DEFAULT_ARTIFACTS,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    workers: int = 2,
+    allowed_hosts: Optional[str] = None,
+    experiments: Optional[list[str]] = None,
+    startup_timeout: float = 120.0,
+) -> int:
     """Run the server in the foreground until it ends or is stopped; its exit status."""
     cmd = server_command(backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts)
     uri = tracking_uri(host, port)
@@ -143,14 +170,21 @@ def serve(backend_store_uri: str = DEFAULT_BACKEND, artifacts_destination: str =
         if experiments:
             for name, loc in create_experiments(uri, experiments).items():
                 print(f"experiment {name!r}: artifacts at {loc}", flush=True)
-        print(f"MLflow tracking server ready (backend {absolute_backend(backend_store_uri)}, artifacts proxied "
-              f"to {absolute_destination(artifacts_destination)})", flush=True)
+        print(
+            f"MLflow tracking server ready (backend {absolute_backend(backend_store_uri)}, artifacts proxied "
+            f"to {absolute_destination(artifacts_destination)})",
+            flush=True,
+        )
         print(f"tracking URI: {uri}", flush=True)
-        print(f"  use it with: export MLFLOW_TRACKING_URI={uri}   (or mlflow.tracking_uri: {uri} in the config)",
-              flush=True)
+        print(
+            f"  use it with: export MLFLOW_TRACKING_URI={uri}   (or mlflow.tracking_uri: {uri} in the config)",
+            flush=True,
+        )
         if host in ("127.0.0.1", "localhost", "::1"):
-            print(f"  bound to loopback only; from another machine: ssh -L {port}:127.0.0.1:{port} <this host>",
-                  flush=True)
+            print(
+                f"  bound to loopback only; from another machine: ssh -L {port}:127.0.0.1:{port} <this host>",
+                flush=True,
+            )
         return proc.wait()
     except KeyboardInterrupt:
         return 130

@@ -17,6 +17,7 @@ then the same pooling and head as :class:`matfusion.trainables.cgcnn.CGCNN`:
 
     h = mean_i x_i,    y_hat = W_2 dropout(softplus(W_1 h + b_1)) + b_2
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,9 +56,18 @@ class ALIGNN(nn.Module):
     output layer), ``n_targets`` (outputs per crystal).
     """
 
-    def __init__(self, node_features: int, edge_features: int, angle_features: int, hidden: int = 64,
-                 n_layers: int = 2, n_gcn: int = 1, head_hidden: int = 128, dropout: float = 0.0,
-                 n_targets: int = 1) -> None:
+    def __init__(
+        self,
+        node_features: int,
+        edge_features: int,
+        angle_features: int,
+        hidden: int = 64,
+        n_layers: int = 2,
+        n_gcn: int = 1,
+        head_hidden: int = 128,
+        dropout: float = 0.0,
+        n_targets: int = 1,
+    ) -> None:
         super().__init__()
         self.embed_atom = _embedding(node_features, hidden)
         self.embed_bond = _embedding(edge_features, hidden)
@@ -69,8 +79,10 @@ class ALIGNN(nn.Module):
     def embed_crystal(self, data) -> torch.Tensor:
         """Pooled crystal embedding h (batch, hidden)."""
         if getattr(data, "lg_edge_index", None) is None:
-            raise ValueError("ALIGNN needs the line graph (lg_edge_index / lg_edge_attr): featurize with "
-                             "FeaturesConfig.line_graph=True")
+            raise ValueError(
+                "ALIGNN needs the line graph (lg_edge_index / lg_edge_attr): featurize with "
+                "FeaturesConfig.line_graph=True"
+            )
         x = self.embed_atom(data.x)
         y = self.embed_bond(data.edge_attr)
         t = self.embed_angle(data.lg_edge_attr)

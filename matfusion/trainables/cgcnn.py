@@ -9,6 +9,7 @@ then a mean over atoms gives the crystal embedding, and an MLP head gives the ta
 
     h = mean_i x_i^(L),    y = W_2 dropout(softplus(W_1 h + b_1)) + b_2
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,16 @@ class CGCNN(nn.Module):
     ``n_targets`` (outputs per crystal).
     """
 
-    def __init__(self, node_features: int, edge_features: int, hidden: int = 64, n_conv: int = 3,
-                 head_hidden: int = 128, dropout: float = 0.0, n_targets: int = 1) -> None:
+    def __init__(
+        self,
+        node_features: int,
+        edge_features: int,
+        hidden: int = 64,
+        n_conv: int = 3,
+        head_hidden: int = 128,
+        dropout: float = 0.0,
+        n_targets: int = 1,
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(node_features, hidden)
         self.convs = nn.ModuleList(

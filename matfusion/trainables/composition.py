@@ -1,7 +1,8 @@
 """Composition branch: an MLP on standardized Magpie features.
 
-    h_c = MLP(m) = SiLU(W_L ... dropout(SiLU(W_1 m + b_1)) ... + b_L)
+h_c = MLP(m) = SiLU(W_L ... dropout(SiLU(W_1 m + b_1)) ... + b_L)
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -10,6 +10,7 @@ sigma is the logistic function applied per channel, so each channel of the neigh
 messages V x_j is averaged with its own soft weights (the gates), normalized over the
 incoming edges of i.  BN is batch normalization over edges and nodes respectively.
 """
+
 from __future__ import annotations
 
 import torch

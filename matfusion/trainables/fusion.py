@@ -12,6 +12,7 @@ With h_g the pooled graph embedding and h_c the composition embedding:
 (``none`` is the encoder alone; ``late`` fusion blends finished predictions and lives in
 the trainable, not here.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,9 +30,19 @@ class FusedModel(nn.Module):
     """``encoder`` must provide ``embed_crystal(data) -> (batch, graph_dim)``; the batch must
     carry ``data.descriptors`` (batch, descriptor_dim), standardized."""
 
-    def __init__(self, encoder: nn.Module, graph_dim: int, fusion: str = "early", descriptor_dim: int = 132,
-                 comp_hidden: int = 128, comp_layers: int = 2, fusion_dim: int = 128, head_hidden: int = 128,
-                 dropout: float = 0.0, n_targets: int = 1) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        graph_dim: int,
+        fusion: str = "early",
+        descriptor_dim: int = 132,
+        comp_hidden: int = 128,
+        comp_layers: int = 2,
+        fusion_dim: int = 128,
+        head_hidden: int = 128,
+        dropout: float = 0.0,
+        n_targets: int = 1,
+    ) -> None:
         super().__init__()
         if fusion not in ("early", "attention"):
             raise ValueError(f"FusedModel fuses 'early' or 'attention', not {fusion!r}")
@@ -43,7 +54,9 @@ class FusedModel(nn.Module):
         else:
             self.project_graph = nn.Linear(graph_dim, fusion_dim)
             self.project_comp = nn.Linear(comp_hidden, fusion_dim)
-            self.score = nn.Sequential(nn.Linear(fusion_dim, fusion_dim), nn.Tanh(), nn.Linear(fusion_dim, 1, bias=False))
+            self.score = nn.Sequential(
+                nn.Linear(fusion_dim, fusion_dim), nn.Tanh(), nn.Linear(fusion_dim, 1, bias=False)
+            )
             self.head = _head(fusion_dim, head_hidden, dropout, n_targets)
         self.attention_weights: torch.Tensor | None = None  # last batch's weights, for logging
 

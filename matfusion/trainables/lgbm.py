@@ -10,6 +10,7 @@ the seed ``seed + chunk``: an uninterrupted training and one restored from a che
 chunk make the same calls and give the same trees.  NaN features are handled natively by
 LightGBM (missing values go to the side of each split that fits best).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -29,9 +30,21 @@ class ChunkedLGBM:
     the lgbm family (:class:`matfusion.families.lgbm.LGBMParams`), which builds this model.
     """
 
-    def __init__(self, *, learning_rate: float, num_leaves: int, min_child_samples: int, feature_fraction: float,
-                 bagging_fraction: float, lambda_l1: float, lambda_l2: float, objective: str, max_bin: int,
-                 seed: int = 0, n_jobs: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        learning_rate: float,
+        num_leaves: int,
+        min_child_samples: int,
+        feature_fraction: float,
+        bagging_fraction: float,
+        lambda_l1: float,
+        lambda_l2: float,
+        objective: str,
+        max_bin: int,
+        seed: int = 0,
+        n_jobs: int = 1,
+    ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"lgbm objective {objective!r} not allowed; allowed values: {list(OBJECTIVES)}")
         self.learning_rate = float(learning_rate)
@@ -51,12 +64,20 @@ class ChunkedLGBM:
     def _params(self, y: np.ndarray, chunk: int) -> dict:
         params = {
             "objective": {"l2": "regression", "l1": "regression_l1", "huber": "huber"}[self.objective],
-            "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
-            "min_data_in_leaf": self.min_child_samples, "feature_fraction": self.feature_fraction,
-            "bagging_fraction": self.bagging_fraction, "bagging_freq": 1 if self.bagging_fraction < 1 else 0,
-            "lambda_l1": self.lambda_l1, "lambda_l2": self.lambda_l2, "max_bin": self.max_bin,
-            "seed": self.seed + chunk, "num_threads": self.n_jobs, "deterministic": True,
-            "force_col_wise": True, "verbose": -1,
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_child_samples,
+            "feature_fraction": self.feature_fraction,
+            "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": 1 if self.bagging_fraction < 1 else 0,
+            "lambda_l1": self.lambda_l1,
+            "lambda_l2": self.lambda_l2,
+            "max_bin": self.max_bin,
+            "seed": self.seed + chunk,
+            "num_threads": self.n_jobs,
+            "deterministic": True,
+            "force_col_wise": True,
+            "verbose": -1,
         }
         if self.objective == "huber":
             params["alpha"] = float(np.std(y)) or 1.0
@@ -82,8 +103,12 @@ class ChunkedLGBM:
         import lightgbm as lgb
 
         data = data if data is not None else self.dataset(X, y)
-        self.booster_ = lgb.train(self._params(np.asarray(y, dtype=np.float64), self.chunks_), data,
-                                  num_boost_round=int(rounds), init_model=self.booster_)
+        self.booster_ = lgb.train(
+            self._params(np.asarray(y, dtype=np.float64), self.chunks_),
+            data,
+            num_boost_round=int(rounds),
+            init_model=self.booster_,
+        )
         self.chunks_ += 1
         return self
 
@@ -102,16 +127,34 @@ class ChunkedLGBM:
         n = self.n_rounds_ if rounds is None else min(int(rounds), self.n_rounds_)
         if n - start <= 0:
             return np.zeros(len(X))
-        return np.asarray(self.booster_.predict(X, start_iteration=int(start), num_iteration=n - int(start),
-                                                num_threads=self.n_jobs), dtype=np.float64)
+        return np.asarray(
+            self.booster_.predict(X, start_iteration=int(start), num_iteration=n - int(start), num_threads=self.n_jobs),
+            dtype=np.float64,
+        )
 
     def get_state(self) -> dict:
         """Picklable state: hyperparameters, the trees (LightGBM's text format) and the chunk count."""
-        params = {k: getattr(self, k) for k in ("learning_rate", "num_leaves", "min_child_samples",
-                                                 "feature_fraction", "bagging_fraction", "lambda_l1", "lambda_l2",
-                                                 "objective", "max_bin", "seed", "n_jobs")}
-        return {"params": params, "model": None if self.booster_ is None else self.booster_.model_to_string(),
-                "chunks": self.chunks_}
+        params = {
+            k: getattr(self, k)
+            for k in (
+                "learning_rate",
+                "num_leaves",
+                "min_child_samples",
+                "feature_fraction",
+                "bagging_fraction",
+                "lambda_l1",
+                "lambda_l2",
+                "objective",
+                "max_bin",
+                "seed",
+                "n_jobs",
+            )
+        }
+        return {
+            "params": params,
+            "model": None if self.booster_ is None else self.booster_.model_to_string(),
+            "chunks": self.chunks_,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> "ChunkedLGBM":

@@ -11,6 +11,7 @@ weights so far (by validation MAE): that is the model the trial stands for.
 Early stopping uses the inner validation part only; a NaN/inf loss ends the trial with a
 clear error.
 """
+
 from __future__ import annotations
 
 import copy
@@ -126,8 +127,9 @@ class TuneSession:
     (default: ``state.pt`` via ``torch.save``), read back on restore by ``read(dir)`` (default
     ``torch.load`` of ``state.pt``).  The only place matfusion talks to Tune."""
 
-    def __init__(self, write: Callable[[dict, str], None] = write_torch_state,
-                 read: Optional[Callable[[str], dict]] = None) -> None:
+    def __init__(
+        self, write: Callable[[dict, str], None] = write_torch_state, read: Optional[Callable[[str], dict]] = None
+    ) -> None:
         self.write = write
         self.read = read
 
@@ -162,8 +164,15 @@ def _to_cpu(state: dict) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def predict(model: nn.Module, data_list: list, y_mean: np.ndarray, y_std: np.ndarray,
-            batch_size: int = 256, device: Optional[torch.device] = None, return_attention: bool = False):
+def predict(
+    model: nn.Module,
+    data_list: list,
+    y_mean: np.ndarray,
+    y_std: np.ndarray,
+    batch_size: int = 256,
+    device: Optional[torch.device] = None,
+    return_attention: bool = False,
+):
     """Predictions in target units, shape (n, n_targets).  With ``return_attention``, also the
     per-sample fusion attention weights (n, 2) of an attention-fused model (else None)."""
     import torch
@@ -243,10 +252,19 @@ def validation_score(pred: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> tupl
     return float(np.mean(scaled)), maes
 
 
-def train_torch_model(model: nn.Module, train_list: list, val_list: list, settings: LoopSettings,
-                      session=None, extra_metrics: Optional[dict] = None, criterion: Optional[nn.Module] = None,
-                      val_hook: Optional[Callable] = None, target_names: Optional[list[str]] = None,
-                      extra_state: Optional[dict] = None, score_std: Optional[np.ndarray] = None) -> dict:
+def train_torch_model(
+    model: nn.Module,
+    train_list: list,
+    val_list: list,
+    settings: LoopSettings,
+    session=None,
+    extra_metrics: Optional[dict] = None,
+    criterion: Optional[nn.Module] = None,
+    val_hook: Optional[Callable] = None,
+    target_names: Optional[list[str]] = None,
+    extra_state: Optional[dict] = None,
+    score_std: Optional[np.ndarray] = None,
+) -> dict:
     """Train ``model`` on ``train_list`` (PyG Data with ``y`` of shape (1, n_targets), NaN =
     missing label), select on ``val_list``.
 
@@ -300,8 +318,10 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
 
     loader = DataLoader(train_list, batch_size=settings.batch_size, shuffle=True, generator=gen, drop_last=False)
     n_refresh = min(len(train_list), max(0, int(settings.bn_refresh_graphs)))
-    refresh_list = [train_list[i] for i in np.sort(np.random.default_rng([settings.seed, 2027]).permutation(
-        len(train_list))[:n_refresh])]
+    refresh_list = [
+        train_list[i]
+        for i in np.sort(np.random.default_rng([settings.seed, 2027]).permutation(len(train_list))[:n_refresh])
+    ]
     state = resume
     for epoch in range(start_epoch, settings.max_epochs + 1):
         model.train()
@@ -340,9 +360,14 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
             best_hook_state = dict(hook_state)
         finished = epoch >= settings.max_epochs or epoch - best_epoch >= settings.patience
         metrics = {
-            "epoch": epoch, "train_loss": train_loss, "val_mae": val_mae, "best_val_mae": best_val,
-            "lr": epoch_lr, "trial_finished": bool(finished),
-            **epoch_metrics, **(extra_metrics or {}),
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_mae": val_mae,
+            "best_val_mae": best_val,
+            "lr": epoch_lr,
+            "trial_finished": bool(finished),
+            **epoch_metrics,
+            **(extra_metrics or {}),
         }
         if n_tasks > 1:
             weights = criterion.effective_weights().cpu().numpy()
@@ -355,12 +380,21 @@ def train_torch_model(model: nn.Module, train_list: list, val_list: list, settin
             session.report(metrics, None)
             continue
         state = {
-            "model": _to_cpu(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
-            "scheduler": sched.state_dict(), "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "epoch": epoch, "best_val_mae": best_val,
-            "best_epoch": best_epoch, "best_model": best_weights, "best_hook_state": best_hook_state,
-            "criterion": _to_cpu(criterion.state_dict()), "y_mean": y_mean, "y_std": y_std,
-            "target_names": names, **(extra_state or {}),
+            "model": _to_cpu(model.state_dict()),
+            "optimizer": copy.deepcopy(opt.state_dict()),
+            "scheduler": sched.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "best_val_mae": best_val,
+            "best_epoch": best_epoch,
+            "best_model": best_weights,
+            "best_hook_state": best_hook_state,
+            "criterion": _to_cpu(criterion.state_dict()),
+            "y_mean": y_mean,
+            "y_std": y_std,
+            "target_names": names,
+            **(extra_state or {}),
         }
         session.report(metrics, state)
         if finished:

@@ -6,6 +6,7 @@ Per task k, L_k is the mean error over the samples that have a label for k.  The
 - uncertainty:     L = sum_k ( 0.5 exp(-s_k) L_k + 0.5 s_k ),  s_k = log sigma_k^2 learned
   (homoscedastic task uncertainty; Kendall, Gal and Cipolla, 2018)
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -17,8 +18,9 @@ _BASE = {"l1": nn.functional.l1_loss, "mse": nn.functional.mse_loss, "huber": nn
 
 
 class MultiTaskLoss(nn.Module):
-    def __init__(self, n_tasks: int = 1, weights: Optional[Sequence[float]] = None,
-                 weighting: str = "fixed", base: str = "l1") -> None:
+    def __init__(
+        self, n_tasks: int = 1, weights: Optional[Sequence[float]] = None, weighting: str = "fixed", base: str = "l1"
+    ) -> None:
         super().__init__()
         if weighting not in ("fixed", "uncertainty"):
             raise ValueError(f"task weighting {weighting!r}: allowed fixed, uncertainty")

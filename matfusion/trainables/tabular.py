@@ -14,6 +14,7 @@ model the trial stands for is the one at its best chunk (``best_rounds``).
 The validation rows only select the chunk (early stopping); the test part of the fold is never
 in the trial data.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -38,6 +39,7 @@ def _task_metrics(trial: TrialConfig, task_maes: list) -> dict:
 
 # -- random forest / extra trees ----------------------------------------------------------------
 
+
 def fit_forests(build: Callable, X: np.ndarray, y: np.ndarray) -> list:
     """One fitted forest per target (``build()`` gives an unfitted one), each on the rows labelled for it."""
     y = _as_2d(y)
@@ -60,14 +62,21 @@ def fit_forest_trial(trial: TrialConfig, data: dict, session, build: Callable) -
     forests = fit_forests(build, tr["descriptors"], y_train)
     val_mae, task_maes = validation_score(predict_forests(forests, va["descriptors"]), y_val, y_std)
     train_mae, _ = validation_score(predict_forests(forests, tr["descriptors"]), y_train, y_std)
-    metrics = {"epoch": 1, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": val_mae,
-               "trial_finished": True, **_task_metrics(trial, task_maes)}
+    metrics = {
+        "epoch": 1,
+        "train_loss": train_mae,
+        "val_mae": val_mae,
+        "best_val_mae": val_mae,
+        "trial_finished": True,
+        **_task_metrics(trial, task_maes),
+    }
     state = {trial.family: forests}
     session.report(metrics, state)
     return state
 
 
 # -- LightGBM ---------------------------------------------------------------------------------------
+
 
 def rounds_per_epoch(config) -> int:
     """Boosting rounds per reported epoch of an lgbm trial: ``lgbm.rounds_per_epoch`` if given,
@@ -124,16 +133,29 @@ def fit_lgbm(trial: TrialConfig, data: dict, session, build: Callable, chunk: in
         if val_mae < best_val:
             best_val, best_epoch = val_mae, epoch
         finished = epoch >= trial.max_epochs or epoch - best_epoch >= trial.patience
-        metrics = {"epoch": epoch, "train_loss": train_mae, "val_mae": val_mae, "best_val_mae": best_val,
-                   "rounds": epoch * chunk, "trial_finished": bool(finished)}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_mae,
+            "val_mae": val_mae,
+            "best_val_mae": best_val,
+            "rounds": epoch * chunk,
+            "trial_finished": bool(finished),
+        }
         if len(task_maes) > 1:
             metrics.update({f"val_mae_{n}": m for n, m in zip(names, task_maes)})
         if not (finished or epoch % trial.checkpoint_every == 0 or epoch in checkpoint_at):
             session.report(metrics, None)
             continue
-        state = {"family": "lgbm", "lgbm": [m.get_state() for m in models], "epoch": epoch,
-                 "best_val_mae": best_val, "best_epoch": best_epoch, "best_rounds": best_epoch * chunk,
-                 "rounds_per_epoch": chunk, "target_names": names}
+        state = {
+            "family": "lgbm",
+            "lgbm": [m.get_state() for m in models],
+            "epoch": epoch,
+            "best_val_mae": best_val,
+            "best_epoch": best_epoch,
+            "best_rounds": best_epoch * chunk,
+            "rounds_per_epoch": chunk,
+            "target_names": names,
+        }
         session.report(metrics, state)
         if finished:
             break
@@ -141,6 +163,7 @@ def fit_lgbm(trial: TrialConfig, data: dict, session, build: Callable, chunk: in
 
 
 # -- one entry point (through the registry) ---------------------------------------------------------
+
 
 def fit_tabular(config, data: dict, session=None) -> dict:
     """Train the tabular family of ``config`` (dict or TrialConfig) on the descriptor matrix of

@@ -19,6 +19,7 @@ graph encoders (``cgcnn``, ``alignn``) through :func:`fit_graph` below, each wit
 or ``residual`` (t(x) + GNN(x): the encoder learns y - t(x) of a tabular model t, out of fold on
 the training rows; see :func:`fit_residual_base`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -59,14 +60,28 @@ Config = Union[TrialConfig, dict]
 def loop_settings(config: Config) -> LoopSettings:
     trial = TrialConfig.parse(config)
     hp = trial.params
-    return LoopSettings(max_epochs=trial.max_epochs, lr=hp.lr, weight_decay=hp.weight_decay,
-                        batch_size=hp.batch_size, patience=trial.patience, loss=hp.loss, seed=trial.seed,
-                        checkpoint_every=trial.checkpoint_every, lr_restarts=tuple(trial.lr_restarts),
-                        checkpoint_at=tuple(trial.checkpoint_at))
+    return LoopSettings(
+        max_epochs=trial.max_epochs,
+        lr=hp.lr,
+        weight_decay=hp.weight_decay,
+        batch_size=hp.batch_size,
+        patience=trial.patience,
+        loss=hp.loss,
+        seed=trial.seed,
+        checkpoint_every=trial.checkpoint_every,
+        lr_restarts=tuple(trial.lr_restarts),
+        checkpoint_at=tuple(trial.checkpoint_at),
+    )
 
 
-def build_torch_model(config: Config, node_features: int, edge_features: int, n_targets: int = 1,
-                      angle_features: int = 0, descriptor_features: int = 132) -> torch.nn.Module:
+def build_torch_model(
+    config: Config,
+    node_features: int,
+    edge_features: int,
+    n_targets: int = 1,
+    angle_features: int = 0,
+    descriptor_features: int = 132,
+) -> torch.nn.Module:
     """The encoder of the trial's graph family, fused with the Magpie branch if the fusion asks."""
     trial = TrialConfig.parse(config)
     family = families.get(trial.family)
@@ -90,6 +105,7 @@ def build_criterion(config: Config, n_tasks: int) -> MultiTaskLoss:
 
 # -- Magpie standardization (fitted on the training rows of the trial) -------------------------
 
+
 def fit_scaler(descriptors: np.ndarray) -> dict:
     mean = np.nanmean(np.where(np.isfinite(descriptors), descriptors, np.nan), axis=0)
     std = np.nanstd(np.where(np.isfinite(descriptors), descriptors, np.nan), axis=0)
@@ -110,7 +126,7 @@ def _graphs_with_descriptors(part: dict, graph_params: dict, scaler: Optional[di
     if scaler is not None:
         z = torch.from_numpy(scale(part["descriptors"], scaler))
         for k, d in enumerate(items):
-            d.descriptors = z[k:k + 1]
+            d.descriptors = z[k : k + 1]
     return items
 
 
@@ -121,6 +137,7 @@ def _feature_widths(item) -> tuple[int, int, int]:
 
 # -- the random forests of late fusion (one per target: multi-task labels may be missing) ------
 
+
 def fit_forests(config: Config, descriptors: np.ndarray, y: np.ndarray) -> list:
     """The late-fusion forests of a GNN trial (its ``rf`` section, else the rf family's defaults)."""
     trial = TrialConfig.parse(config)
@@ -128,7 +145,9 @@ def fit_forests(config: Config, descriptors: np.ndarray, y: np.ndarray) -> list:
     return _fit_forests(lambda: forest.build(trial.late_forest, seed=trial.seed, n_jobs=trial.threads), descriptors, y)
 
 
-def choose_late_alpha(rf_pred: np.ndarray, gnn_pred: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> tuple[float, float]:
+def choose_late_alpha(
+    rf_pred: np.ndarray, gnn_pred: np.ndarray, y: np.ndarray, y_std: np.ndarray
+) -> tuple[float, float]:
     """alpha in [0, 1] minimizing the validation score of alpha * RF + (1 - alpha) * GNN."""
     scores = [validation_score(a * rf_pred + (1 - a) * gnn_pred, y, y_std)[0] for a in LATE_ALPHAS]
     best = int(np.nanargmin(scores))
@@ -147,7 +166,11 @@ def _fit_base(trial: TrialConfig, X: np.ndarray, y: np.ndarray):
     family = families.get(base)
     if base == "lgbm":
         params = family.parse({})
-        return family.build(params, seed=trial.seed, n_jobs=trial.threads).fit(X, y, rounds=params.n_estimators).get_state()
+        return (
+            family.build(params, seed=trial.seed, n_jobs=trial.threads)
+            .fit(X, y, rounds=params.n_estimators)
+            .get_state()
+        )
     return family.build(trial.late_forest, seed=trial.seed, n_jobs=trial.threads).fit(X, y)
 
 
@@ -224,8 +247,14 @@ def _fit_residual_base(trial: TrialConfig, part: dict) -> dict:
         models.append(_fit_base(trial, X[labelled], y[labelled, k]))
         rows_k.append(rows[labelled])
         fit_rows.append(rows_k)
-    return {"base": base, "models": models, "train_pred": train_pred, "train_rows": rows, "fold": fold,
-            "fit_rows": fit_rows}
+    return {
+        "base": base,
+        "models": models,
+        "train_pred": train_pred,
+        "train_rows": rows,
+        "fold": fold,
+        "fit_rows": fit_rows,
+    }
 
 
 def predict_residual_base(residual: dict, X: np.ndarray) -> np.ndarray:
@@ -235,6 +264,7 @@ def predict_residual_base(residual: dict, X: np.ndarray) -> np.ndarray:
 
 
 # -- graph families: training and prediction ---------------------------------------------------
+
 
 def fit_graph(trial: TrialConfig, data: dict, session) -> dict:
     """Train the graph family of ``trial`` (encoder + fusion) with the torch loop."""
@@ -282,17 +312,28 @@ def fit_graph(trial: TrialConfig, data: dict, session) -> dict:
         def val_hook(gnn_val):
             return base_val + gnn_val, {}, {}
 
-    return train_torch_model(model, train_list, val_list, loop_settings(trial), session=session,
-                             criterion=build_criterion(trial, n_targets), val_hook=val_hook,
-                             target_names=trial.targets, extra_state=extra_state, score_std=score_std,
-                             extra_metrics=extra_metrics)
+    return train_torch_model(
+        model,
+        train_list,
+        val_list,
+        loop_settings(trial),
+        session=session,
+        criterion=build_criterion(trial, n_targets),
+        val_hook=val_hook,
+        target_names=trial.targets,
+        extra_state=extra_state,
+        score_std=score_std,
+        extra_metrics=extra_metrics,
+    )
 
 
 def predict_graph(trial: TrialConfig, state: dict, part: dict, graph_params: dict) -> np.ndarray:
     """(n, k) predictions of a trained graph trial state (its best weights)."""
     import torch
 
-    scaler = state.get("descriptor_scaler", state.get("magpie_scaler"))  # magpie_scaler: the key of models saved before 2026-12
+    scaler = state.get(
+        "descriptor_scaler", state.get("magpie_scaler")
+    )  # magpie_scaler: the key of models saved before 2026-12
     items = _graphs_with_descriptors(part, graph_params, scaler)
     node_f, edge_f, angle_f = _feature_widths(items[0])
     n_targets = len(np.atleast_1d(state["y_mean"]))
@@ -309,6 +350,7 @@ def predict_graph(trial: TrialConfig, state: dict, part: dict, graph_params: dic
 
 
 # -- the entry points: parse the trial config once, then the family does the work -------------
+
 
 def fit_family(config: Config, data: dict, session=None) -> dict:
     """Train the family named by ``config["family"]`` on ``data`` (from ``pack_trial_data``)."""

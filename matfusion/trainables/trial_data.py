@@ -4,6 +4,7 @@
 cannot see the test part of a fold even by accident; the test rows are packed separately
 (``pack_rows``) for the driver's after-search evaluation.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -13,8 +14,13 @@ import numpy as np
 from ..data.crystal_graph import GraphSet
 
 
-def pack_rows(descriptors: np.ndarray, graphs: Optional[GraphSet], targets: np.ndarray, rows: Sequence[int],
-              ids: Optional[Sequence[str]] = None) -> dict:
+def pack_rows(
+    descriptors: np.ndarray,
+    graphs: Optional[GraphSet],
+    targets: np.ndarray,
+    rows: Sequence[int],
+    ids: Optional[Sequence[str]] = None,
+) -> dict:
     """Arrays of the given rows: ``descriptors`` (the descriptor matrix), ``y``, ``row`` (original positions) and, for
     structure data, the packed graph arrays under ``graph/<name>``."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -34,9 +40,15 @@ def pack_rows(descriptors: np.ndarray, graphs: Optional[GraphSet], targets: np.n
     return out
 
 
-def pack_trial_data(descriptors: np.ndarray, graphs: Optional[GraphSet], targets: np.ndarray,
-                    train: Sequence[int], val: Sequence[int], gaussian_bins: int = 40,
-                    gaussian_width: Optional[float] = None) -> dict:
+def pack_trial_data(
+    descriptors: np.ndarray,
+    graphs: Optional[GraphSet],
+    targets: np.ndarray,
+    train: Sequence[int],
+    val: Sequence[int],
+    gaussian_bins: int = 40,
+    gaussian_width: Optional[float] = None,
+) -> dict:
     """The inner train and validation rows only: ``{"train": {...}, "val": {...}, "graph_params": {...}}``."""
     return {
         "train": pack_rows(descriptors, graphs, targets, train),

@@ -5,6 +5,7 @@ real local Ray, a real sqlite MLflow store in tmp_path.  Leakage is checked on t
 actually packed for the search's trials and for the stacking's fold models (the real functions,
 wrapped to record their arguments), not on what the benchmark says it did.
 """
+
 import gzip
 import json
 import re
@@ -27,13 +28,24 @@ def _mini(tmp_path, name="mini", families=("rf", "cgcnn"), **search):
         "name": name,
         "data": {"source": "matbench_phonons"},
         "features": {"cutoff": 5.0, "max_neighbors": 8},
-        "search": {"families": list(families), "fusions": ["early"], "preset": "quick", "num_samples": 2,
-                   "max_epochs": 2, "grace_period": 1, "seed": 0, "max_concurrent": 2,
-                   "storage_path": str(tmp_path / "ray"), **search},
+        "search": {
+            "families": list(families),
+            "fusions": ["early"],
+            "preset": "quick",
+            "num_samples": 2,
+            "max_epochs": 2,
+            "grace_period": 1,
+            "seed": 0,
+            "max_concurrent": 2,
+            "storage_path": str(tmp_path / "ray"),
+            **search,
+        },
         "ensemble": {"k": 1, "n_folds": 2, "meta": "nnls"},
         "benchmark": {"train_limit": 60, "permutation_repeats": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
-                   "artifact_location": str(tmp_path / "artifacts")},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+            "artifact_location": str(tmp_path / "artifacts"),
+        },
     }
     space = {"rf.n_estimators": 40}
     if "cgcnn" in families:
@@ -59,7 +71,7 @@ class RowRecorder:
         import matfusion.search.tuner as tuner
         import matfusion.trainables.trial_data as trial_data
 
-        self.search = []    # (dataset ids, train ids, val ids) per search
+        self.search = []  # (dataset ids, train ids, val ids) per search
         self.stacking = []  # (fit ids, early-stopping ids) per fold model fit
         self._search_ds = None
         self._eval_ds = None
@@ -91,6 +103,7 @@ class RowRecorder:
 
 
 # -- fast checks ----------------------------------------------------------------------------------
+
 
 def test_parse_folds_and_task_errors_name_the_item():
     assert bm.parse_folds("1, 0,1") == [0, 1]
@@ -186,19 +199,35 @@ def test_leaderboard_constants_match_anchors_file():
 
 
 def test_cli_help_lists_benchmark_and_report():
-    proc = subprocess.run([sys.executable, "-m", "matfusion.cli", "benchmark", "--help"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "matfusion.cli", "benchmark", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "--folds" in proc.stdout and "resumes" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "matfusion.cli", "report", "--help"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "matfusion.cli", "report", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "report.md" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "matfusion.cli", "benchmark", "matbench_phonons", "--config",
-                           str(REPO / "configs" / "benchmark.yaml"), "--folds", "9"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "matfusion.cli",
+            "benchmark",
+            "matbench_phonons",
+            "--config",
+            str(REPO / "configs" / "benchmark.yaml"),
+            "--folds",
+            "9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "fold 9 does not exist" in proc.stderr
 
 
 # -- end to end ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_miniature_benchmark_two_folds_records_reports_and_resumes(tmp_path, data_dir, monkeypatch):
@@ -302,7 +331,7 @@ def test_composition_only_task_all_folds_loads_back_in_matbench(tmp_path, data_d
         assert summary["n_test"] == len(official[k])
     assert len(rec.stacking) == 5 * 3  # 5 folds x (2 stacking folds + the refit)
     for k in range(5):
-        for fit_ids, es_ids in rec.stacking[3 * k: 3 * k + 3]:
+        for fit_ids, es_ids in rec.stacking[3 * k : 3 * k + 3]:
             assert fit_ids and not (set(fit_ids) | set(es_ids)) & set(official[k])
 
     # matbench loads the complete file back with its own validation (from_file reads plain JSON)
@@ -319,8 +348,9 @@ def test_composition_only_task_all_folds_loads_back_in_matbench(tmp_path, data_d
 
     # `matfusion report` rebuilds it from the folder alone
     (out / "report.md").unlink()
-    proc = subprocess.run([sys.executable, "-m", "matfusion.cli", "report", str(out)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "matfusion.cli", "report", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "report.md").is_file()
 

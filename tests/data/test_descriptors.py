@@ -1,5 +1,6 @@
 """Descriptor sets: each featurizer on a known structure (CsCl), NaN handling that keeps every
 row, set resolution and its errors, the cached descriptor matrix of ``featurize``."""
+
 import logging
 import math
 
@@ -24,8 +25,8 @@ def cscl():
 def test_density_of_cscl(cscl):
     density, vpa, packing = D.density_features(cscl)
     mass = (132.905 + 35.453) / 6.02214e23  # g per formula unit
-    assert density == pytest.approx(mass / (A ** 3 * 1e-24), rel=1e-3)
-    assert vpa == pytest.approx(A ** 3 / 2)
+    assert density == pytest.approx(mass / (A**3 * 1e-24), rel=1e-3)
+    assert vpa == pytest.approx(A**3 / 2)
     assert 0 < packing < 2
 
 
@@ -81,10 +82,12 @@ def test_magpie_is_one_entry_of_the_registry_with_its_old_cache_key(cscl):
     assert not magpie.structural and not magpie.prefixed
     assert magpie.cache_key("h") == cache_key("magpie", "h", {"preset": "magpie", "width": 132})
     assert magpie.cache_array == "magpie"
-    assert reg["bonds"].cache_key("h") == cache_key("desc-bonds", "h", {"set": "bonds", "version": 2,
-                                                                      "width": len(D.BOND_COLUMNS)})
-    assert reg["stoichiometry"].cache_key("h") == cache_key("desc-stoichiometry", "h",
-                                                            {"set": "stoichiometry", "version": 1, "width": 6})
+    assert reg["bonds"].cache_key("h") == cache_key(
+        "desc-bonds", "h", {"set": "bonds", "version": 2, "width": len(D.BOND_COLUMNS)}
+    )
+    assert reg["stoichiometry"].cache_key("h") == cache_key(
+        "desc-stoichiometry", "h", {"set": "stoichiometry", "version": 1, "width": 6}
+    )
     np.testing.assert_array_equal(D.compute_sets([cscl], ["magpie"])["magpie"][0], D.magpie_vector(cscl))
     np.testing.assert_array_equal(D.magpie_vector(cscl), D.magpie_vector(cscl.composition))
 
@@ -135,19 +138,27 @@ def test_resolve_sets_defaults_order_and_errors():
     with pytest.raises(D.DescriptorError, match="unknown set"):
         D.resolve_sets(["soap"], True)
     assert D.columns_of(["magpie", "density"])[-1] == "density:packing_fraction"
-    assert D.infer_sets(132) == ["magpie"] and D.infer_sets(D.width_of(D.DEFAULT_STRUCTURE_SETS)) == \
-        list(D.DEFAULT_STRUCTURE_SETS)
+    assert D.infer_sets(132) == ["magpie"] and D.infer_sets(D.width_of(D.DEFAULT_STRUCTURE_SETS)) == list(
+        D.DEFAULT_STRUCTURE_SETS
+    )
 
 
 def test_config_names_a_bad_descriptor_set():
     with pytest.raises(ConfigError, match="features.descriptors.1: 'soap' is not allowed"):
-        config_from_dict({"name": "x", "data": {"source": "matbench_phonons"},
-                          "features": {"descriptors": ["magpie", "soap"]}})
+        config_from_dict(
+            {"name": "x", "data": {"source": "matbench_phonons"}, "features": {"descriptors": ["magpie", "soap"]}}
+        )
 
 
 def _dataset(items, name="toy"):
-    return Dataset(name=name, ids=[str(i) for i in range(len(items))], structures=list(items),
-                   targets=np.arange(len(items), dtype=float), target_name="y", content_hash=f"{name}-{len(items)}")
+    return Dataset(
+        name=name,
+        ids=[str(i) for i in range(len(items))],
+        structures=list(items),
+        targets=np.arange(len(items), dtype=float),
+        target_name="y",
+        content_hash=f"{name}-{len(items)}",
+    )
 
 
 def test_featurize_builds_and_caches_the_descriptor_matrix(tmp_path, cscl):

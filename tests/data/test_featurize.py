@@ -1,5 +1,6 @@
 """Crystal graphs, Magpie features, the feature cache and the parallel map: on small structures
 made here, and (where real-data behaviour is the point) on 40 phonons structures."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,14 @@ def toy_structures(n: int = 24, seed: int = 0) -> list[Structure]:
 
 
 def toy_dataset(n: int = 24, seed: int = 0, name: str = "toy") -> Dataset:
-    return Dataset(name=name, ids=[f"{name}-{i}" for i in range(n)], structures=toy_structures(n, seed),
-                   targets=np.arange(n, dtype=float), target_name="y", content_hash=f"{name}-{n}-{seed}")
+    return Dataset(
+        name=name,
+        ids=[f"{name}-{i}" for i in range(n)],
+        structures=toy_structures(n, seed),
+        targets=np.arange(n, dtype=float),
+        target_name="y",
+        content_hash=f"{name}-{n}-{seed}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +173,7 @@ def test_gaussian_expansion_shape_and_peaks():
     assert np.argmax(e, axis=1).tolist() == [0, 10, 25, 39, int(np.argmin(np.abs(centers - 3.1)))]
     np.testing.assert_allclose(e[1, 10], 1.0, rtol=1e-6)
     step, width = centers[1], cutoff / bins  # default width
-    np.testing.assert_allclose(e[1, 11], np.exp(-(step / width) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(e[1, 11], np.exp(-((step / width) ** 2)), rtol=1e-5)
     np.testing.assert_allclose(e[1, 9], e[1, 11], rtol=1e-5)
     wide = gaussian_expansion(d, cutoff, bins, width=1.0)
     assert wide[1, 11] > e[1, 11]
@@ -273,8 +280,12 @@ def test_corrupt_cache_is_detected_and_rebuilt(toy24, tmp_path, kind, damage):
 
 def test_cache_key_depends_on_cutoff(toy24, tmp_path):
     h = toy24.content_hash
-    assert cache_key("graph", h, {"cutoff": 6.0, "max_neighbors": 12}) != cache_key("graph", h, {"cutoff": 5.0, "max_neighbors": 12})
-    assert cache_key("graph", h, {"cutoff": 6.0, "max_neighbors": 12}) == cache_key("graph", h, {"max_neighbors": 12, "cutoff": 6.0})
+    assert cache_key("graph", h, {"cutoff": 6.0, "max_neighbors": 12}) != cache_key(
+        "graph", h, {"cutoff": 5.0, "max_neighbors": 12}
+    )
+    assert cache_key("graph", h, {"cutoff": 6.0, "max_neighbors": 12}) == cache_key(
+        "graph", h, {"max_neighbors": 12, "cutoff": 6.0}
+    )
 
     six = featurize(toy24, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1), progress=False)
     five = featurize(toy24, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1, cutoff=5.0), progress=False)
@@ -287,17 +298,25 @@ def test_cache_key_depends_on_cutoff(toy24, tmp_path):
 
 
 def test_parallel_equals_serial(toy24, tmp_path):
-    cfg = FeaturesConfig(n_jobs=1, line_graph=True, descriptors=["magpie", "stoichiometry", "density", "symmetry", "bonds"])
+    cfg = FeaturesConfig(
+        n_jobs=1, line_graph=True, descriptors=["magpie", "stoichiometry", "density", "symmetry", "bonds"]
+    )
     serial = featurize(toy24, cfg.model_copy(update={"cache_dir": str(tmp_path / "serial")}), progress=False)
-    parallel = featurize(toy24, cfg.model_copy(update={"cache_dir": str(tmp_path / "parallel"), "n_jobs": 2}),
-                         progress=False)
+    parallel = featurize(
+        toy24, cfg.model_copy(update={"cache_dir": str(tmp_path / "parallel"), "n_jobs": 2}), progress=False
+    )
     assert not serial.from_cache and not parallel.from_cache
     assert_features_equal(serial, parallel)
     assert serial.graphs.has_line_graph and np.isfinite(serial.descriptors).all()
 
 
 def test_graphset_subset_round_trip():
-    structures = [nacl(), lone_helium(), nacl().copy().scale_lattice(200.0), Structure(Lattice.cubic(3.0), ["Cu"], [[0, 0, 0]])]
+    structures = [
+        nacl(),
+        lone_helium(),
+        nacl().copy().scale_lattice(200.0),
+        Structure(Lattice.cubic(3.0), ["Cu"], [[0, 0, 0]]),
+    ]
     parts = [neighbor_graph(s, 4.0, 8) for s in structures]
     gs = GraphSet.from_parts(parts, cutoff=4.0, max_neighbors=8)
     assert len(gs) == 4
@@ -357,8 +376,14 @@ def test_parallel_map_hands_the_work_to_forked_children_unpickled():
 def test_a_structure_the_graph_builder_fails_on_is_named(toy24, tmp_path):
     from pymatgen.core import Composition
 
-    bad = Dataset(name="mixed", ids=["a", "b", "c"], structures=[nacl(), Composition("NaCl"), nacl()],
-                  targets=np.zeros(3), target_name="y", content_hash="mixed-3")
+    bad = Dataset(
+        name="mixed",
+        ids=["a", "b", "c"],
+        structures=[nacl(), Composition("NaCl"), nacl()],
+        targets=np.zeros(3),
+        target_name="y",
+        content_hash="mixed-3",
+    )
     with pytest.raises(DataError, match=r"mixed: cannot build the crystal graph of 1 structure\(s\): row 1 \(id b\)"):
         featurize(bad, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=1, descriptors=["magpie"]), progress=False)
 
@@ -397,5 +422,9 @@ def test_no_import_circle_in_the_data_package():
     for m in modules:
         visit(m, [])
     for m in modules:
-        subprocess.run([sys.executable, "-c", f"import matfusion.data.{m}"], check=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(root.parents[1])})
+        subprocess.run(
+            [sys.executable, "-c", f"import matfusion.data.{m}"],
+            check=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(root.parents[1])},
+        )

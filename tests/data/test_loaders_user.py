@@ -1,4 +1,5 @@
 """User-data loaders: CSV/JSON tables of structures and CGCNN-style CIF folders."""
+
 from __future__ import annotations
 
 import gzip
@@ -17,9 +18,7 @@ ELASTIC = Path("/work/shared/data/matminer/elastic_tensor.csv.gz")
 
 
 def nacl(a: float = 5.64) -> Structure:
-    return Structure.from_spacegroup(
-        "Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
-    )
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
 
 
 def cscl(a: float = 4.12) -> Structure:
@@ -43,9 +42,9 @@ def poscar(s: Structure) -> str:
 
 def test_csv_with_cif_column(tmp_path):
     path = tmp_path / "mine.csv"
-    pd.DataFrame(
-        {"structure": [cif(nacl()), cif(cscl()), cif(nacl(5.5))], "gap": [5.0, 4.1, 5.2]}
-    ).to_csv(path, index=False)
+    pd.DataFrame({"structure": [cif(nacl()), cif(cscl()), cif(nacl(5.5))], "gap": [5.0, 4.1, 5.2]}).to_csv(
+        path, index=False
+    )
     ds = load_table(path, "gap")
     assert len(ds) == 3
     assert ds.name == "mine"
@@ -62,9 +61,9 @@ def test_csv_with_cif_column(tmp_path):
 
 def test_gzipped_csv_with_comment_line_and_dict_text(tmp_path):
     path = tmp_path / "ref.csv.gz"
-    body = pd.DataFrame(
-        {"structure": [str(nacl().as_dict()), json.dumps(cscl().as_dict())], "y": [1.0, 2.0]}
-    ).to_csv(index=False)
+    body = pd.DataFrame({"structure": [str(nacl().as_dict()), json.dumps(cscl().as_dict())], "y": [1.0, 2.0]}).to_csv(
+        index=False
+    )
     with gzip.open(path, "wt") as fh:
         fh.write("# ref: someone et al. (2015)\n" + body)
     ds = load_table(path, "y")
@@ -102,9 +101,9 @@ def test_json_pandas_orients(tmp_path, orient):
 
 def test_poscar_column_and_id_column(tmp_path):
     path = tmp_path / "pos.csv"
-    pd.DataFrame(
-        {"id": ["a1", "b2"], "poscar": [poscar(nacl()), poscar(cscl())], "k": [24.0, 17.0]}
-    ).to_csv(path, index=False)
+    pd.DataFrame({"id": ["a1", "b2"], "poscar": [poscar(nacl()), poscar(cscl())], "k": [24.0, 17.0]}).to_csv(
+        path, index=False
+    )
     ds = load_table(path, "k", structure_column="poscar", id_column="id")
     assert ds.ids == ["a1", "b2"]
     assert ds.structures[0].composition.reduced_formula == "NaCl"
@@ -113,9 +112,9 @@ def test_poscar_column_and_id_column(tmp_path):
 
 def test_bad_structure_row_is_skipped_not_fatal(tmp_path):
     path = tmp_path / "bad.csv"
-    pd.DataFrame(
-        {"structure": [cif(nacl()), "this is not a structure", ""], "y": [1.0, 2.0, 3.0]}
-    ).to_csv(path, index=False)
+    pd.DataFrame({"structure": [cif(nacl()), "this is not a structure", ""], "y": [1.0, 2.0, 3.0]}).to_csv(
+        path, index=False
+    )
     ds = load_table(path, "y")
     assert ds.ids == ["bad-row0"]
     assert ds.skipped["unparseable structure"] == 2
@@ -148,9 +147,7 @@ def test_disordered_structure_skipped_or_ordered(tmp_path):
 def test_nan_and_inf_targets_are_dropped(tmp_path):
     path = tmp_path / "nan.csv"
     s = cif(nacl())
-    pd.DataFrame({"structure": [s, s, s, s], "y": ["1.0", "nan", "inf", "2.0"]}).to_csv(
-        path, index=False
-    )
+    pd.DataFrame({"structure": [s, s, s, s], "y": ["1.0", "nan", "inf", "2.0"]}).to_csv(path, index=False)
     ds = load_table(path, "y")
     assert ds.ids == ["nan-row0", "nan-row3"]
     np.testing.assert_allclose(ds.targets, [1.0, 2.0])
@@ -176,9 +173,7 @@ def test_empty_table_is_an_error(tmp_path):
 
 def test_all_rows_bad_is_an_error(tmp_path):
     path = tmp_path / "allbad.csv"
-    pd.DataFrame({"structure": ["junk", cif(nacl())], "y": [1.0, float("nan")]}).to_csv(
-        path, index=False
-    )
+    pd.DataFrame({"structure": ["junk", cif(nacl())], "y": [1.0, float("nan")]}).to_csv(path, index=False)
     with pytest.raises(DataError, match="dataset is empty.*every row was skipped"):
         load_table(path, "y")
 
@@ -201,9 +196,7 @@ def test_missing_columns_name_the_column_and_list_present(tmp_path):
 def test_duplicate_ids_are_counted(tmp_path):
     path = tmp_path / "dup.csv"
     s = cif(nacl())
-    pd.DataFrame({"id": ["x", "x", "y"], "structure": [s, s, s], "t": [1, 2, 3]}).to_csv(
-        path, index=False
-    )
+    pd.DataFrame({"id": ["x", "x", "y"], "structure": [s, s, s], "t": [1, 2, 3]}).to_csv(path, index=False)
     ds = load_table(path, "t", id_column="id")
     assert ds.ids == ["x", "y"]
     assert ds.skipped["duplicate id"] == 1
@@ -289,8 +282,9 @@ def test_cif_folder_without_id_prop_is_an_error(tmp_path):
 
 def test_target_names_one_per_target_column(tmp_path):
     path = tmp_path / "two.csv"
-    pd.DataFrame({"structure": [cif(nacl()), cif(cscl())], "K_VRH": [24.0, 17.0],
-                  "G_VRH": [14.0, ""]}).to_csv(path, index=False)
+    pd.DataFrame({"structure": [cif(nacl()), cif(cscl())], "K_VRH": [24.0, 17.0], "G_VRH": [14.0, ""]}).to_csv(
+        path, index=False
+    )
     two = load_table(path, ["K_VRH", "G_VRH"])
     assert two.targets.shape == (2, 2) and two.target_names == ["K_VRH", "G_VRH"]
     assert load_table(path, "K_VRH").target_names == ["K_VRH"]

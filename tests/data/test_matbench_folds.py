@@ -1,5 +1,6 @@
 """Matbench tasks from the data dir and their official folds (real data); the inner train/val
 split and the seeded row limit (on a small dataset of structures made here)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,11 +35,18 @@ def toy():
     """60 rows of rock salt at 60 lattice constants, with 5 "official" folds of 12 rows
     (rows i with i % 5 == k, as a matbench task holds them: positions into the rows)."""
     n = 60
-    structures = [Structure(Lattice.cubic(5.0 + 0.01 * i), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-                  for i in range(n)]
-    return Dataset(name="toy", ids=[f"toy-{i:02d}" for i in range(n)], structures=structures,
-                   targets=np.linspace(1.0, 2.0, n), target_name="y", content_hash="toy-60",
-                   official_folds=[np.arange(k, n, 5) for k in range(5)])
+    structures = [
+        Structure(Lattice.cubic(5.0 + 0.01 * i), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]) for i in range(n)
+    ]
+    return Dataset(
+        name="toy",
+        ids=[f"toy-{i:02d}" for i in range(n)],
+        structures=structures,
+        targets=np.linspace(1.0, 2.0, n),
+        target_name="y",
+        content_hash="toy-60",
+        official_folds=[np.arange(k, n, 5) for k in range(5)],
+    )
 
 
 def fold_of(ds) -> dict:

@@ -4,6 +4,7 @@ Real matbench_phonons rows (a seeded subset through data.limit), the real featur
 prepare_fold must give exactly what the manual path (load_dataset -> split_fold -> featurize ->
 pack) gives, under the same cache keys, and never put a test row into the trial data.
 """
+
 import numpy as np
 import pytest
 
@@ -15,12 +16,14 @@ from matfusion.trainables.trial_data import pack_rows, pack_trial_data
 
 
 def _cfg(data_dir, families=("rf", "cgcnn"), limit=40, source="matbench_phonons", **data):
-    return config_from_dict({
-        "name": "prep",
-        "data": {"source": source, "limit": limit, "data_dir": str(data_dir), "fold": 1, **data},
-        "features": {"cutoff": 4.0, "max_neighbors": 6, "descriptors": ["magpie"], "n_jobs": 1},
-        "search": {"families": list(families), "seed": 3},
-    })
+    return config_from_dict(
+        {
+            "name": "prep",
+            "data": {"source": source, "limit": limit, "data_dir": str(data_dir), "fold": 1, **data},
+            "features": {"cutoff": 4.0, "max_neighbors": 6, "descriptors": ["magpie"], "n_jobs": 1},
+            "search": {"families": list(families), "seed": 3},
+        }
+    )
 
 
 def _same_graphs(a, b):
@@ -48,8 +51,15 @@ def test_same_rows_features_and_cache_keys_as_the_manual_path(data_dir):
     _same_graphs(prep.graphs, features.graphs)
     assert not prep.graphs.has_line_graph  # no alignn, no line graph
 
-    manual = pack_trial_data(features.descriptors, features.graphs, dataset.targets, split.train, split.val,
-                             gaussian_bins=cfg.features.gaussian_bins, gaussian_width=cfg.features.gaussian_width)
+    manual = pack_trial_data(
+        features.descriptors,
+        features.graphs,
+        dataset.targets,
+        split.train,
+        split.val,
+        gaussian_bins=cfg.features.gaussian_bins,
+        gaussian_width=cfg.features.gaussian_width,
+    )
     assert prep.trial_data.keys() == manual.keys() and prep.trial_data["graph_params"] == manual["graph_params"]
     for part in ("train", "val"):
         assert prep.trial_data[part].keys() == manual[part].keys()
@@ -84,8 +94,9 @@ def test_line_graph_toggle():
     assert needs_line_graph(["rf", "alignn"])
     assert needs_line_graph(["rf"], [{"family": "rf"}, {"family": "alignn"}])
     assert not needs_line_graph([], [{"family": "cgcnn"}])
-    cfg = config_from_dict({"name": "x", "data": {"source": "matbench_phonons"},
-                            "features": {"cutoff": 4.5, "gaussian_bins": 20}})
+    cfg = config_from_dict(
+        {"name": "x", "data": {"source": "matbench_phonons"}, "features": {"cutoff": 4.5, "gaussian_bins": 20}}
+    )
     on = features_config(cfg.features, ["alignn"])
     assert on.line_graph and on.cutoff == 4.5 and on.gaussian_bins == 20
     assert not cfg.features.line_graph  # the config itself is left as it was

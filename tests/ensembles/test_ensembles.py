@@ -2,6 +2,7 @@
 pyfunc export + registry champion alias, prediction on files, and the CLI commands.
 
 Real matbench_phonons rows (150), real MLflow (sqlite in tmp dirs), real (tiny) models."""
+
 import argparse
 import json
 import subprocess
@@ -36,9 +37,24 @@ from matfusion.ensembles.stacking import ConvexMAEMeta, GBMMeta, InvalidParamete
 LIMIT = 150
 TASK = "matbench_phonons"
 RF = {"family": "rf", "rf": {"n_estimators": 30, "max_features": 0.5}, "seed": 0, "cpus": 1}
-CGCNN = {"family": "cgcnn", "cgcnn": {"hidden": 16, "n_conv": 2, "head_hidden": 16, "fusion": "early", "comp_hidden": 16,
-                                      "comp_layers": 1, "fusion_dim": 16, "lr": 3e-3, "batch_size": 32},
-         "max_epochs": 2, "seed": 0, "patience": 5, "cpus": 1}
+CGCNN = {
+    "family": "cgcnn",
+    "cgcnn": {
+        "hidden": 16,
+        "n_conv": 2,
+        "head_hidden": 16,
+        "fusion": "early",
+        "comp_hidden": 16,
+        "comp_layers": 1,
+        "fusion_dim": 16,
+        "lr": 3e-3,
+        "batch_size": 32,
+    },
+    "max_epochs": 2,
+    "seed": 0,
+    "patience": 5,
+    "cpus": 1,
+}
 WEAK = {"family": "rf", "rf": {"n_estimators": 2, "max_depth": 1}, "seed": 0, "cpus": 1}
 GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
 
@@ -80,7 +96,9 @@ def _log_model(uri, client, exp, ens, phonons, metrics):
     run_id = client.create_run(exp, run_name="model").info.run_id
     featurizer = featurizer_spec(ens, 6.0, 12)
     card = make_card(ens, ds.name, split.fold, metrics, data={"source": TASK, "limit": LIMIT})
-    info = log_ensemble_model(run_id, ens, featurizer, card, [ds.structures[i] for i in split.test[:2]], tracking_uri=uri)
+    info = log_ensemble_model(
+        run_id, ens, featurizer, card, [ds.structures[i] for i in split.test[:2]], tracking_uri=uri
+    )
     client.set_terminated(run_id)
     return info.model_uri
 
@@ -192,18 +210,20 @@ def test_bad_arguments_are_named_in_fit(phonons):
     """__init__ stores anything (scikit-learn's manner); fit checks, naming the parameter."""
     ds, split, fs = phonons
     rows = split.train
-    bad = [({"meta": "svm"}, r"meta: unknown meta-learner 'svm'"),
-           ({"meta": "nnls", "context_features": 3}, "context_features needs meta"),
-           ({"context_features": -1, "meta": "ridge"}, "context_features must be an integer >= 0"),
-           ({"n_folds": 1}, r"n_folds must be an integer >= 2 \(got 1\)"),
-           ({"n_folds": 2.5}, "n_folds must be an integer"),
-           ({"seed": "0"}, "seed must be an integer"),
-           ({"es_fraction": 0.5}, r"es_fraction must be in \(0, 0.5\)"),
-           ({"member_overrides": [("max_epochs", 1)]}, "member_overrides must be a dict"),
-           ({"refit": "yes"}, "refit must be True or False"),
-           ({"graph_max_epochs": 0}, "graph_max_epochs must be an integer >= 1"),
-           ({"members": []}, "members: StackedEnsemble needs a non-empty list"),
-           ({"members": [RF, {"rf": {}}]}, r"members\[1\]: a member is a trial config dict with a 'family' key")]
+    bad = [
+        ({"meta": "svm"}, r"meta: unknown meta-learner 'svm'"),
+        ({"meta": "nnls", "context_features": 3}, "context_features needs meta"),
+        ({"context_features": -1, "meta": "ridge"}, "context_features must be an integer >= 0"),
+        ({"n_folds": 1}, r"n_folds must be an integer >= 2 \(got 1\)"),
+        ({"n_folds": 2.5}, "n_folds must be an integer"),
+        ({"seed": "0"}, "seed must be an integer"),
+        ({"es_fraction": 0.5}, r"es_fraction must be in \(0, 0.5\)"),
+        ({"member_overrides": [("max_epochs", 1)]}, "member_overrides must be a dict"),
+        ({"refit": "yes"}, "refit must be True or False"),
+        ({"graph_max_epochs": 0}, "graph_max_epochs must be an integer >= 1"),
+        ({"members": []}, "members: StackedEnsemble needs a non-empty list"),
+        ({"members": [RF, {"rf": {}}]}, r"members\[1\]: a member is a trial config dict with a 'family' key"),
+    ]
     for params, message in bad:
         ens = StackedEnsemble(**{"members": [RF], **params})  # no check here
         assert ens.get_params()[next(iter(params))] is params[next(iter(params))]
@@ -224,12 +244,29 @@ def test_get_params_set_params_and_clone_round_trip():
     from matfusion.config import EnsembleConfig
 
     overrides = {"max_epochs": 3}
-    ens = StackedEnsemble([RF, CGCNN], meta="ridge", n_folds=3, context_features=2, seed=7, es_fraction=0.2,
-                          member_overrides=overrides, refit=False, graph_max_epochs=4)
+    ens = StackedEnsemble(
+        [RF, CGCNN],
+        meta="ridge",
+        n_folds=3,
+        context_features=2,
+        seed=7,
+        es_fraction=0.2,
+        member_overrides=overrides,
+        refit=False,
+        graph_max_epochs=4,
+    )
     params = ens.get_params()
-    assert params == {"members": [RF, CGCNN], "meta": "ridge", "n_folds": 3, "context_features": 2, "seed": 7,
-                      "es_fraction": 0.2, "member_overrides": {"max_epochs": 3}, "refit": False,
-                      "graph_max_epochs": 4}
+    assert params == {
+        "members": [RF, CGCNN],
+        "meta": "ridge",
+        "n_folds": 3,
+        "context_features": 2,
+        "seed": 7,
+        "es_fraction": 0.2,
+        "member_overrides": {"max_epochs": 3},
+        "refit": False,
+        "graph_max_epochs": 4,
+    }
     assert params["members"][0] is RF and params["member_overrides"] is overrides  # stored unchanged
     twin = clone(ens)
     assert type(twin) is StackedEnsemble and twin.get_params() == params
@@ -240,8 +277,12 @@ def test_get_params_set_params_and_clone_round_trip():
         ens.set_params(bogus=1)
     # the defaults are EnsembleConfig's (one set of numbers)
     d, plain = EnsembleConfig(), StackedEnsemble([RF])
-    assert (plain.meta, plain.n_folds, plain.refit, plain.graph_max_epochs) == (d.meta, d.n_folds, d.refit,
-                                                                               d.max_epochs)
+    assert (plain.meta, plain.n_folds, plain.refit, plain.graph_max_epochs) == (
+        d.meta,
+        d.n_folds,
+        d.refit,
+        d.max_epochs,
+    )
     # the derived member configs are made in fit, not in __init__; the given ones stay as they were
     assert ens.members[1] is CGCNN and "lr_restarts" not in CGCNN and CGCNN["max_epochs"] == 2
     derived = ens._derived_members()
@@ -264,8 +305,10 @@ def test_clone_of_a_fitted_ensemble_is_unfitted_and_fits_alike(phonons):
         twin.predict(fs.descriptors, None, split.test)
     twin.fit(fs.descriptors, None, ds.targets, rows)
     np.testing.assert_array_equal(twin.oof_, ens.oof_)
-    np.testing.assert_allclose(twin.predict(fs.descriptors, None, split.test, return_std=False),
-                               ens.predict(fs.descriptors, None, split.test, return_std=False))
+    np.testing.assert_allclose(
+        twin.predict(fs.descriptors, None, split.test, return_std=False),
+        ens.predict(fs.descriptors, None, split.test, return_std=False),
+    )
     # prediction reads fitted attributes only: changing a hyperparameter after fit changes nothing
     # until the next fit
     expect = ens.predict(fs.descriptors, None, split.test)
@@ -281,19 +324,21 @@ def test_pickled_ensemble_predicts_in_a_fresh_process(tmp_path, phonons):
     ds, split, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
     ens = StackedEnsemble([RF, WEAK], meta="ridge", n_folds=2, context_features=3, seed=1).fit(
-        fs.descriptors, None, ds.targets, rows)
+        fs.descriptors, None, ds.targets, rows
+    )
     mean, std = ens.predict(fs.descriptors, None, split.test)
     (tmp_path / "ens.pkl").write_bytes(pickle.dumps(ens))
     np.save(tmp_path / "x.npy", fs.descriptors[split.test])
     script = textwrap.dedent(f"""
         import pickle, numpy as np
-        ens = pickle.load(open({str(tmp_path / 'ens.pkl')!r}, "rb"))
-        x = np.load({str(tmp_path / 'x.npy')!r})
+        ens = pickle.load(open({str(tmp_path / "ens.pkl")!r}, "rb"))
+        x = np.load({str(tmp_path / "x.npy")!r})
         mean, std = ens.predict(x, None, np.arange(len(x)))
-        np.save({str(tmp_path / 'out.npy')!r}, np.stack([mean, std]))
+        np.save({str(tmp_path / "out.npy")!r}, np.stack([mean, std]))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(tmp_path / "out.npy")
     np.testing.assert_allclose(got[0], mean, rtol=0, atol=1e-9)
@@ -318,10 +363,11 @@ def test_meta_learner_and_fold_models_never_see_test_rows(phonons, fitted):
     assert len(fitted.meta_rows_) == fitted.oof_.shape[0] and np.all(np.isfinite(fitted.oof_))
     held_union = set()
     for k in range(fitted.n_folds):
-        fit_rows, es_rows, held = (set(a.tolist()) for a in (fitted.fold_train_rows_[k], fitted.fold_es_rows_[k],
-                                                             fitted.fold_heldout_rows_[k]))
-        assert fit_rows | es_rows <= train_rows                 # training rows only
-        assert not (fit_rows | es_rows) & held                  # never the fold it predicts
+        fit_rows, es_rows, held = (
+            set(a.tolist()) for a in (fitted.fold_train_rows_[k], fitted.fold_es_rows_[k], fitted.fold_heldout_rows_[k])
+        )
+        assert fit_rows | es_rows <= train_rows  # training rows only
+        assert not (fit_rows | es_rows) & held  # never the fold it predicts
         assert not fit_rows & es_rows and es_rows
         held_union |= held
         # the fold's torch model standardized its targets on exactly its training rows
@@ -365,11 +411,14 @@ def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
     assert fit_rows | es_rows == train_rows and not fit_rows & es_rows and es_rows
     assert len(fit_rows) > max(len(r) for r in fitted.fold_train_rows_)  # more rows than any fold model
     weighted = fitted.weighted_members()
-    assert weighted and all((fitted.refit_states_[j] is not None) == (j in weighted) for j in range(len(fitted.members_)))
+    assert weighted and all(
+        (fitted.refit_states_[j] is not None) == (j in weighted) for j in range(len(fitted.members_))
+    )
     for j in weighted:
         if fitted.members_[j]["family"] == "cgcnn":  # standardized on exactly the refit's training rows
             assert float(np.ravel(fitted.refit_states_[j]["y_mean"])[0]) == pytest.approx(
-                ds.targets[fitted.refit_train_rows_].mean())
+                ds.targets[fitted.refit_train_rows_].mean()
+            )
     assert fitted.summary()["refit"] == [fitted.names_[j] for j in weighted]
     assert all(m["lr_restarts"] == [] for m in fitted.members_)  # members anneal once, whatever the search did
 
@@ -388,7 +437,9 @@ def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
 def test_refit_false_fits_no_extra_model(phonons):
     ds, split, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
-    ens = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=0, refit=False).fit(fs.descriptors, None, ds.targets, rows)
+    ens = StackedEnsemble([RF, WEAK], meta="mae", n_folds=2, seed=0, refit=False).fit(
+        fs.descriptors, None, ds.targets, rows
+    )
     assert ens.refit_states_ == [None, None] and not ens.refitted and ens.summary()["refit"] == []
     mean = ens.predict(fs.descriptors, None, split.test, return_std=False)
     per_fold = ens.fold_member_predictions(fs.descriptors, None, split.test)
@@ -412,13 +463,19 @@ def test_ridge_with_context_features(phonons):
 
 # ----------------------------------------------------------------------------- MLflow: select + log
 def _trial_run(client, exp, parent, trial_id, config, val_maes, status, with_artifact=True):
-    run = client.create_run(exp, run_name=trial_id, tags={"mlflow.parentRunId": parent, "trial_id": trial_id,
-                                                           "family": config["family"], "status": status})
+    run = client.create_run(
+        exp,
+        run_name=trial_id,
+        tags={"mlflow.parentRunId": parent, "trial_id": trial_id, "family": config["family"], "status": status},
+    )
     rid = run.info.run_id
     from matfusion.tracking.logger import flatten
 
-    client.log_batch(rid, params=[mlflow.entities.Param(k, str(v)) for k, v in flatten(config).items()],
-                     metrics=[mlflow.entities.Metric("val_mae", v, 0, i + 1) for i, v in enumerate(val_maes)])
+    client.log_batch(
+        rid,
+        params=[mlflow.entities.Param(k, str(v)) for k, v in flatten(config).items()],
+        metrics=[mlflow.entities.Metric("val_mae", v, 0, i + 1) for i, v in enumerate(val_maes)],
+    )
     if with_artifact:
         client.log_dict(rid, config, "trial_config.json")
     client.set_terminated(rid, "FAILED" if status == "failed" else "FINISHED")
@@ -429,11 +486,24 @@ def _fake_search(client, exp, ds, name="phonons-tiny"):
     """A search parent (as run_search logs it) with hand-made trial runs."""
     from matfusion.config import config_from_dict
 
-    cfg = config_from_dict({"name": name, "data": {"source": TASK, "limit": LIMIT, "data_dir": str(DATA_DIR)},
-                            "search": {"families": ["rf", "cgcnn"], "num_samples": 4, "max_epochs": 2,
-                                       "grace_period": 1}})
-    parent = client.create_run(exp, run_name=f"search-{name}", tags={
-        "kind": "search", "dataset": ds.name, "fold": "0", "dataset_hash": ds.content_hash, "status": "completed"})
+    cfg = config_from_dict(
+        {
+            "name": name,
+            "data": {"source": TASK, "limit": LIMIT, "data_dir": str(DATA_DIR)},
+            "search": {"families": ["rf", "cgcnn"], "num_samples": 4, "max_epochs": 2, "grace_period": 1},
+        }
+    )
+    parent = client.create_run(
+        exp,
+        run_name=f"search-{name}",
+        tags={
+            "kind": "search",
+            "dataset": ds.name,
+            "fold": "0",
+            "dataset_hash": ds.content_hash,
+            "status": "completed",
+        },
+    )
     pid = parent.info.run_id
     client.log_dict(pid, cfg.model_dump(mode="json"), "config.json")
     late = dict(CGCNN, cgcnn=dict(CGCNN["cgcnn"], fusion="none"))
@@ -452,7 +522,10 @@ def test_select_members_top_k_per_family_and_fusion(shared_store, phonons):
     pid, _ = _fake_search(client, exp, phonons[0])
     members = select_members(client, exp, pid, k=1)
     assert [(m["family"], m.get(m["family"], {}).get("fusion")) for m in members] == [
-        ("rf", None), ("cgcnn", "early"), ("cgcnn", "none")]
+        ("rf", None),
+        ("cgcnn", "early"),
+        ("cgcnn", "none"),
+    ]
     assert members[0] == RF and members[1] == CGCNN
     # rebuilt from params (no artifact): the same nested config, with typed values
     assert members[2]["cgcnn"] == dict(CGCNN["cgcnn"], fusion="none") and members[2]["max_epochs"] == 2
@@ -469,8 +542,16 @@ def test_evaluate_logs_nested_ensemble_run(tmp_path, shared_store, phonons, fitt
     uri, client, exp = _tracking(shared_store, "evaluate")
     parent = client.create_run(exp, tags={"kind": "search"}).info.run_id
     ev = evaluate_ensemble(fitted, fs.descriptors, fs.graphs, ds.targets, split.test)
-    for key in ("ensemble_mae", "ensemble_rmse", "ensemble_r2", "average_mae", "member.rf_mae",
-                "member.cgcnn-early_r2", "calib_within_1std", "calib_within_2std"):
+    for key in (
+        "ensemble_mae",
+        "ensemble_rmse",
+        "ensemble_r2",
+        "average_mae",
+        "member.rf_mae",
+        "member.cgcnn-early_r2",
+        "calib_within_1std",
+        "calib_within_2std",
+    ):
         assert np.isfinite(ev.metrics[key]), key
     assert 0 <= ev.metrics["calib_within_1std"] <= ev.metrics["calib_within_2std"] <= 1
     assert ev.metrics["ensemble_mae"] == pytest.approx(_mae(ev.predictions["prediction"], ds.targets[split.test]))
@@ -502,12 +583,15 @@ def test_champion_alias_moves_only_on_improvement(phonons, fitted, registry):
     champion = lambda: client.get_model_version_by_alias(name, "champion")  # noqa: E731
     v1, moved = register_ensemble(uri, weak_uri, task, 0, weak_ev.test_mae)
     assert moved and str(champion().version) == str(v1.version)
-    v2, moved = register_ensemble(uri, registry["model_uri"], task, 0, good_mae)   # better: moves
+    v2, moved = register_ensemble(uri, registry["model_uri"], task, 0, good_mae)  # better: moves
     assert moved and str(champion().version) == str(v2.version)
-    v3, moved = register_ensemble(uri, weak_uri, task, 0, weak_ev.test_mae)       # worse: stays
+    v3, moved = register_ensemble(uri, weak_uri, task, 0, weak_ev.test_mae)  # worse: stays
     assert not moved and str(champion().version) == str(v2.version)
-    assert client.get_model_version(name, v3.version).tags == {"task": task, "fold": "0",
-                                                                "test_mae": repr(float(weak_ev.test_mae))}
+    assert client.get_model_version(name, v3.version).tags == {
+        "task": task,
+        "fold": "0",
+        "test_mae": repr(float(weak_ev.test_mae)),
+    }
     v4, moved = register_ensemble(uri, weak_uri, task, 1, 0.0)  # another fold is not comparable
     assert not moved and str(champion().version) == str(v2.version)
     # the real task's champion is untouched
@@ -519,13 +603,15 @@ def test_fresh_process_loads_champion_and_reproduces_predictions(tmp_path, phono
     expect, expect_std = fitted.predict(fs.descriptors, fs.graphs, split.test)
     inputs = tmp_path / "inputs.json"
     # half as dict JSON text, half as CIF text: both featurize to the same graphs
-    cells = [json.dumps(ds.structures[r].as_dict()) if i % 2 else ds.structures[r].to(fmt="cif")
-             for i, r in enumerate(split.test)]
+    cells = [
+        json.dumps(ds.structures[r].as_dict()) if i % 2 else ds.structures[r].to(fmt="cif")
+        for i, r in enumerate(split.test)
+    ]
     inputs.write_text(json.dumps(cells))
     out = tmp_path / "out.csv"
     script = textwrap.dedent(f"""
         import json, mlflow, pandas as pd
-        mlflow.set_tracking_uri({registry['uri']!r})
+        mlflow.set_tracking_uri({registry["uri"]!r})
         model = mlflow.pyfunc.load_model("models:/matfusion-{TASK}@champion")
         df = pd.DataFrame({{"structure": json.load(open({str(inputs)!r}))}})
         model.predict(df).to_csv({str(out)!r}, index=False, float_format="%.12g")
@@ -542,8 +628,9 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     ds, split, fs = phonons
     parser = _parser()
     to = tmp_path / "exported"
-    args = parser.parse_args(["export", f"models:/matfusion-{TASK}@champion", "--to", str(to),
-                              "--tracking-uri", registry["uri"]])
+    args = parser.parse_args(
+        ["export", f"models:/matfusion-{TASK}@champion", "--to", str(to), "--tracking-uri", registry["uri"]]
+    )
     assert args.func(args) == 0
     assert (to / "MLmodel").is_file() and (to / "artifacts" / "ensemble.pkl").is_file()
     card = (to / "README.md").read_text()
@@ -572,7 +659,8 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     # a table input with one unparseable row, via the API
     table = tmp_path / "table.csv"
     pd.DataFrame({"id": ["a", "b"], "structure": [json.dumps(ds.structures[picked[0]].as_dict()), "garbage"]}).to_csv(
-        table, index=False)
+        table, index=False
+    )
     res = predict_structures(str(to), [table])
     assert list(res["id"]) == ["a"] and res["prediction"].iloc[0] == pytest.approx(expect[0], abs=1e-6)
     assert "row 1 (id b)" in capsys.readouterr().err
@@ -583,8 +671,23 @@ def test_ensemble_command_end_to_end(tmp_path, phonons, capsys):
     uri, client, exp = _tracking(tmp_path)
     pid, cfg = _fake_search(client, exp, phonons[0])
     parser = _parser()
-    args = parser.parse_args(["ensemble", "--experiment", "ens-test", "--k", "1", "--folds", "2", "--families", "rf",
-                              "cgcnn", "--tracking-uri", uri, "--quiet"])
+    args = parser.parse_args(
+        [
+            "ensemble",
+            "--experiment",
+            "ens-test",
+            "--k",
+            "1",
+            "--folds",
+            "2",
+            "--families",
+            "rf",
+            "cgcnn",
+            "--tracking-uri",
+            uri,
+            "--quiet",
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "Stacked ensemble (mae, 2 folds)" in out and "registered matfusion-matbench_phonons version 1" in out
@@ -612,10 +715,26 @@ def test_ensemble_flags_build_the_ensemble_config():
     args = parser.parse_args(["ensemble", "--experiment", "x"])
     assert settings_from_args(args) == EnsembleConfig()
     assert (args.seed, args.context_features) == (StackedEnsemble([RF]).seed, StackedEnsemble([RF]).context_features)
-    args = parser.parse_args(["ensemble", "--experiment", "x", "--k", "1", "--meta", "gbm", "--folds", "3",
-                              "--max-epochs", "7", "--no-refit", "--no-register"])
-    assert settings_from_args(args) == EnsembleConfig(k=1, meta="gbm", n_folds=3, max_epochs=7, refit=False,
-                                                      register=False)
+    args = parser.parse_args(
+        [
+            "ensemble",
+            "--experiment",
+            "x",
+            "--k",
+            "1",
+            "--meta",
+            "gbm",
+            "--folds",
+            "3",
+            "--max-epochs",
+            "7",
+            "--no-refit",
+            "--no-register",
+        ]
+    )
+    assert settings_from_args(args) == EnsembleConfig(
+        k=1, meta="gbm", n_folds=3, max_epochs=7, refit=False, register=False
+    )
     args = parser.parse_args(["ensemble", "--experiment", "x", "--folds", "1", "--max-epochs", "0"])
     with pytest.raises(ValueError, match=r"--folds: .*greater than or equal to 2 \(got 1\).*--max-epochs"):
         settings_from_args(args)
@@ -656,23 +775,40 @@ def test_real_search_then_ensemble_command(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     config = tmp_path / "e2e.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "ens-e2e", "data": {"source": TASK, "limit": 120, "data_dir": str(DATA_DIR)},
-        "features": {"n_jobs": 2},
-        "search": {"families": ["rf", "cgcnn"], "fusions": ["none", "early"], "preset": "quick", "num_samples": 4,
-                   "max_epochs": 2, "grace_period": 1, "max_concurrent": 2, "storage_path": str(tmp_path / "ray")},
-        "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "artifacts")},
-        "ensemble": {"enabled": True, "k": 1, "n_folds": 2}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ens-e2e",
+                "data": {"source": TASK, "limit": 120, "data_dir": str(DATA_DIR)},
+                "features": {"n_jobs": 2},
+                "search": {
+                    "families": ["rf", "cgcnn"],
+                    "fusions": ["none", "early"],
+                    "preset": "quick",
+                    "num_samples": 4,
+                    "max_epochs": 2,
+                    "grace_period": 1,
+                    "max_concurrent": 2,
+                    "storage_path": str(tmp_path / "ray"),
+                },
+                "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "artifacts")},
+                "ensemble": {"enabled": True, "k": 1, "n_folds": 2},
+            }
+        )
+    )
     assert main(["search", str(config), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "Leaderboard of search 'ens-e2e'" in out and "Stacked ensemble (mae, 2 folds)" in out
     assert "registered matfusion-matbench_phonons version 1" in out
     client = MlflowClient(uri)
-    parent = client.search_runs([client.get_experiment_by_name("ens-e2e").experiment_id],
-                                filter_string="tags.kind = 'search'")
+    parent = client.search_runs(
+        [client.get_experiment_by_name("ens-e2e").experiment_id], filter_string="tags.kind = 'search'"
+    )
     assert len(parent) == 1
     exp_id, parent_id = parent[0].info.experiment_id, parent[0].info.run_id
-    trials = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id != ''")
+    trials = client.search_runs(
+        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_id != ''"
+    )
     assert len(trials) == 4
     hooked = client.search_runs([exp_id], filter_string="tags.kind = 'ensemble'")
     assert len(hooked) == 1 and hooked[0].data.tags["mlflow.parentRunId"] == parent_id
@@ -680,8 +816,21 @@ def test_real_search_then_ensemble_command(tmp_path, capsys, monkeypatch):
     mv = client.get_model_version_by_alias(f"matfusion-{TASK}", "champion")
     assert mv.run_id == hooked[0].info.run_id
 
-    args = _parser().parse_args(["ensemble", "--experiment", "ens-e2e", "--k", "1", "--folds", "2",
-                                 "--tracking-uri", uri, "--quiet", "--no-register"])
+    args = _parser().parse_args(
+        [
+            "ensemble",
+            "--experiment",
+            "ens-e2e",
+            "--k",
+            "1",
+            "--folds",
+            "2",
+            "--tracking-uri",
+            uri,
+            "--quiet",
+            "--no-register",
+        ]
+    )
     assert args.func(args) == 0
     assert "Stacked ensemble (mae, 2 folds)" in capsys.readouterr().out
     runs = client.search_runs([exp_id], filter_string="tags.kind = 'ensemble'")
@@ -737,7 +886,11 @@ def test_multi_target_stacking_shapes_and_labelled_meta_rows(elastic):
     g_meta = ens.meta_models_[1]
     assert np.isfinite(g_meta.y_mean_) and g_meta.y_mean_ == pytest.approx(np.mean(targets[labelled_g, 1]))
     np.testing.assert_allclose(g_meta.coef_, ref.coef_, atol=1e-10)
-    assert set(ens.weights_) == set(ELASTIC_TARGETS) and set(ens.weights_["G_VRH"]) == {"rf", "cgcnn-early", "intercept"}
+    assert set(ens.weights_) == set(ELASTIC_TARGETS) and set(ens.weights_["G_VRH"]) == {
+        "rf",
+        "cgcnn-early",
+        "intercept",
+    }
     # the fold torch models standardized each target on its labelled training rows only
     state = ens.fold_states_[0][1]
     fit_rows = ens.fold_train_rows_[0]
@@ -758,8 +911,15 @@ def test_multi_target_stacking_shapes_and_labelled_meta_rows(elastic):
     n_lab = int(np.isfinite(y_g).sum())
     assert ev.metrics["n_test"] == len(split.test) and ev.metrics["n_test_G_VRH"] == n_lab == len(split.test) - 6
     assert ev.metrics["n_test_K_VRH"] == len(split.test)
-    for key in ("ensemble_mae_K_VRH", "ensemble_rmse_G_VRH", "ensemble_r2_K_VRH", "average_mae_G_VRH",
-                "member.rf_mae_G_VRH", "member.cgcnn-early_r2_K_VRH", "calib_within_1std_G_VRH"):
+    for key in (
+        "ensemble_mae_K_VRH",
+        "ensemble_rmse_G_VRH",
+        "ensemble_r2_K_VRH",
+        "average_mae_G_VRH",
+        "member.rf_mae_G_VRH",
+        "member.cgcnn-early_r2_K_VRH",
+        "calib_within_1std_G_VRH",
+    ):
         assert np.isfinite(ev.metrics[key]), key
     assert "ensemble_mae" not in ev.metrics
     lab_t = np.isfinite(y_g)
@@ -806,10 +966,18 @@ def test_ensemble_config_section_validates():
     from matfusion.config import ConfigError, config_from_dict
 
     base = {"name": "x", "data": {"source": TASK}}
-    assert config_from_dict(base).ensemble.model_dump() == {"enabled": False, "k": 2, "meta": "mae", "n_folds": 5,
-                                                          "max_epochs": None, "refit": True, "register": True}
-    cfg = config_from_dict(dict(base, ensemble={"enabled": True, "k": 1, "meta": "gbm", "max_epochs": 3,
-                                                "register": False}))
+    assert config_from_dict(base).ensemble.model_dump() == {
+        "enabled": False,
+        "k": 2,
+        "meta": "mae",
+        "n_folds": 5,
+        "max_epochs": None,
+        "refit": True,
+        "register": True,
+    }
+    cfg = config_from_dict(
+        dict(base, ensemble={"enabled": True, "k": 1, "meta": "gbm", "max_epochs": 3, "register": False})
+    )
     assert cfg.ensemble.enabled and cfg.ensemble.meta == "gbm" and cfg.ensemble.register is False
     with pytest.raises(ConfigError, match=r"ensemble\.bogus: unknown key"):
         config_from_dict(dict(base, ensemble={"enabled": True, "bogus": 1}))
@@ -829,9 +997,17 @@ def test_search_hook_builds_ensemble_of_that_search(tmp_path, phonons, capsys):
     uri, client, exp = _tracking(tmp_path, "hook")
     pid, cfg = _fake_search(client, exp, phonons[0])
     _fake_search(client, exp, phonons[0])  # a later search of the same experiment: must not be picked
-    result = SearchResult(name=cfg.name, experiment_id=exp, parent_run_id=pid, tracking_uri=uri,
-                          leaderboard=pd.DataFrame(), best_config=None, best_val_mae=25.0, best_test_mae=float("nan"),
-                          wall_s=0.0)
+    result = SearchResult(
+        name=cfg.name,
+        experiment_id=exp,
+        parent_run_id=pid,
+        tracking_uri=uri,
+        leaderboard=pd.DataFrame(),
+        best_config=None,
+        best_val_mae=25.0,
+        best_test_mae=float("nan"),
+        wall_s=0.0,
+    )
     ensembles = lambda: client.search_runs([exp], filter_string="tags.kind = 'ensemble'")  # noqa: E731
     assert ensemble_after_search(cfg, result, progress=False) == 0 and not ensembles()  # not enabled: nothing
     cfg.ensemble = EnsembleConfig(enabled=True, k=1, n_folds=2, max_epochs=1, register=False)
@@ -846,8 +1022,10 @@ def test_search_hook_builds_ensemble_of_that_search(tmp_path, phonons, capsys):
     assert runs[0].data.metrics["ensemble_mae"] > 0 and "registered_version" not in runs[0].data.tags
     m = runs[0].data.metrics
     best = min((k for k in m if k.startswith("member.") and k.endswith("_mae")), key=m.get)
-    assert (f"test MAE: ensemble {m['ensemble_mae']:.4g}, best member {best[7:-4]} {m[best]:.4g}, "
-            f"plain average {m['average_mae']:.4g}") in out
+    assert (
+        f"test MAE: ensemble {m['ensemble_mae']:.4g}, best member {best[7:-4]} {m[best]:.4g}, "
+        f"plain average {m['average_mae']:.4g}"
+    ) in out
 
 
 def test_member_names_of_one_group_are_valid_mlflow_keys(tmp_path):
@@ -857,7 +1035,9 @@ def test_member_names_of_one_group_are_valid_mlflow_keys(tmp_path):
     from matfusion.ensembles.stacking import unique_names
 
     configs = [{"family": "rf", "seed": s} for s in range(3)] + [
-        {"family": "cgcnn", "cgcnn": {"fusion": "early"}}, {"family": "cgcnn", "cgcnn": {"fusion": "early"}}]
+        {"family": "cgcnn", "cgcnn": {"fusion": "early"}},
+        {"family": "cgcnn", "cgcnn": {"fusion": "early"}},
+    ]
     names = unique_names(configs)
     assert names == ["rf", "rf_2", "rf_3", "cgcnn-early", "cgcnn-early_2"]
     allowed = re.compile(r"[A-Za-z0-9_\-. :/]+")  # MLflow 3's rule for metric and param names

@@ -2,6 +2,7 @@
 defaults are the spaces' DEFAULTS and the models' own, the trial config parsed once (round trip of
 what the search space emits, unknown keys rejected by name), the fusion / group labels, and fit +
 checkpoint write/read + predict of every family on a tiny dataset of pymatgen structures."""
+
 from __future__ import annotations
 
 import inspect
@@ -41,8 +42,10 @@ def test_importing_the_registry_imports_no_model():
     import subprocess
     import sys
 
-    code = ("import sys, matfusion.families, matfusion.spaces, matfusion.config\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'sklearn', 'lightgbm', 'ray'}))")
+    code = (
+        "import sys, matfusion.families, matfusion.spaces, matfusion.config\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'sklearn', 'lightgbm', 'ray'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -83,8 +86,11 @@ def test_model_constructors_have_no_defaults_of_their_own_that_drift():
     from matfusion.trainables.lgbm import ChunkedLGBM
 
     def defaults(fn, skip=("seed", "n_jobs")):
-        return {k: p.default for k, p in inspect.signature(fn).parameters.items()
-                if p.default is not inspect.Parameter.empty and k not in skip}
+        return {
+            k: p.default
+            for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty and k not in skip
+        }
 
     assert defaults(forest, skip=("seed", "n_jobs", "bootstrap")) == {} and defaults(ChunkedLGBM.__init__) == {}
     for cls, name in ((CGCNN, "cgcnn"), (ALIGNN, "alignn")):
@@ -97,6 +103,7 @@ def test_model_constructors_have_no_defaults_of_their_own_that_drift():
 
 
 # -- the trial config ---------------------------------------------------------------------------
+
 
 def _unflatten(flat: dict) -> dict:
     """What Ray's OptunaSearch does with the define-by-run output (keys split at '/')."""
@@ -111,11 +118,25 @@ def _unflatten(flat: dict) -> dict:
 
 
 def test_every_trial_the_space_emits_parses_and_round_trips():
-    constants = {"max_epochs": 6, "seed": 3, "patience": 4, "cpus": 1.0, "targets": ["a", "b"],
-                 "checkpoint_every": 2, "lr_restarts": [2, 4], "checkpoint_at": [2]}
-    space = SearchSpace(list(families.names()), constants, fusions=list(families.FUSIONS), targets=["a", "b"],
-                        task_weighting=["fixed", "tuned", "uncertainty"], task_weights={"b": 0.5},
-                        overrides={"cgcnn.hidden": 32, "rf.n_estimators": 100})  # fixed params are constants
+    constants = {
+        "max_epochs": 6,
+        "seed": 3,
+        "patience": 4,
+        "cpus": 1.0,
+        "targets": ["a", "b"],
+        "checkpoint_every": 2,
+        "lr_restarts": [2, 4],
+        "checkpoint_at": [2],
+    }
+    space = SearchSpace(
+        list(families.names()),
+        constants,
+        fusions=list(families.FUSIONS),
+        targets=["a", "b"],
+        task_weighting=["fixed", "tuned", "uncertainty"],
+        task_weights={"b": 0.5},
+        overrides={"cgcnn.hidden": 32, "rf.n_estimators": 100},
+    )  # fixed params are constants
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for p in space.default_points():
         study.enqueue_trial(p)
@@ -150,16 +171,24 @@ def test_omitted_hyperparameters_take_the_family_defaults():
     assert cg.max_epochs == 30 and cg.patience == 20 and cg.multitask.weighting == "fixed"
 
 
-@pytest.mark.parametrize("config, names", [
-    ({"family": "cgcnn", "cgcnn": {"hiden": 64}}, ["cgcnn.hiden: unknown key"]),
-    ({"family": "rf", "rf": {"n_estimators": 10, "fusion": "early"}}, ["rf.fusion: unknown key"]),
-    ({"family": "rf", "max_epoch": 3}, ["max_epoch: unknown key"]),
-    ({"family": "cgcnn", "multitask": {"weighting": "fixed", "lambda_a": 1.0}}, ["multitask.lambda_a: unknown key"]),
-    ({"family": "lgbm", "et": {}}, ["et: a section of another family"]),
-    ({"family": "cgcnn", "cgcnn": {"fusion": "middle"}}, ["cgcnn.fusion", "'middle'"]),
-    ({"family": "lgbm", "lgbm": {"objective": "l3"}, "rf": {}, "seed": "x"},
-     ["lgbm.objective", "rf: a section of another family"]),
-])
+@pytest.mark.parametrize(
+    "config, names",
+    [
+        ({"family": "cgcnn", "cgcnn": {"hiden": 64}}, ["cgcnn.hiden: unknown key"]),
+        ({"family": "rf", "rf": {"n_estimators": 10, "fusion": "early"}}, ["rf.fusion: unknown key"]),
+        ({"family": "rf", "max_epoch": 3}, ["max_epoch: unknown key"]),
+        (
+            {"family": "cgcnn", "multitask": {"weighting": "fixed", "lambda_a": 1.0}},
+            ["multitask.lambda_a: unknown key"],
+        ),
+        ({"family": "lgbm", "et": {}}, ["et: a section of another family"]),
+        ({"family": "cgcnn", "cgcnn": {"fusion": "middle"}}, ["cgcnn.fusion", "'middle'"]),
+        (
+            {"family": "lgbm", "lgbm": {"objective": "l3"}, "rf": {}, "seed": "x"},
+            ["lgbm.objective", "rf: a section of another family"],
+        ),
+    ],
+)
 def test_unknown_or_bad_keys_are_errors_naming_them(config, names):
     with pytest.raises(TrialConfigError) as err:
         TrialConfig.parse(config)
@@ -206,10 +235,21 @@ def tiny(tmp_path_factory):
         lattice_constant = float(rng.uniform(3.2, 4.6))
         structures.append(Structure(Lattice.cubic(lattice_constant), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]]))
         targets.append(lattice_constant)
-    ds = Dataset(name="tiny", ids=[f"c{k}" for k in range(32)], structures=structures, targets=np.array(targets),
-                 target_name="a", content_hash="tiny-cscl-0")
-    fs = featurize(ds, FeaturesConfig(line_graph=True, cutoff=5.0, max_neighbors=8, n_jobs=1,
-                                      cache_dir=str(tmp_path_factory.mktemp("cache"))), progress=False)
+    ds = Dataset(
+        name="tiny",
+        ids=[f"c{k}" for k in range(32)],
+        structures=structures,
+        targets=np.array(targets),
+        target_name="a",
+        content_hash="tiny-cscl-0",
+    )
+    fs = featurize(
+        ds,
+        FeaturesConfig(
+            line_graph=True, cutoff=5.0, max_neighbors=8, n_jobs=1, cache_dir=str(tmp_path_factory.mktemp("cache"))
+        ),
+        progress=False,
+    )
     train, val, test = np.arange(0, 20), np.arange(20, 26), np.arange(26, 32)
     data = pack_trial_data(fs.descriptors, fs.graphs, ds.targets, train, val)
     return data, pack_rows(fs.descriptors, fs.graphs, ds.targets, test)
@@ -219,8 +259,15 @@ TINY = {
     "rf": {"n_estimators": 10},
     "et": {"n_estimators": 10},
     "lgbm": {"n_estimators": 20, "min_child_samples": 3, "num_leaves": 7},
-    "cgcnn": {"hidden": 8, "n_conv": 1, "head_hidden": 8, "batch_size": 8, "fusion": "early", "comp_hidden": 8,
-              "comp_layers": 1},
+    "cgcnn": {
+        "hidden": 8,
+        "n_conv": 1,
+        "head_hidden": 8,
+        "batch_size": 8,
+        "fusion": "early",
+        "comp_hidden": 8,
+        "comp_layers": 1,
+    },
     "alignn": {"hidden": 8, "n_layers": 1, "n_gcn": 0, "head_hidden": 8, "batch_size": 8},
 }
 
@@ -242,10 +289,14 @@ def test_fit_checkpoint_and_predict_every_family(tiny, tmp_path, name):
     assert pred.shape == (len(test["y"]),) and np.isfinite(pred).all()
     family.write_checkpoint(state, str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == [family.checkpoint_file]
-    np.testing.assert_allclose(predict_from_state(config, load_trial_state(config, str(tmp_path)), test,
-                                                  data["graph_params"]), pred, rtol=1e-6)
-    np.testing.assert_allclose(predict_from_state(TrialConfig.parse(config), family.slim_state(state), test,
-                                                  data["graph_params"]), pred, rtol=1e-6)
+    np.testing.assert_allclose(
+        predict_from_state(config, load_trial_state(config, str(tmp_path)), test, data["graph_params"]), pred, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        predict_from_state(TrialConfig.parse(config), family.slim_state(state), test, data["graph_params"]),
+        pred,
+        rtol=1e-6,
+    )
 
 
 def test_late_fusion_forests_use_the_rf_section_else_rf_defaults(tiny):

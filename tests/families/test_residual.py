@@ -2,6 +2,7 @@
 matrix and predicts t(x) + GNN(x).  t's predictions on the training rows are out of fold (K
 seeded folds of the training rows); no validation or test row reaches a t fit.  Tiny data from
 pymatgen structures; real matbench rows for the search and the export round trip."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,15 @@ TINY_RF = {"n_estimators": 10}
 
 
 def _cfg(base="lgbm", folds=4, **extra):
-    cfg = {"family": "cgcnn", "cgcnn": dict(TINY_CGCNN, residual_base=base, residual_folds=folds),
-           "max_epochs": 3, "seed": 0, "patience": 5, "cpus": 1, **extra}
+    cfg = {
+        "family": "cgcnn",
+        "cgcnn": dict(TINY_CGCNN, residual_base=base, residual_folds=folds),
+        "max_epochs": 3,
+        "seed": 0,
+        "patience": 5,
+        "cpus": 1,
+        **extra,
+    }
     if base == "rf":
         cfg["rf"] = TINY_RF
     return cfg
@@ -62,11 +70,20 @@ def tiny(tmp_path_factory):
         structures.append(Structure(Lattice.cubic(c), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]]))
         targets.append(c)
     y = np.array(targets)
-    ds = Dataset(name="tiny", ids=[f"c{k}" for k in range(N)], structures=structures, targets=y,
-                 target_name="a", content_hash="tiny-cscl-residual")
-    fs = featurize(ds, FeaturesConfig(cutoff=5.0, max_neighbors=8, n_jobs=1,
-                                      cache_dir=str(tmp_path_factory.mktemp("cache"))), progress=False)
-    two = np.stack([y, y ** 3], axis=1)
+    ds = Dataset(
+        name="tiny",
+        ids=[f"c{k}" for k in range(N)],
+        structures=structures,
+        targets=y,
+        target_name="a",
+        content_hash="tiny-cscl-residual",
+    )
+    fs = featurize(
+        ds,
+        FeaturesConfig(cutoff=5.0, max_neighbors=8, n_jobs=1, cache_dir=str(tmp_path_factory.mktemp("cache"))),
+        progress=False,
+    )
+    two = np.stack([y, y**3], axis=1)
     two[[1, 5, 9, 20, 33, 41], 1] = np.nan  # missing labels in train, val and test rows
     return {
         "one": pack_trial_data(fs.descriptors, fs.graphs, y, TRAIN, VAL),
@@ -196,13 +213,15 @@ def test_prediction_is_t_full_plus_gnn_and_val_score_is_on_the_real_target(tiny,
     # the reported validation MAE is that of t + GNN on the real validation targets
     val_pred = predict_from_state(config, state, data["val"], data["graph_params"])
     assert validation_score(val_pred, data["val"]["y"], np.ones(1))[0] == pytest.approx(state["best_val_mae"], rel=1e-5)
-    base_val = validation_score(predict_residual_base(state["residual"], data["val"]["descriptors"]), data["val"]["y"],
-                                np.ones(1))[0]
+    base_val = validation_score(
+        predict_residual_base(state["residual"], data["val"]["descriptors"]), data["val"]["y"], np.ones(1)
+    )[0]
     assert all(h["residual_base_val_mae"] == pytest.approx(base_val) for h in session.history)
     # checkpoint round trip
     families.get("cgcnn").write_checkpoint(state, str(tmp_path))
-    np.testing.assert_allclose(predict_from_state(config, load_trial_state(config, str(tmp_path)), test,
-                                                  data["graph_params"]), pred, rtol=1e-6)
+    np.testing.assert_allclose(
+        predict_from_state(config, load_trial_state(config, str(tmp_path)), test, data["graph_params"]), pred, rtol=1e-6
+    )
 
 
 def test_multi_target_with_missing_labels(tiny):
@@ -250,21 +269,36 @@ def test_real_search_with_residual_fusion_runs_and_logs(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     config = tmp_path / "residual.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "residual-e2e", "data": {"source": TASK, "limit": 80, "data_dir": str(DATA_DIR)},
-        "features": {"n_jobs": 1},
-        "search": {"families": ["cgcnn"], "fusions": ["residual"], "preset": "quick", "num_samples": 2,
-                   "max_epochs": 2, "grace_period": 1, "max_concurrent": 2, "storage_path": str(tmp_path / "ray"),
-                   "space": {"cgcnn.hidden": 32, "cgcnn.batch_size": 32, "cgcnn.n_conv": 2}},
-        "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "artifacts")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "residual-e2e",
+                "data": {"source": TASK, "limit": 80, "data_dir": str(DATA_DIR)},
+                "features": {"n_jobs": 1},
+                "search": {
+                    "families": ["cgcnn"],
+                    "fusions": ["residual"],
+                    "preset": "quick",
+                    "num_samples": 2,
+                    "max_epochs": 2,
+                    "grace_period": 1,
+                    "max_concurrent": 2,
+                    "storage_path": str(tmp_path / "ray"),
+                    "space": {"cgcnn.hidden": 32, "cgcnn.batch_size": 32, "cgcnn.n_conv": 2},
+                },
+                "mlflow": {"tracking_uri": uri, "artifact_location": str(tmp_path / "artifacts")},
+            }
+        )
+    )
     assert main(["search", str(config), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "Leaderboard of search 'residual-e2e'" in out and "residual" in out
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("residual-e2e").experiment_id
     parent = client.search_runs([exp], filter_string="tags.kind = 'search'")[0]
-    trials = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
-                                                      "and tags.trial_id != ''")
+    trials = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.trial_id != ''"
+    )
     assert len(trials) == 2
     for run in trials:
         assert run.data.tags["fusion"] == run.data.params["cgcnn.fusion"] == "residual"
@@ -293,9 +327,22 @@ def test_export_then_fresh_process_predict_with_a_residual_member(tmp_path, phon
 
     ds, split, features, fs = phonons
     rows = np.sort(np.concatenate([split.train, split.val]))
-    residual = {"family": "cgcnn", "cgcnn": {"hidden": 16, "n_conv": 2, "head_hidden": 16, "batch_size": 32,
-                                             "fusion": "residual", "residual_base": "lgbm", "residual_folds": 3},
-                "max_epochs": 2, "seed": 0, "patience": 5, "cpus": 1}
+    residual = {
+        "family": "cgcnn",
+        "cgcnn": {
+            "hidden": 16,
+            "n_conv": 2,
+            "head_hidden": 16,
+            "batch_size": 32,
+            "fusion": "residual",
+            "residual_base": "lgbm",
+            "residual_folds": 3,
+        },
+        "max_epochs": 2,
+        "seed": 0,
+        "patience": 5,
+        "cpus": 1,
+    }
     rf = {"family": "rf", "rf": {"n_estimators": 20}, "seed": 0, "cpus": 1}
     ens = StackedEnsemble([rf, residual], meta="nnls", n_folds=2, seed=0)
     ens.fit(fs.descriptors, fs.graphs, ds.targets, rows, {"gaussian_bins": 40, "gaussian_width": None})
@@ -308,8 +355,13 @@ def test_export_then_fresh_process_predict_with_a_residual_member(tmp_path, phon
     ev = evaluate_ensemble(ens, fs.descriptors, fs.graphs, ds.targets, split.test)
     card = make_card(ens, ds.name, split.fold, ev.metrics, data={"source": TASK, "limit": 100})
     path = tmp_path / "model"
-    save_ensemble_model(str(path), ens, featurizer_spec(ens, features.cutoff, features.max_neighbors), card,
-                        [ds.structures[i] for i in split.test[:2]])
+    save_ensemble_model(
+        str(path),
+        ens,
+        featurizer_spec(ens, features.cutoff, features.max_neighbors),
+        card,
+        [ds.structures[i] for i in split.test[:2]],
+    )
     picked = [int(r) for r in split.test[:4]]
     expect, _ = ens.predict(fs.descriptors, fs.graphs, np.array(picked))
     member = ens.member_predictions(fs.descriptors, fs.graphs, np.array(picked))
@@ -332,16 +384,22 @@ def test_export_then_fresh_process_predict_with_a_residual_member(tmp_path, phon
         out = model.predict(pd.DataFrame({{"structure": [json.dumps(s) for s in structures]}}))
         print(json.dumps(out["prediction"].tolist()))
         # the residual member itself (whatever its stacking weight), from the exported pickle
-        ens = pickle.load(open({str(path / 'artifacts' / 'ensemble.pkl')!r}, "rb"))
+        ens = pickle.load(open({str(path / "artifacts" / "ensemble.pkl")!r}, "rb"))
         descriptors, graphs, picked = pickle.load(open({str(inputs)!r}, "rb"))
         print("MEMBERS", json.dumps(ens.member_predictions(descriptors, graphs, np.array(picked)).tolist()))
         from matfusion.cli import main
-        sys.exit(main(["predict", {str(path)!r}, {str(cifs)!r}, "--out", {str(tmp_path / 'preds.csv')!r}]))
+        sys.exit(main(["predict", {str(path)!r}, {str(cifs)!r}, "--out", {str(tmp_path / "preds.csv")!r}]))
     """)
-    env = {"PYTHONPATH": str(REPO), "MATFUSION_DATA": str(DATA_DIR), "PATH": "/usr/bin:/bin",
-           "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400, cwd=tmp_path,
-                          env=env)
+    env = {
+        "PYTHONPATH": str(REPO),
+        "MATFUSION_DATA": str(DATA_DIR),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("[")))
     np.testing.assert_allclose(got, expect, atol=1e-6)

@@ -2,6 +2,7 @@
 resuming through the loop's sessions, pruned by the search's ASHA under real Ray Tune, one model
 per target, spaces, stacking with an lgbm member (and its pyfunc featurizing new structures),
 and a real search mixing tabular and GNN families."""
+
 import json
 import subprocess
 import sys
@@ -22,9 +23,21 @@ from matfusion.trainables.tabular import rounds_per_epoch
 from matfusion.trainables.trial import fit_family, load_trial_state, predict_from_state, run_trial
 from matfusion.trainables.trial_data import pack_rows, pack_trial_data
 
-LGBM = {"family": "lgbm", "lgbm": {"n_estimators": 120, "learning_rate": 0.1, "num_leaves": 15,
-                                   "min_child_samples": 5, "feature_fraction": 0.7, "bagging_fraction": 0.8},
-        "max_epochs": 6, "seed": 0, "patience": 50, "cpus": 1}
+LGBM = {
+    "family": "lgbm",
+    "lgbm": {
+        "n_estimators": 120,
+        "learning_rate": 0.1,
+        "num_leaves": 15,
+        "min_child_samples": 5,
+        "feature_fraction": 0.7,
+        "bagging_fraction": 0.8,
+    },
+    "max_epochs": 6,
+    "seed": 0,
+    "patience": 50,
+    "cpus": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +113,14 @@ def test_multi_target_one_model_per_target_on_its_labelled_rows():
     y[1::3, 1] = np.nan
     data = {"train": {"descriptors": X[:100], "y": y[:100]}, "val": {"descriptors": X[100:], "y": y[100:]}}
     for family in ("lgbm", "et", "rf"):
-        cfg = {"family": family, family: {"n_estimators": 60}, "max_epochs": 3, "seed": 0, "cpus": 1,
-               "targets": ["a", "b"]}
+        cfg = {
+            "family": family,
+            family: {"n_estimators": 60},
+            "max_epochs": 3,
+            "seed": 0,
+            "cpus": 1,
+            "targets": ["a", "b"],
+        }
         s = LocalSession()
         state = fit_family(cfg, data, s)
         assert {"val_mae_a", "val_mae_b"} <= set(s.history[-1])
@@ -124,23 +143,27 @@ def test_forests_report_once_and_are_one_shot(phonons, tmp_path):
         families.get(family).write_checkpoint(state, str(d))
         assert [p.name for p in d.iterdir()] == ["model.pkl"]
         test = pack_rows(fs.descriptors, None, np.zeros(len(fs.descriptors)), split.test)
-        np.testing.assert_array_equal(predict_from_state(cfg, load_trial_state(cfg, str(d)), test, {}),
-                                      predict_from_state(cfg, state, test, {}))
+        np.testing.assert_array_equal(
+            predict_from_state(cfg, load_trial_state(cfg, str(d)), test, {}), predict_from_state(cfg, state, test, {})
+        )
     assert {"rf", "et"} <= ONE_SHOT and "lgbm" not in ONE_SHOT  # lgbm is prunable by ASHA
 
 
 def test_spaces_and_config_know_the_tabular_families():
     assert not families.get("lgbm").graph and not families.get("et").graph
-    specs = resolve_specs(["lgbm", "et"], "default", overrides={"lgbm.objective": ["l1", "huber"],
-                                                                "et.n_estimators": 300})
+    specs = resolve_specs(
+        ["lgbm", "et"], "default", overrides={"lgbm.objective": ["l1", "huber"], "et.n_estimators": 300}
+    )
     assert specs["lgbm"]["objective"].choices == ("l1", "huber") and specs["et"]["n_estimators"] == ("fixed", 300)
-    space = define_search_space(["rf", "lgbm", "et", "cgcnn"], {"max_epochs": 5}, fusions=["none"],
-                                targets=["a", "b"], task_weighting=["tuned"])
+    space = define_search_space(
+        ["rf", "lgbm", "et", "cgcnn"], {"max_epochs": 5}, fusions=["none"], targets=["a", "b"], task_weighting=["tuned"]
+    )
     points = space.default_points()
     assert [p["family"] for p in points] == ["rf", "lgbm", "et", "cgcnn", "lgbm"]
     assert points[1]["lgbm/objective"] == "l2" and points[4]["lgbm/objective"] == "l1"
-    assert {k: v for k, v in points[4].items() if k != "lgbm/objective"} == \
-        {k: v for k, v in points[1].items() if k != "lgbm/objective"}
+    assert {k: v for k, v in points[4].items() if k != "lgbm/objective"} == {
+        k: v for k, v in points[1].items() if k != "lgbm/objective"
+    }
     # a space without l1 gets no L1 variant
     narrowed = define_search_space(["lgbm"], {}, overrides={"lgbm.objective": ["l2", "huber"]})
     assert [p["lgbm/objective"] for p in narrowed.default_points()] == ["l2"]
@@ -176,8 +199,14 @@ def test_lgbm_trials_are_pruned_by_asha_under_real_ray_tune(phonons, tmp_path):
         base = dict(LGBM, max_epochs=4)
         configs = [dict(base, lgbm=dict(base["lgbm"], learning_rate=lr)) for lr in (0.2, 0.1, 1e-4, 1e-4)]
         configs.append({"family": "et", "et": {"n_estimators": 30}, "seed": 0, "cpus": 1, "max_epochs": 4})
-        scheduler = TabularAwareASHA(time_attr="training_iteration", metric="best_val_mae", mode="min", max_t=4,
-                                     grace_period=1, reduction_factor=2)
+        scheduler = TabularAwareASHA(
+            time_attr="training_iteration",
+            metric="best_val_mae",
+            mode="min",
+            max_t=4,
+            grace_period=1,
+            reduction_factor=2,
+        )
         # trial i gets configs[i] (resolved in the driver; the workers run matfusion's run_trial on it,
         # without the grid's index "i", which is no key of a trial config)
         space = {"i": tune.grid_search(list(range(len(configs))))}
@@ -187,9 +216,12 @@ def test_lgbm_trials_are_pruned_by_asha_under_real_ray_tune(phonons, tmp_path):
         def trainable(config, data):
             run_trial({k: v for k, v in config.items() if k != "i" and v is not None}, data)
 
-        tuner = tune.Tuner(tune.with_parameters(trainable, data=data), param_space=space,
-                           tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1, reuse_actors=True),
-                           run_config=tune.RunConfig(storage_path=str(tmp_path), name="prune", verbose=0))
+        tuner = tune.Tuner(
+            tune.with_parameters(trainable, data=data),
+            param_space=space,
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1, reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name="prune", verbose=0),
+        )
         results = tuner.fit()
     finally:
         ray.shutdown()
@@ -223,15 +255,20 @@ def test_stack_with_lgbm_member_and_pyfunc_featurizes_new_structures(phonons, tm
     with pytest.raises(ValueError, match="make 132 columns"):
         featurizer_spec(ens, 6.0, 12, descriptors=["magpie"])
     out = tmp_path / "model"
-    save_ensemble_model(str(out), ens, spec, make_card(ens, ds.name, 0, {"test_mae": 1.0}),
-                        [ds.structures[int(r)] for r in picked[:2]])
+    save_ensemble_model(
+        str(out), ens, spec, make_card(ens, ds.name, 0, {"test_mae": 1.0}), [ds.structures[int(r)] for r in picked[:2]]
+    )
     # JSON rows are exact; CIF text rounds coordinates, which moves bond lengths by ~1e-6 A: a tree
     # split may then flip, so the CIF row is compared loosely
-    cells = [json.dumps(ds.structures[int(r)].as_dict()) for r in picked] + [ds.structures[int(picked[0])].to(fmt="cif")]
-    script = ("import json, sys, mlflow, pandas as pd\n"
-              f"m = mlflow.pyfunc.load_model({str(out)!r})\n"
-              f"df = m.predict(pd.DataFrame({{'structure': json.loads({json.dumps(json.dumps(cells))})}}))\n"
-              "print(json.dumps({'p': df['prediction'].tolist(), 's': df['std'].tolist()}))\n")
+    cells = [json.dumps(ds.structures[int(r)].as_dict()) for r in picked] + [
+        ds.structures[int(picked[0])].to(fmt="cif")
+    ]
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"m = mlflow.pyfunc.load_model({str(out)!r})\n"
+        f"df = m.predict(pd.DataFrame({{'structure': json.loads({json.dumps(json.dumps(cells))})}}))\n"
+        "print(json.dumps({'p': df['prediction'].tolist(), 's': df['std'].tolist()}))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -248,13 +285,35 @@ def test_search_mixing_tabular_and_gnn_families_end_to_end(tmp_path, data_dir):
 
     db = tmp_path / "mlruns.db"
     common = ["--set", f"mlflow.tracking_uri=sqlite:///{db}"]
-    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
-           "--data-dir", str(data_dir), "--quiet",
-           "--set", "data.limit=120", "--set", "search.num_samples=5", "--set", "search.max_epochs=3",
-           "--set", "search.grace_period=1", "--set", "search.families=[lgbm, et, cgcnn]",
-           "--set", "search.fusions=[none, early]", "--set", "search.preset=quick",
-           "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
-           "--set", f"search.storage_path={tmp_path / 'ray'}", *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "matfusion.cli",
+        "search",
+        str(REPO / "configs" / "smoke.yaml"),
+        "--data-dir",
+        str(data_dir),
+        "--quiet",
+        "--set",
+        "data.limit=120",
+        "--set",
+        "search.num_samples=5",
+        "--set",
+        "search.max_epochs=3",
+        "--set",
+        "search.grace_period=1",
+        "--set",
+        "search.families=[lgbm, et, cgcnn]",
+        "--set",
+        "search.fusions=[none, early]",
+        "--set",
+        "search.preset=quick",
+        "--set",
+        f"mlflow.artifact_location={tmp_path / 'artifacts'}",
+        "--set",
+        f"search.storage_path={tmp_path / 'ray'}",
+        *common,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{db}")
@@ -273,9 +332,29 @@ def test_search_mixing_tabular_and_gnn_families_end_to_end(tmp_path, data_dir):
                 assert len(steps) == 3  # one val_mae per chunk of rounds, max_epochs chunks
         if r.data.tags["family"] == "et":
             assert steps == [1]
-    ens = subprocess.run([sys.executable, "-m", "matfusion.cli", "ensemble", "--experiment", "phonons-smoke",
-                          "--k", "1", "--folds", "2", "--max-epochs", "2", "--data-dir", str(data_dir),
-                          "--tracking-uri", f"sqlite:///{db}"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    ens = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "matfusion.cli",
+            "ensemble",
+            "--experiment",
+            "phonons-smoke",
+            "--k",
+            "1",
+            "--folds",
+            "2",
+            "--max-epochs",
+            "2",
+            "--data-dir",
+            str(data_dir),
+            "--tracking-uri",
+            f"sqlite:///{db}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert ens.returncode == 0, ens.stdout[-3000:] + ens.stderr[-3000:]
     assert "member lgbm" in ens.stdout and "member et" in ens.stdout

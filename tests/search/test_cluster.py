@@ -16,6 +16,7 @@
 Every process started here (the cluster helper with its Ray processes, the MLflow server, the
 searches) is stopped by its own process id at the end.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,6 +44,7 @@ EXP_2NODE, EXP_FAILOVER = "cluster-2node", "cluster-failover"
 
 # -- cluster-launcher configs --------------------------------------------------------------
 
+
 def _ray_schema() -> dict:
     import ray.autoscaler
 
@@ -56,7 +58,7 @@ def test_cluster_config_passes_rays_schema_validation(path):
     from matfusion.search import compat
 
     raw = yaml.safe_load(path.read_text())
-    jsonschema.validate(raw, _ray_schema())           # the file as written
+    jsonschema.validate(raw, _ray_schema())  # the file as written
     compat.validate_cluster_config(copy.deepcopy(raw))  # the config `ray up` builds and checks
 
     text = path.read_text()
@@ -81,6 +83,7 @@ def test_rays_schema_rejects_a_top_level_min_workers():
 
 # -- token authentication and the server command (no processes) ----------------------------
 
+
 def test_explicit_address_turns_on_token_auth_only_with_a_token(tmp_path, monkeypatch):
     from matfusion.search import ray_auth
 
@@ -93,7 +96,7 @@ def test_explicit_address_turns_on_token_auth_only_with_a_token(tmp_path, monkey
     token.write_text("x" * 32)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     assert ray_auth.prepare_ray_auth("auto") is None  # Ray itself handles "auto"
-    assert ray_auth.prepare_ray_auth(None) is None    # a new local Ray: Ray's default applies
+    assert ray_auth.prepare_ray_auth(None) is None  # a new local Ray: Ray's default applies
     assert ray_auth.prepare_ray_auth("10.0.0.1:6379") == str(token)
     assert os.environ["RAY_AUTH_MODE"] == "token"
 
@@ -117,6 +120,7 @@ def test_mlflow_server_command_is_loopback_sql_and_proxied(tmp_path, monkeypatch
 
 
 # -- the real thing: processes -------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -153,9 +157,16 @@ class RayCluster:
 
     def __init__(self, env: dict, workers: int = 1, cpus: int = 1) -> None:
         self.log = open(Path(env["RAY_TMPDIR"]) / "helper.err", "w")
-        self.proc = subprocess.Popen([sys.executable, str(HELPER), "--workers", str(workers), "--cpus", str(cpus)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env, cwd=env["RAY_TMPDIR"], start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HELPER), "--workers", str(workers), "--cpus", str(cpus)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=env["RAY_TMPDIR"],
+            start_new_session=True,
+        )
         info = self.read(timeout=180)
         self.address, self.head, self.workers = info["address"], info["head"], list(info["workers"])
 
@@ -222,11 +233,30 @@ def mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "matfusion.cli", "mlflow-server", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-                             "--artifacts-destination", str(d / "artifacts"),
-                             "--experiment", EXP_2NODE, "--experiment", EXP_FAILOVER],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=d, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "matfusion.cli",
+            "mlflow-server",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{d / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(d / "artifacts"),
+            "--experiment",
+            EXP_2NODE,
+            "--experiment",
+            EXP_FAILOVER,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=d,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while "tracking URI:" not in (d / "server.log").read_text():
@@ -254,11 +284,30 @@ def _driver_env(ray_env, token: bool = True) -> dict:
 
 
 def _search_cmd(name: str, address: str, uri: str, storage: Path, data_dir: Path, *sets: str) -> list[str]:
-    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
-           "--data-dir", str(data_dir), "--quiet", "--address", address,
-           "--set", f"name={name}", "--set", "data.limit=120", "--set", "search.preset=quick",
-           "--set", "search.max_failures=2", "--set", f"search.storage_path={storage}",
-           "--set", f"mlflow.tracking_uri={uri}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "matfusion.cli",
+        "search",
+        str(REPO / "configs" / "smoke.yaml"),
+        "--data-dir",
+        str(data_dir),
+        "--quiet",
+        "--address",
+        address,
+        "--set",
+        f"name={name}",
+        "--set",
+        "data.limit=120",
+        "--set",
+        "search.preset=quick",
+        "--set",
+        "search.max_failures=2",
+        "--set",
+        f"search.storage_path={storage}",
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+    ]
     for s in sets:
         cmd += ["--set", s]
     return cmd
@@ -290,8 +339,10 @@ def _mlflow_search(uri: str, experiment: str):
 
 
 def _node_summary(results: dict, names: dict) -> str:
-    return "; ".join(f"{t}: " + ",".join(dict.fromkeys(names.get(r.get("node_id"), "?") for r in rs))
-                     for t, rs in sorted(results.items()))
+    return "; ".join(
+        f"{t}: " + ",".join(dict.fromkeys(names.get(r.get("node_id"), "?") for r in rs))
+        for t, rs in sorted(results.items())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -300,8 +351,16 @@ def two_node_search(ray_cluster, ray_env, mlflow_server, data_root, tmp_path_fac
     `matfusion search --address HOST:PORT` against the 2-node cluster, logging to the server."""
     tmp = tmp_path_factory.mktemp("two-node")
     storage, n = tmp / "ray", 3
-    cmd = _search_cmd(EXP_2NODE, ray_cluster.address, mlflow_server["uri"], storage, data_root,
-                      f"search.num_samples={n}", "search.max_epochs=2", "search.grace_period=1")
+    cmd = _search_cmd(
+        EXP_2NODE,
+        ray_cluster.address,
+        mlflow_server["uri"],
+        storage,
+        data_root,
+        f"search.num_samples={n}",
+        "search.max_epochs=2",
+        "search.grace_period=1",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=_driver_env(ray_env), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"proc": proc, "n": n, "results": _trial_results(storage / EXP_2NODE)}
@@ -314,8 +373,9 @@ def test_search_places_trials_on_both_nodes_and_logs_to_one_server(two_node_sear
     assert len(results) == n
     names = {ray_cluster.head: "head", ray_cluster.workers[0]: "worker"}
     nodes = {r.get("node_id") for rs in results.values() for r in rs}
-    print(f"\n2-node search: {_node_summary(results, names)}; "
-          + re.search(r"wall time [\d.]+ s", proc.stdout).group(0))
+    print(
+        f"\n2-node search: {_node_summary(results, names)}; " + re.search(r"wall time [\d.]+ s", proc.stdout).group(0)
+    )
     assert nodes == {ray_cluster.head, ray_cluster.workers[0]}, nodes
 
     client, exp, parent, nested = _mlflow_search(mlflow_server["uri"], EXP_2NODE)
@@ -353,8 +413,10 @@ def test_mlflow_ui_in_chromium_shows_the_search_and_its_trials(two_node_search, 
 
     binary = find_chromium()
     if binary is None:
-        pytest.skip(os.environ.get("MATFUSION_CHROMIUM_MISSING")
-                    or "chromium is not installed (.ci/run installs it: apt-get install -y chromium)")
+        pytest.skip(
+            os.environ.get("MATFUSION_CHROMIUM_MISSING")
+            or "chromium is not installed (.ci/run installs it: apt-get install -y chromium)"
+        )
     _, exp, parent, nested = _mlflow_search(mlflow_server["uri"], EXP_2NODE)
     trial_runs = sorted(r.info.run_name for r in nested)
     assert len(trial_runs) == two_node_search["n"]
@@ -382,12 +444,21 @@ def test_search_survives_a_killed_worker_node(ray_cluster, ray_env, mlflow_serve
     assert ray_cluster.workers, "needs the worker node"
     storage, n, epochs = tmp_path / "ray", 2, 5
     worker = ray_cluster.workers[0]
-    cmd = _search_cmd(EXP_FAILOVER, ray_cluster.address, mlflow_server["uri"], storage, data_dir,
-                      f"search.num_samples={n}", f"search.max_epochs={epochs}", "search.families=[cgcnn]",
-                      "search.scheduler=fifo")
+    cmd = _search_cmd(
+        EXP_FAILOVER,
+        ray_cluster.address,
+        mlflow_server["uri"],
+        storage,
+        data_dir,
+        f"search.num_samples={n}",
+        f"search.max_epochs={epochs}",
+        "search.families=[cgcnn]",
+        "search.scheduler=fifo",
+    )
     out, err = open(tmp_path / "search.out", "w+"), open(tmp_path / "search.err", "w+")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=tmp_path, env=_driver_env(ray_env),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=err, text=True, cwd=tmp_path, env=_driver_env(ray_env), start_new_session=True
+    )
     killed_trial = None
     try:
         deadline = time.time() + 400
@@ -401,8 +472,9 @@ def test_search_survives_a_killed_worker_node(ray_cluster, ray_env, mlflow_serve
                     break
             else:
                 time.sleep(0.2)
-        assert killed_trial is not None, "no trial was caught running on the worker node: " + \
-            (tmp_path / "search.err").read_text()[-3000:]
+        assert killed_trial is not None, (
+            "no trial was caught running on the worker node: " + (tmp_path / "search.err").read_text()[-3000:]
+        )
         rc = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
@@ -419,8 +491,10 @@ def test_search_survives_a_killed_worker_node(ray_cluster, ray_env, mlflow_serve
     assert len(trials) == n and all(t.status == "TERMINATED" for t in trials), [(t, t.status) for t in trials]
     results = _trial_results(storage / EXP_FAILOVER)
     names = {ray_cluster.head: "head", worker: "worker (killed)"}
-    print(f"\nfailover search: killed the worker during trial {killed_trial[0]} after epoch {killed_trial[1]}; "
-          f"{_node_summary(results, names)}; " + re.search(r"wall time [\d.]+ s", stdout).group(0))
+    print(
+        f"\nfailover search: killed the worker during trial {killed_trial[0]} after epoch {killed_trial[1]}; "
+        f"{_node_summary(results, names)}; " + re.search(r"wall time [\d.]+ s", stdout).group(0)
+    )
     trial_id, at_epoch = killed_trial
     after = [r for r in results[trial_id] if r.get("node_id") == ray_cluster.head]
     assert after and max(r["epoch"] for r in after) == epochs and after[-1]["trial_finished"], results[trial_id]
@@ -447,9 +521,16 @@ def test_search_survives_a_killed_worker_node(ray_cluster, ray_env, mlflow_serve
 def test_driver_without_the_token_is_refused_with_a_clear_message(ray_cluster, ray_env, data_dir, tmp_path):
     env = _driver_env(ray_env, token=False)
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    cmd = _search_cmd("cluster-no-token", ray_cluster.address, f"sqlite:///{tmp_path / 'mlruns.db'}",
-                      tmp_path / "ray", data_dir, "search.num_samples=1", "search.max_epochs=1",
-                      "search.grace_period=1")
+    cmd = _search_cmd(
+        "cluster-no-token",
+        ray_cluster.address,
+        f"sqlite:///{tmp_path / 'mlruns.db'}",
+        tmp_path / "ray",
+        data_dir,
+        "search.num_samples=1",
+        "search.max_epochs=1",
+        "search.grace_period=1",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "requires its authentication token" in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr

@@ -3,6 +3,7 @@ on, against the installed packages and their real objects (a real AsyncHyperBand
 OptunaSearch over a one-parameter space, a real Tuner run and restored).  When an upgrade changes
 one of them, its test fails naming the attribute and the installed version; fix compat.py (and only
 compat.py), then move the window in pyproject.toml (docs/dependencies.md)."""
+
 import contextlib
 import os
 
@@ -35,13 +36,22 @@ def contract(attribute: str, package: str = "ray"):
     try:
         yield
     except Exception as err:  # noqa: BLE001 - AttributeError, KeyError, TypeError, AssertionError ...
-        pytest.fail(f"{attribute} changed shape in {package} {installed} (compat.py was checked against "
-                    f"{package} {checked}): {type(err).__name__}: {err}", pytrace=False)
+        pytest.fail(
+            f"{attribute} changed shape in {package} {installed} (compat.py was checked against "
+            f"{package} {checked}): {type(err).__name__}: {err}",
+            pytrace=False,
+        )
 
 
 def asha(**kw):
-    args = {"time_attr": "training_iteration", "metric": "val_mae", "mode": "min", "max_t": 9,
-            "grace_period": 1, "reduction_factor": 3}
+    args = {
+        "time_attr": "training_iteration",
+        "metric": "val_mae",
+        "mode": "min",
+        "max_t": 9,
+        "grace_period": 1,
+        "reduction_factor": 3,
+    }
     return AsyncHyperBandScheduler(**{**args, **kw})
 
 
@@ -50,8 +60,12 @@ def trial(trial_id):
 
 
 def optuna_search():
-    return OptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="val_mae", mode="min",
-                        sampler=optuna.samplers.RandomSampler(seed=0))
+    return OptunaSearch(
+        space={"x": FloatDistribution(0.0, 1.0)},
+        metric="val_mae",
+        mode="min",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
 
 
 def test_the_pins_are_the_versions_checked():
@@ -62,8 +76,11 @@ def test_the_pins_are_the_versions_checked():
     assert optuna.__version__.startswith(compat.CHECKED_OPTUNA + "."), optuna.__version__
     assert mlflow.__version__.startswith(compat.CHECKED_MLFLOW + "."), mlflow.__version__
     text = (REPO / "pyproject.toml").read_text()
-    for name, version in (("ray[tune]", compat.CHECKED_RAY), ("optuna", compat.CHECKED_OPTUNA),
-                          ("mlflow", compat.CHECKED_MLFLOW)):
+    for name, version in (
+        ("ray[tune]", compat.CHECKED_RAY),
+        ("optuna", compat.CHECKED_OPTUNA),
+        ("mlflow", compat.CHECKED_MLFLOW),
+    ):
         major, minor = version.split(".")
         assert f'"{name}>={version},<{major}.{int(minor) + 1}"' in text, name
 
@@ -217,8 +234,11 @@ def test_tpe_split_trials():
     with contract("optuna.samplers._tpe.sampler._split_trials", "optuna"):
         study = optuna.create_study(direction="minimize")
         dist = {"x": FloatDistribution(0.0, 1.0)}
-        study.add_trial(optuna.trial.create_trial(params={"x": 0.1}, distributions=dist,
-                                                  intermediate_values={1: 0.01}, state=TrialState.PRUNED))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": 0.1}, distributions=dist, intermediate_values={1: 0.01}, state=TrialState.PRUNED
+            )
+        )
         for x, value in ((0.2, 2.0), (0.3, 1.0)):
             study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=dist, value=value))
         below, above = compat.tpe_split_trials(study, study.get_trials(deepcopy=False), n_below=2)
@@ -280,9 +300,11 @@ def test_validate_cluster_config():
 def _tiny_tuner(tmp_path, scheduler, searcher, callbacks, trainable=None):
     from ray.tune import RunConfig, TuneConfig, Tuner
 
-    return Tuner(trainable or (lambda config: None),
-                 tune_config=TuneConfig(scheduler=scheduler, search_alg=searcher, num_samples=2),
-                 run_config=RunConfig(name="compat", storage_path=str(tmp_path), callbacks=callbacks, verbose=0))
+    return Tuner(
+        trainable or (lambda config: None),
+        tune_config=TuneConfig(scheduler=scheduler, search_alg=searcher, num_samples=2),
+        run_config=RunConfig(name="compat", storage_path=str(tmp_path), callbacks=callbacks, verbose=0),
+    )
 
 
 def test_tuner_callbacks_scheduler_searcher(tmp_path):
@@ -339,12 +361,25 @@ def test_mark_trial_to_checkpoint_and_the_restored_tuner(tmp_path):
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         MARKED.clear()
-        searcher = PauseAwareLimiter(PrunedAwareOptunaSearch(space={"x": FloatDistribution(0.0, 1.0)},
-                                                             metric="best_val_mae", mode="min",
-                                                             sampler=optuna.samplers.RandomSampler(seed=0)),
-                                     max_concurrent=1)
-        scheduler = MarkingASHA(time_attr="training_iteration", metric="best_val_mae", mode="min", max_t=1,
-                                grace_period=1, reduction_factor=2, on_pause=searcher.pause, on_resume=searcher.resume)
+        searcher = PauseAwareLimiter(
+            PrunedAwareOptunaSearch(
+                space={"x": FloatDistribution(0.0, 1.0)},
+                metric="best_val_mae",
+                mode="min",
+                sampler=optuna.samplers.RandomSampler(seed=0),
+            ),
+            max_concurrent=1,
+        )
+        scheduler = MarkingASHA(
+            time_attr="training_iteration",
+            metric="best_val_mae",
+            mode="min",
+            max_t=1,
+            grace_period=1,
+            reduction_factor=2,
+            on_pause=searcher.pause,
+            on_resume=searcher.resume,
+        )
         results = _tiny_tuner(tmp_path, scheduler, searcher, [Counting()], trainable=_report_once).fit()
         assert len(results) == 2 and not any(r.error for r in results)
         with contract("TrialRunnerWrapper._tune_controller / TuneController._mark_trial_to_checkpoint"):

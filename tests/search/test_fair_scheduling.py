@@ -3,6 +3,7 @@
 The scheduler tests feed real Ray ``Trial`` objects to the real schedulers the search builds
 (``build_scheduler``), as Tune does; the searcher tests drive the real OptunaSearch; one real search
 (Ray Tune + MLflow, subprocess) checks both ends together."""
+
 import json
 import pickle
 import re
@@ -32,8 +33,13 @@ CONTINUE, STOP, PAUSE = TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialSched
 
 def trial(trial_id, family, fusion="none", storage=None):
     section = {"fusion": fusion} if families.get(family).graph else {}
-    return Trial("run_trial", trial_id=trial_id, stub=True, storage=storage,
-                 config={"family": family, family: section, "max_epochs": 8})
+    return Trial(
+        "run_trial",
+        trial_id=trial_id,
+        stub=True,
+        storage=storage,
+        config={"family": family, family: section, "max_epochs": 8},
+    )
 
 
 def res(it, val):
@@ -41,20 +47,33 @@ def res(it, val):
 
 
 def scheduler(scope, mode="stop", max_epochs=8, grace=1, rf=2):
-    return build_scheduler(SearchConfig(families=["rf", "lgbm", "cgcnn"], max_epochs=max_epochs, grace_period=grace,
-                                        reduction_factor=rf, asha_scope=scope, asha_mode=mode))
+    return build_scheduler(
+        SearchConfig(
+            families=["rf", "lgbm", "cgcnn"],
+            max_epochs=max_epochs,
+            grace_period=grace,
+            reduction_factor=rf,
+            asha_scope=scope,
+            asha_mode=mode,
+        )
+    )
 
 
 # (trial, family, fusion, iteration, best_val_mae) in arrival order: LightGBM's numbers are 20x better
 MIXED = [
-    ("l1", "lgbm", "none", 1, 0.10), ("l1", "lgbm", "none", 2, 0.09),
-    ("l2", "lgbm", "none", 1, 0.12),                      # worse than l1 at rung 1: stopped by l1
-    ("r1", "rf", "none", 1, 0.05),                        # one shot: outside every rung
-    ("g1", "cgcnn", "none", 1, 2.0), ("g1", "cgcnn", "none", 2, 1.5),
-    ("g2", "cgcnn", "none", 1, 3.0),                      # worse than g1 at rung 1
-    ("e1", "cgcnn", "early", 1, 2.5), ("e1", "cgcnn", "early", 2, 2.4),
-    ("l3", "lgbm", "none", 1, 0.08), ("l3", "lgbm", "none", 2, 0.07),
-    ("g1", "cgcnn", "none", 3, 1.4), ("g1", "cgcnn", "none", 4, 1.3),
+    ("l1", "lgbm", "none", 1, 0.10),
+    ("l1", "lgbm", "none", 2, 0.09),
+    ("l2", "lgbm", "none", 1, 0.12),  # worse than l1 at rung 1: stopped by l1
+    ("r1", "rf", "none", 1, 0.05),  # one shot: outside every rung
+    ("g1", "cgcnn", "none", 1, 2.0),
+    ("g1", "cgcnn", "none", 2, 1.5),
+    ("g2", "cgcnn", "none", 1, 3.0),  # worse than g1 at rung 1
+    ("e1", "cgcnn", "early", 1, 2.5),
+    ("e1", "cgcnn", "early", 2, 2.4),
+    ("l3", "lgbm", "none", 1, 0.08),
+    ("l3", "lgbm", "none", 2, 0.07),
+    ("g1", "cgcnn", "none", 3, 1.4),
+    ("g1", "cgcnn", "none", 4, 1.3),
 ]
 
 
@@ -90,15 +109,22 @@ def test_a_gnn_trial_is_never_stopped_by_lightgbm_or_rf_results():
     # each group's decisions are exactly Ray's ASHA fed that group's results alone
     for group in ("lgbm", "cgcnn-none", "cgcnn-early"):
         alone = [r for r in MIXED if families.group_of({"family": r[1], "fusion": r[2]}) == group]
-        plain = feed(ASHAScheduler(time_attr="training_iteration", metric=SCORE, mode="min", max_t=8,
-                                   grace_period=1, reduction_factor=2), alone)
+        plain = feed(
+            ASHAScheduler(
+                time_attr="training_iteration", metric=SCORE, mode="min", max_t=8, grace_period=1, reduction_factor=2
+            ),
+            alone,
+        )
         assert {k: v for k, v in decisions.items() if k[0] in {r[0] for r in alone}} == plain, group
     # the rungs, per group, hold that group's trials only (and no rf)
     rungs = fair.rungs()
     assert {r["group"] for r in rungs} == {"lgbm", "cgcnn-none", "cgcnn-early"}
     first = {r["group"]: r["recorded"] for r in rungs if r["milestone"] == 1}
-    assert first == {"lgbm": {"l1": 0.10, "l2": 0.12, "l3": 0.08}, "cgcnn-none": {"g1": 2.0, "g2": 3.0},
-                     "cgcnn-early": {"e1": 2.5}}
+    assert first == {
+        "lgbm": {"l1": 0.10, "l2": 0.12, "l3": 0.08},
+        "cgcnn-none": {"g1": 2.0, "g2": 3.0},
+        "cgcnn-early": {"e1": 2.5},
+    }
     assert [r["milestone"] for r in rungs if r["group"] == "lgbm"] == [1, 2, 4, 8]
 
     blind = scheduler("all")
@@ -106,7 +132,14 @@ def test_a_gnn_trial_is_never_stopped_by_lightgbm_or_rf_results():
     old = feed(blind)
     assert old[("g1", 1)] == STOP and old[("e1", 1)] == STOP  # LightGBM set the cutoff
     assert {r["group"] for r in blind.rungs()} == {"all"}
-    assert set(next(r for r in blind.rungs() if r["milestone"] == 1)["recorded"]) == {"l1", "l2", "l3", "g1", "g2", "e1"}
+    assert set(next(r for r in blind.rungs() if r["milestone"] == 1)["recorded"]) == {
+        "l1",
+        "l2",
+        "l3",
+        "g1",
+        "g2",
+        "e1",
+    }
 
 
 class Controller:
@@ -147,8 +180,13 @@ def promote_setup(scope):
     sched = scheduler(scope, mode="promote", max_epochs=4, grace=1, rf=2)
     assert isinstance(sched, PromotingASHA)
     sched.listen(lambda tid, r: pauses.append(tid), resumes.append)
-    specs = {"a1": ("cgcnn", "none"), "a2": ("cgcnn", "none"), "b1": ("lgbm", "none"), "b2": ("lgbm", "none"),
-             "b3": ("lgbm", "none")}
+    specs = {
+        "a1": ("cgcnn", "none"),
+        "a2": ("cgcnn", "none"),
+        "b1": ("lgbm", "none"),
+        "b2": ("lgbm", "none"),
+        "b3": ("lgbm", "none"),
+    }
     ctl = Controller({tid: trial(tid, *spec) for tid, spec in specs.items()})
     for t in ctl.trials.values():
         sched.on_trial_add(ctl, t)
@@ -194,9 +232,11 @@ def test_restore_replays_each_trial_into_its_groups_rungs(tmp_path):
     sched = scheduler("group", max_epochs=4)
     fresh = pickle.loads(pickle.dumps(sched))  # what tuner.pkl gives back
     assert fresh.scope == "group" and fresh.rungs() == []
-    histories = {"g1": ("cgcnn", "early", [(1, 2.0), (2, 1.5), (3, 1.4)], 2),
-                 "l1": ("lgbm", "none", [(1, 0.2), (2, 0.1)], 2),
-                 "g2": ("cgcnn", "none", [(1, 3.0)], 1)}
+    histories = {
+        "g1": ("cgcnn", "early", [(1, 2.0), (2, 1.5), (3, 1.4)], 2),
+        "l1": ("lgbm", "none", [(1, 0.2), (2, 0.1)], 2),
+        "g2": ("cgcnn", "none", [(1, 3.0)], 1),
+    }
     for tid, (family, fusion, rows, upto) in histories.items():
         storage = compat.trial_storage(str(tmp_path), "exp", f"{tid}_dir")
         t = trial(tid, family, fusion, storage)
@@ -207,9 +247,11 @@ def test_restore_replays_each_trial_into_its_groups_rungs(tmp_path):
     by_group = {}
     for r in fresh.rungs():
         by_group.setdefault(r["group"], {})[r["milestone"]] = r["recorded"]
-    assert by_group == {"cgcnn-early": {1: {"g1": 2.0}, 2: {"g1": 1.5}, 4: {}},
-                        "lgbm": {1: {"l1": 0.2}, 2: {"l1": 0.1}, 4: {}},
-                        "cgcnn-none": {1: {"g2": 3.0}, 2: {}, 4: {}}}
+    assert by_group == {
+        "cgcnn-early": {1: {"g1": 2.0}, 2: {"g1": 1.5}, 4: {}},
+        "lgbm": {1: {"l1": 0.2}, 2: {"l1": 0.1}, 4: {}},
+        "cgcnn-none": {1: {"g2": 3.0}, 2: {}, 4: {}},
+    }
     # a new cgcnn-none trial worse than g2 at rung 1 is stopped by the replayed g2, not by lgbm
     g3 = trial("g3", "cgcnn", "none")
     fresh.on_trial_add(None, g3)
@@ -225,8 +267,9 @@ def test_restore_replays_each_trial_into_its_groups_rungs(tmp_path):
 # ----------------------------------------------------------------------------- the budget rule
 def space(families_=("rf", "lgbm", "cgcnn"), fusions=("none", "early")):
     constants = {"max_epochs": 4, "seed": 0, "patience": 20, "cpus": 1, "targets": ["y"]}
-    return define_search_space(list(families_), constants, fusions=list(fusions), targets=["y"],
-                               task_weighting=["fixed"], preset="quick")
+    return define_search_space(
+        list(families_), constants, fusions=list(fusions), targets=["y"], task_weighting=["fixed"], preset="quick"
+    )
 
 
 def test_round_robin_points_visit_every_group_and_keep_the_known_good_ones():
@@ -238,8 +281,13 @@ def test_round_robin_points_visit_every_group_and_keep_the_known_good_ones():
     assert points[0] == known[0] and points[1] == known[1] and points[3] == known[2] and points[5] == known[3]
     assert points[2] == {"family": "cgcnn", "cgcnn/fusion": "none"} and points[4] == {"family": "rf"}
     # a third known-good point of a group beyond its minimum follows the round robin
-    assert [sp.group_of_point(p) for p in sp.round_robin_points(1, known)] == ["rf", "lgbm", "cgcnn-none",
-                                                                               "cgcnn-early", "lgbm"]
+    assert [sp.group_of_point(p) for p in sp.round_robin_points(1, known)] == [
+        "rf",
+        "lgbm",
+        "cgcnn-none",
+        "cgcnn-early",
+        "lgbm",
+    ]
     assert sp.round_robin_points(0, known) == known
     one = space(("cgcnn",), ("none",))
     assert one.round_robin_points(3, []) == []  # one group: nothing to be fair across
@@ -248,8 +296,14 @@ def test_round_robin_points_visit_every_group_and_keep_the_known_good_ones():
 def test_the_searcher_proposes_the_round_robin_then_tpe_chooses(capsys):
     """The real OptunaSearch: the first groups x min_trials_per_group trials cover every group in
     round robin (the sampler fills in the other parameters), the rest are TPE's."""
-    s = SearchConfig(families=["rf", "lgbm", "cgcnn"], fusions=["none", "early"], num_samples=12,
-                     max_concurrent=12, min_trials_per_group=2, seed=1)
+    s = SearchConfig(
+        families=["rf", "lgbm", "cgcnn"],
+        fusions=["none", "early"],
+        num_samples=12,
+        max_concurrent=12,
+        min_trials_per_group=2,
+        seed=1,
+    )
     limiter = build_searcher(s, space(), space().default_points())
     configs = [limiter.suggest(f"t{k}") for k in range(12)]
     groups = [families.group_of(c) for c in configs]
@@ -280,14 +334,30 @@ def test_config_fields():
 def test_group_summary_and_the_printed_result():
     import pandas as pd
 
-    board = pd.DataFrame([
-        {"trial_id": "a", "family": "lgbm", "fusion": "-", "val_mae": 0.12, "epochs": 40, "status": "completed"},
-        {"trial_id": "b", "family": "cgcnn", "fusion": "early", "val_mae": 0.10, "epochs": 30, "status": "completed"},
-        {"trial_id": "c", "family": "cgcnn", "fusion": "early", "val_mae": 0.20, "epochs": 4, "status": "pruned"},
-        {"trial_id": "d", "family": "cgcnn", "fusion": "none", "val_mae": float("nan"), "epochs": 0, "status": "failed"},
-        {"trial_id": "e", "family": "rf", "fusion": "-", "val_mae": 0.17, "epochs": 1, "status": "completed"},
-        {"trial_id": "f", "family": "lgbm", "fusion": "-", "val_mae": 0.13, "epochs": 7, "status": "stopped"},
-    ])
+    board = pd.DataFrame(
+        [
+            {"trial_id": "a", "family": "lgbm", "fusion": "-", "val_mae": 0.12, "epochs": 40, "status": "completed"},
+            {
+                "trial_id": "b",
+                "family": "cgcnn",
+                "fusion": "early",
+                "val_mae": 0.10,
+                "epochs": 30,
+                "status": "completed",
+            },
+            {"trial_id": "c", "family": "cgcnn", "fusion": "early", "val_mae": 0.20, "epochs": 4, "status": "pruned"},
+            {
+                "trial_id": "d",
+                "family": "cgcnn",
+                "fusion": "none",
+                "val_mae": float("nan"),
+                "epochs": 0,
+                "status": "failed",
+            },
+            {"trial_id": "e", "family": "rf", "fusion": "-", "val_mae": 0.17, "epochs": 1, "status": "completed"},
+            {"trial_id": "f", "family": "lgbm", "fusion": "-", "val_mae": 0.13, "epochs": 7, "status": "stopped"},
+        ]
+    )
     summary = group_summary(board)
     assert list(summary.columns) == GROUP_SUMMARY_COLUMNS
     assert list(summary["group"]) == ["cgcnn-early", "lgbm", "rf", "cgcnn-none"]
@@ -299,7 +369,7 @@ def test_group_summary_and_the_printed_result():
 
     result = SearchResult("s", "1", "p", "sqlite:///x.db", board, None, float("nan"), float("nan"), 1.0)
     text = format_result(result)
-    tail = text[text.index("Best of each group"):].splitlines()
+    tail = text[text.index("Best of each group") :].splitlines()
     assert tail[1].split() == GROUP_SUMMARY_COLUMNS
     assert tail[2].split() == ["cgcnn-early", "2", "1", "1", "0.1", "34"]
     assert tail[5].split() == ["cgcnn-none", "1", "0", "0", "-", "0"]
@@ -318,7 +388,7 @@ def test_cli_leaderboard_prints_the_group_summary(tmp_path, capsys, monkeypatch)
     write_search(client, ensure_experiment(client, "main", str(tmp_path / "art")), MAIN_TRIALS, tmp_path=tmp_path)
     assert main(["leaderboard", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    tail = out[out.index("best of each group"):].splitlines()
+    tail = out[out.index("best of each group") :].splitlines()
     assert tail[1].split() == GROUP_SUMMARY_COLUMNS
     rows = {line.split()[0]: line.split() for line in tail[2:] if line.strip()}
     # MAIN_TRIALS: rf a/b/c; cgcnn none a/c/e (c pruned, e failed), early b, attention d (pruned)
@@ -338,11 +408,23 @@ def test_real_search_round_robin_and_per_group_promotion(tmp_path, data_dir):
     and the other ends at rung 1."""
     from test_search_wiring import smoke_search
 
-    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
-        "search.num_samples": 8, "search.max_epochs": 3, "search.reduction_factor": 3,
-        "search.families": "[rf, lgbm, cgcnn]", "search.fusions": "[none, early]", "search.asha_mode": "promote",
-        "search.min_trials_per_group": 2, "search.checkpoint_every": 5, "search.max_concurrent": 2,
-        "search.cpus_per_trial": 1}, timeout=500)
+    proc, client, parent, nested = smoke_search(
+        tmp_path,
+        data_dir,
+        {
+            "search.num_samples": 8,
+            "search.max_epochs": 3,
+            "search.reduction_factor": 3,
+            "search.families": "[rf, lgbm, cgcnn]",
+            "search.fusions": "[none, early]",
+            "search.asha_mode": "promote",
+            "search.min_trials_per_group": 2,
+            "search.checkpoint_every": 5,
+            "search.max_concurrent": 2,
+            "search.cpus_per_trial": 1,
+        },
+        timeout=500,
+    )
     assert len(nested) == 8 and {r.info.status for r in nested} == {"FINISHED"}
     created = []  # Tune names a trial's folder run_trial_<id>_<its number in creation order>_...
     for d in (tmp_path / "ray" / "phonons-smoke").glob("run_trial_*"):
@@ -351,13 +433,19 @@ def test_real_search_round_robin_and_per_group_promotion(tmp_path, data_dir):
     order = [g for _, g in sorted(created)]
     assert order == ["rf", "lgbm", "cgcnn-none", "cgcnn-early"] * 2, order
 
-    group = {r.data.tags["trial_id"]: families.group_of({"family": r.data.tags["family"],
-                                                         "fusion": r.data.params.get(f"{r.data.tags['family']}.fusion")})
-             for r in nested}
-    history = {tid: {m.step: m.value for m in client.get_metric_history(r.info.run_id, "val_mae")}
-               for tid, r in ((r.data.tags["trial_id"], r) for r in nested)}
-    rungs = json.loads(Path(client.download_artifacts(parent.info.run_id, "asha_rungs.json", str(tmp_path)))
-                       .read_text())["rungs"]
+    group = {
+        r.data.tags["trial_id"]: families.group_of(
+            {"family": r.data.tags["family"], "fusion": r.data.params.get(f"{r.data.tags['family']}.fusion")}
+        )
+        for r in nested
+    }
+    history = {
+        tid: {m.step: m.value for m in client.get_metric_history(r.info.run_id, "val_mae")}
+        for tid, r in ((r.data.tags["trial_id"], r) for r in nested)
+    }
+    rungs = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "asha_rungs.json", str(tmp_path))).read_text()
+    )["rungs"]
     first = {r["group"]: r["recorded"] for r in rungs if r["milestone"] == 1}
     assert set(first) == {"lgbm", "cgcnn-none", "cgcnn-early"}
     for g, recorded in first.items():

@@ -4,6 +4,7 @@ then `matfusion search --resume` finishes it.  Real Ray, real MLflow (sqlite), r
 The fast tests drive MlflowTrialLogger (the Tune callback) with Tune's own Trial objects through
 what a restore replays: a second logger (as unpickled from the experiment) meets trials whose
 runs exist, some closed by the interruption, and results re-reported for logged epochs."""
+
 import glob
 import json
 import os
@@ -30,16 +31,43 @@ MAX_EPOCHS = 4
 
 
 def search_cmd(tmp_path, data_dir, *extra):
-    return [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
-            "--data-dir", str(data_dir), "--quiet",
-            "--set", "data.limit=100", "--set", f"search.num_samples={NUM_SAMPLES}",
-            "--set", f"search.max_epochs={MAX_EPOCHS}", "--set", "search.grace_period=1",
-            "--set", "search.reduction_factor=2", "--set", "search.max_concurrent=2",
-            "--set", "search.families=[rf, cgcnn]", "--set", "search.fusions=[none]",
-            "--set", "search.preset=quick", "--set", "search.points_to_evaluate=false",
-            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
-            "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
-            "--set", f"search.storage_path={tmp_path / 'ray'}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "matfusion.cli",
+        "search",
+        str(REPO / "configs" / "smoke.yaml"),
+        "--data-dir",
+        str(data_dir),
+        "--quiet",
+        "--set",
+        "data.limit=100",
+        "--set",
+        f"search.num_samples={NUM_SAMPLES}",
+        "--set",
+        f"search.max_epochs={MAX_EPOCHS}",
+        "--set",
+        "search.grace_period=1",
+        "--set",
+        "search.reduction_factor=2",
+        "--set",
+        "search.max_concurrent=2",
+        "--set",
+        "search.families=[rf, cgcnn]",
+        "--set",
+        "search.fusions=[none]",
+        "--set",
+        "search.preset=quick",
+        "--set",
+        "search.points_to_evaluate=false",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
+        "--set",
+        f"mlflow.artifact_location={tmp_path / 'artifacts'}",
+        "--set",
+        f"search.storage_path={tmp_path / 'ray'}",
+        *extra,
+    ]
 
 
 def snapshot(exp_dir: Path) -> dict:
@@ -121,8 +149,14 @@ def test_sigkill_then_resume_finishes_each_trial_once(tmp_path, data_dir, asha_m
     db = f"sqlite:///{tmp_path / 'mlruns.db'}"
     ray_tmp = tempfile.mkdtemp(prefix="mfray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     log1 = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(search_cmd(tmp_path, data_dir, *mode), cwd=tmp_path, stdout=log1, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, RAY_TMPDIR=ray_tmp), start_new_session=True)
+    proc = subprocess.Popen(
+        search_cmd(tmp_path, data_dir, *mode),
+        cwd=tmp_path,
+        stdout=log1,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, RAY_TMPDIR=ray_tmp),
+        start_new_session=True,
+    )
     procs = set()
     try:
         # wait for a snapshot holding a finished trial and some trials still to run
@@ -130,8 +164,9 @@ def test_sigkill_then_resume_finishes_each_trial_once(tmp_path, data_dir, asha_m
         before = {}
         while time.time() < deadline:
             procs |= run_processes(proc.pid, ray_tmp)
-            assert proc.poll() is None, "the search ended before it could be killed:\n" + \
-                (tmp_path / "first.log").read_text()[-3000:]
+            assert proc.poll() is None, (
+                "the search ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
+            )
             before = snapshot(exp_dir)
             done = [t for t, s in before.items() if s == "TERMINATED"]
             if done and len(done) <= NUM_SAMPLES - 2:
@@ -162,8 +197,14 @@ def test_sigkill_then_resume_finishes_each_trial_once(tmp_path, data_dir, asha_m
 
     ray_tmp2 = tempfile.mkdtemp(prefix="mfray-", dir="/tmp")
     try:
-        proc2 = subprocess.run(search_cmd(tmp_path, data_dir, *mode, "--resume"), cwd=tmp_path, capture_output=True,
-                               text=True, timeout=400, env=dict(os.environ, RAY_TMPDIR=ray_tmp2))
+        proc2 = subprocess.run(
+            search_cmd(tmp_path, data_dir, *mode, "--resume"),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env=dict(os.environ, RAY_TMPDIR=ray_tmp2),
+        )
     finally:
         kill_leftovers(run_processes(-1, ray_tmp2), grace_s=5)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -212,8 +253,9 @@ def test_sigkill_then_resume_finishes_each_trial_once(tmp_path, data_dir, asha_m
         assert "resumed" not in by_id[tid].data.tags
 
     # the rungs of the resumed ASHA include the GNN trials of before the kill (replayed), never rf
-    rungs = json.loads(Path(client.download_artifacts(parent.info.run_id, "asha_rungs.json", str(tmp_path)))
-                       .read_text())["rungs"]
+    rungs = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "asha_rungs.json", str(tmp_path))).read_text()
+    )["rungs"]
     first = next(r for r in rungs if r["milestone"] == 1)["recorded"]
     gnn = {tid for tid, r in by_id.items() if r.data.tags["family"] == "cgcnn"}
     assert set(first) == gnn
@@ -225,13 +267,24 @@ def test_sigkill_then_resume_finishes_each_trial_once(tmp_path, data_dir, asha_m
 
 # ----------------------------------------------------------------------------- fast: the callback
 def cgcnn_trial(trial_id):
-    return Trial("run_trial", trial_id=trial_id, stub=True,
-                 config={"family": "cgcnn", "cgcnn": {"hidden": 32, "fusion": "none"}, "max_epochs": 4})
+    return Trial(
+        "run_trial",
+        trial_id=trial_id,
+        stub=True,
+        config={"family": "cgcnn", "cgcnn": {"hidden": 32, "fusion": "none"}, "max_epochs": 4},
+    )
 
 
 def result(epoch, val, finished=False):
-    return {"epoch": epoch, "training_iteration": epoch, "val_mae": val, "train_loss": val / 2,
-            "best_val_mae": val, "lr": 1e-3, "trial_finished": finished}
+    return {
+        "epoch": epoch,
+        "training_iteration": epoch,
+        "val_mae": val,
+        "train_loss": val / 2,
+        "best_val_mae": val,
+        "lr": 1e-3,
+        "trial_finished": finished,
+    }
 
 
 @pytest.fixture
@@ -279,8 +332,11 @@ def test_restored_logger_reuses_runs_and_skips_logged_epochs(store):
     runs = nested_runs(client, exp, parent)
     assert sorted(r.data.tags["trial_id"] for r in runs) == ["aaa", "bbb", "ccc"]
     by_id = {r.data.tags["trial_id"]: r for r in runs}
-    assert {t: r.data.tags["status"] for t, r in by_id.items()} == {"aaa": "completed", "bbb": "pruned",
-                                                                    "ccc": "completed"}
+    assert {t: r.data.tags["status"] for t, r in by_id.items()} == {
+        "aaa": "completed",
+        "bbb": "pruned",
+        "ccc": "completed",
+    }
     assert all(r.info.status == "FINISHED" for r in runs)
     history = client.get_metric_history(ids["aaa"], "val_mae")
     assert sorted((m.step, m.value) for m in history) == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.2)]

@@ -1,5 +1,6 @@
 """End to end: `matfusion search` on a smoke-sized config with real Ray, real MLflow (sqlite),
 real matbench_phonons data, in a temp dir."""
+
 import subprocess
 import sys
 
@@ -12,13 +13,30 @@ pytestmark = pytest.mark.slow
 
 def test_smoke_search_logs_parent_and_nested_runs(tmp_path, data_dir):
     db = tmp_path / "mlruns.db"
-    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
-           "--data-dir", str(data_dir), "--quiet",
-           "--set", "data.limit=120", "--set", "search.num_samples=4", "--set", "search.max_epochs=3",
-           "--set", "search.grace_period=1",
-           "--set", f"mlflow.tracking_uri=sqlite:///{db}",
-           "--set", f"mlflow.artifact_location={tmp_path / 'artifacts'}",
-           "--set", f"search.storage_path={tmp_path / 'ray'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "matfusion.cli",
+        "search",
+        str(REPO / "configs" / "smoke.yaml"),
+        "--data-dir",
+        str(data_dir),
+        "--quiet",
+        "--set",
+        "data.limit=120",
+        "--set",
+        "search.num_samples=4",
+        "--set",
+        "search.max_epochs=3",
+        "--set",
+        "search.grace_period=1",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{db}",
+        "--set",
+        f"mlflow.artifact_location={tmp_path / 'artifacts'}",
+        "--set",
+        f"search.storage_path={tmp_path / 'ray'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -62,9 +80,15 @@ def test_smoke_search_logs_parent_and_nested_runs(tmp_path, data_dir):
                 assert len(steps) == 3
     # the leaderboard artifact exists
     arts = [a.path for a in client.list_artifacts(parent.info.run_id)]
-    assert {"leaderboard.csv", "config.json", "search_space.json", "optimization_history.png",
-            "val_mae_per_epoch.png"} <= set(arts), arts
+    assert {
+        "leaderboard.csv",
+        "config.json",
+        "search_space.json",
+        "optimization_history.png",
+        "val_mae_per_epoch.png",
+    } <= set(arts), arts
     space = client.download_artifacts(parent.info.run_id, "search_space.json", str(tmp_path))
     import json
+
     families = json.load(open(space))["families"]
     assert set(families) == {"rf", "cgcnn"} and "fusion" in families["cgcnn"]

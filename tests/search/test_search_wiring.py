@@ -2,6 +2,7 @@
 limiter, the ASHA variant that leaves one-shot RF trials out of its rungs (on Tune's own Trial
 objects), and one real search (Ray, MLflow, matbench_phonons) checking the concurrency limit,
 ASHA's pruning, the rungs and the progress table."""
+
 import json
 import math
 import re
@@ -30,15 +31,18 @@ from matfusion.spaces import define_search_space
 
 
 # ----------------------------------------------------------------------------- resources
-@pytest.mark.parametrize("gpus_per_trial, max_concurrent, cluster_gpus, expected", [
-    (None, 2, 0, {"cpu": 1.0}),                  # no GPU anywhere: CPU only
-    (None, 2, 1, {"cpu": 1.0, "gpu": 0.5}),      # one GPU shared by the concurrent trials
-    (None, 3, 1, {"cpu": 1.0, "gpu": 0.333}),
-    (None, 1, 4, {"cpu": 1.0, "gpu": 1.0}),
-    (0.25, 2, 1, {"cpu": 1.0, "gpu": 0.25}),     # the config wins
-    (0.25, 2, 0, {"cpu": 1.0, "gpu": 0.25}),
-    (0.0, 2, 1, {"cpu": 1.0}),                   # explicitly no GPU
-])
+@pytest.mark.parametrize(
+    "gpus_per_trial, max_concurrent, cluster_gpus, expected",
+    [
+        (None, 2, 0, {"cpu": 1.0}),  # no GPU anywhere: CPU only
+        (None, 2, 1, {"cpu": 1.0, "gpu": 0.5}),  # one GPU shared by the concurrent trials
+        (None, 3, 1, {"cpu": 1.0, "gpu": 0.333}),
+        (None, 1, 4, {"cpu": 1.0, "gpu": 1.0}),
+        (0.25, 2, 1, {"cpu": 1.0, "gpu": 0.25}),  # the config wins
+        (0.25, 2, 0, {"cpu": 1.0, "gpu": 0.25}),
+        (0.0, 2, 1, {"cpu": 1.0}),  # explicitly no GPU
+    ],
+)
 def test_trial_resources(gpus_per_trial, max_concurrent, cluster_gpus, expected):
     s = SearchConfig(gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent)
     assert trial_resources(s, cluster_gpus) == expected
@@ -52,15 +56,19 @@ def test_trial_resources_cpus_from_config():
 # ----------------------------------------------------------------------------- searcher
 def _space(seed=0):
     constants = {"max_epochs": 4, "seed": seed, "patience": 20, "cpus": 1, "targets": ["y"]}
-    return define_search_space(["rf", "cgcnn"], constants, fusions=["none", "early"], targets=["y"],
-                               task_weighting=["fixed"], preset="quick")
+    return define_search_space(
+        ["rf", "cgcnn"], constants, fusions=["none", "early"], targets=["y"], task_weighting=["fixed"], preset="quick"
+    )
 
 
 def _score(config):
     """A deterministic stand-in for a trial's val_mae: depends on every suggested value."""
     family = config["family"]
-    return 1.0 + sum(math.log1p(abs(float(v))) for v in config[family].values() if not isinstance(v, str)) \
+    return (
+        1.0
+        + sum(math.log1p(abs(float(v))) for v in config[family].values() if not isinstance(v, str))
         + (0.5 if family == "rf" else 0.0)
+    )
 
 
 def suggest_sequence(seed: int, n: int = 12, max_concurrent: int = 2) -> list[dict]:
@@ -109,9 +117,9 @@ def test_trials_cut_short_end_pruned_in_optuna():
             limiter.on_trial_result(tid, r)
         return r
 
-    cut = epochs("t0", [0.5, 0.4], finished_at=4)            # stopped by ASHA after 2 of 4 epochs
+    cut = epochs("t0", [0.5, 0.4], finished_at=4)  # stopped by ASHA after 2 of 4 epochs
     done = epochs("t1", [2.0, 1.9, 1.8, 1.7], finished_at=4)  # ran to its end, worse scores
-    one_shot = epochs("t2", [1.2], finished_at=1)            # a tabular trial: one report
+    one_shot = epochs("t2", [1.2], finished_at=1)  # a tabular trial: one report
     for tid, r in (("t0", cut), ("t1", done), ("t2", one_shot)):
         limiter.on_trial_complete(tid, result=r)
     limiter.on_trial_complete("t3", result=None, error=True)
@@ -119,8 +127,12 @@ def test_trials_cut_short_end_pruned_in_optuna():
     study = compat.optuna_study(limiter.searcher)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     states = [by_number[k].state for k in range(4)]
-    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
-                      optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert states == [
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.FAIL,
+    ]
     assert by_number[0].intermediate_values == {1: 0.5, 2: 0.4}  # Optuna keeps the last as its value
     assert by_number[1].value == 1.7 and by_number[2].value == 1.2
     # TPE's split puts the two finished trials before the pruned one, although its score is lower
@@ -162,8 +174,9 @@ def test_promotion_rule_of_promoting_asha():
     """floor(n / rf) best of a rung may go on while trials come; ceil(n / rf) once none will."""
     from matfusion.search.schedulers import PromotingASHA
 
-    asha = PromotingASHA(time_attr="training_iteration", metric="val_mae", mode="min", max_t=9,
-                         grace_period=1, reduction_factor=3)
+    asha = PromotingASHA(
+        time_attr="training_iteration", metric="val_mae", mode="min", max_t=9, grace_period=1, reduction_factor=3
+    )
     recorded = {"t1": -5.0, "t2": -1.0, "t3": -3.0, "t4": -2.0}  # metric_op * val_mae: higher is better
     assert asha.promotable(1, recorded) == ["t2"]
     assert asha.promotable(1, recorded, final=True) == ["t2", "t4"]
@@ -178,8 +191,15 @@ def test_promoting_asha_tells_the_searcher_it_listens_to():
     from matfusion.search.schedulers import PromotingASHA
 
     old, new = [], []
-    asha = PromotingASHA(time_attr="training_iteration", metric="val_mae", mode="min", max_t=9,
-                         grace_period=1, reduction_factor=3, on_pause=lambda tid, r: old.append(tid))
+    asha = PromotingASHA(
+        time_attr="training_iteration",
+        metric="val_mae",
+        mode="min",
+        max_t=9,
+        grace_period=1,
+        reduction_factor=3,
+        on_pause=lambda tid, r: old.append(tid),
+    )
     asha.listen(lambda tid, r: new.append((tid, r["val_mae"])), lambda tid: new.append(tid))
     trial = _trial("g1", "cgcnn")
     asha.on_trial_add(None, trial)
@@ -189,8 +209,13 @@ def test_promoting_asha_tells_the_searcher_it_listens_to():
 
 # ----------------------------------------------------------------------------- scheduler
 def _trial(trial_id, family, storage=None):
-    return Trial("run_trial", trial_id=trial_id, stub=True, storage=storage,
-                 config={"family": family, family: {}, "max_epochs": 4})
+    return Trial(
+        "run_trial",
+        trial_id=trial_id,
+        stub=True,
+        storage=storage,
+        config={"family": family, family: {}, "max_epochs": 4},
+    )
 
 
 def _res(it, val):
@@ -198,14 +223,23 @@ def _res(it, val):
 
 
 GNN_RESULTS = [  # (trial, iteration, val_mae) in arrival order
-    ("g1", 1, 2.0), ("g2", 1, 3.0), ("g1", 2, 1.8), ("g3", 1, 1.0), ("g3", 2, 0.9), ("g4", 1, 2.5),
-    ("g1", 3, 1.7), ("g3", 3, 0.8), ("g3", 4, 0.7), ("g1", 4, 1.6),
+    ("g1", 1, 2.0),
+    ("g2", 1, 3.0),
+    ("g1", 2, 1.8),
+    ("g3", 1, 1.0),
+    ("g3", 2, 0.9),
+    ("g4", 1, 2.5),
+    ("g1", 3, 1.7),
+    ("g3", 3, 0.8),
+    ("g3", 4, 0.7),
+    ("g1", 4, 1.6),
 ]
 
 
 def _asha(cls, **kw):
-    return cls(time_attr="training_iteration", metric="val_mae", mode="min", max_t=4, grace_period=1,
-               reduction_factor=2, **kw)
+    return cls(
+        time_attr="training_iteration", metric="val_mae", mode="min", max_t=4, grace_period=1, reduction_factor=2, **kw
+    )
 
 
 def _feed(scheduler, with_rf: bool):
@@ -242,14 +276,30 @@ def test_lr_restarts_are_ashas_rung_milestones(max_t, grace, rf):
     milestones = sorted(int(m) for m, _ in compat.asha_rungs(asha))
     assert rung_milestones(max_t, grace, rf) == milestones
     expect = [m for m in milestones if m < max_t]
-    cfg = SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf,
-                       lr_schedule="rungs")
+    cfg = SearchConfig(
+        families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf, lr_schedule="rungs"
+    )
     assert lr_restarts(cfg) == expect
-    assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf)) == []
+    assert (
+        lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf)) == []
+    )
     assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, scheduler="fifo")) == []
-    assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, lr_schedule="cosine")) == []
-    assert lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, reduction_factor=rf,
-                                    scheduler="fifo", lr_schedule="rungs")) == expect
+    assert (
+        lr_restarts(SearchConfig(families=["cgcnn"], max_epochs=max_t, grace_period=grace, lr_schedule="cosine")) == []
+    )
+    assert (
+        lr_restarts(
+            SearchConfig(
+                families=["cgcnn"],
+                max_epochs=max_t,
+                grace_period=grace,
+                reduction_factor=rf,
+                scheduler="fifo",
+                lr_schedule="rungs",
+            )
+        )
+        == expect
+    )
 
 
 def test_rf_trials_never_enter_the_rungs():
@@ -260,8 +310,7 @@ def test_rf_trials_never_enter_the_rungs():
     assert decisions == _feed(_asha(ASHAScheduler), with_rf=False)
     assert ("g2", 1, TrialScheduler.STOP) in decisions and ("g1", 1, TrialScheduler.CONTINUE) in decisions
     assert all(not t.startswith("rf") for t in ours.recorded_trial_ids())
-    assert {r["milestone"]: r["recorded"] for r in ours.rungs()}[1] == {"g1": 2.0, "g2": 3.0, "g3": 1.0,
-                                                                        "g4": 2.5}
+    assert {r["milestone"]: r["recorded"] for r in ours.rungs()}[1] == {"g1": 2.0, "g2": 3.0, "g3": 1.0, "g4": 2.5}
     # plain ASHA, given the RF trials, lets their one-shot numbers set the first rung's cutoff
     plain = _asha(ASHAScheduler)
     assert _feed(plain, with_rf=True)[0] == ("g1", 1, TrialScheduler.STOP)
@@ -341,11 +390,25 @@ def smoke_search(tmp_path, data_dir, settings: dict, timeout: int = 500, extra_a
     for --set) and ``extra_args`` in a subprocess; returns the process, the MLflow client, the
     parent run and the trial runs."""
     db = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    base = {"data.limit": 100, "search.grace_period": 1, "search.fusions": "[none]", "search.preset": "quick",
-            "search.points_to_evaluate": "false", "mlflow.tracking_uri": db,
-            "mlflow.artifact_location": tmp_path / "artifacts", "search.storage_path": tmp_path / "ray"}
-    cmd = [sys.executable, "-m", "matfusion.cli", "search", str(REPO / "configs" / "smoke.yaml"),
-           "--data-dir", str(data_dir)]
+    base = {
+        "data.limit": 100,
+        "search.grace_period": 1,
+        "search.fusions": "[none]",
+        "search.preset": "quick",
+        "search.points_to_evaluate": "false",
+        "mlflow.tracking_uri": db,
+        "mlflow.artifact_location": tmp_path / "artifacts",
+        "search.storage_path": tmp_path / "ray",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "matfusion.cli",
+        "search",
+        str(REPO / "configs" / "smoke.yaml"),
+        "--data-dir",
+        str(data_dir),
+    ]
     for key, value in {**base, **settings}.items():
         cmd += ["--set", f"{key}={value}"]
     cmd += list(extra_args)
@@ -363,12 +426,22 @@ def smoke_search(tmp_path, data_dir, settings: dict, timeout: int = 500, extra_a
 def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir):
     num_samples, max_epochs = 8, 4
     # resources would let 4 trials run at once: only the limiter holds them to 2
-    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
-        "search.num_samples": num_samples, "search.max_epochs": max_epochs, "search.reduction_factor": 2,
-        "search.families": "[rf, cgcnn]", "search.max_concurrent": 2, "search.cpus_per_trial": 0.5,
-        # TPE's own mix of rf and cgcnn (after the budget rule's round robin this seed gives 5 rf of 8:
-        # too few GNN trials for a rung to prune); tests/search/test_fair_scheduling.py tests the rule
-        "search.min_trials_per_group": 0}, timeout=400)
+    proc, client, parent, nested = smoke_search(
+        tmp_path,
+        data_dir,
+        {
+            "search.num_samples": num_samples,
+            "search.max_epochs": max_epochs,
+            "search.reduction_factor": 2,
+            "search.families": "[rf, cgcnn]",
+            "search.max_concurrent": 2,
+            "search.cpus_per_trial": 0.5,
+            # TPE's own mix of rf and cgcnn (after the budget rule's round robin this seed gives 5 rf of 8:
+            # too few GNN trials for a rung to prune); tests/search/test_fair_scheduling.py tests the rule
+            "search.min_trials_per_group": 0,
+        },
+        timeout=400,
+    )
     assert "Both 'metric' and 'mode' must be set" not in proc.stdout + proc.stderr
     assert len(nested) == num_samples
 
@@ -382,8 +455,9 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
     assert 1 <= peak <= 2
 
     # pruning: ASHA stopped some GNN trials at a rung before max_epochs; RF is never pruned
-    epochs = {r.data.tags["trial_id"]: [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")]
-              for r in nested}
+    epochs = {
+        r.data.tags["trial_id"]: [m.step for m in client.get_metric_history(r.info.run_id, "val_mae")] for r in nested
+    }
     by_status = {}
     for r in nested:
         by_status.setdefault((r.data.tags["family"], r.data.tags["status"]), []).append(r.data.tags["trial_id"])
@@ -399,8 +473,9 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
     # the scheduler's rungs after the search: every GNN trial that reached a milestone, no RF, with
     # the score ASHA compares (best_val_mae: the lowest val_mae of epochs 1..milestone, not the
     # milestone epoch's own val_mae, which may be higher)
-    rungs = json.loads(Path(client.download_artifacts(parent.info.run_id, "asha_rungs.json", str(tmp_path)))
-                       .read_text())["rungs"]
+    rungs = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "asha_rungs.json", str(tmp_path))).read_text()
+    )["rungs"]
     assert [r["milestone"] for r in rungs] == [1, 2, 4]
     gnn = {r.data.tags["trial_id"]: r for r in nested if r.data.tags["family"] == "cgcnn"}
     for rung in rungs:
@@ -413,10 +488,10 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
         assert rung["recorded"] == pytest.approx(expected)
 
     # the progress table: the useful columns, sorted by val_mae
-    final = proc.stdout[proc.stdout.rindex("== Final =="):]
+    final = proc.stdout[proc.stdout.rindex("== Final ==") :]
     lines = final.splitlines()
     assert lines[1].split() == ["trial", "status", "family", "fusion", "epoch", "val_mae", "best"]
-    rows = [line.split() for line in lines[2:2 + num_samples]]
+    rows = [line.split() for line in lines[2 : 2 + num_samples]]
     assert sorted(r[0] for r in rows) == sorted(epochs)
     vals = [float(r[5]) for r in rows]
     assert vals == sorted(vals)
@@ -427,9 +502,17 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
 def test_real_search_stops_once_a_trial_reaches_stop_at_val_mae(tmp_path, data_dir):
     """search.stop_at_val_mae: the whole search ends right after the first epoch at or below it
     (here any epoch: 1e9), not an interrupted search: exit 0, every run closed."""
-    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
-        "search.num_samples": 6, "search.max_epochs": 8, "search.families": "[cgcnn]",
-        "search.stop_at_val_mae": 1e9, "search.max_concurrent": 2})
+    proc, client, parent, nested = smoke_search(
+        tmp_path,
+        data_dir,
+        {
+            "search.num_samples": 6,
+            "search.max_epochs": 8,
+            "search.families": "[cgcnn]",
+            "search.stop_at_val_mae": 1e9,
+            "search.max_concurrent": 2,
+        },
+    )
     assert "interrupted" not in proc.stdout
     epochs = [len(client.get_metric_history(r.info.run_id, "val_mae")) for r in nested]
     # without the stop the first trial goes on to epoch 8 (no rung can stop it: it is first);
@@ -449,10 +532,21 @@ def test_real_search_promote_mode_pauses_until_a_rung_can_compare(tmp_path, data
     # whether a paused trial is resumed depends on the rung-1 scores and their order: with one
     # cosine cycle (the default) every trial of the final best third had gone on as it arrived, so
     # none was resumed; with the rung schedule these 7 trials include one that waits, then resumes
-    proc, client, parent, nested = smoke_search(tmp_path, data_dir, {
-        "search.num_samples": num_samples, "search.max_epochs": max_epochs, "search.reduction_factor": rf,
-        "search.families": "[cgcnn]", "search.asha_mode": "promote", "search.checkpoint_every": 5,
-        "search.max_concurrent": 2, "search.cpus_per_trial": 1, "search.lr_schedule": "rungs"})
+    proc, client, parent, nested = smoke_search(
+        tmp_path,
+        data_dir,
+        {
+            "search.num_samples": num_samples,
+            "search.max_epochs": max_epochs,
+            "search.reduction_factor": rf,
+            "search.families": "[cgcnn]",
+            "search.asha_mode": "promote",
+            "search.checkpoint_every": 5,
+            "search.max_concurrent": 2,
+            "search.cpus_per_trial": 1,
+            "search.lr_schedule": "rungs",
+        },
+    )
     assert len(nested) == num_samples
     assert {r.info.status for r in nested} == {"FINISHED"}
     assert {r.data.tags["status"] for r in nested} <= {"completed", "pruned"}
@@ -480,10 +574,12 @@ def test_real_search_promote_mode_pauses_until_a_rung_can_compare(tmp_path, data
     first = min(first_at, key=lambda t: first_at[t][1])
     first_results = results[first]
     assert len(first_results) == 1 or first_results[1]["iterations_since_restore"] == 1, first_results[:2]
-    resumed = [t for t, rows in results.items() if any(r["iterations_since_restore"] < r["training_iteration"]
-                                                       for r in rows)]
-    assert resumed, {t: [(r["training_iteration"], r["iterations_since_restore"]) for r in rows]
-                     for t, rows in results.items()}
+    resumed = [
+        t for t, rows in results.items() if any(r["iterations_since_restore"] < r["training_iteration"] for r in rows)
+    ]
+    assert resumed, {
+        t: [(r["training_iteration"], r["iterations_since_restore"]) for r in rows] for t, rows in results.items()
+    }
 
 
 @pytest.mark.slow
@@ -491,8 +587,14 @@ def test_real_search_promote_mode_ends_paused_trials_at_the_time_budget(tmp_path
     """When the time budget ends a promote-mode search, trials paused at a rung end with it (not an
     interrupted, resumable search): exit 0, every trial run closed, none 'interrupted'; a later
     --resume of the finished search trains nothing more."""
-    settings = {"search.num_samples": 200, "search.max_epochs": 9, "search.reduction_factor": 3,
-                "search.families": "[cgcnn]", "search.asha_mode": "promote", "search.time_budget_s": 60}
+    settings = {
+        "search.num_samples": 200,
+        "search.max_epochs": 9,
+        "search.reduction_factor": 3,
+        "search.families": "[cgcnn]",
+        "search.asha_mode": "promote",
+        "search.time_budget_s": 60,
+    }
     proc, client, parent, nested = smoke_search(tmp_path, data_dir, settings)
     assert "interrupted" not in proc.stdout
     runs = [parent] + nested
@@ -512,6 +614,7 @@ def test_real_search_promote_mode_ends_paused_trials_at_the_time_budget(tmp_path
     assert "resuming search 'phonons-smoke'" in proc.stdout and "interrupted" not in proc.stdout
     assert parent2.info.run_id == parent.info.run_id
     assert {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_mae")) for r in nested2} == epochs
-    assert {r.info.run_id: r.data.tags["status"] for r in nested2} == {r.info.run_id: r.data.tags["status"]
-                                                                     for r in nested}
+    assert {r.info.run_id: r.data.tags["status"] for r in nested2} == {
+        r.info.run_id: r.data.tags["status"] for r in nested
+    }
     assert {r.info.status for r in [parent2] + nested2} == {"FINISHED"}

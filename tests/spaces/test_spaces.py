@@ -39,8 +39,14 @@ def test_same_seed_same_configs_other_seed_differs():
 
 
 def test_multitask_weighting_choices():
-    space = SearchSpace(["cgcnn"], {}, fusions=["none"], targets=["a", "b"],
-                        task_weighting=["fixed", "tuned", "uncertainty"], task_weights={"b": 0.5})
+    space = SearchSpace(
+        ["cgcnn"],
+        {},
+        fusions=["none"],
+        targets=["a", "b"],
+        task_weighting=["fixed", "tuned", "uncertainty"],
+        task_weights={"b": 0.5},
+    )
     samples = _sample(space, 30)
     seen = {s["multitask/weighting"] for s in samples}
     assert seen == {"fixed", "tuned", "uncertainty"}
@@ -80,9 +86,17 @@ def test_presets_change_ranges():
 
 
 def test_fix_and_narrow_parameters_in_samples():
-    space = SearchSpace(["rf", "cgcnn"], {"max_epochs": 2}, fusions=["none", "early", "attention"],
-                        overrides={"cgcnn.hidden": 64, "cgcnn.lr": {"low": 1e-3, "high": 2e-3},
-                                   "cgcnn.fusion": ["none", "early"], "rf": {"max_depth": [10, 20]}})
+    space = SearchSpace(
+        ["rf", "cgcnn"],
+        {"max_epochs": 2},
+        fusions=["none", "early", "attention"],
+        overrides={
+            "cgcnn.hidden": 64,
+            "cgcnn.lr": {"low": 1e-3, "high": 2e-3},
+            "cgcnn.fusion": ["none", "early"],
+            "rf": {"max_depth": [10, 20]},
+        },
+    )
     for s in _sample(space, 30):
         if s["family"] == "cgcnn":
             assert s["cgcnn/hidden"] == 64  # fixed: returned as a constant, not an Optuna param
@@ -92,14 +106,17 @@ def test_fix_and_narrow_parameters_in_samples():
             assert s["rf/max_depth"] in {10, 20}
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"cgcnn.hiden": 64}, "unknown parameter 'hiden' of cgcnn"),
-    ({"cgcnn.hidden": 48}, "48 not allowed; allowed values: [32, 64, 128]"),
-    ({"cgcnn.lr": {"low": 1e-6, "high": 1e-3}}, "is not inside the space"),
-    ({"cgcnn.n_conv": 2.5}, "expected an integer"),
-    ({"gpt.size": 3}, "unknown family 'gpt'"),
-    ({"alignn.hidden": 64}, "not in search.families"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"cgcnn.hiden": 64}, "unknown parameter 'hiden' of cgcnn"),
+        ({"cgcnn.hidden": 48}, "48 not allowed; allowed values: [32, 64, 128]"),
+        ({"cgcnn.lr": {"low": 1e-6, "high": 1e-3}}, "is not inside the space"),
+        ({"cgcnn.n_conv": 2.5}, "expected an integer"),
+        ({"gpt.size": 3}, "unknown family 'gpt'"),
+        ({"alignn.hidden": 64}, "not in search.families"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(SpaceError, match=None) as err:
         resolve_specs(["rf", "cgcnn"], "default", ("none", "early"), override)
@@ -109,16 +126,23 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_bad_override_in_config_fails_validation_naming_the_key():
-    raw = {"name": "x", "data": {"source": "matbench_phonons"},
-           "search": {"families": ["rf", "cgcnn"], "space": {"cgcnn.hidden": -4}}}
+    raw = {
+        "name": "x",
+        "data": {"source": "matbench_phonons"},
+        "search": {"families": ["rf", "cgcnn"], "space": {"cgcnn.hidden": -4}},
+    }
     with pytest.raises(ConfigError) as err:
         config_from_dict(raw)
     assert "search.space.cgcnn.hidden" in str(err.value) and "allowed values" in str(err.value)
 
 
 def test_default_points_are_valid_and_respect_narrowing():
-    space = SearchSpace(["rf", "cgcnn", "alignn"], {}, fusions=["none", "attention"],
-                        overrides={"cgcnn.lr": {"low": 5e-4, "high": 1e-3}, "alignn.hidden": 32})
+    space = SearchSpace(
+        ["rf", "cgcnn", "alignn"],
+        {},
+        fusions=["none", "attention"],
+        overrides={"cgcnn.lr": {"low": 5e-4, "high": 1e-3}, "alignn.hidden": 32},
+    )
     points = space.default_points()
     assert [p["family"] for p in points] == ["rf", "cgcnn", "alignn"]
     cg = points[1]

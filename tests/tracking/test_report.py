@@ -1,5 +1,6 @@
 """Search report: trials frame, leaderboard, plots and the `leaderboard` subcommand, read from
 a real MLflow sqlite store whose trial runs are written by the search's own MlflowTrialLogger."""
+
 import math
 import time
 from types import SimpleNamespace
@@ -27,13 +28,24 @@ CONSTANTS = {"max_epochs": 4, "seed": 0, "patience": 20, "cpus": 1, "targets": [
 
 
 def rf(n_estimators, max_depth=10, max_features=0.5):
-    return {"family": "rf", "rf": {"n_estimators": n_estimators, "max_depth": max_depth,
-                                   "min_samples_leaf": 2, "max_features": max_features}, **CONSTANTS}
+    return {
+        "family": "rf",
+        "rf": {
+            "n_estimators": n_estimators,
+            "max_depth": max_depth,
+            "min_samples_leaf": 2,
+            "max_features": max_features,
+        },
+        **CONSTANTS,
+    }
 
 
 def cgcnn(hidden, fusion="none", lr=1e-3, **fusion_hp):
-    return {"family": "cgcnn", "cgcnn": {"hidden": hidden, "n_conv": 3, "lr": lr, "dropout": 0.1,
-                                         "fusion": fusion, **fusion_hp}, **CONSTANTS}
+    return {
+        "family": "cgcnn",
+        "cgcnn": {"hidden": hidden, "n_conv": 3, "lr": lr, "dropout": 0.1, "fusion": fusion, **fusion_hp},
+        **CONSTANTS,
+    }
 
 
 # trial_id -> (config, val_mae per epoch, end): the main search, in start order
@@ -52,8 +64,12 @@ MAIN_RANKED = ["cg_b", "rf_b", "rf_a", "cg_a", "rf_c", "cg_d", "cg_c", "cg_e"]
 
 def write_search(client, experiment_id, trials, start_time=None, tmp_path=None):
     """A parent run like run_search's, and its trials through the real MlflowTrialLogger hooks."""
-    parent = client.create_run(experiment_id, start_time=start_time, run_name="search-test",
-                               tags={"kind": "search", "dataset": "matbench_phonons", "fold": "0"})
+    parent = client.create_run(
+        experiment_id,
+        start_time=start_time,
+        run_name="search-test",
+        tags={"kind": "search", "dataset": "matbench_phonons", "fold": "0"},
+    )
     parent_id = parent.info.run_id
     logger = MlflowTrialLogger(client.tracking_uri, experiment_id, parent_id)
     for trial_id, (config, curve, end) in trials.items():
@@ -62,10 +78,20 @@ def write_search(client, experiment_id, trials, start_time=None, tmp_path=None):
         best = math.inf
         for epoch, val in enumerate(curve, start=1):
             best = min(best, val)
-            logger.on_trial_result(0, [], trial, {
-                "epoch": epoch, "training_iteration": epoch, "val_mae": val, "train_loss": val * 0.8,
-                "best_val_mae": best, "lr": 1e-3, "trial_finished": end == "completed" and epoch == len(curve),
-            })
+            logger.on_trial_result(
+                0,
+                [],
+                trial,
+                {
+                    "epoch": epoch,
+                    "training_iteration": epoch,
+                    "val_mae": val,
+                    "train_loss": val * 0.8,
+                    "best_val_mae": best,
+                    "lr": 1e-3,
+                    "trial_finished": end == "completed" and epoch == len(curve),
+                },
+            )
         if end == "failed":
             error = tmp_path / f"{trial_id}.error.txt"
             error.write_text("Traceback (most recent call last):\nRuntimeError: CUDA out of memory\n")
@@ -82,27 +108,41 @@ def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-report")
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
     client = MlflowClient(uri)
-    exps = {name: ensure_experiment(client, name, str(tmp / "artifacts" / name))
-            for name in ("rf-only", "nothing-finished", "main")}
+    exps = {
+        name: ensure_experiment(client, name, str(tmp / "artifacts" / name))
+        for name in ("rf-only", "nothing-finished", "main")
+    }
     hour = 3600 * 1000
     now = int(time.time() * 1000)
     ids = {}
-    ids["rf-only"] = write_search(client, exps["rf-only"], {
-        "r1": (rf(150, max_features=0.3), [0.31], "completed"),
-        "r2": (rf(250, max_depth=0), [0.27], "completed"),
-        "r3": (rf(350, max_features=0.7), [0.29], "completed"),
-        "r4": (rf(450, max_depth=40), [0.35], "completed"),
-    }, start_time=now - 3 * hour, tmp_path=tmp)
-    ids["no-trials"] = write_search(client, exps["nothing-finished"], {}, start_time=now - 2 * hour - 1,
-                                    tmp_path=tmp)
-    ids["nothing-finished"] = write_search(client, exps["nothing-finished"], {
-        "f1": (cgcnn(64), [], "failed"),
-        "f2": (rf(200), [], "failed"),
-        "f3": (cgcnn(32), [], "running"),
-    }, start_time=now - 2 * hour, tmp_path=tmp)
+    ids["rf-only"] = write_search(
+        client,
+        exps["rf-only"],
+        {
+            "r1": (rf(150, max_features=0.3), [0.31], "completed"),
+            "r2": (rf(250, max_depth=0), [0.27], "completed"),
+            "r3": (rf(350, max_features=0.7), [0.29], "completed"),
+            "r4": (rf(450, max_depth=40), [0.35], "completed"),
+        },
+        start_time=now - 3 * hour,
+        tmp_path=tmp,
+    )
+    ids["no-trials"] = write_search(client, exps["nothing-finished"], {}, start_time=now - 2 * hour - 1, tmp_path=tmp)
+    ids["nothing-finished"] = write_search(
+        client,
+        exps["nothing-finished"],
+        {
+            "f1": (cgcnn(64), [], "failed"),
+            "f2": (rf(200), [], "failed"),
+            "f3": (cgcnn(32), [], "running"),
+        },
+        start_time=now - 2 * hour,
+        tmp_path=tmp,
+    )
     # an older search of the main experiment, with a better trial that the CLI must not show
-    ids["main-old"] = write_search(client, exps["main"], {"old_rf": (rf(100), [0.01], "completed")},
-                                   start_time=now - hour, tmp_path=tmp)
+    ids["main-old"] = write_search(
+        client, exps["main"], {"old_rf": (rf(100), [0.01], "completed")}, start_time=now - hour, tmp_path=tmp
+    )
     ids["main"] = write_search(client, exps["main"], MAIN_TRIALS, tmp_path=tmp)
     return SimpleNamespace(uri=uri, client=client, exps=exps, ids=ids, tmp=tmp)
 
@@ -119,7 +159,7 @@ def _artifacts(store, key):
 # ----------------------------------------------------------------------------- frame
 def test_search_trials_frame(store):
     df = search_trials(store.client, store.exps["main"], store.ids["main"])
-    assert list(df.columns[:len(BASE_COLUMNS)]) == BASE_COLUMNS
+    assert list(df.columns[: len(BASE_COLUMNS)]) == BASE_COLUMNS
     assert sorted(df["trial_id"]) == sorted(MAIN_TRIALS)  # not the older search's trial
     assert list(df["trial_id"]) == list(MAIN_TRIALS)  # start order
     by_id = df.set_index("trial_id")
@@ -132,8 +172,10 @@ def test_search_trials_frame(store):
             assert row["val_mae"] == pytest.approx(min(curve))
         else:
             assert math.isnan(row["val_mae"])
-        assert row["run_id"] == store.client.search_runs(
-            [store.exps["main"]], f"tags.trial_id = '{trial_id}'")[0].info.run_id
+        assert (
+            row["run_id"]
+            == store.client.search_runs([store.exps["main"]], f"tags.trial_id = '{trial_id}'")[0].info.run_id
+        )
     assert by_id.loc["cg_a", "val_mae"] == pytest.approx(0.55)  # the minimum, not the last epoch
     assert by_id.loc["cg_b", "fusion"] == "early" and by_id.loc["cg_d", "fusion"] == "attention"
     assert by_id.loc["cg_a", "fusion"] == "none" and by_id.loc["rf_a", "fusion"] == "-"
@@ -201,8 +243,12 @@ def test_latest_search_parent_prefers_a_completed_search(tmp_path):
 def test_nested_runs_are_the_trials_oldest_first(store):
     runs = nested_runs(store.client, store.exps["main"], store.ids["main"])
     assert [r.data.tags["trial_id"] for r in runs] == list(MAIN_TRIALS)
-    assert nested_runs(store.client, store.exps["main"], store.ids["main"], "tags.trial_id = 'rf_b'")[0] \
-        .data.tags["family"] == "rf"
+    assert (
+        nested_runs(store.client, store.exps["main"], store.ids["main"], "tags.trial_id = 'rf_b'")[0].data.tags[
+            "family"
+        ]
+        == "rf"
+    )
 
 
 # ----------------------------------------------------------------------------- importances
@@ -212,10 +258,19 @@ def _synthetic(n=16, seed=0):
     depth = rng.choice(["0", "10", "20", "40"], size=n)
     feats = rng.uniform(0.2, 1.0, size=n)
     val = n_est / 100.0 + rng.normal(0, 0.02, size=n)
-    return pd.DataFrame({"trial_id": [f"t{i}" for i in range(n)], "family": "rf", "status": "completed",
-                         "val_mae": val, "params.family": "rf", "params.seed": "0",
-                         "params.rf.n_estimators": [str(v) for v in n_est], "params.rf.max_depth": depth,
-                         "params.rf.max_features": [str(v) for v in feats]})
+    return pd.DataFrame(
+        {
+            "trial_id": [f"t{i}" for i in range(n)],
+            "family": "rf",
+            "status": "completed",
+            "val_mae": val,
+            "params.family": "rf",
+            "params.seed": "0",
+            "params.rf.n_estimators": [str(v) for v in n_est],
+            "params.rf.max_depth": depth,
+            "params.rf.max_features": [str(v) for v in feats],
+        }
+    )
 
 
 @pytest.mark.parametrize("method", ["fanova", "forest"])
@@ -239,8 +294,9 @@ def test_param_importances_need_three_finished_trials_with_spread():
 
 # ----------------------------------------------------------------------------- logged report
 def _image(store, key, name):
-    path = mlflow.artifacts.download_artifacts(run_id=store.ids[key], artifact_path=name,
-                                               dst_path=str(store.tmp / f"dl-{key}"), tracking_uri=store.uri)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=store.ids[key], artifact_path=name, dst_path=str(store.tmp / f"dl-{key}"), tracking_uri=store.uri
+    )
     img = matplotlib.image.imread(path)
     assert img.ndim == 3 and img.shape[0] >= 300 and img.shape[1] >= 500, img.shape
     assert float(img[..., :3].std()) > 0.05  # something is drawn
@@ -251,22 +307,38 @@ def test_log_search_report_logs_leaderboard_plots_and_best_trial(store):
     df = log_search_report(store.client, store.ids["main"], store.exps["main"])
     assert sorted(df["trial_id"]) == sorted(MAIN_TRIALS)
     arts = _artifacts(store, "main")
-    for name in ("leaderboard.csv", "optimization_history.png", "param_importances.png",
-                 "val_mae_per_epoch.png", "param_importances.csv"):
+    for name in (
+        "leaderboard.csv",
+        "optimization_history.png",
+        "param_importances.png",
+        "val_mae_per_epoch.png",
+        "param_importances.csv",
+    ):
         assert name in arts
     assert "report_notes.txt" not in arts  # rf (3) and cgcnn (4 finished) both get importances
     for name in ("optimization_history.png", "param_importances.png", "val_mae_per_epoch.png"):
         _image(store, "main", name)
 
-    csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=store.ids["main"], artifact_path="leaderboard.csv",
-                                                          dst_path=str(store.tmp / "dl-csv"), tracking_uri=store.uri))
+    csv = pd.read_csv(
+        mlflow.artifacts.download_artifacts(
+            run_id=store.ids["main"],
+            artifact_path="leaderboard.csv",
+            dst_path=str(store.tmp / "dl-csv"),
+            tracking_uri=store.uri,
+        )
+    )
     assert list(csv["trial_id"]) == MAIN_RANKED and list(csv["rank"]) == list(range(1, 9))
     assert csv.loc[0, "val_mae"] == pytest.approx(0.40) and math.isnan(csv.loc[7, "val_mae"])
     assert {"family", "fusion", "status", "epochs", "params.cgcnn.hidden"} <= set(csv.columns)
 
-    imp = pd.read_csv(mlflow.artifacts.download_artifacts(
-        run_id=store.ids["main"], artifact_path="param_importances.csv",
-        dst_path=str(store.tmp / "dl-imp"), tracking_uri=store.uri))
+    imp = pd.read_csv(
+        mlflow.artifacts.download_artifacts(
+            run_id=store.ids["main"],
+            artifact_path="param_importances.csv",
+            dst_path=str(store.tmp / "dl-imp"),
+            tracking_uri=store.uri,
+        )
+    )
     assert set(imp["family"]) == {"cgcnn", "rf"}
     for _, group in imp.groupby("family"):
         assert group["importance"].sum() == pytest.approx(1.0)
@@ -284,8 +356,9 @@ def test_log_search_report_rf_only_single_epoch(store):
     df = log_search_report(store.client, store.ids["rf-only"], store.exps["rf-only"])
     assert (df["epochs"] == 1).all() and (df["fusion"] == "-").all()
     arts = _artifacts(store, "rf-only")
-    assert {"leaderboard.csv", "optimization_history.png", "param_importances.png",
-            "val_mae_per_epoch.png"} <= set(arts)
+    assert {"leaderboard.csv", "optimization_history.png", "param_importances.png", "val_mae_per_epoch.png"} <= set(
+        arts
+    )
     _image(store, "rf-only", "val_mae_per_epoch.png")
     tags, metrics = _tags(store, "rf-only")
     assert tags["best_trial_id"] == "r2" and tags["best_family"] == "rf" and tags["best_fusion"] == "-"
@@ -300,9 +373,12 @@ def test_log_search_report_without_finished_trials(store):
     arts = _artifacts(store, "nothing-finished")
     assert "leaderboard.csv" in arts and "report_notes.txt" in arts
     assert not [a for a in arts if a.endswith(".png")]
-    notes_path = mlflow.artifacts.download_artifacts(run_id=store.ids["nothing-finished"],
-                                                     artifact_path="report_notes.txt",
-                                                     dst_path=str(store.tmp / "dl-notes"), tracking_uri=store.uri)
+    notes_path = mlflow.artifacts.download_artifacts(
+        run_id=store.ids["nothing-finished"],
+        artifact_path="report_notes.txt",
+        dst_path=str(store.tmp / "dl-notes"),
+        tracking_uri=store.uri,
+    )
     notes = open(notes_path).read()
     assert "optimization_history.png" in notes and "val_mae_per_epoch.png" in notes
     assert "cgcnn: 0 finished" in notes and "rf: 0 finished" in notes
@@ -322,12 +398,26 @@ def test_log_search_report_uses_a_given_optuna_study(store):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    study.optimize(lambda t: (t.suggest_categorical("family", ["rf"]), t.suggest_int("rf/n_estimators", 100, 500),
-                              t.suggest_float("rf/max_features", 0.2, 1.0))[1] / 100.0, n_trials=12)
+    study.optimize(
+        lambda t: (
+            (
+                t.suggest_categorical("family", ["rf"]),
+                t.suggest_int("rf/n_estimators", 100, 500),
+                t.suggest_float("rf/max_features", 0.2, 1.0),
+            )[1]
+            / 100.0
+        ),
+        n_trials=12,
+    )
     log_search_report(store.client, store.ids["rf-only"], store.exps["rf-only"], study=study)
-    imp = pd.read_csv(mlflow.artifacts.download_artifacts(
-        run_id=store.ids["rf-only"], artifact_path="param_importances.csv",
-        dst_path=str(store.tmp / "dl-study"), tracking_uri=store.uri))
+    imp = pd.read_csv(
+        mlflow.artifacts.download_artifacts(
+            run_id=store.ids["rf-only"],
+            artifact_path="param_importances.csv",
+            dst_path=str(store.tmp / "dl-study"),
+            tracking_uri=store.uri,
+        )
+    )
     assert list(imp["param"]) == ["n_estimators", "max_features"]  # from the study, not the 4 MLflow runs
     assert imp["importance"].iloc[0] > 0.6
 

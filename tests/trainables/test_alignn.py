@@ -1,4 +1,5 @@
 """Bond vectors, the line graph (bond angles), its batching and caching, and the ALIGNN encoder."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -68,7 +69,8 @@ def test_bond_vectors_point_from_centre_to_neighbour_image():
     z, ei, dist, vec = neighbor_graph(simple_cubic(), cutoff=3.1, max_neighbors=12)
     assert ei.shape == (2, 6) and np.all(ei == 0)
     assert sorted(map(tuple, np.round(vec).astype(int).tolist())) == sorted(
-        [(3, 0, 0), (-3, 0, 0), (0, 3, 0), (0, -3, 0), (0, 0, 3), (0, 0, -3)])
+        [(3, 0, 0), (-3, 0, 0), (0, 3, 0), (0, -3, 0), (0, 0, 3), (0, 0, -3)]
+    )
 
 
 # --------------------------------------------------------------------------- line graph
@@ -228,13 +230,16 @@ def test_featurize_line_graph_is_cached_and_reloaded(phonons150, tmp_path):
 
 
 def test_alignn_trains_on_real_data(phonons150, tmp_path):
-    features = featurize(phonons150, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=2, line_graph=True),
-                         progress=False)
+    features = featurize(phonons150, FeaturesConfig(cache_dir=str(tmp_path), n_jobs=2, line_graph=True), progress=False)
     split = split_fold(phonons150, 0, 0.2, seed=0, n_folds=5)
     data = pack_trial_data(features.descriptors, features.graphs, phonons150.targets, split.train, split.val)
-    config = {"family": "alignn",
-              "alignn": {"hidden": 32, "n_layers": 1, "n_gcn": 1, "head_hidden": 32, "lr": 5e-3, "batch_size": 32},
-              "max_epochs": 4, "seed": 0, "cpus": 2}
+    config = {
+        "family": "alignn",
+        "alignn": {"hidden": 32, "n_layers": 1, "n_gcn": 1, "head_hidden": 32, "lr": 5e-3, "batch_size": 32},
+        "max_epochs": 4,
+        "seed": 0,
+        "cpus": 2,
+    }
     session = LocalSession()
     fit_family(config, data, session)
     history = session.history

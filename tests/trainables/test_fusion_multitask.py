@@ -1,6 +1,7 @@
 """Fusion (early, attention, late) and multi-task heads: shapes, training, and the
 properties the design promises (attention weights sum to one, masked missing labels,
 learned uncertainty weights move, late alpha chosen on validation rows only)."""
+
 import numpy as np
 import pytest
 import torch
@@ -33,9 +34,22 @@ def phonons_small():
 
 
 def _cfg(fusion, **extra):
-    return {"family": "cgcnn", "cgcnn": {"hidden": 32, "n_conv": 2, "head_hidden": 32, "lr": 3e-3,
-                                         "batch_size": 32, "fusion": fusion, "comp_hidden": 32},
-            "max_epochs": 5, "seed": 0, "cpus": 1, **extra}
+    return {
+        "family": "cgcnn",
+        "cgcnn": {
+            "hidden": 32,
+            "n_conv": 2,
+            "head_hidden": 32,
+            "lr": 3e-3,
+            "batch_size": 32,
+            "fusion": fusion,
+            "comp_hidden": 32,
+        },
+        "max_epochs": 5,
+        "seed": 0,
+        "cpus": 1,
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("fusion", ["early", "attention"])
@@ -44,8 +58,13 @@ def test_fused_forward_shapes(phonons_small, fusion):
     scaler = fit_scaler(data["train"]["descriptors"])
     items = _graphs_with_descriptors(data["train"], data["graph_params"], scaler)[:5]
     for n_targets in (1, 3):
-        model = build_torch_model(_cfg(fusion), items[0].x.shape[1], items[0].edge_attr.shape[1], n_targets,
-                                  descriptor_features=data["train"]["descriptors"].shape[1])  # the descriptor matrix
+        model = build_torch_model(
+            _cfg(fusion),
+            items[0].x.shape[1],
+            items[0].edge_attr.shape[1],
+            n_targets,
+            descriptor_features=data["train"]["descriptors"].shape[1],
+        )  # the descriptor matrix
         batch = next(iter(DataLoader(items, batch_size=5)))
         out = model(batch)
         assert out.shape == (5, n_targets) and torch.isfinite(out).all()
@@ -55,8 +74,13 @@ def test_attention_weights_sum_to_one_and_are_per_sample(phonons_small):
     _, _, data, _ = phonons_small
     scaler = fit_scaler(data["train"]["descriptors"])
     items = _graphs_with_descriptors(data["train"], data["graph_params"], scaler)[:8]
-    model = build_torch_model(_cfg("attention"), items[0].x.shape[1], items[0].edge_attr.shape[1], 1,
-                              descriptor_features=data["train"]["descriptors"].shape[1])
+    model = build_torch_model(
+        _cfg("attention"),
+        items[0].x.shape[1],
+        items[0].edge_attr.shape[1],
+        1,
+        descriptor_features=data["train"]["descriptors"].shape[1],
+    )
     batch = next(iter(DataLoader(items, batch_size=8)))
     pred, weights = model.forward_with_attention(batch)
     assert weights.shape == (8, 2)
@@ -127,9 +151,15 @@ def _elastic(limit=140):
 def test_multitask_with_missing_labels_and_uncertainty_weights_change():
     ds, split, data = _elastic()
     assert ds.targets.shape == (140, 2)
-    cfg = {"family": "cgcnn", "cgcnn": {"hidden": 32, "n_conv": 2, "lr": 5e-3, "batch_size": 32, "fusion": "early"},
-           "multitask": {"weighting": "uncertainty"}, "targets": ["K_VRH", "G_VRH"],
-           "max_epochs": 5, "seed": 0, "cpus": 1}
+    cfg = {
+        "family": "cgcnn",
+        "cgcnn": {"hidden": 32, "n_conv": 2, "lr": 5e-3, "batch_size": 32, "fusion": "early"},
+        "multitask": {"weighting": "uncertainty"},
+        "targets": ["K_VRH", "G_VRH"],
+        "max_epochs": 5,
+        "seed": 0,
+        "cpus": 1,
+    }
     session = LocalSession()
     state = fit_family(cfg, data, session)
     hist = session.history
@@ -143,9 +173,15 @@ def test_multitask_with_missing_labels_and_uncertainty_weights_change():
 
 def test_multitask_fixed_weights_come_from_config():
     _, _, data = _elastic()
-    cfg = {"family": "cgcnn", "cgcnn": {"hidden": 32, "n_conv": 2, "lr": 3e-3, "fusion": "none"},
-           "multitask": {"weighting": "fixed", "w_K_VRH": 1.0, "w_G_VRH": 0.25}, "targets": ["K_VRH", "G_VRH"],
-           "max_epochs": 2, "seed": 0, "cpus": 1}
+    cfg = {
+        "family": "cgcnn",
+        "cgcnn": {"hidden": 32, "n_conv": 2, "lr": 3e-3, "fusion": "none"},
+        "multitask": {"weighting": "fixed", "w_K_VRH": 1.0, "w_G_VRH": 0.25},
+        "targets": ["K_VRH", "G_VRH"],
+        "max_epochs": 2,
+        "seed": 0,
+        "cpus": 1,
+    }
     session = LocalSession()
     fit_family(cfg, data, session)
     assert session.history[-1]["task_weight_G_VRH"] == pytest.approx(0.25)

@@ -1,4 +1,5 @@
 """The training loop and the trainable on a small real subset of matbench_phonons (CPU torch)."""
+
 from __future__ import annotations
 
 import copy
@@ -112,7 +113,9 @@ def test_absurd_learning_rate_raises(setup):
     session = LocalSession()
     config = copy.deepcopy(CGCNN_CONFIG)
     config["cgcnn"]["lr"] = 1e8
-    with pytest.raises(NonFiniteLossError, match=r"training loss became nan at epoch 1 \(lr=100000000\.0\).*lower the learning rate"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"training loss became nan at epoch 1 \(lr=100000000\.0\).*lower the learning rate"
+    ):
         fit_family(config, setup[2], session)
     assert session.history == []  # nothing was reported for the failed epoch
 
@@ -256,6 +259,7 @@ def test_batch_norm_refresh_matches_the_current_weights(setup):
     model.train()
     with torch.no_grad():
         from torch_geometric.data import Batch
+
         model(Batch.from_data_list(graphs))
     hook.remove()
     x = seen[0]
