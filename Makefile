@@ -1,6 +1,7 @@
 # Set-up and the two commands of the README.
 #   make run   -> creates .venv if needed, then runs the main job (configs/phonons.yaml)
 #   make test  -> creates .venv if needed, then runs the whole test suite
+#   make lint  -> ruff: lint and format check (CI runs it before the tests)
 # The venv is built once; a second `make` only re-installs when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ STAMP   = $(VENV)/.matfusion-installed
 CONFIG ?= configs/phonons.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run smoke test test-fast benchmark-featurize clean-venv
+.PHONY: setup run smoke test test-fast lint benchmark-featurize clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +34,10 @@ smoke: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
