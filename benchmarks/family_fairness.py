@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, default=2, help="trials at once (1 CPU each)")
     p.add_argument("--stack", action="store_true", help="also stack each arm and measure the modalities")
     p.add_argument("--stack-epochs", type=int, default=40, help="epochs of the stack's GNN members")
-    p.add_argument("--stack-k", type=int, default=1, help="stack members per group (ensemble.k; default 1)")
+    p.add_argument("--stack-k", type=int, default=2, help="stack members per group (ensemble.k; default 2)")
     p.add_argument("--data-dir", default=os.environ.get("MATFUSION_DATA", "/work/shared/data"))
     p.add_argument("--workdir", default=None, help="where the searches are stored (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
