@@ -442,18 +442,6 @@ def _restored_scheduler(tuner):
 # -- the search --------------------------------------------------------------------------------
 
 
-def result_config(result) -> dict:
-    """The config of one trial of a ResultGrid.  A restored grid gives ``config=None`` for a
-    trial that never reported (e.g. started just before the budget ended); its ``params.json``
-    still has it, and it stays on the leaderboard either way ({} if nothing can be read)."""
-    if result.config is not None:
-        return result.config
-    try:
-        return json.loads((Path(result.path) / "params.json").read_text())
-    except (OSError, TypeError, ValueError):
-        return {}
-
-
 @dataclass
 class _ParentRun:
     """The MLflow side of a running search: its client, experiment and parent run."""

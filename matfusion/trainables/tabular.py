@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import families
 from ..families import TrialConfig
-from .loop import LocalSession, target_stats, validation_score
+from .loop import target_stats, validation_score
 
 
 def _as_2d(y) -> np.ndarray:
@@ -160,28 +160,3 @@ def fit_lgbm(trial: TrialConfig, data: dict, session, build: Callable, chunk: in
         if finished:
             break
     return state
-
-
-# -- one entry point (through the registry) ---------------------------------------------------------
-
-
-def fit_tabular(config, data: dict, session=None) -> dict:
-    """Train the tabular family of ``config`` (dict or TrialConfig) on the descriptor matrix of
-    ``data`` (from ``pack_trial_data``), reporting through ``session``; returns the trained state."""
-    trial = TrialConfig.parse(config)
-    family = families.get(trial.family)
-    if family.graph:
-        raise ValueError(f"family {trial.family!r} is not tabular; tabular: {', '.join(families.TABULAR)}")
-    return family.fit(trial, data, session or LocalSession())
-
-
-def predict_tabular(config, state: dict, X: np.ndarray) -> np.ndarray:
-    """(n, k) predictions of a trained tabular trial state."""
-    trial = TrialConfig.parse(config)
-    return families.get(trial.family).predict(trial, state, {"descriptors": X}, {})
-
-
-def slim_state(config, state: dict) -> dict:
-    """What prediction needs of a trained state (the ensemble keeps these)."""
-    name = config.family if isinstance(config, TrialConfig) else config["family"]
-    return families.get(name).slim_state(state)

@@ -23,7 +23,6 @@ from matfusion.search.tuner import (
     SearchProgress,
     build_scheduler,
     build_searcher,
-    result_config,
     snapshot_trials,
     trial_resources,
 )
@@ -331,18 +330,6 @@ def test_search_stoppers_end_at_the_epoch_budget_or_the_target():
     assert target("a", {"val_mae": 10.5}) is False and not target.stop_all()
     assert target("b", {"val_mae": 10.0}) is False and target.stop_all()
     assert target("a", {"val_mae": 50.0}) is False and target.stop_all()  # reached stays reached
-
-
-def test_leaderboard_keeps_a_restored_trial_that_never_reported(tmp_path):
-    """A restored ResultGrid has config=None for a trial without results; its params.json has it."""
-    from types import SimpleNamespace
-
-    config = {"family": "cgcnn", "cgcnn": {"fusion": "early", "hidden": 64}}
-    (tmp_path / "params.json").write_text(json.dumps(config))
-    assert result_config(SimpleNamespace(config=None, path=str(tmp_path))) == config
-    assert result_config(SimpleNamespace(config={"family": "rf"}, path=str(tmp_path))) == {"family": "rf"}
-    assert result_config(SimpleNamespace(config=None, path=str(tmp_path / "gone"))) == {}
-    assert result_config(SimpleNamespace(config=None, path=None)) == {}
 
 
 def test_more_tabular_families():
