@@ -1,7 +1,8 @@
 """Load a matbench v0.1 task from the data dir, with its official folds.
 
 Files use matbench's layout (``<task>.json.gz``: ``{"index", "columns", "data"}``); row i is
-id ``mb-<short>-<i+1 zero-padded to 4>``.  The official folds come from the matbench
+id ``mb-<short>-<i+1>``, zero-padded to the digits of the row count (``mb-phonons-0001`` of 1,265
+rows, ``mb-steels-001`` of 312), as matbench numbers them.  The official folds come from the matbench
 package's ``matbench_v0.1_validation.json`` (read as a file; matbench itself is not imported).
 """
 
@@ -35,9 +36,11 @@ def official_splits() -> dict:
     return json.loads(_validation_file().read_text())["splits"]
 
 
-def matbench_id(task: str, row: int) -> str:
+def matbench_id(task: str, row: int, n_rows: int) -> str:
+    """matbench's id of ``row`` (0-based) of a task with ``n_rows`` rows: the number is padded to
+    as many digits as ``n_rows`` has."""
     short = task.removeprefix("matbench_")
-    return f"mb-{short.replace('_', '-')}-{row + 1:04d}"
+    return f"mb-{short.replace('_', '-')}-{row + 1:0{len(str(n_rows))}d}"
 
 
 def find_matbench_file(task: str, data_dir: Optional[Path] = None) -> Optional[Path]:
@@ -78,7 +81,7 @@ def load_matbench(task: str, data_dir: Optional[Path] = None, disordered: str = 
     else:
         from pymatgen.core import Composition
     for i, (inp, target) in enumerate(tqdm(rows, desc=f"load {task}", unit="row", leave=False)):
-        rid = matbench_id(task, i)
+        rid = matbench_id(task, i, len(rows))
         where = f"{path.name} row {i} ({rid})"
         try:
             obj = Structure.from_dict(inp) if is_structure else Composition(inp)

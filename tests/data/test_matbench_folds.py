@@ -147,6 +147,15 @@ def test_composition_task_expt_gap(validation_splits):
     assert {ds.ids[p] for p in ds.official_folds[3]} == set(validation_splits["matbench_expt_gap"]["fold_3"]["test"])
 
 
+def test_steels_ids_have_three_digits_like_matbench(validation_splits):
+    # 312 rows: matbench pads the row number to 3 digits (mb-steels-001), not 4
+    ds = load_dataset(DataConfig(source="matbench_steels"))
+    assert len(ds) == 312 and ds.ids[0] == "mb-steels-001" and ds.ids[-1] == "mb-steels-312"
+    for k in range(5):
+        official = set(validation_splits["matbench_steels"][f"fold_{k}"]["test"])
+        assert {ds.ids[p] for p in ds.official_folds[k]} == official
+
+
 def test_unknown_task_names_it():
     with pytest.raises(DataError, match="matbench_no_such_task"):
         load_dataset(DataConfig(source="matbench_no_such_task"))
