@@ -28,22 +28,47 @@ __all__ = [
 ]
 
 
+def _is_task_name(source: str) -> bool:
+    return source.startswith("matbench_") and "/" not in source and "\\" not in source
+
+
+def _task_file_exists(source: str, data_dir) -> bool:
+    from .matbench import find_matbench_file
+
+    try:
+        return find_matbench_file(source, data_dir) is not None
+    except DataError:  # no data dir at all: said below if the source is not a folder either
+        return False
+
+
+def _load_task(source: str, data_config, data_dir) -> Dataset:
+    from .matbench import load_matbench
+
+    ds = load_matbench(source, data_dir, disordered=data_config.disordered)
+    if data_config.target and data_config.target != ds.target_name:
+        raise DataError(f"{source}: target {data_config.target!r} does not exist; the task's target is {ds.target_name!r}")
+    return ds
+
+
 def load_dataset(data_config, seed: int = 0) -> Dataset:
     """Load what ``data_config.source`` names: a matbench task, a CSV/JSON table or a CIF folder.
     Applies ``limit`` (seeded subset)."""
     from pathlib import Path
 
-    from .matbench import find_matbench_file, load_matbench
-
     source = data_config.source
     data_dir = Path(data_config.data_dir) if data_config.data_dir else None
     path = Path(source).expanduser()
-    if not path.exists() and not path.is_absolute() and not source.startswith("matbench_"):
+    # a task name is the task even beside a same-named folder (a benchmark's --out, say);
+    # ./matbench_x means the folder
+    is_task = _is_task_name(source) and _task_file_exists(source, data_dir)
+    if not is_task and not path.exists() and not path.is_absolute() and not source.startswith("matbench_"):
         # a relative path is looked up in the working directory, then in the data dir
         base = data_dir if data_dir is not None else default_data_dir()
         if (base / path).exists():
             path = base / path
-    if path.is_dir():
+    if is_task:
+        ds = _load_task(source, data_config, data_dir)
+    elif path.is_dir():
         from .tables import load_cif_folder
 
         ds = load_cif_folder(path, disordered=data_config.disordered)
@@ -60,13 +85,9 @@ def load_dataset(data_config, seed: int = 0) -> Dataset:
             disordered=data_config.disordered,
         )
     elif source.startswith("matbench_"):
-        if find_matbench_file(source, data_dir) is None and data_dir is None:
+        if data_dir is None:
             default_data_dir()  # raises a clear error when no data dir exists at all
-        ds = load_matbench(source, data_dir, disordered=data_config.disordered)
-        if data_config.target and data_config.target != ds.target_name:
-            raise DataError(
-                f"{source}: target {data_config.target!r} does not exist; the task's target is {ds.target_name!r}"
-            )
+        ds = _load_task(source, data_config, data_dir)
     else:
         raise DataError(
             f"data.source {source!r}: not a matbench task name (matbench_*), nor an existing file or folder"

@@ -193,3 +193,14 @@ def test_against_matbench_package(monkeypatch, phonons):
         assert x_test[rid] == phonons.structures[pos[rid]]
     x_train, _ = task.get_train_and_val_data(0)
     assert set(x_train.index) == {phonons.ids[p] for p in np.concatenate([sp.train, sp.val])}
+
+
+def test_task_name_beats_a_same_named_folder(tmp_path, monkeypatch):
+    # `matfusion benchmark matbench_steels --out matbench_steels` run twice: the second run must
+    # load the task, not read the output folder as a CIF folder
+    (tmp_path / "matbench_steels").mkdir()
+    monkeypatch.chdir(tmp_path)
+    ds = load_dataset(DataConfig(source="matbench_steels"))
+    assert len(ds) == 312 and ds.official_folds is not None
+    with pytest.raises(DataError, match="id_prop.csv"):
+        load_dataset(DataConfig(source="./matbench_steels"))
