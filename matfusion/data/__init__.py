@@ -46,7 +46,9 @@ def _load_task(source: str, data_config, data_dir) -> Dataset:
 
     ds = load_matbench(source, data_dir, disordered=data_config.disordered)
     if data_config.target and data_config.target != ds.target_name:
-        raise DataError(f"{source}: target {data_config.target!r} does not exist; the task's target is {ds.target_name!r}")
+        raise DataError(
+            f"{source}: target {data_config.target!r} does not exist; the task's target is {ds.target_name!r}"
+        )
     return ds
 
 
