@@ -85,6 +85,16 @@ class Family:
         """(n, k) predictions of a trained state on a packed part."""
         raise NotImplementedError
 
+    # -- one plain model on a descriptor matrix (residual fusion's t, inside a graph trial) -------
+    def fit_matrix(self, params: HyperParams, X: np.ndarray, y: np.ndarray, seed: int = 0, n_jobs: int = 1):
+        """One model fitted on (X, y) in one go (one target), as a picklable object for
+        :meth:`predict_matrix`.  Tabular families only."""
+        raise NotImplementedError(f"family {self.name} cannot fit a plain descriptor matrix")
+
+    def predict_matrix(self, model, X: np.ndarray) -> np.ndarray:
+        """(n,) predictions of a :meth:`fit_matrix` model."""
+        raise NotImplementedError(f"family {self.name} cannot fit a plain descriptor matrix")
+
     def write_checkpoint(self, state: dict, directory: str) -> None:
         raise NotImplementedError
 

@@ -37,6 +37,12 @@ class ForestFamily(Family):
         forests = state[self.name]
         return predict_forests(forests if isinstance(forests, list) else [forests], part["descriptors"])
 
+    def fit_matrix(self, params, X: np.ndarray, y: np.ndarray, seed: int = 0, n_jobs: int = 1):
+        return self.build(params, seed=seed, n_jobs=n_jobs).fit(X, y)
+
+    def predict_matrix(self, model, X: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(X), dtype=np.float64)
+
     def write_checkpoint(self, state: dict, directory: str) -> None:
         with open(os.path.join(directory, self.checkpoint_file), "wb") as fh:
             pickle.dump(state[self.name], fh)

@@ -109,6 +109,15 @@ class LightGBM(Family):
 
         return predict_lgbm(state, part["descriptors"])
 
+    def fit_matrix(self, params: LGBMParams, X: np.ndarray, y: np.ndarray, seed: int = 0, n_jobs: int = 1):
+        """``n_estimators`` rounds in one go (no early stopping) -> the booster's picklable state."""
+        return self.build(params, seed=seed, n_jobs=n_jobs).fit(X, y, rounds=params.n_estimators).get_state()
+
+    def predict_matrix(self, model, X: np.ndarray) -> np.ndarray:
+        from ..trainables.lgbm import ChunkedLGBM
+
+        return ChunkedLGBM.from_state(model).predict(X)
+
     def write_checkpoint(self, state: dict, directory: str) -> None:
         with open(os.path.join(directory, self.checkpoint_file), "wb") as fh:
             pickle.dump(state, fh)

@@ -159,27 +159,21 @@ def choose_late_alpha(
 RESIDUAL_FOLD_SEED = 24  # mixed with the trial's seed into the folds of the training rows
 
 
-def _fit_base(trial: TrialConfig, X: np.ndarray, y: np.ndarray):
-    """One fitted t on (X, y): lgbm (its family's defaults, ``n_estimators`` rounds in one go, no
-    early stopping) -> its picklable state; rf (the trial's ``rf`` section, else rf's defaults)."""
+def _base_params(trial: TrialConfig):
+    """t's parameters: the trial's own section of t's family (a graph trial carries an rf section,
+    the one of late fusion's forests), else that family's defaults."""
     base = trial.params.residual_base
-    family = families.get(base)
-    if base == "lgbm":
-        params = family.parse({})
-        return (
-            family.build(params, seed=trial.seed, n_jobs=trial.threads)
-            .fit(X, y, rounds=params.n_estimators)
-            .get_state()
-        )
-    return family.build(trial.late_forest, seed=trial.seed, n_jobs=trial.threads).fit(X, y)
+    return trial.late_forest if base == LATE_FOREST_FAMILY else families.get(base).parse({})
+
+
+def _fit_base(trial: TrialConfig, X: np.ndarray, y: np.ndarray):
+    """One fitted t on (X, y), as its family fits a plain descriptor matrix."""
+    family = families.get(trial.params.residual_base)
+    return family.fit_matrix(_base_params(trial), X, y, seed=trial.seed, n_jobs=trial.threads)
 
 
 def _predict_base(base: str, model, X: np.ndarray) -> np.ndarray:
-    if base == "lgbm":
-        from .lgbm import ChunkedLGBM
-
-        return ChunkedLGBM.from_state(model).predict(X)
-    return np.asarray(model.predict(X), dtype=np.float64)
+    return families.get(base).predict_matrix(model, X)
 
 
 # the last few fitted t (a Ray actor reused by the search runs trial after trial: residual trials
@@ -196,7 +190,7 @@ def _residual_key(trial: TrialConfig, part: dict) -> str:
         h.update(f"{name}{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
     base = trial.params.residual_base
-    settings = trial.late_forest.model_dump() if base == "rf" else families.get(base).parse({}).model_dump()
+    settings = _base_params(trial).model_dump()
     h.update(repr((base, trial.params.residual_folds, trial.seed, trial.threads, sorted(settings.items()))).encode())
     return h.hexdigest()
 
