@@ -270,16 +270,21 @@ class GraphSet:
         gaussian_bins: int = 40,
         gaussian_width: Optional[float] = None,
         line_graph_bins: int = 20,
+        expand_edges: bool = True,
     ) -> list:
         """:class:`CrystalGraphData` objects (``x`` element features, ``z``, ``edge_index``,
         ``edge_attr`` Gaussian-expanded distances, ``y`` if targets are given) for the given
-        graphs.  With a line graph, also ``lg_edge_index`` (2, L) (indices of the graph's
+        graphs.  ``expand_edges=False``: the bond lengths ``edge_dist`` (E,) and the basis
+        ``edge_basis`` (1, 3: cutoff, bins, width) instead of ``edge_attr``, which the models
+        expand per batch (:mod:`matfusion.trainables.edge_basis`; one float per edge held).  With a line graph, also ``lg_edge_index`` (2, L) (indices of the graph's
         edges, offset per graph when batched) and ``lg_edge_attr`` (L, line_graph_bins), the
         bond-angle cosines expanded in Gaussians over [-1, 1]."""
         import torch
 
         data_cls = __getattr__("CrystalGraphData")
         table = element_feature_table()
+        width = gaussian_width or self.cutoff / gaussian_bins
+        basis = torch.tensor([[self.cutoff, float(gaussian_bins), width]], dtype=torch.float64)
         out = []
         for g in indices:
             z, ei, dist, _vec = self.graph(int(g))
@@ -287,9 +292,13 @@ class GraphSet:
                 x=torch.from_numpy(table[z.astype(np.int64)]),
                 z=torch.from_numpy(z.astype(np.int64)),
                 edge_index=torch.from_numpy(ei.astype(np.int64)),
-                edge_attr=torch.from_numpy(gaussian_expansion(dist, self.cutoff, gaussian_bins, gaussian_width)),
                 num_nodes=len(z),
             )
+            if expand_edges:
+                data.edge_attr = torch.from_numpy(gaussian_expansion(dist, self.cutoff, gaussian_bins, gaussian_width))
+            else:
+                data.edge_dist = torch.from_numpy(np.asarray(dist, dtype=np.float32))
+                data.edge_basis = basis
             if self.has_line_graph:
                 li, cos = self.line(int(g))
                 data.lg_edge_index = torch.from_numpy(li.astype(np.int64))

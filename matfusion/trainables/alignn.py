@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch_geometric.nn import global_mean_pool
 
+from .edge_basis import bond_features
 from .edge_gated_conv import EdgeGatedGraphConv
 from .heads import regression_head
 
@@ -84,7 +85,7 @@ class ALIGNN(nn.Module):
                 "FeaturesConfig.line_graph=True"
             )
         x = self.embed_atom(data.x)
-        y = self.embed_bond(data.edge_attr)
+        y = self.embed_bond(bond_features(data))
         t = self.embed_angle(data.lg_edge_attr)
         for layer in self.alignn_layers:
             x, y, t = layer(x, y, t, data.edge_index, data.lg_edge_index)

@@ -16,15 +16,16 @@ import torch
 from torch import nn
 from torch_geometric.nn import CGConv, global_mean_pool
 
+from .edge_basis import bond_features
 from .heads import regression_head
 
 
 class CGCNN(nn.Module):
     """Crystal graph convolutional network.
 
-    Parameters: ``node_features`` (width of ``data.x``), ``edge_features`` (width of
-    ``data.edge_attr``), ``hidden`` (atom embedding width), ``n_conv`` (CGConv layers),
-    ``head_hidden`` (width of the head MLP), ``dropout`` (before the output layer),
+    Parameters: ``node_features`` (width of ``data.x``), ``edge_features`` (width of the bond
+    features, :func:`~matfusion.trainables.edge_basis.bond_features`), ``hidden`` (atom embedding
+    width), ``n_conv`` (CGConv layers), ``head_hidden`` (width of the head MLP), ``dropout`` (before the output layer),
     ``n_targets`` (outputs per crystal).
     """
 
@@ -48,8 +49,9 @@ class CGCNN(nn.Module):
     def embed_crystal(self, data) -> torch.Tensor:
         """Pooled crystal embedding h (batch, hidden)."""
         x = self.embed(data.x)
+        e = bond_features(data)
         for conv in self.convs:
-            x = conv(x, data.edge_index, data.edge_attr)
+            x = conv(x, data.edge_index, e)
         return global_mean_pool(x, data.batch)
 
     def forward(self, data) -> torch.Tensor:

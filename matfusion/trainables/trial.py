@@ -132,7 +132,9 @@ def _graphs_with_descriptors(part: dict, graph_params: dict, scaler: Optional[di
 
 def _feature_widths(item) -> tuple[int, int, int]:
     angle = getattr(item, "lg_edge_attr", None)
-    return item.x.shape[1], item.edge_attr.shape[1], 0 if angle is None else angle.shape[1]
+    from .edge_basis import bond_width
+
+    return item.x.shape[1], bond_width(item), 0 if angle is None else angle.shape[1]
 
 
 # -- the random forests of late fusion (one per target: multi-task labels may be missing) ------

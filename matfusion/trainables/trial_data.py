@@ -65,8 +65,9 @@ def graphs_of(part: dict) -> Optional[GraphSet]:
 
 
 def data_list(part: dict, graph_params: dict) -> list:
-    """PyG ``Data`` objects of a packed part (targets attached as ``y``)."""
+    """PyG ``Data`` objects of a packed part (targets attached as ``y``), their bond features
+    expanded per batch by the models (one float per edge held)."""
     gs = graphs_of(part)
     if gs is None:
         raise ValueError("this dataset has no crystal structures; graph models need structures")
-    return gs.to_data_list(range(len(gs)), part["y"], **graph_params)
+    return gs.to_data_list(range(len(gs)), part["y"], **graph_params, expand_edges=False)

@@ -10,6 +10,7 @@ from torch_geometric.loader import DataLoader
 from matfusion.config import DataConfig, FeaturesConfig
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
+from matfusion.trainables.edge_basis import bond_width
 from matfusion.trainables.loop import LocalSession, validation_score
 from matfusion.trainables.multitask import MultiTaskLoss
 from matfusion.trainables.trial import (
@@ -61,7 +62,7 @@ def test_fused_forward_shapes(phonons_small, fusion):
         model = build_torch_model(
             _cfg(fusion),
             items[0].x.shape[1],
-            items[0].edge_attr.shape[1],
+            bond_width(items[0]),
             n_targets,
             descriptor_features=data["train"]["descriptors"].shape[1],
         )  # the descriptor matrix
@@ -77,7 +78,7 @@ def test_attention_weights_sum_to_one_and_are_per_sample(phonons_small):
     model = build_torch_model(
         _cfg("attention"),
         items[0].x.shape[1],
-        items[0].edge_attr.shape[1],
+        bond_width(items[0]),
         1,
         descriptor_features=data["train"]["descriptors"].shape[1],
     )
