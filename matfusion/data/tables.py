@@ -136,7 +136,15 @@ def parse_structure(value):
 
 class StructureParseError(ValueError):
     """A structure text that cannot be parsed; the message says why in words (not pymatgen's
-    exception text alone)."""
+    exception text alone), ``reason`` is the loaders' skip counter for it."""
+
+    def __init__(self, message: str, reason: str = "unparseable structure") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _skip_reason(err: Exception) -> str:
+    return getattr(err, "reason", None) or "unparseable structure"
 
 
 def _from_text(text: str, fmt: str):
@@ -148,7 +156,12 @@ def _from_text(text: str, fmt: str):
             warnings.simplefilter("ignore")
             return Structure.from_str(text, fmt=fmt)
     except Exception as err:  # noqa: BLE001 - pymatgen raises many types
-        raise StructureParseError(parse_failure(text, fmt, err)) from err
+        message = parse_failure(text, fmt, err)
+        reason = "overlapping atoms" if message.startswith(_OVERLAP) else "unparseable structure"
+        raise StructureParseError(message, reason) from err
+
+
+_OVERLAP = "two or more atoms at one position"
 
 
 def _is_binary(text: str) -> bool:
@@ -178,7 +191,7 @@ def _cif_failure(text: str, err: Exception) -> str:
     if "sum to > 1" in joined or "exceeded tolerance" in joined:
         occ = re.search(r"occupancies \(\[([^\]]*)\]\)", joined)
         total = f" (occupancies sum to {occ.group(1)})" if occ else ""
-        return f"two or more atoms at one position{total}: overlapping sites"
+        return f"{_OVERLAP}{total}: overlapping sites"
     detail = next((n.splitlines()[-1] for n in reversed(notes) if "no structure parsed" in n.lower()), "")
     return f"not a usable CIF ({detail or error_reason(err)})"
 
@@ -375,7 +388,7 @@ def load_table(
         try:
             structure = parse_structure(structures[i])
         except Exception as err:  # noqa: BLE001 - pymatgen raises many types
-            collector.skip("unparseable structure", f"{where}: cannot parse structure: {error_reason(err)}")
+            collector.skip(_skip_reason(err), f"{where}: cannot parse structure: {error_reason(err)}")
             continue
         value = target_values[0][i] if len(targets) == 1 else [col[i] for col in target_values]
         collector.add(rid, structure, value, where)
@@ -478,7 +491,7 @@ def load_cif_folder(path: Union[str, Path], disordered: str = "skip") -> Dataset
             structure = parse_structure_file(file, data.decode("utf-8", errors="replace"))
         except Exception as err:  # noqa: BLE001 - pymatgen raises many types
             collector.skip(
-                "unparseable structure",
+                _skip_reason(err),
                 f"{where}: cannot parse structure file {file.name}: {error_reason(err)}",
             )
             continue
