@@ -247,6 +247,8 @@ def _nacl() -> Structure:
         ),
         (lambda: Structure(Lattice.cubic(4), ["Na", "Rf"], [[0, 0, 0], [0.5] * 3]), "unknown element", "Rf (Z=104)"),
         (lambda: Composition("Xx2O"), "unknown element", "Xx"),
+        (lambda: Structure(Lattice.cubic(4), ["Na"], [[np.nan, 0, 0]]), "bad lattice", "NaN/inf"),
+        (lambda: Structure(Lattice([[4, 0, 0], [0, np.inf, 0], [0, 0, 4]]), ["Na"], [[0, 0, 0]]), "bad lattice", "NaN"),
     ],
 )
 def test_structure_problem_names_the_reason(make, reason, detail):
