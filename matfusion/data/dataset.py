@@ -3,6 +3,8 @@
 A :class:`Dataset` holds parsed pymatgen structures (or compositions), one or more float
 targets and a content hash.  Loaders never drop a row silently: every skipped row is
 counted by reason in :attr:`Dataset.skipped` and described in :attr:`Dataset.messages`.
+Every row passes :func:`structure_problem` (finite positive volume, known elements, no
+overlapping atoms) before a featurizer sees it.
 """
 
 from __future__ import annotations
