@@ -177,16 +177,15 @@ def _cif_failure(text: str, err: Exception) -> str:
         return "not a usable CIF: no atom sites (no _atom_site_fract_x / _atom_site_Cartn_x loop)"
     from pymatgen.io.cif import CifParser
 
-    notes: list[str] = []
+    parser = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             parser = CifParser.from_str(text)
-            notes = list(parser.warnings)
             parser.parse_structures(primitive=False)
-            notes = list(parser.warnings)
-    except Exception:  # noqa: BLE001 - the same failure; its warnings say why
-        notes = notes or list(getattr(locals().get("parser"), "warnings", []) or [])
+    except Exception:  # noqa: BLE001 - the same failure; the parser's warnings say why
+        pass
+    notes = [str(n) for n in getattr(parser, "warnings", None) or []]
     joined = " ".join(notes)
     if "sum to > 1" in joined or "exceeded tolerance" in joined:
         occ = re.search(r"occupancies \(\[([^\]]*)\]\)", joined)
