@@ -3,6 +3,8 @@
 A :class:`Dataset` holds parsed pymatgen structures (or compositions), one or more float
 targets and a content hash.  Loaders never drop a row silently: every skipped row is
 counted by reason in :attr:`Dataset.skipped` and described in :attr:`Dataset.messages`.
+Every row passes :func:`structure_problem` (finite positive volume, known elements, no
+overlapping atoms) before a featurizer sees it.
 """
 
 from __future__ import annotations
@@ -166,6 +168,79 @@ def _is_nan(value) -> bool:
         return False
 
 
+# -- sanity checks of one structure, before any featurizer sees it ---------------------------
+
+# two atoms (or an atom and its own periodic image) closer than this are one position twice
+# (Angstrom).  The shortest distance in matbench_phonons and matbench_dielectric is 0.75 A (H-H);
+# see docs/notes-data.md.
+MIN_DISTANCE = 0.5
+# below this volume per atom (A^3) the cell is degenerate (collinear / coplanar lattice vectors).
+# Implied by MIN_DISTANCE (points 0.5 A apart fill at least 0.088 A^3 each); checked first because
+# the neighbour list of a near-zero-volume cell divides by zero or searches without end.
+MIN_VOLUME_PER_ATOM = 0.05
+# the element feature table of the crystal graphs covers H .. Lr
+MAX_Z = 103
+
+
+def _unknown_species(species) -> list[str]:
+    from pymatgen.core.periodic_table import Element
+
+    bad = []
+    for sp in species:
+        element = getattr(sp, "element", sp)  # Species (with oxidation state) -> its Element
+        if not isinstance(element, Element):
+            bad.append(str(getattr(sp, "symbol", sp)))
+    return bad
+
+
+def structure_problem(structure) -> Optional[tuple[str, str]]:
+    """``(reason, detail)`` when a structure (or composition) cannot be featurized, else None.
+
+    Checks, in order: a finite lattice and finite coordinates, a positive volume (at least
+    :data:`MIN_VOLUME_PER_ATOM` per atom), known elements (pymatgen Elements, Z <= :data:`MAX_Z`
+    for structures; a symbol such as ``Xx`` parses as a DummySpecies), and no two atoms (or an atom
+    and its periodic image) closer than :data:`MIN_DISTANCE`.  ``reason`` is the skip counter's
+    key; ``detail`` says what was found."""
+    if not hasattr(structure, "lattice"):  # a composition
+        unknown = _unknown_species(structure.elements) if hasattr(structure, "elements") else []
+        if unknown:
+            return "unknown element", f"unknown element symbol(s) {', '.join(sorted(set(unknown)))}"
+        return None
+    matrix = np.asarray(structure.lattice.matrix, dtype=np.float64)
+    coords = np.asarray(structure.frac_coords, dtype=np.float64)
+    if not np.isfinite(matrix).all() or not np.isfinite(coords).all():
+        return "bad lattice", "the lattice or the coordinates hold NaN/inf"
+    volume = abs(float(np.linalg.det(matrix)))
+    if not volume / len(structure) >= MIN_VOLUME_PER_ATOM:
+        return "zero volume", (
+            f"cell volume {volume:.3g} A^3 for {len(structure)} atom(s): the lattice vectors are collinear or coplanar"
+        )
+    unknown = [str(s) for s in _unknown_species(structure.species)]
+    if not unknown:
+        unknown = [f"{sp} (Z={sp.Z})" for sp in structure.species if sp.Z > MAX_Z]
+    if unknown:
+        return "unknown element", (
+            f"unknown element symbol(s) {', '.join(sorted(set(unknown)))} (known: H .. Lr, Z 1-{MAX_Z})"
+        )
+    try:
+        centers, neighbors, _, dist = structure.get_neighbor_list(r=MIN_DISTANCE)
+    except Exception as err:  # noqa: BLE001 - pymatgen's neighbour search on a pathological cell
+        return "bad lattice", f"the neighbour list cannot be built ({type(err).__name__}: {err})"
+    if len(dist):
+        k = int(np.argmin(dist))
+        i, j = int(centers[k]), int(neighbors[k])
+        what = (
+            f"atom {i} ({structure[i].species_string}) and its own periodic image"
+            if i == j
+            else (
+                f"atoms {min(i, j)} ({structure[min(i, j)].species_string}) and {max(i, j)} "
+                f"({structure[max(i, j)].species_string})"
+            )
+        )
+        return "overlapping atoms", f"{what} are {float(dist[k]):.3f} A apart (minimum {MIN_DISTANCE} A)"
+    return None
+
+
 class RowCollector:
     """Accumulates good rows and counted, explained skips for a loader."""
 
@@ -216,6 +291,10 @@ class RowCollector:
             self.messages.append(f"{where}: disordered structure ordered by majority species")
         if structure is not None and hasattr(structure, "__len__") and len(structure) == 0:
             self.skip("empty structure", f"{where}: structure has no sites")
+            return False
+        problem = structure_problem(structure) if structure is not None else None
+        if problem is not None:
+            self.skip(problem[0], f"{where}: {problem[1]}; skipped")
             return False
         self.ids.append(str(row_id))
         self.structures.append(structure)

@@ -60,6 +60,15 @@ class _GraphParts:
         return graph_parts(structure, self.cutoff, self.max_neighbors, self.with_line_graph)
 
 
+class GraphBuildError(DataError):
+    """Structures the graph builder failed on: the message names them (row, id, reason);
+    ``failed`` holds their row positions, ``reasons`` one line each."""
+
+    def __init__(self, message: str, failed: list[int], reasons: list[str]) -> None:
+        super().__init__(message)
+        self.failed, self.reasons = failed, reasons
+
+
 def build_graphs(
     dataset: Dataset,
     cutoff: float,
@@ -68,8 +77,9 @@ def build_graphs(
     n_jobs: int = 1,
     progress: bool = False,
 ) -> GraphSet:
-    """The crystal graphs (and line graphs when asked) of every row; a structure the builder
-    fails on is an error naming its row id and the reason."""
+    """The crystal graphs (and line graphs when asked) of every row; structures the builder fails
+    on are a :class:`GraphBuildError` naming their rows, ids and reasons (``prepare_fold`` skips
+    them; the load-time checks of :func:`~matfusion.data.dataset.structure_problem` leave few)."""
     what = "graphs + line graphs" if with_line_graph else "graphs"
     parts, failures = parallel_map(
         _GraphParts(cutoff, max_neighbors, with_line_graph),
@@ -79,10 +89,14 @@ def build_graphs(
         desc=f"featurize ({what})",
     )
     if failures:
-        named = "; ".join(f"row {f.index} (id {dataset.ids[f.index]}): {f.error}: {f.message}" for f in failures[:5])
-        raise DataError(
-            f"{dataset.name}: cannot build the crystal graph of {len(failures)} structure(s): {named}"
+        reasons = [f"row {f.index} (id {dataset.ids[f.index]}): {f.error}: {f.message}" for f in failures]
+        raise GraphBuildError(
+            f"{dataset.name}: cannot build the crystal graph of {len(failures)} structure(s): "
+            + "; ".join(reasons[:5])
             + (" ..." if len(failures) > 5 else "")
+            + " (remove these rows from the data)",
+            [f.index for f in failures],
+            reasons,
         )
     return GraphSet.from_parts(parts, cutoff, max_neighbors)
 

@@ -139,6 +139,8 @@ def prepare_fold(
     ``graphs``: build the crystal graphs (structure datasets only); default: when a family needs
     them.  ``split``: default :func:`fold_split` of the dataset (the benchmark passes its own
     stacking/test rows).  Raises ValueError when a family needs structures the dataset lacks.
+    Structures the graph builder fails on are skipped (counted as ``graph failed``, named) and the
+    fold is split and featurized without them; with a given ``split`` they are an error.
     """
     if dataset is None:
         from . import load_dataset
@@ -147,8 +149,36 @@ def prepare_fold(
     families = list(cfg.search.families if families is None else families)
     members = list(members)
     check_structures(dataset, families)
+    given_split = split
     split = fold_split(cfg, dataset) if split is None else split
     fcfg = features_config(cfg.features, families, members)
     want_graphs = needs_graphs(families) if graphs is None else bool(graphs)
-    features = featurize_module.featurize(dataset, fcfg, progress=progress, graphs=want_graphs)
+    try:
+        features = featurize_module.featurize(dataset, fcfg, progress=progress, graphs=want_graphs)
+    except featurize_module.GraphBuildError as err:
+        if given_split is not None:  # the caller's row positions cannot be remapped here
+            raise
+        dataset = drop_rows(dataset, err.failed, "graph failed", err.reasons)
+        split = fold_split(cfg, dataset)
+        features = featurize_module.featurize(dataset, fcfg, progress=progress, graphs=want_graphs)
     return PreparedFold(dataset=dataset, split=split, features=features, features_config=fcfg, families=families)
+
+
+def drop_rows(dataset: Dataset, positions: Sequence[int], reason: str, messages: Sequence[str]) -> Dataset:
+    """``dataset`` without the rows at ``positions``, each counted under ``reason`` and described
+    by its line of ``messages`` (a new content hash, so nothing of the full dataset's cache is
+    reused for it)."""
+    import logging
+
+    from .dataset import DataError
+
+    drop = set(int(p) for p in positions)
+    keep = [i for i in range(len(dataset)) if i not in drop]
+    if not keep:
+        raise DataError(f"{dataset.name}: the dataset is empty; every row failed: {messages[0]}")
+    out = dataset.subset(keep)
+    out.skipped[reason] += len(drop)
+    for m in messages:
+        out.messages.append(f"{m}; skipped")
+        logging.getLogger("matfusion.data").warning("%s: %s; skipped", dataset.name, m)
+    return out

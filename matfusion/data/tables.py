@@ -8,7 +8,8 @@ text or POSCAR text.
 
 ``load_cif_folder`` reads the CGCNN/ALIGNN layout: a folder of ``<id>.cif`` (or POSCAR) files
 plus ``id_prop.csv`` with rows ``id,target`` (no header; a first line whose target is not a
-number is taken as a header).
+number and whose id names no file is taken as a header, and said so in the messages).  Structure
+files that no row names are counted (``unlisted file``) and named.
 
 Bad rows never abort a load: each one is counted by reason in ``Dataset.skipped`` and
 described in ``Dataset.messages`` (see :class:`~matfusion.data.dataset.RowCollector`).
@@ -19,7 +20,8 @@ predict``):
 - :func:`parse_structure` (a ``Structure``, its dict, dict text, CIF or POSCAR text -> ``Structure``)
 - :func:`parse_structure_file` (a file's name and text -> ``Structure``; CIF by suffix or content)
 - :func:`read_csv_table`, :func:`read_json_table` (a table file -> pandas DataFrame of text cells)
-- :func:`error_reason` (an exception -> one short line for a skip message)
+- :func:`error_reason` (an exception -> one short line for a skip message); a parse failure is a
+  :class:`StructureParseError` whose message says why in words (:func:`parse_failure`)
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import gzip
 import io
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from .dataset import DataError, Dataset, RowCollector, hash_bytes, hash_file
+from .dataset import DataError, Dataset, RowCollector, hash_bytes, hash_file, log
 
 __all__ = [
     "error_reason",
@@ -128,17 +131,109 @@ def parse_structure(value):
         if not isinstance(obj, dict):
             raise ValueError(f"structure text is a {type(obj).__name__}, not a dict")
         return Structure.from_dict(obj)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if "_cell_length_a" in text or text.startswith("data_"):
-            return Structure.from_str(text, fmt="cif")
-        return Structure.from_str(text, fmt="poscar")
+    return _from_text(text, "cif" if "_cell_length_a" in text or text.startswith("data_") else "poscar")
+
+
+class StructureParseError(ValueError):
+    """A structure text that cannot be parsed; the message says why in words (not pymatgen's
+    exception text alone), ``reason`` is the loaders' skip counter for it."""
+
+    def __init__(self, message: str, reason: str = "unparseable structure") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _skip_reason(err: Exception) -> str:
+    return getattr(err, "reason", None) or "unparseable structure"
+
+
+def _from_text(text: str, fmt: str):
+    """``Structure.from_str(text, fmt)``; a failure is a :class:`StructureParseError` saying why."""
+    from pymatgen.core import Structure
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Structure.from_str(text, fmt=fmt)
+    except Exception as err:  # noqa: BLE001 - pymatgen raises many types
+        message = parse_failure(text, fmt, err)
+        reason = "overlapping atoms" if message.startswith(_OVERLAP) else "unparseable structure"
+        raise StructureParseError(message, reason) from err
+
+
+_OVERLAP = "two or more atoms at one position"
+
+
+def _is_binary(text: str) -> bool:
+    return "\0" in text or text.count("\ufffd") > max(2, len(text) // 100)
+
+
+def _cif_failure(text: str, err: Exception) -> str:
+    lower = text.lower()
+    missing = [k for k in ("_cell_length_a", "_cell_length_b", "_cell_length_c") if k not in lower]
+    if missing:
+        return f"not a usable CIF: no unit cell ({', '.join(missing)} missing)"
+    if "_atom_site_fract_x" not in lower and "_atom_site_cartn_x" not in lower:
+        return "not a usable CIF: no atom sites (no _atom_site_fract_x / _atom_site_Cartn_x loop)"
+    from pymatgen.io.cif import CifParser
+
+    parser = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parser = CifParser.from_str(text)
+            parser.parse_structures(primitive=False)
+    except Exception:  # noqa: BLE001 - the same failure; the parser's warnings say why
+        pass
+    notes = [str(n) for n in getattr(parser, "warnings", None) or []]
+    joined = " ".join(notes)
+    if "sum to > 1" in joined or "exceeded tolerance" in joined:
+        occ = re.search(r"occupancies \(\[([^\]]*)\]\)", joined)
+        total = f" (occupancies sum to {occ.group(1)})" if occ else ""
+        return f"{_OVERLAP}{total}: overlapping sites"
+    detail = next((n.splitlines()[-1] for n in reversed(notes) if "no structure parsed" in n.lower()), "")
+    return f"not a usable CIF ({detail or error_reason(err)})"
+
+
+def _poscar_failure(text: str, err: Exception) -> str:
+    layout = "comment, scale, 3 lattice vectors, element symbols, atom counts, Direct/Cartesian, one line per atom"
+    lines = [ln.split() for ln in text.strip().splitlines()]
+    if len(lines) < 7:
+        return f"not a valid POSCAR: {len(lines)} line(s), expected at least 8 ({layout})"
+    counts_at = 5 if lines[5] and _is_number(lines[5][0]) else 6  # VASP 4 files have no symbols line
+    try:
+        n_atoms = sum(int(c) for c in lines[counts_at])
+    except ValueError:
+        return f"not a valid POSCAR: line {counts_at + 1} {' '.join(lines[counts_at])!r} is not atom counts ({layout})"
+    mode_at = counts_at + 1
+    if mode_at < len(lines) and lines[mode_at] and lines[mode_at][0][:1].lower() == "s":  # Selective dynamics
+        mode_at += 1
+    given = max(0, len(lines) - mode_at - 1)
+    if given < n_atoms:
+        return f"not a valid POSCAR: the counts say {n_atoms} atom(s), {given} coordinate line(s) follow"
+    return f"not a valid POSCAR ({layout}): {error_reason(err)}"
+
+
+def parse_failure(text: str, fmt: str, err: Exception) -> str:
+    """One line saying why ``text`` could not be parsed as ``fmt`` (``"cif"`` / ``"poscar"``):
+    empty, binary, a CIF without a cell or atom sites, overlapping CIF sites, a POSCAR with too
+    few lines; else the format and pymatgen's first line."""
+    if not text.strip():
+        return "the file is empty"
+    if _is_binary(text):
+        return "not a text file (binary content)"
+    if fmt == "cif":
+        return _cif_failure(text, err)
+    return _poscar_failure(text, err)
 
 
 def error_reason(err: Exception) -> str:
-    """``"<ExceptionType>: <first line of its message>"`` (the type alone for an empty message)."""
+    """``"<ExceptionType>: <first line of its message>"`` (the type alone for an empty message);
+    a :class:`StructureParseError`'s message alone (it is already in words)."""
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
+    if isinstance(err, StructureParseError):
+        return first
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
@@ -292,7 +387,7 @@ def load_table(
         try:
             structure = parse_structure(structures[i])
         except Exception as err:  # noqa: BLE001 - pymatgen raises many types
-            collector.skip("unparseable structure", f"{where}: cannot parse structure: {error_reason(err)}")
+            collector.skip(_skip_reason(err), f"{where}: cannot parse structure: {error_reason(err)}")
             continue
         value = target_values[0][i] if len(targets) == 1 else [col[i] for col in target_values]
         collector.add(rid, structure, value, where)
@@ -311,15 +406,11 @@ def _candidate_names(rid: str) -> list[str]:
 
 def parse_structure_file(file: Path, text: str):
     """A pymatgen Structure from the ``text`` of ``file``: CIF when the suffix is ``.cif`` or the
-    text looks like CIF, else POSCAR; pymatgen's exception when it cannot be parsed."""
-    from pymatgen.core import Structure
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        suffix = file.suffix.lower()
-        if suffix == ".cif" or "_cell_length_a" in text or text.lstrip().startswith("data_"):
-            return Structure.from_str(text, fmt="cif")
-        return Structure.from_str(text, fmt="poscar")
+    text looks like CIF, else POSCAR; a :class:`StructureParseError` saying why when it cannot be
+    parsed."""
+    suffix = file.suffix.lower()
+    cif = suffix == ".cif" or "_cell_length_a" in text or text.lstrip().startswith("data_")
+    return _from_text(text, "cif" if cif else "poscar")
 
 
 def _is_number(text: str) -> bool:
@@ -353,15 +444,27 @@ def load_cif_folder(path: Union[str, Path], disordered: str = "skip") -> Dataset
         for n, row in enumerate(csv.reader(io.StringIO(text)), start=1)
         if row and any(c.strip() for c in row)
     ]
-    if rows and len(rows[0][1]) >= 2 and not _is_number(rows[0][1][1]):
-        rows = rows[1:]  # a header line ("id,target"), not a bad row
+    header = None
+    if (
+        rows
+        and len(rows[0][1]) >= 2
+        and not _is_number(rows[0][1][1])
+        and _structure_file(folder, rows[0][1][0]) is None
+    ):
+        # a header line ("id,target"): its target is not a number and no structure file bears its id
+        # (a first line whose id names a file is a data row with a bad target, skipped and counted)
+        header = rows[0][1]
+        rows = rows[1:]
     if not rows:
         raise DataError(f"{id_prop}: no data rows (expected lines 'id,target')")
 
     name = folder.resolve().name or "cif_folder"
     collector = RowCollector(name, disordered=disordered)
+    if header is not None:
+        collector.messages.append(f"{_ID_PROP} line 1 {','.join(header)!r} read as a header (not a data row)")
     chunks = [prop_bytes]
     seen: dict[str, int] = {}
+    used: set[str] = set()
     for line_no, row in tqdm(rows, desc=f"load {name}", unit="row", leave=False):
         if len(row) < 2 or not row[0]:
             collector.skip("bad row", f"{_ID_PROP} line {line_no}: expected 'id,target', got {','.join(row)!r}")
@@ -373,9 +476,9 @@ def load_cif_folder(path: Union[str, Path], disordered: str = "skip") -> Dataset
             continue
         seen[rid] = line_no
         tried = _candidate_names(rid)
-        file = None
-        if Path(rid).name == rid and rid not in (".", ".."):
-            file = next((folder / n for n in tried if (folder / n).is_file()), None)
+        file = _structure_file(folder, rid)
+        if file is not None:
+            used.add(file.name)
         if file is None:
             collector.skip(
                 "missing file",
@@ -387,11 +490,41 @@ def load_cif_folder(path: Union[str, Path], disordered: str = "skip") -> Dataset
             structure = parse_structure_file(file, data.decode("utf-8", errors="replace"))
         except Exception as err:  # noqa: BLE001 - pymatgen raises many types
             collector.skip(
-                "unparseable structure",
+                _skip_reason(err),
                 f"{where}: cannot parse structure file {file.name}: {error_reason(err)}",
             )
             continue
         if collector.add(rid, structure, value, f"{where} [{file.name}]"):
             chunks += [file.name.encode(), b"\0", data]
+    _report_unlisted(folder, used, collector)
     chunks.append(f"|{disordered}".encode())
     return collector.build("target", hash_bytes(*chunks))
+
+
+def _report_unlisted(folder: Path, used: set, collector: RowCollector) -> None:
+    """Count (as ``unlisted file``) and name the structure files of ``folder`` that no row of
+    ``id_prop.csv`` names: they are not loaded."""
+    unlisted = sorted(
+        p.name for p in folder.iterdir() if p.name not in used and p.is_file() and _looks_like_structure_file(p.name)
+    )
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        collector.skipped["unlisted file"] += len(unlisted)
+        collector.messages.append(
+            f"{folder}: {len(unlisted)} structure file(s) named by no {_ID_PROP} row, not loaded: {shown} "
+            f"(add a line 'id,target' for each to use it)"
+        )
+        log.warning(collector.messages[-1])
+
+
+def _looks_like_structure_file(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith((".cif", ".vasp", ".poscar")) or name.startswith("POSCAR_")
+
+
+def _structure_file(folder: Path, rid: str) -> Optional[Path]:
+    """The first existing file of :func:`_candidate_names` for ``rid`` (None for an id that is not
+    a plain file name)."""
+    if Path(rid).name != rid or rid in (".", "..") or not rid:
+        return None
+    return next((folder / n for n in _candidate_names(rid) if (folder / n).is_file()), None)
