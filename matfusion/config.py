@@ -347,6 +347,14 @@ def config_from_dict(raw: dict, origin: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(err, origin)) from None
 
 
+def _yaml_problem(err) -> str:
+    """PyYAML's error in one line: the problem and where it is."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
 def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Config:
     path = Path(path)
     if not path.is_file():
@@ -354,7 +362,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys")
     raw = apply_overrides(raw, overrides or [])

@@ -194,6 +194,7 @@ def test_bad_yaml_is_an_error_exit_2(capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.startswith("matfusion: error: config ") and "bad.yaml is not valid YAML" in err
+    assert len(err.strip().splitlines()) == 1 and " at line " in err  # one line, saying where
 
 
 # --------------------------------------------------------------------------- id_prop.csv first line
