@@ -672,6 +672,18 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     expect, _ = fitted.predict(fs.descriptors, fs.graphs, np.array(picked))
     got = df.set_index("id").loc[[ds.ids[r] for r in picked], "prediction"].to_numpy()
     np.testing.assert_allclose(got, expect, atol=1e-6)
+    # --coverage: the interval at another level, the same point prediction and std
+    out95 = tmp_path / "preds95.csv"
+    args = parser.parse_args(["predict", str(to), str(cifs), "--out", str(out95), "--coverage", "0.95"])
+    assert args.func(args) == 0
+    df95 = pd.read_csv(out95).set_index("id").loc[df["id"]]
+    np.testing.assert_allclose(df95["prediction"].to_numpy(), df["prediction"].to_numpy())
+    np.testing.assert_allclose(df95["std"].to_numpy(), df["std"].to_numpy())
+    assert ((df95["upper"] - df95["lower"]).to_numpy() > (df["upper"] - df["lower"]).to_numpy()).all()
+    expect95 = fitted.predict_interval(fs.descriptors, fs.graphs, np.array(picked), coverage=0.95)
+    np.testing.assert_allclose(
+        df95.loc[[ds.ids[r] for r in picked], "upper"].to_numpy(), expect95["upper"], rtol=0, atol=1e-6
+    )
 
     # a table input with one unparseable row, via the API
     table = tmp_path / "table.csv"
