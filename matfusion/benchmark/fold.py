@@ -12,7 +12,8 @@
 4. the stacked ensemble, fitted on the stacking rows; every row it reports having used is
    checked against the test ids;
 5. the test predictions, recorded in matbench (``results.json.gz``) and cross-checked with our MAE;
-6. the fold's files (predictions, trials, members, ``rows.json``, ``summary.json``), the
+6. the fold's files (predictions with the conformal interval, trials, members, ``rows.json``,
+   ``summary.json`` with the test coverage of the intervals, ``reliability.png``), the
    importances (after recording), and the fold's numbers and files in MLflow.
 """
 
@@ -336,11 +337,18 @@ def _prepare_stacking(f: _Fold, full, stack_ids: list[str], families, members, p
 
 def _fit_ensemble(f: _Fold, prep, members, progress: bool):
     """The stacked ensemble of ``members`` fitted on the stacking rows only."""
+    from ..ensembles.pipeline import interval_settings
     from ..ensembles.stacking import StackedEnsemble
 
     e = f.cfg.ensemble
     ensemble = StackedEnsemble(
-        members, meta=e.meta, n_folds=e.n_folds, seed=f.fcfg.search.seed, refit=e.refit, graph_max_epochs=e.max_epochs
+        members,
+        meta=e.meta,
+        n_folds=e.n_folds,
+        seed=f.fcfg.search.seed,
+        refit=e.refit,
+        graph_max_epochs=e.max_epochs,
+        **interval_settings(e),
     )
     ensemble.fit(
         prep.descriptors, prep.graphs, prep.targets, prep.split.train, graph_params=prep.graph_params, progress=progress
@@ -404,6 +412,9 @@ def _log_ensemble_run(f: _Fold, parent, evaluation, prep) -> str:
         run_name=f"ensemble-fold{f.fold}",
     )
     f.client.set_terminated(ens_run, "FINISHED")
+    from ..ensembles.evaluate import reliability_plot
+
+    reliability_plot(evaluation, str(f.fold_dir / "reliability.png"), title=f"{f.task} fold {f.fold}: intervals")
     return ens_run
 
 
@@ -453,7 +464,7 @@ def _write_fold_tables(f: _Fold, evaluation, pred, std, trials, ensemble, chosen
     m, frame = evaluation.metrics, evaluation.predictions
     out_frame = pd.DataFrame({"id": f.test_ids, "y": frame["y"], "prediction": pred, "std": std})
     for col in frame.columns:
-        if col.startswith("member.") or col == "average":
+        if col in ("lower", "upper", "spread") or col.startswith("member.") or col == "average":
             out_frame[col] = frame[col].to_numpy()
     out_frame.to_csv(f.fold_dir / "predictions.csv", index=False)
     cols = [
@@ -542,6 +553,9 @@ def _summary(
         "best_member_mae": m[f"member.{best_member}_mae"],
         "calib_within_1std": m["calib_within_1std"],
         "calib_within_2std": m["calib_within_2std"],
+        # conformal intervals (calibrated on the stacking rows only): test coverage and mean width
+        **{k: v for k, v in m.items() if k.startswith(("coverage_", "width_")) or k == "spread_within_1std"},
+        "calibration": ensemble.calibration_summary(),
         "matbench_scores": scores,
         "search_wall_s": search_wall,
         "stack_wall_s": stack_wall,

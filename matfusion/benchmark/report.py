@@ -12,6 +12,10 @@ running best, per fold), ``rf_importance.png`` (impurity and permutation importa
 features in the RF member), ``modality_importance.png`` (rise in test MAE when the graphs or the
 Magpie vectors are shuffled, for the fused members and the ensemble).
 
+``coverage.png`` (share of test rows inside the conformal intervals at 68 / 90 / 95 %
+per fold, beside the nominal levels; folds benchmarked before the intervals existed show the
+share of errors within their uncalibrated std, computed from ``predictions.csv``).
+
 Test MAEs of single members are for information: members were chosen by inner-validation MAE
 only, and the importances are computed after the fold's predictions were recorded.
 """
@@ -365,6 +369,125 @@ def plot_modality(table: pd.DataFrame, path: Path, task: str) -> str:
     return path.name
 
 
+# -- uncertainty ------------------------------------------------------------------------------------
+
+COVERAGE_LEVELS = (68, 90, 95)
+
+
+def _within(df: Optional[pd.DataFrame], column: str) -> float:
+    """Share of the test rows of ``predictions.csv`` whose |error| is within ``column``."""
+    if df is None or column not in df.columns or not {"y", "prediction"} <= set(df.columns):
+        return float("nan")
+    err = np.abs(df["y"].to_numpy(dtype=float) - df["prediction"].to_numpy(dtype=float))
+    return float(np.mean(err <= df[column].to_numpy(dtype=float)))
+
+
+def coverage_table(info: dict) -> pd.DataFrame:
+    """Per fold: test coverage and mean width of the conformal intervals at 68 / 90 / 95 % (NaN for
+    a fold benchmarked before them), the share of errors within the recorded std, and within the
+    uncalibrated spread (the std of the older folds)."""
+    rows = []
+    for k in sorted(info["folds"]):
+        f = info["folds"][k]
+        s, df = f.get("summary") or {}, f.get("predictions")
+        row = {"fold": k, "conformal": "coverage_90" in s}
+        for lv in COVERAGE_LEVELS:
+            row[f"coverage_{lv}"] = float(s.get(f"coverage_{lv}", np.nan))
+            row[f"width_{lv}"] = float(s.get(f"width_{lv}", np.nan))
+        row["within_std"] = _within(df, "std")
+        spread = s.get("spread_within_1std")
+        # before the intervals the recorded std was the spread
+        row["within_spread"] = (
+            float(spread) if spread is not None else (np.nan if row["conformal"] else row["within_std"])
+        )
+        calib = s.get("calibration") or {}
+        row["difficulty"] = calib.get("difficulty", "-") if isinstance(calib, dict) else "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_coverage(table: pd.DataFrame, path: Path, task: str) -> str:
+    fig = plotting.new_figure(7, 4)
+    ax = fig.add_subplot()
+    x = np.arange(len(table))
+    width = 0.25
+    colors = {68: "tab:blue", 90: "tab:orange", 95: "tab:green"}
+    for i, lv in enumerate(COVERAGE_LEVELS):
+        ax.bar(x + (i - 1) * width, table[f"coverage_{lv}"], width, color=colors[lv], label=f"conformal {lv} %")
+        ax.axhline(lv / 100.0, color=colors[lv], ls="--", lw=1)
+    old = table["within_spread"].to_numpy(dtype=float)
+    if np.isfinite(old).any():
+        ax.scatter(x, old, marker="x", color="k", zorder=3, label="uncalibrated spread: within 1 std")
+    ax.set_xticks(x, [str(k) for k in table["fold"]])
+    ax.set_xlabel("official fold")
+    ax.set_ylabel("share of test rows inside")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{task}: test coverage of the intervals (dashed: nominal)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    plotting.save_figure(fig, path)
+    return path.name
+
+
+def uncertainty_section(info: dict, out: Path) -> list[str]:
+    """The report's "Uncertainty" section: coverage per fold beside the nominal levels."""
+    table = coverage_table(info)
+    if table.empty:
+        return []
+    md = ["## Uncertainty", ""]
+    conformal = table[table["conformal"]]
+    if len(conformal):
+        md += [
+            "Conformal intervals (normalized split conformal on the stack's out-of-fold residuals of the "
+            "training rows; the test rows only measure them, see docs/uncertainty.md): share of test rows "
+            "inside the interval at each nominal coverage, and the mean interval width"
+            + (f" {LEADERBOARD.get(info['task'], {}).get('unit', '')}".rstrip())
+            + ". The last column is the uncalibrated fold-model spread, for reference.",
+            "",
+        ]
+        rows = []
+        for r in conformal.itertuples():
+            rows.append(
+                [r.fold, r.difficulty]
+                + [
+                    f"{_fmt(getattr(r, f'coverage_{lv}'), 3)} ({_fmt(getattr(r, f'width_{lv}'))})"
+                    for lv in COVERAGE_LEVELS
+                ]
+                + [_fmt(r.within_std, 3), _fmt(r.within_spread, 3)]
+            )
+        if len(conformal) > 1:
+            rows.append(
+                ["mean", ""]
+                + [
+                    f"{_fmt(conformal[f'coverage_{lv}'].mean(), 3)} ({_fmt(conformal[f'width_{lv}'].mean())})"
+                    for lv in COVERAGE_LEVELS
+                ]
+                + [_fmt(conformal["within_std"].mean(), 3), _fmt(conformal["within_spread"].mean(), 3)]
+            )
+        md.append(
+            _table(
+                ["fold", "difficulty"]
+                + [f"{lv} % nominal: coverage (width)" for lv in COVERAGE_LEVELS]
+                + ["within 1 std (calibrated)", "within 1 spread (uncalibrated)"],
+                rows,
+            )
+        )
+        md.append("")
+    older = table[~table["conformal"]]
+    if len(older):
+        md += [
+            "Folds benchmarked before the conformal intervals ("
+            + ", ".join(str(k) for k in older["fold"])
+            + "): their std is the uncalibrated spread of the K fold-model stacks; share of test errors within "
+            "1 std (a calibrated Gaussian std: 0.68): "
+            + ", ".join(f"fold {r.fold} {_fmt(r.within_std, 2)}" for r in older.itertuples())
+            + ".",
+            "",
+        ]
+    md += [f"![coverage per fold]({plot_coverage(table, out / 'coverage.png', info['task'])})", ""]
+    return md
+
+
 # -- markdown ---------------------------------------------------------------------------------------
 
 
@@ -465,13 +588,10 @@ def write_report(out: Path) -> Path:
     md += [
         "",
         "Members are chosen by inner-validation MAE only; member and best-trial test MAEs are for "
-        "information. The ensemble std is recorded with the predictions (calibration per fold: "
-        + ", ".join(
-            f"fold {k} {_fmt(summaries[k].get('calib_within_1std'), 2)} within 1 std" for k in ks if summaries[k]
-        )
-        + ").",
+        "information. The ensemble's std is recorded with the predictions (see Uncertainty).",
         "",
     ]
+    md += uncertainty_section(info, out)
 
     md += ["## Next to the matbench leaderboard", ""]
     if task in LEADERBOARD or task in LOCAL_ANCHORS:
@@ -598,7 +718,7 @@ def write_report(out: Path) -> Path:
         "## Files",
         "",
         f"`{RESULTS_FILE}`: matbench's results (`MatbenchBenchmark.as_dict()`, gzip); `fold_<k>/`: predictions.csv "
-        "(id, truth, prediction, std, members), members.csv, trials.csv, summary.json, importance.json, rows.json "
+        "(id, truth, prediction, std, lower, upper, spread, members), members.csv, reliability.png, trials.csv, summary.json, importance.json, rows.json "
         "(ids used by the search and the stacking, and the test ids); `benchmark_state.json`: resume state.",
         "",
     ]

@@ -6,7 +6,9 @@ Public API::
     select_members(client, experiment_id, parent_run_id, k=2, families=None) -> [trial config]
     StackedEnsemble(members, meta="mae", n_folds=5, context_features=0, seed=0)
         .fit(descriptors, graphs, targets, rows, graph_params)   # rows: the outer fold's training rows
-        .predict(descriptors, graphs, rows, return_std=True)     # -> mean, std
+        .predict(descriptors, graphs, rows, return_std=True)     # -> mean, calibrated std
+        .predict_interval(descriptors, graphs, rows, coverage)   # -> mean, std, lower, upper, spread
+    ConformalCalibrator(difficulty="model", coverage=0.9)      # the intervals (calibration.py)
     evaluate_ensemble(ensemble, descriptors, graphs, targets, test_rows) -> Evaluation
     log_evaluation(client, experiment_id, parent_run_id, evaluation, tags) -> run_id
     log_ensemble_model / save_ensemble_model / register_ensemble / export_model / predict_structures
@@ -21,6 +23,7 @@ import importlib
 # names -> submodule; imported on first use so that `matfusion --help` (which registers the
 # commands) does not pay for importing mlflow, torch and scikit-learn
 _EXPORTS = {
+    "ConformalCalibrator": "calibration",
     "Evaluation": "evaluate",
     "evaluate_ensemble": "evaluate",
     "log_evaluation": "evaluate",

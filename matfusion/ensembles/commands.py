@@ -19,6 +19,9 @@ import sys
 from ..config import EnsembleConfig
 from .stacking import META_LEARNERS, StackedEnsemble
 
+EXIT_BAD_INPUT = 2  # a bad argument, file or value
+EXIT_MODEL_NOT_FOUND = 3  # the model URI, run id or folder names no model
+
 # flag of each EnsembleConfig field the `ensemble` command sets
 _FLAGS = {
     "k": "--k",
@@ -148,14 +151,22 @@ def add_parsers(subparsers) -> None:
         description="Predict with an ensemble model (a model URI, run id or exported folder).\n"
         "INPUT: CIF/POSCAR files, folders of them, or CSV/JSON tables with a structure column\n"
         "(pymatgen dict, CIF or POSCAR text). A bad file or row is named on stderr and skipped;\n"
-        "all the others are predicted. Output columns: id, prediction, std\n"
-        "(a multi-target model: id, prediction_<target>, std_<target> for each target).",
+        "all the others are predicted. Output columns: id, prediction, std (calibrated: about 68 %\n"
+        "of errors within it), lower, upper (conformal interval, --coverage), spread (the\n"
+        "uncalibrated fold-model spread); a multi-target model: <column>_<target> for each target.\n"
+        "Exit status: 0 done, 1 nothing to predict, 2 bad input, 3 no such model.",
         epilog="example: matfusion predict models:/matfusion-matbench_phonons@champion cifs/ --out preds.csv",
     )
     p.add_argument("model", metavar="MODEL", help="model URI, ensemble run id, or exported folder")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="files, folders or tables")
     p.add_argument("--out", default=None, help="CSV to write (default: print to stdout)")
     p.add_argument("--structure-column", default="structure", help="structure column of tables (default structure)")
+    p.add_argument(
+        "--coverage",
+        type=float,
+        default=None,
+        help="coverage of the lower/upper interval, in (0, 1) (default: the model's, 0.9 unless set at fit)",
+    )
     _tracking(p)
     p.set_defaults(func=run_predict)
 
@@ -191,27 +202,33 @@ def run_ensemble(args) -> int:
 
 
 def run_export(args) -> int:
-    from .export import export_model
+    from .export import ModelNotFoundError, export_model
 
     _set_tracking(args.tracking_uri)
     try:
         path = export_model(args.model, args.to)
+    except ModelNotFoundError as err:
+        print(f"matfusion export: {err}", file=sys.stderr)
+        return EXIT_MODEL_NOT_FOUND
     except (ValueError, FileExistsError) as err:
         print(f"matfusion export: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(f"exported {args.model} to {path} (model card: {path / 'README.md'})")
     return 0
 
 
 def run_predict(args) -> int:
-    from .export import predict_structures
+    from .export import ModelNotFoundError, predict_structures
 
     _set_tracking(args.tracking_uri)
     try:
-        df = predict_structures(args.model, args.inputs, structure_column=args.structure_column)
+        df = predict_structures(args.model, args.inputs, structure_column=args.structure_column, coverage=args.coverage)
+    except ModelNotFoundError as err:
+        print(f"matfusion predict: {err}", file=sys.stderr)
+        return EXIT_MODEL_NOT_FOUND
     except ValueError as err:
         print(f"matfusion predict: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if args.out:
         df.to_csv(args.out, index=False)
         print(f"wrote {len(df)} predictions to {args.out}")

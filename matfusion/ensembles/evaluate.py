@@ -6,7 +6,13 @@ prediction uses: its refit on all the training rows, else its K fold models aver
 ``member.<name>_{mae,rmse,r2}``; the plain unweighted average of the members
 ``average_{mae,rmse,r2}``; calibration of the ensemble's std: ``calib_within_1std`` and
 ``calib_within_2std`` (share of test rows with |error| <= 1 or 2 std; a Gaussian would give
-0.68 and 0.95), and ``mean_std``.
+0.68 and 0.95), and ``mean_std``.  For a calibrated ensemble (conformal intervals, see
+:mod:`matfusion.ensembles.calibration`) the std is the calibrated one, and the test rows also
+give ``coverage_68`` / ``coverage_90`` / ``coverage_95`` (share of test rows inside the
+interval at that nominal coverage), ``width_68`` / ``width_90`` / ``width_95`` (mean interval
+width), ``coverage_nominal`` (the model's own ``lower`` / ``upper`` level) and
+``coverage_at_nominal``; ``spread_within_1std`` is the uncalibrated fold-model spread's share,
+for reference.  The test rows only measure: the calibration used training rows only.
 
 With k targets every metric is per target, on the test rows labelled for it, with the
 target's name as suffix (``ensemble_mae_K_VRH``, ``member.rf_r2_G_VRH``,
@@ -26,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from .calibration import coverage_metrics, level_name, reliability_curve
 from .stacking import StackedEnsemble, _as_targets
 
 
@@ -54,9 +61,11 @@ def calibration(pred: np.ndarray, std: np.ndarray, y: np.ndarray) -> dict:
 @dataclass
 class Evaluation:
     metrics: dict
-    predictions: pd.DataFrame  # row, y, prediction, std, one column per member, average
+    predictions: pd.DataFrame  # row, y, prediction, std, [lower, upper], spread, one column per member, average
     weights: Optional[dict]
     summary: dict = field(default_factory=dict)
+    # target ("" for one target) -> (nominal levels, observed test coverage): the reliability diagram
+    reliability: dict = field(default_factory=dict)
 
     @property
     def test_mae(self) -> float:
@@ -72,14 +81,31 @@ class Evaluation:
         return t if len(t) > 1 else []
 
 
-def _block(ensemble, pred, std, members, y, suffix: str) -> dict:
+def _block(ensemble, pred, std, members, y, suffix: str, spread=None, sigma=None, calibrator=None) -> dict:
     average = members.mean(axis=1)
     metrics = {f"ensemble_{k}{suffix}": v for k, v in regression_metrics(pred, y).items()}
     metrics.update({f"average_{k}{suffix}": v for k, v in regression_metrics(average, y).items()})
     for j, name in enumerate(ensemble.names_):
         metrics.update({f"member.{name}_{k}{suffix}": v for k, v in regression_metrics(members[:, j], y).items()})
     metrics.update({f"{k}{suffix}": v for k, v in calibration(pred, std, y).items()})
+    if calibrator is not None:
+        nominal = float(ensemble.coverage_)
+        metrics.update({f"{k}{suffix}": v for k, v in coverage_metrics(y, pred, sigma, calibrator).items()})
+        at = coverage_metrics(y, pred, sigma, calibrator, levels=(nominal,))
+        metrics[f"coverage_nominal{suffix}"] = nominal
+        metrics[f"coverage_at_nominal{suffix}"] = at[f"coverage_{level_name(nominal)}"]
+        metrics[f"spread_within_1std{suffix}"] = float(np.mean(np.abs(pred - y) <= spread))
     return metrics
+
+
+def _interval_columns(frame: pd.DataFrame, out: dict, sfx: str, t: Optional[int]) -> None:
+    """std, lower, upper, spread columns (lower/upper only for a calibrated ensemble)."""
+    pick = (lambda a: a) if t is None else (lambda a: a[:, t])
+    frame[f"std{sfx}"] = pick(out["std"])
+    if "lower" in out:
+        frame[f"lower{sfx}"] = pick(out["lower"])
+        frame[f"upper{sfx}"] = pick(out["upper"])
+    frame[f"spread{sfx}"] = pick(out["spread"])
 
 
 def evaluate_ensemble(
@@ -95,14 +121,23 @@ def evaluate_ensemble(
         raise ValueError(
             f"targets of shape {y_all.shape} do not match the ensemble's {getattr(ensemble, 'n_targets_', 1)} target(s)"
         )
+    cal_rows = set().union(*(set(np.asarray(r).tolist()) for r in getattr(ensemble, "calibration_rows_", [])))
+    if cal_rows & set(test_rows.tolist()):
+        raise ValueError("test rows were used to calibrate the ensemble's intervals")
     y = y_all[test_rows]
     out = ensemble.predict_all(descriptors, graphs, test_rows)
     members, pred, std = out["members"], out["mean"], out["std"]
     average = members.mean(axis=1)
+    cals = list(getattr(ensemble, "calibrators_", None) or [])
+    reliability = {}
     if not ensemble.multi_target:
-        metrics = _block(ensemble, pred, std, members, y, "")
+        extra = {"spread": out["spread"], "sigma": out["sigma"], "calibrator": cals[0]} if cals else {}
+        metrics = _block(ensemble, pred, std, members, y, "", **extra)
         metrics["n_test"] = float(len(test_rows))
-        frame = pd.DataFrame({"row": test_rows, "y": y, "prediction": pred, "std": std})
+        if cals:
+            reliability[""] = reliability_curve(y, pred, out["sigma"], cals[0])
+        frame = pd.DataFrame({"row": test_rows, "y": y, "prediction": pred})
+        _interval_columns(frame, out, "", None)
         for j, name in enumerate(ensemble.names_):
             frame[f"member.{name}"] = members[:, j]
         frame["average"] = average
@@ -113,15 +148,53 @@ def evaluate_ensemble(
             lab = np.isfinite(y[:, t])  # labelled test rows of this target only
             if lab.sum() == 0:
                 raise ValueError(f"no test row has a label for target {tname!r}")
-            metrics.update(_block(ensemble, pred[lab, t], std[lab, t], members[lab, :, t], y[lab, t], f"_{tname}"))
+            extra = (
+                {"spread": out["spread"][lab, t], "sigma": out["sigma"][lab, t], "calibrator": cals[t]} if cals else {}
+            )
+            metrics.update(
+                _block(ensemble, pred[lab, t], std[lab, t], members[lab, :, t], y[lab, t], f"_{tname}", **extra)
+            )
             metrics[f"n_test_{tname}"] = float(lab.sum())
+            if cals:
+                reliability[tname] = reliability_curve(y[lab, t], pred[lab, t], out["sigma"][lab, t], cals[t])
             frame[f"y_{tname}"] = y[:, t]
             frame[f"prediction_{tname}"] = pred[:, t]
-            frame[f"std_{tname}"] = std[:, t]
+            _interval_columns(frame, out, f"_{tname}", t)
             for j, name in enumerate(ensemble.names_):
                 frame[f"member.{name}_{tname}"] = members[:, j, t]
             frame[f"average_{tname}"] = average[:, t]
-    return Evaluation(metrics=metrics, predictions=frame, weights=ensemble.weights_, summary=ensemble.summary())
+    return Evaluation(
+        metrics=metrics,
+        predictions=frame,
+        weights=ensemble.weights_,
+        summary=ensemble.summary(),
+        reliability=reliability,
+    )
+
+
+def reliability_plot(evaluation: Evaluation, path: str, title: str = "") -> Optional[str]:
+    """The reliability diagram of the conformal intervals on the test rows: observed coverage
+    against nominal coverage (one curve per target); None when the ensemble is not calibrated."""
+    if not evaluation.reliability:
+        return None
+    from ..plotting import new_figure, save_figure
+
+    fig = new_figure(5, 5)
+    ax = fig.add_subplot()
+    for target, (levels, observed) in evaluation.reliability.items():
+        sfx = f"_{target}" if target else ""
+        n = int(evaluation.metrics.get(f"n_test{sfx}", evaluation.metrics.get("n_test", 0)))
+        ax.plot(levels, observed, "o-", ms=3, label=f"{target or 'test rows'} (n={n})")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
+    ax.set_xlabel("nominal coverage")
+    ax.set_ylabel("observed coverage on the test rows")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "reliability of the conformal intervals")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    return path
 
 
 def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> str:
@@ -201,6 +274,10 @@ def log_evaluation(
         Param("n_meta_rows", str(summary.get("n_meta_rows"))),
         Param("refit", ",".join(summary.get("refit") or []) or "none"),
     ]
+    calib = summary.get("calibration")
+    if calib:
+        first = calib if "difficulty" in calib else next(iter(calib.values()))
+        params += [Param("interval_difficulty", str(first["difficulty"])), Param("coverage", str(first["coverage"]))]
     client.log_batch(run_id, metrics=metrics, params=params)
     client.log_dict(run_id, evaluation.weights or {}, "weights.json")
     client.log_dict(
@@ -216,6 +293,12 @@ def log_evaluation(
             title=f"{tags.get('dataset', '') if tags else ''} fold {tags.get('fold', '') if tags else ''}",
         )
         client.log_artifact(run_id, png)
+        rel = reliability_plot(evaluation, os.path.join(d, "reliability.png"))
+        if rel:
+            client.log_artifact(run_id, rel)
+    calib = summary.get("calibration")
+    if calib:
+        client.log_dict(run_id, calib, "calibration.json")
     return run_id
 
 

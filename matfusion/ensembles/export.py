@@ -2,8 +2,12 @@
 
 The pyfunc model (:class:`EnsemblePyfunc`) takes a DataFrame with a ``structure`` column (a
 pymatgen ``Structure`` dict, its JSON text, CIF text or POSCAR text) and returns a DataFrame
-with ``prediction`` and ``std`` (k targets: ``prediction_<target>`` and ``std_<target>`` for
-each target, see :func:`output_columns`).  It featurizes its input itself, with the featurizer
+with ``prediction``, ``std`` (calibrated: about 68 % of out-of-fold errors within it), ``lower``
+and ``upper`` (the conformal interval at the model's coverage, default 90 %; the pyfunc param
+``coverage`` asks for another) and ``spread`` (the uncalibrated spread of the K fold-model
+stacks); k targets: ``prediction_<target>``, ``std_<target>`` ... for each target, see
+:func:`output_columns`.  A model saved before the intervals existed gives ``prediction`` and
+``std`` (its spread) as it always did.  It featurizes its input itself, with the featurizer
 parameters the ensemble was trained with (stored in ``featurizer.json``): the descriptor matrix of
 the same descriptor sets (``descriptors``: Magpie and the structural sets, see
 :mod:`matfusion.data.descriptors`) and, when a member is a graph model, the
@@ -130,20 +134,36 @@ def featurizer_spec(
     }
 
 
+def output_kinds(ensemble) -> list[str]:
+    """``[prediction, std, lower, upper, spread]`` for a calibrated ensemble, ``[prediction, std]``
+    for one fitted before the conformal intervals existed."""
+    calibrated = bool(getattr(ensemble, "calibrators_", None))
+    return ["prediction", "std", "lower", "upper", "spread"] if calibrated else ["prediction", "std"]
+
+
 def output_columns(ensemble) -> list[str]:
-    """``[prediction, std]``, or ``[prediction_<t>, std_<t>, ...]`` for a multi-target ensemble."""
+    """:func:`output_kinds`, or ``[prediction_<t>, std_<t>, ...]`` for a multi-target ensemble."""
+    kinds = output_kinds(ensemble)
     if not getattr(ensemble, "multi_target", False):
-        return ["prediction", "std"]
-    return [c for t in ensemble.target_names_ for c in (f"prediction_{t}", f"std_{t}")]
+        return kinds
+    return [f"{c}_{t}" for t in ensemble.target_names_ for c in kinds]
 
 
-def predict_parsed(ensemble, featurizer: dict, structures: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std): (n,) each, or (n, k) for a multi-target ensemble."""
+def predict_parsed(ensemble, featurizer: dict, structures: Sequence, coverage: Optional[float] = None) -> dict:
+    """``{kind: values}`` for each of :func:`output_kinds` (``prediction`` is the mean): (n,)
+    each, or (n, k) for a multi-target ensemble; ``lower`` / ``upper`` at ``coverage`` (default
+    the model's)."""
+    kinds = output_kinds(ensemble)
     if not len(structures):
         k = getattr(ensemble, "n_targets_", 1)
-        return (np.zeros(0), np.zeros(0)) if k == 1 else (np.zeros((0, k)), np.zeros((0, k)))
+        return {c: np.zeros(0) if k == 1 else np.zeros((0, k)) for c in kinds}
     X, graphs = featurize_structures(structures, featurizer)
-    return ensemble.predict(X, graphs, np.arange(len(structures)), return_std=True)
+    rows = np.arange(len(structures))
+    if "lower" not in kinds:
+        mean, std = ensemble.predict(X, graphs, rows, return_std=True)
+        return {"prediction": mean, "std": std}
+    out = ensemble.predict_interval(X, graphs, rows, coverage=coverage)
+    return {"prediction": out["mean"], **{c: out[c] for c in kinds[1:]}}
 
 
 # -- the pyfunc model -----------------------------------------------------------------------------
@@ -176,25 +196,33 @@ class EnsemblePyfunc(_PythonModel):
                     f"row {i}: cannot parse structure ({type(err).__name__}: {err}); prediction is NaN", stacklevel=2
                 )
         k = getattr(self.ensemble, "n_targets_", 1)
-        pred = np.full((len(values), k), np.nan)
-        std = np.full((len(values), k), np.nan)
+        coverage = (params or {}).get("coverage")
+        kinds = output_kinds(self.ensemble)
+        values_of = {c: np.full((len(values), k), np.nan) for c in kinds}
         if ok:
-            p, s = predict_parsed(self.ensemble, self.featurizer, structures)
-            pred[ok], std[ok] = np.reshape(p, (len(ok), k)), np.reshape(s, (len(ok), k))
+            got = predict_parsed(self.ensemble, self.featurizer, structures, coverage=coverage)
+            for c in kinds:
+                values_of[c][ok] = np.reshape(got[c], (len(ok), k))
         if k == 1:
-            return pd.DataFrame({"prediction": pred[:, 0], "std": std[:, 0]}, index=model_input.index)
+            return pd.DataFrame({c: values_of[c][:, 0] for c in kinds}, index=model_input.index)
         cols = {}
         for t, name in enumerate(self.ensemble.target_names_):
-            cols[f"prediction_{name}"], cols[f"std_{name}"] = pred[:, t], std[:, t]
+            for c in kinds:
+                cols[f"{c}_{name}"] = values_of[c][:, t]
         return pd.DataFrame(cols, index=model_input.index)
 
 
-def _signature_and_example(example_structures: Sequence, columns: Sequence[str] = ("prediction", "std")):
+def _signature_and_example(
+    example_structures: Sequence, columns: Sequence[str] = ("prediction", "std"), coverage: Optional[float] = None
+):
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
+    params = None if coverage is None else ParamSchema([ParamSpec("coverage", "double", float(coverage))])
     signature = ModelSignature(
-        inputs=Schema([ColSpec(AnyType(), "structure")]), outputs=Schema([ColSpec("double", c) for c in columns])
+        inputs=Schema([ColSpec(AnyType(), "structure")]),
+        outputs=Schema([ColSpec("double", c) for c in columns]),
+        params=params,
     )
     example = pd.DataFrame({"structure": [json.dumps(s.as_dict()) for s in example_structures]})
     return signature, example
@@ -222,10 +250,18 @@ def _write_artifacts(ensemble, featurizer: dict, card: dict, directory: str) -> 
 
 
 def make_card(
-    ensemble, task: str, fold: int, metrics: dict, data: Optional[dict] = None, extra: Optional[dict] = None
+    ensemble,
+    task: str,
+    fold: int,
+    metrics: dict,
+    data: Optional[dict] = None,
+    extra: Optional[dict] = None,
+    reliability: Optional[dict] = None,
 ) -> dict:
-    """The model card's content (written as card.json, rendered into README.md on export)."""
-    return {
+    """The model card's content (written as card.json, rendered into README.md on export).
+    ``reliability``: ``Evaluation.reliability`` (target -> (nominal levels, observed test
+    coverage)), drawn as reliability.png on export."""
+    card = {
         "task": task,
         "fold": int(fold),
         "data": data or {},
@@ -234,6 +270,12 @@ def make_card(
         "versions": package_versions(),
         **(extra or {}),
     }
+    if reliability:
+        card["reliability"] = {
+            str(t): {"nominal": [float(x) for x in lv], "observed": [float(x) for x in ob]}
+            for t, (lv, ob) in reliability.items()
+        }
+    return card
 
 
 def log_ensemble_model(
@@ -249,7 +291,9 @@ def log_ensemble_model(
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    signature, example = _signature_and_example(list(example_structures)[:2], output_columns(ensemble))
+    signature, example = _signature_and_example(
+        list(example_structures)[:2], output_columns(ensemble), getattr(ensemble, "coverage_", None)
+    )
     with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
         artifacts = _write_artifacts(ensemble, featurizer, card, d)
         with warnings.catch_warnings():
@@ -268,7 +312,9 @@ def save_ensemble_model(path: str, ensemble, featurizer: dict, card: dict, examp
     """Save the pyfunc model to a local directory (no tracking server needed)."""
     import mlflow
 
-    signature, example = _signature_and_example(list(example_structures)[:2], output_columns(ensemble))
+    signature, example = _signature_and_example(
+        list(example_structures)[:2], output_columns(ensemble), getattr(ensemble, "coverage_", None)
+    )
     with tempfile.TemporaryDirectory() as d:
         artifacts = _write_artifacts(ensemble, featurizer, card, d)
         with warnings.catch_warnings():
@@ -333,13 +379,20 @@ def register_ensemble(tracking_uri: str, model_uri: str, task: str, fold: int, t
 # -- export --------------------------------------------------------------------------------------
 
 
+class ModelNotFoundError(LookupError):
+    """A model URI, run id or folder that names no loadable model (one line: which and what to do)."""
+
+
 def resolve_model_uri(ref: str) -> str:
     """A model URI from a URI (``models:/``, ``runs:/``, a path) or a bare run id."""
     if "://" in ref or ref.startswith(("models:/", "runs:/")) or os.path.exists(ref):
         return ref
     if len(ref) == 32 and all(c in "0123456789abcdef" for c in ref.lower()):
         return f"runs:/{ref}/{MODEL_NAME}"
-    raise ValueError(f"{ref!r} is neither a model URI (models:/NAME@ALIAS, runs:/ID/model, a directory) nor a run id")
+    raise ModelNotFoundError(
+        f"no model at {ref!r}: it is neither an existing folder, nor a model URI (models:/NAME@ALIAS, "
+        "runs:/ID/model), nor a run id (32 hex digits); check the path or the URI"
+    )
 
 
 def _fmt(v) -> str:
@@ -397,6 +450,8 @@ def render_card(card: dict, model_uri: str) -> str:
     ]
     for k, v in sorted((card.get("metrics") or {}).items()):
         lines.append(f"| {k} | {_fmt(v)} |")
+    lines += _uncertainty_lines(card)
+    calibrated = bool(ens.get("calibration"))
     lines += [
         "",
         "## Usage",
@@ -404,7 +459,12 @@ def render_card(card: dict, model_uri: str) -> str:
         "```python",
         "import mlflow, pandas as pd",
         "model = mlflow.pyfunc.load_model('.')  # this directory",
-        "model.predict(pd.DataFrame({'structure': [structure.as_dict()]}))  # -> prediction, std",
+        "model.predict(pd.DataFrame({'structure': [structure.as_dict()]}))  # -> "
+        + ("prediction, std, lower, upper, spread" if calibrated else "prediction, std"),
+    ]
+    if calibrated:
+        lines.append("model.predict(df, params={'coverage': 0.95})  # lower / upper at 95 %")
+    lines += [
         "```",
         "",
         "## Package versions",
@@ -413,6 +473,74 @@ def render_card(card: dict, model_uri: str) -> str:
     for k, v in (card.get("versions") or {}).items():
         lines.append(f"- {k} {v}")
     return "\n".join(lines) + "\n"
+
+
+def _uncertainty_lines(card: dict) -> list[str]:
+    """The card's "Uncertainty" section: how the intervals were calibrated and their test coverage."""
+    from .calibration import REPORT_LEVELS, level_name
+
+    calib = (card.get("ensemble") or {}).get("calibration")
+    if not calib:
+        return []
+    metrics = card.get("metrics") or {}
+    per = {"": calib} if "difficulty" in calib else dict(calib)
+    lines = ["", "## Uncertainty", ""]
+    for target, c in per.items():
+        sfx = f"_{target}" if target else ""
+        lines += [
+            (f"Target {target}: " if target else "")
+            + f"`std` is calibrated by normalized conformal prediction ({c.get('difficulty')} difficulty) on "
+            f"{c.get('n_calibration')} out-of-fold residuals of the training rows (no test row): about 68 % of "
+            f"errors lie within 1 std; `lower` / `upper` cover {100 * float(c.get('coverage', 0.9)):g} %. "
+            "`spread` is the uncalibrated spread of the K fold-model stacks.",
+            "",
+        ]
+        if f"coverage_90{sfx}" in metrics:
+            lines += ["| nominal coverage | test coverage | mean interval width |", "|---|---|---|"]
+            for lv in REPORT_LEVELS:
+                name = level_name(lv)
+                lines.append(
+                    f"| {name} % | {_fmt(metrics.get(f'coverage_{name}{sfx}'))} | "
+                    f"{_fmt(metrics.get(f'width_{name}{sfx}'))} |"
+                )
+            if f"spread_within_1std{sfx}" in metrics:
+                lines.append(f"| (uncalibrated spread, 1 std) | {_fmt(metrics[f'spread_within_1std{sfx}'])} | |")
+            lines.append("")
+    if card.get("reliability"):
+        lines += ["![reliability diagram of the test rows](reliability.png)", ""]
+    return lines
+
+
+def write_reliability_png(card: dict, path: Path) -> Optional[Path]:
+    """reliability.png (observed vs nominal coverage on the test rows) from a card's curve points."""
+    curves = card.get("reliability")
+    if not curves:
+        return None
+    from ..plotting import new_figure, save_figure
+
+    fig = new_figure(5, 5)
+    ax = fig.add_subplot()
+    for target, c in curves.items():
+        ax.plot(c["nominal"], c["observed"], "o-", ms=3, label=target or "test rows")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
+    ax.set_xlabel("nominal coverage")
+    ax.set_ylabel("observed coverage on the test rows")
+    ax.set_title(f"{card.get('task')} fold {card.get('fold')}: conformal intervals")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    return path
+
+
+def _not_found(uri: str, err: Exception) -> ModelNotFoundError:
+    import mlflow
+
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = uri if os.path.exists(uri) else f"{uri} in the tracking store {mlflow.get_tracking_uri()}"
+    return ModelNotFoundError(
+        f"no model at {where} ({reason}); check the URI or run id (`matfusion leaderboard`, `mlflow ui` list "
+        "runs and registered models), or pass --tracking-uri for another store"
+    )
 
 
 def export_model(model_uri: str, to_dir: Union[str, Path]) -> Path:
@@ -425,16 +553,22 @@ def export_model(model_uri: str, to_dir: Union[str, Path]) -> Path:
     if to_dir.exists() and any(to_dir.iterdir()):
         raise FileExistsError(f"{to_dir} exists and is not empty")
     to_dir.mkdir(parents=True, exist_ok=True)
+    from mlflow.exceptions import MlflowException
+
     if os.path.isdir(uri):
         shutil.copytree(uri, to_dir, dirs_exist_ok=True)
     else:
         with tempfile.TemporaryDirectory() as d:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d)
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d)
+            except (MlflowException, OSError) as err:
+                raise _not_found(uri, err) from None
             shutil.copytree(local, to_dir, dirs_exist_ok=True)
     if not (to_dir / "MLmodel").is_file():
         raise ValueError(f"{uri} is not an MLflow model (no MLmodel file)")
     cards = list(to_dir.glob("artifacts/card.json"))
     card = json.loads(cards[0].read_text()) if cards else {}
+    write_reliability_png(card, to_dir / "reliability.png")
     (to_dir / "README.md").write_text(render_card(card, str(model_uri)))
     return to_dir
 
@@ -516,23 +650,51 @@ def read_inputs(
 
 
 def load_model(model_uri_or_dir: Union[str, Path]):
+    """The pyfunc model of a URI, run id or folder; :class:`ModelNotFoundError` (one line) when
+    there is none."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    return mlflow.pyfunc.load_model(resolve_model_uri(str(model_uri_or_dir)))
+    uri = resolve_model_uri(str(model_uri_or_dir))
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as err:
+        raise _not_found(uri, err) from None
+
+
+def _accepts_coverage(model) -> bool:
+    params = getattr(getattr(model, "metadata", None), "get_params_schema", lambda: None)()
+    return bool(params) and any(p.name == "coverage" for p in params.params)
 
 
 def predict_structures(
-    model_uri_or_dir, inputs: Iterable[Union[str, Path]], structure_column: str = "structure", model=None
+    model_uri_or_dir,
+    inputs: Iterable[Union[str, Path]],
+    structure_column: str = "structure",
+    model=None,
+    coverage: Optional[float] = None,
 ) -> pd.DataFrame:
-    """DataFrame(id, prediction, std) for every readable structure in ``inputs`` (CIF/POSCAR
-    files, folders of them, CSV/JSON tables with a structure column); bad ones are named on
-    stderr and skipped.  A multi-target model gives ``prediction_<t>``, ``std_<t>`` per target."""
+    """DataFrame(id, prediction, std, lower, upper, spread) for every readable structure in
+    ``inputs`` (CIF/POSCAR files, folders of them, CSV/JSON tables with a structure column); bad
+    ones are named on stderr and skipped.  A multi-target model gives ``prediction_<t>``,
+    ``std_<t>`` ... per target; a model saved before the intervals existed gives id, prediction,
+    std.  ``coverage``: the level of ``lower`` / ``upper`` (default the model's).  The model is
+    loaded first: a model that does not exist raises :class:`ModelNotFoundError`."""
+    model = model or load_model(model_uri_or_dir)
+    params = None
+    if coverage is not None:
+        from .calibration import check_coverage
+
+        check_coverage(coverage, "--coverage")
+        if not _accepts_coverage(model):
+            raise ValueError("this model has no conformal intervals (saved before they existed): --coverage needs one")
+        params = {"coverage": float(coverage)}
     ids, structures, _ = read_inputs(inputs, structure_column)
     if not structures:
         return pd.DataFrame({"id": [], "prediction": [], "std": []})
-    model = model or load_model(model_uri_or_dir)
-    out = model.predict(pd.DataFrame({"structure": [json.dumps(s.as_dict()) for s in structures]}))
+    frame = pd.DataFrame({"structure": [json.dumps(s.as_dict()) for s in structures]})
+    out = model.predict(frame, params=params) if params else model.predict(frame)
     columns = {"id": ids}
-    for c in out.columns:  # prediction, std; or prediction_<t>, std_<t> per target
+    for c in out.columns:  # prediction, std, lower, upper, spread; or <kind>_<t> per target
         columns[str(c)] = np.asarray(out[c], dtype=float)
     return pd.DataFrame(columns)

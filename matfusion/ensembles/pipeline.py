@@ -161,6 +161,7 @@ def _fit_ensemble(prep, members, settings, context_features: int, seed: int, pro
         seed=seed,
         refit=settings.refit,
         graph_max_epochs=settings.max_epochs,
+        **interval_settings(settings),
     )
     ensemble.fit(
         prep.descriptors,
@@ -172,6 +173,17 @@ def _fit_ensemble(prep, members, settings, context_features: int, seed: int, pro
         target_names=prep.target_names if prep.targets.ndim == 2 else None,
     )
     return ensemble
+
+
+def interval_settings(settings) -> dict:
+    """``coverage`` and ``difficulty`` of the conformal intervals: the EnsembleConfig's fields once
+    it has them, else StackedEnsemble's defaults."""
+    from .stacking import DEFAULT_COVERAGE, DEFAULT_DIFFICULTY
+
+    return {
+        "coverage": getattr(settings, "coverage", DEFAULT_COVERAGE),
+        "difficulty": getattr(settings, "difficulty", DEFAULT_DIFFICULTY),
+    }
 
 
 def _run_tags(prep, parent) -> dict:
@@ -211,6 +223,7 @@ def _log_and_register(client, run_id: str, cfg, prep, ensemble, evaluation, pare
                 "cutoff": cfg.features.cutoff,
                 "max_neighbors": cfg.features.max_neighbors,
             },
+            reliability=evaluation.reliability,
         )
         info = log_ensemble_model(
             run_id,
@@ -258,6 +271,14 @@ def format_result(res: EnsembleResult) -> str:
             f"  calibration: {m['calib_within_1std' + sfx]:.0%} within 1 std, "
             f"{m['calib_within_2std' + sfx]:.0%} within 2 std"
         )
+        if "coverage_90" + sfx in m:
+            lines.append(
+                "  intervals (test coverage at nominal 68/90/95 %): "
+                + ", ".join(
+                    f"{m[f'coverage_{lv}{sfx}']:.0%} (width {m[f'width_{lv}{sfx}']:.4g})" for lv in (68, 90, 95)
+                )
+                + f"; uncalibrated spread: {m['spread_within_1std' + sfx]:.0%} within 1 std"
+            )
     for sfx in [f"_{t}" for t in res.evaluation.targets] or [""]:
         best = min(res.ensemble.names_, key=lambda n: m[f"member.{n}_mae{sfx}"])
         lines.append(

@@ -28,6 +28,9 @@ per fold on all k targets (``fit_family`` masks missing labels), the OOF predict
 (n, members, k), and one meta-learner per target is fitted on the rows that have that target's
 label only (``meta_fit_rows_[t]``).  ``predict`` then returns (n, k) arrays; with a single
 target everything stays 1-D as before.
+
+Uncertainty: conformal intervals calibrated on the OOF residuals of the training rows, per
+target (:mod:`matfusion.ensembles.calibration`, docs/uncertainty.md).
 """
 
 from __future__ import annotations
@@ -43,12 +46,16 @@ from sklearn.base import BaseEstimator, RegressorMixin, clone
 
 from .. import families
 from ..config import EnsembleConfig
+from .calibration import DIFFICULTIES, ONE_SIGMA, ConformalCalibrator, check_coverage
 
 log = logging.getLogger("matfusion.ensembles")
 
 _DEFAULTS = EnsembleConfig()  # the one home of the ensemble defaults (meta, n_folds, refit, max_epochs)
 META_LEARNERS = typing.get_args(EnsembleConfig.model_fields["meta"].annotation)  # ("mae", "nnls", "ridge", "gbm")
 DEFAULT_GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
+# interval settings: EnsembleConfig's fields once it has them (``coverage``, ``difficulty``)
+DEFAULT_COVERAGE = float(getattr(_DEFAULTS, "coverage", 0.9))
+DEFAULT_DIFFICULTY = str(getattr(_DEFAULTS, "difficulty", "model"))
 
 
 def member_name(config: dict) -> str:
@@ -273,6 +280,10 @@ class StackedEnsemble(BaseEstimator):
     refit: train every weighted member once more on all the rows for the point prediction.
     graph_max_epochs: epochs of the graph (torch) members; None: as searched (an lgbm
         member's rounds do not depend on it).
+    coverage: the coverage of the ``lower`` / ``upper`` conformal interval (in (0, 1)).
+    difficulty: the per-row difficulty that scales the intervals: ``model`` (a small model of
+        the out-of-fold |residual|), ``spread`` (the members' spread) or ``constant`` (plain
+        conformal, one width); see :mod:`matfusion.ensembles.calibration`.
 
     The member configs that are trained (``members_``) are derived in :meth:`fit`: ``lr_restarts``
     emptied (members train one learning-rate cycle to the end; the search's restarts at ASHA's
@@ -293,6 +304,14 @@ class StackedEnsemble(BaseEstimator):
     stacked predictions.  Prediction reads fitted attributes only, so a pickled fitted ensemble
     predicts alike in a fresh process.
 
+    Uncertainty.  After the meta-learner, one conformal calibrator per target is fitted on the
+    OOF residuals of the training rows (``calibration_rows_``: the labelled rows the
+    meta-learner saw, never another): the stacked OOF prediction of a fold's rows comes from a
+    meta-learner fitted on the other folds' OOF rows (``calibration_oof_``), so every residual
+    is out of sample for members and meta-learner alike.  ``predict`` then returns the
+    calibrated std (about 68 % of OOF errors within it); :meth:`predict_interval` and
+    :meth:`part_outputs` also give ``lower`` / ``upper`` and the old ``spread``.
+
     Fitted attributes: ``members_`` (the trained member configs, see above), ``names_`` (member
     names), ``fold_of_row_`` (dict row -> fold), ``meta_rows_`` (every row index the
     meta-learner saw), ``fold_train_rows_`` / ``fold_es_rows_`` / ``fold_heldout_rows_`` (per
@@ -303,7 +322,8 @@ class StackedEnsemble(BaseEstimator):
     ``n_features_``, ``graph_params_``, ``weights_`` (dict member -> weight, plus ``intercept``;
     k targets: ``{target: {...}}``; None for gbm), ``fold_states_`` (``[fold][member]`` slim
     trained states), ``refit_states_`` (per member: the slim state of its refit on all rows, or
-    None), ``refit_train_rows_`` / ``refit_es_rows_``.  With k targets ``oof_`` is
+    None), ``refit_train_rows_`` / ``refit_es_rows_``, ``calibrators_`` / ``calibration_rows_`` /
+    ``calibration_oof_`` (per target), ``coverage_``.  With k targets ``oof_`` is
     (n, members, k) and ``oof_y_`` (n, k) with NaN for missing labels.
     """
 
@@ -318,6 +338,8 @@ class StackedEnsemble(BaseEstimator):
         member_overrides: Optional[dict] = None,
         refit: bool = _DEFAULTS.refit,
         graph_max_epochs: Optional[int] = _DEFAULTS.max_epochs,
+        coverage: float = DEFAULT_COVERAGE,
+        difficulty: str = DEFAULT_DIFFICULTY,
     ) -> None:
         self.members = members
         self.meta = meta
@@ -328,12 +350,16 @@ class StackedEnsemble(BaseEstimator):
         self.member_overrides = member_overrides
         self.refit = refit
         self.graph_max_epochs = graph_max_epochs
+        self.coverage = coverage
+        self.difficulty = difficulty
 
     def __setstate__(self, state: dict) -> None:
         # ensembles pickled before the configs moved to ``members_`` kept the derived configs in
         # ``members``: they are what was trained
         if "meta_models_" in state and "members_" not in state:
             state = dict(state, members_=state["members"])
+        # ensembles pickled before the conformal intervals: no calibrators_, std is the spread
+        state = {"coverage": DEFAULT_COVERAGE, "difficulty": DEFAULT_DIFFICULTY, **state}
         super().__setstate__(state)
 
     def __sklearn_is_fitted__(self) -> bool:
@@ -381,6 +407,14 @@ class StackedEnsemble(BaseEstimator):
         if self.graph_max_epochs is not None and (not _is_int(self.graph_max_epochs) or self.graph_max_epochs < 1):
             raise InvalidParameterError(
                 f"graph_max_epochs must be an integer >= 1 or None (got {self.graph_max_epochs!r})"
+            )
+        try:
+            check_coverage(self.coverage)
+        except ValueError as err:
+            raise InvalidParameterError(str(err)) from None
+        if self.difficulty not in DIFFICULTIES:
+            raise InvalidParameterError(
+                f"difficulty must be one of {', '.join(DIFFICULTIES)} (got {self.difficulty!r})"
             )
 
     def _derived_members(self) -> list[dict]:
@@ -531,11 +565,86 @@ class StackedEnsemble(BaseEstimator):
             self.meta_fit_rows_.append(fit_rows)
         self.meta_model_ = self.meta_models_[0] if not multi else None
         self.weights_ = self._weights()
+        self._calibrate(descriptors, rows, fold, y_rows, oof)
         self.refit_states_ = [None] * n_members
         self.refit_train_rows_ = self.refit_es_rows_ = np.array([], dtype=np.int64)
         if self.refit:
             self._refit(descriptors, graphs, y_all, rows, progress)
         return self
+
+    # -- calibration (fit time) ----------------------------------------------------------------------
+    def _cross_fitted_stack(self, X: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+        """The stack's OOF prediction of each row by a meta-learner fitted on the other folds' rows
+        only: the fitted meta-learner saw every row, so its own residuals would be too small."""
+        pred = np.empty(len(y))
+        for k in np.unique(folds):
+            held = folds == k
+            pred[held] = make_meta(self.meta, self.seed).fit(X[~held], y[~held]).predict(X[held])
+        return pred
+
+    @staticmethod
+    def _difficulty_features(member_cols: np.ndarray, stacked: np.ndarray, descriptors, rows: np.ndarray):
+        """(inputs of the difficulty model, members' spread): the stacked prediction, the spread of
+        the members' predictions and the descriptor row (where the noise depends on the material
+        rather than on the predicted value, only the descriptors can tell; docs/uncertainty.md)."""
+        member_cols = np.asarray(member_cols, dtype=np.float64)
+        spread = member_cols.std(axis=1) if member_cols.shape[1] > 1 else np.zeros(len(member_cols))
+        X = np.asarray(descriptors[rows], dtype=np.float64).reshape(len(rows), -1)
+        return np.column_stack([np.asarray(stacked, dtype=np.float64), spread, X]), spread
+
+    def _calibrate(self, descriptors, rows: np.ndarray, fold: np.ndarray, y_rows: np.ndarray, oof: np.ndarray) -> None:
+        """One :class:`~matfusion.ensembles.calibration.ConformalCalibrator` per target, on the
+        residuals of the cross-fitted OOF stack of the labelled training rows (``calibration_rows_``):
+        no other row is ever used."""
+        self.coverage_ = float(self.coverage)
+        self.calibrators_, self.calibration_rows_, self.calibration_oof_ = [], [], []
+        for t in range(self.n_targets_):
+            labelled = np.isfinite(y_rows[:, t])
+            cal_rows, cols, y, folds = rows[labelled], oof[labelled, :, t], y_rows[labelled, t], fold[labelled]
+            stacked = self._cross_fitted_stack(self._meta_input(cols, descriptors, cal_rows), y, folds)
+            X, spread = self._difficulty_features(cols, stacked, descriptors, cal_rows)
+            cal = ConformalCalibrator(difficulty=self.difficulty, coverage=self.coverage_, seed=self.seed)
+            self.calibrators_.append(cal.fit(y - stacked, X, folds, spread))
+            self.calibration_rows_.append(cal_rows)
+            self.calibration_oof_.append(stacked)
+            if cal.difficulty_ != self.difficulty:
+                log.info(
+                    "target %s: difficulty %s impossible (one member), intervals are constant-width",
+                    self.target_names_[t],
+                    self.difficulty,
+                )
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the ensemble has conformal calibrators (ensembles fitted before them do not)."""
+        return bool(getattr(self, "calibrators_", None))
+
+    def half_width(self, sigma: np.ndarray, coverage: Optional[float] = None) -> np.ndarray:
+        """Half-width of the intervals at ``coverage`` (default the fitted ``coverage``) of rows of
+        difficulty ``sigma`` ((n,) or (n, k), as :meth:`part_outputs` gives it)."""
+        level = getattr(self, "coverage_", DEFAULT_COVERAGE) if coverage is None else check_coverage(coverage)
+        if not self.multi_target:
+            return self.calibrators_[0].quantile(level) * np.asarray(sigma)
+        return np.stack([c.quantile(level) * sigma[:, t] for t, c in enumerate(self.calibrators_)], axis=1)
+
+    def _intervals(self, out: dict, descriptors, rows: np.ndarray) -> dict:
+        """``sigma`` (difficulty), the calibrated ``std`` (68.27 % half-width) and ``lower`` /
+        ``upper`` at the fitted coverage, from the point prediction and member columns of ``out``."""
+        n_t = self.n_targets_
+        mean = np.asarray(out["mean"]).reshape(len(rows), n_t)
+        members = np.asarray(out["members"]).reshape(len(rows), len(self.members_), n_t)
+        sigma = np.empty((len(rows), n_t))
+        for t, cal in enumerate(self.calibrators_):
+            X, spread = self._difficulty_features(members[:, :, t], mean[:, t], descriptors, rows)
+            sigma[:, t] = cal.sigma(X, spread, n=len(rows))
+        sigma = sigma if self.multi_target else sigma[:, 0]
+        half = self.half_width(sigma)
+        return {
+            "sigma": sigma,
+            "std": self.half_width(sigma, ONE_SIGMA),
+            "lower": out["mean"] - half,
+            "upper": out["mean"] + half,
+        }
 
     def weighted_members(self) -> list[int]:
         """Indices of the members the meta-learner uses (a non-zero weight for some target; every
@@ -669,8 +778,11 @@ class StackedEnsemble(BaseEstimator):
     ) -> dict:
         """Everything the ensemble predicts for a packed ``part`` (rows ``rows`` of ``descriptors``):
         ``per_fold`` (see :meth:`fold_part_predictions`), ``members`` (each member's column of the
-        point prediction: its refit, else its fold-model average), ``mean`` (the point prediction)
-        and ``std`` (spread of the K stacked fold-model predictions).  With ``members`` only those
+        point prediction: its refit, else its fold-model average), ``mean`` (the point prediction),
+        ``spread`` (the standard deviation of the K stacked fold-model predictions, uncalibrated)
+        and ``std``: the calibrated std (conformal half-width at 68.27 %) of a calibrated ensemble,
+        else the spread; a calibrated ensemble also gives ``sigma`` (the rows' difficulty) and
+        ``lower`` / ``upper`` (the conformal interval at the fitted ``coverage``).  With ``members`` only those
         members are predicted again and the others are taken from ``base`` (an earlier result)."""
         from ..trainables.trial import predict_from_state
 
@@ -679,7 +791,9 @@ class StackedEnsemble(BaseEstimator):
         stacked = self.stack_folds(per_fold, descriptors, rows)
         columns = per_fold.mean(axis=0)
         if not self.refitted:
-            return {"per_fold": per_fold, "members": columns, "mean": stacked.mean(axis=0), "std": stacked.std(axis=0)}
+            return self._with_intervals(
+                {"per_fold": per_fold, "members": columns, "mean": stacked.mean(axis=0)}, stacked, descriptors, rows
+            )
         for j, state in enumerate(self.refit_states_):
             if state is None:
                 continue
@@ -689,7 +803,16 @@ class StackedEnsemble(BaseEstimator):
             pred = predict_from_state(self._refit_config(j), state, part, self.graph_params_)
             columns[:, j] = np.asarray(pred, dtype=np.float64).reshape(columns[:, j].shape)
         mean = self.stack_folds(columns[None], descriptors, rows)[0]
-        return {"per_fold": per_fold, "members": columns, "mean": mean, "std": stacked.std(axis=0)}
+        return self._with_intervals(
+            {"per_fold": per_fold, "members": columns, "mean": mean}, stacked, descriptors, rows
+        )
+
+    def _with_intervals(self, out: dict, stacked: np.ndarray, descriptors, rows: np.ndarray) -> dict:
+        out["spread"] = stacked.std(axis=0)  # the spread of the K fold-model stacks (uncalibrated)
+        out["std"] = out["spread"]
+        if self.calibrated:
+            out.update(self._intervals(out, descriptors, rows))
+        return out
 
     def predict_all(self, descriptors: np.ndarray, graphs, rows: Sequence[int]) -> dict:
         """:meth:`part_outputs` of ``rows`` of the whole dataset's arrays."""
@@ -702,12 +825,29 @@ class StackedEnsemble(BaseEstimator):
     def predict(self, descriptors: np.ndarray, graphs, rows: Sequence[int], return_std: bool = True):
         """Stacked prediction of ``rows`` (the meta-learner on the refitted members; without refit,
         the mean over the K fold-model sets of ``meta(members of fold k)``); with ``return_std``
-        also the standard deviation of those K fold-model stacks.  Shapes (n,) for one target,
-        (n, k) for k targets."""
+        also the calibrated std (see :meth:`part_outputs`; the fold-model spread for an ensemble
+        fitted before calibration existed).  Shapes (n,) for one target, (n, k) for k targets."""
         out = self.predict_all(descriptors, graphs, rows)
         if not return_std:
             return out["mean"]
         return out["mean"], out["std"]
+
+    def predict_interval(
+        self, descriptors: np.ndarray, graphs, rows: Sequence[int], coverage: Optional[float] = None
+    ) -> dict:
+        """``{mean, std, lower, upper, spread}`` of ``rows``: the conformal interval at ``coverage``
+        (default the fitted ``coverage``)."""
+        if not self.calibrated:
+            raise RuntimeError("this ensemble was fitted before conformal calibration existed: refit it for intervals")
+        out = self.predict_all(descriptors, graphs, rows)
+        half = self.half_width(out["sigma"], coverage)
+        return {
+            "mean": out["mean"],
+            "std": out["std"],
+            "lower": out["mean"] - half,
+            "upper": out["mean"] + half,
+            "spread": out["spread"],
+        }
 
     # -- description -------------------------------------------------------------------------------
     @property
@@ -740,4 +880,12 @@ class StackedEnsemble(BaseEstimator):
             "targets": list(getattr(self, "target_names_", ["target"])),
             "n_meta_rows_per_target": [int(len(r)) for r in getattr(self, "meta_fit_rows_", [self.meta_rows_])],
             "graph_params": self.graph_params_,
+            "calibration": self.calibration_summary(),
         }
+
+    def calibration_summary(self) -> Optional[dict]:
+        """How the intervals were calibrated (per target for k targets); None before calibration."""
+        if not self.calibrated:
+            return None
+        per = {t: c.summary() for t, c in zip(self.target_names_, self.calibrators_)}
+        return per if self.multi_target else per[self.target_names_[0]]

@@ -251,6 +251,15 @@ def test_miniature_benchmark_two_folds_records_reports_and_resumes(tmp_path, dat
         assert results[f"fold_{k}"]["scores"]["mae"] == pytest.approx(np.mean(np.abs(preds["prediction"] - preds["y"])))
         assert res.fold_mae[k] == pytest.approx(results[f"fold_{k}"]["scores"]["mae"])
         assert all(u["std"] > 0 for u in results[f"fold_{k}"]["uncertainty"].values())
+        # the conformal interval and the old spread travel with the predictions; the summary holds
+        # their test coverage at the nominal levels (calibrated on the stacking rows only)
+        assert {"lower", "upper", "spread"} <= set(preds.columns)
+        assert (preds["lower"] < preds["prediction"]).all() and (preds["prediction"] < preds["upper"]).all()
+        summary = json.loads((out / f"fold_{k}" / "summary.json").read_text())
+        inside = np.mean((preds["y"] >= preds["lower"]) & (preds["y"] <= preds["upper"]))
+        assert summary["coverage_90"] == pytest.approx(inside) and summary["calibration"]["difficulty"] == "model"
+        assert summary["width_90"] == pytest.approx(np.mean(preds["upper"] - preds["lower"]))
+        assert (out / f"fold_{k}" / "reliability.png").stat().st_size > 1000
     assert not results["fold_2"]["data"]
     back = mio.open_benchmark("matbench_phonons", out / "results.json.gz")
     assert mio.recorded_folds(back, "matbench_phonons") == [0, 1]
@@ -291,7 +300,15 @@ def test_miniature_benchmark_two_folds_records_reports_and_resumes(tmp_path, dat
     # the report
     text = (out / "report.md").read_text()
     assert "| 0 | **" in text and "| 1 | **" in text and "MEGNet" in text and "not comparable" in text
-    for png in ("fold_mae.png", "families.png", "parity.png", "search_history.png", "rf_importance.png"):
+    assert "## Uncertainty" in text and "| 0 | model |" in text and "| 1 | model |" in text
+    for png in (
+        "fold_mae.png",
+        "families.png",
+        "parity.png",
+        "search_history.png",
+        "rf_importance.png",
+        "coverage.png",
+    ):
         assert (out / png).stat().st_size > 1000, png
     imp = json.loads((out / "fold_0" / "importance.json").read_text())
     assert len(imp["rf"]["impurity"]) == len(imp["rf"]["columns"]) and imp["rf"]["permutation"] is not None

@@ -254,6 +254,8 @@ def test_get_params_set_params_and_clone_round_trip():
         member_overrides=overrides,
         refit=False,
         graph_max_epochs=4,
+        coverage=0.8,
+        difficulty="spread",
     )
     params = ens.get_params()
     assert params == {
@@ -266,6 +268,8 @@ def test_get_params_set_params_and_clone_round_trip():
         "member_overrides": {"max_epochs": 3},
         "refit": False,
         "graph_max_epochs": 4,
+        "coverage": 0.8,
+        "difficulty": "spread",
     }
     assert params["members"][0] is RF and params["member_overrides"] is overrides  # stored unchanged
     twin = clone(ens)
@@ -425,7 +429,8 @@ def test_refit_members_train_on_all_training_rows_only(phonons, fitted):
     out = fitted.predict_all(fs.descriptors, fs.graphs, split.test)
     fold_mean = fitted.stack_folds(out["per_fold"], fs.descriptors, split.test).mean(axis=0)
     assert not np.allclose(out["mean"], fold_mean)  # the refit changes the point prediction ...
-    np.testing.assert_allclose(out["std"], fitted.stack_folds(out["per_fold"], fs.descriptors, split.test).std(axis=0))
+    spread = fitted.stack_folds(out["per_fold"], fs.descriptors, split.test).std(axis=0)
+    np.testing.assert_allclose(out["spread"], spread)  # the fold-model spread, under its own name
     # ... and without refit states the ensemble predicts with its fold models, as refit=False does
     import copy
 
@@ -600,7 +605,8 @@ def test_champion_alias_moves_only_on_improvement(phonons, fitted, registry):
 
 def test_fresh_process_loads_champion_and_reproduces_predictions(tmp_path, phonons, fitted, registry):
     ds, split, fs = phonons
-    expect, expect_std = fitted.predict(fs.descriptors, fs.graphs, split.test)
+    expect = fitted.predict_interval(fs.descriptors, fs.graphs, split.test)
+    wide = fitted.predict_interval(fs.descriptors, fs.graphs, split.test, coverage=0.95)
     inputs = tmp_path / "inputs.json"
     # half as dict JSON text, half as CIF text: both featurize to the same graphs
     cells = [
@@ -615,13 +621,20 @@ def test_fresh_process_loads_champion_and_reproduces_predictions(tmp_path, phono
         model = mlflow.pyfunc.load_model("models:/matfusion-{TASK}@champion")
         df = pd.DataFrame({{"structure": json.load(open({str(inputs)!r}))}})
         model.predict(df).to_csv({str(out)!r}, index=False, float_format="%.12g")
+        model.predict(df, params={{"coverage": 0.95}}).to_csv({str(out) + ".95"!r}, index=False, float_format="%.12g")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = pd.read_csv(out)
-    assert list(got.columns) == ["prediction", "std"]
-    np.testing.assert_allclose(got["prediction"], expect, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(got["std"], expect_std, rtol=0, atol=1e-6)
+    # the calibrated std, the conformal interval at the model's 90 %, and the old spread by name
+    assert list(got.columns) == ["prediction", "std", "lower", "upper", "spread"]
+    np.testing.assert_allclose(got["prediction"], expect["mean"], rtol=0, atol=1e-6)
+    for c in ("std", "lower", "upper", "spread"):
+        np.testing.assert_allclose(got[c], expect[c], rtol=0, atol=1e-6, err_msg=c)
+    assert (got["lower"] < got["prediction"]).all() and (got["prediction"] < got["upper"]).all()
+    got95 = pd.read_csv(str(out) + ".95")
+    np.testing.assert_allclose(got95["upper"], wide["upper"], rtol=0, atol=1e-6)
+    assert (got95["upper"] - got95["lower"] > got["upper"] - got["lower"]).all()
 
 
 def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, registry, capsys):
@@ -636,6 +649,10 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     card = (to / "README.md").read_text()
     assert "nnls" in card and "| rf |" in card and "| cgcnn-early |" in card and "ensemble_mae" in card
     assert f"{fitted.weights_['rf']:.4g}" in card and "torch" in card and "outer fold: 0" in card
+    # the card says how the intervals were calibrated and how they covered the test rows
+    m = registry["evaluation"].metrics
+    assert "## Uncertainty" in card and f"| 90 % | {m['coverage_90']:.4g} | {m['width_90']:.4g} |" in card
+    assert "out-of-fold residuals of the training rows" in card and "params={'coverage': 0.95}" in card
 
     cifs = tmp_path / "cifs"
     cifs.mkdir()
@@ -650,11 +667,23 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     err = capsys.readouterr().err
     assert "broken.cif" in err and "cannot parse" in err
     df = pd.read_csv(out)
-    assert list(df.columns) == ["id", "prediction", "std"]
+    assert list(df.columns) == ["id", "prediction", "std", "lower", "upper", "spread"]
     assert sorted(df["id"]) == sorted(ds.ids[r] for r in picked)
     expect, _ = fitted.predict(fs.descriptors, fs.graphs, np.array(picked))
     got = df.set_index("id").loc[[ds.ids[r] for r in picked], "prediction"].to_numpy()
     np.testing.assert_allclose(got, expect, atol=1e-6)
+    # --coverage: the interval at another level, the same point prediction and std
+    out95 = tmp_path / "preds95.csv"
+    args = parser.parse_args(["predict", str(to), str(cifs), "--out", str(out95), "--coverage", "0.95"])
+    assert args.func(args) == 0
+    df95 = pd.read_csv(out95).set_index("id").loc[df["id"]]
+    np.testing.assert_allclose(df95["prediction"].to_numpy(), df["prediction"].to_numpy())
+    np.testing.assert_allclose(df95["std"].to_numpy(), df["std"].to_numpy())
+    assert ((df95["upper"] - df95["lower"]).to_numpy() > (df["upper"] - df["lower"]).to_numpy()).all()
+    expect95 = fitted.predict_interval(fs.descriptors, fs.graphs, np.array(picked), coverage=0.95)
+    np.testing.assert_allclose(
+        df95.loc[[ds.ids[r] for r in picked], "upper"].to_numpy(), expect95["upper"], rtol=0, atol=1e-6
+    )
 
     # a table input with one unparseable row, via the API
     table = tmp_path / "table.csv"
@@ -664,6 +693,38 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     res = predict_structures(str(to), [table])
     assert list(res["id"]) == ["a"] and res["prediction"].iloc[0] == pytest.approx(expect[0], abs=1e-6)
     assert "row 1 (id b)" in capsys.readouterr().err
+
+
+def test_predict_and_export_of_a_model_that_does_not_exist_say_so_in_one_line(tmp_path, phonons, registry, capsys):
+    """Issue 21 item 3: one line (what, which model, what to do) and exit 3, not an MLflow traceback."""
+    from matfusion.cli import main
+    from matfusion.ensembles.commands import EXIT_MODEL_NOT_FOUND
+
+    ds, split, _ = phonons
+    cif = tmp_path / "one.cif"
+    cif.write_text(ds.structures[int(split.test[0])].to(fmt="cif"))
+    missing_run = "0123456789abcdef0123456789abcdef"
+    for ref in (
+        missing_run,
+        f"runs:/{missing_run}/model",
+        "models:/matfusion-no-such-task@champion",
+        str(tmp_path / "no-such-folder"),
+    ):
+        capsys.readouterr()
+        rc = main(["predict", ref, str(cif), "--tracking-uri", registry["uri"]])
+        err = capsys.readouterr().err.strip()
+        assert rc == EXIT_MODEL_NOT_FOUND == 3, (ref, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith("matfusion predict: no model at") and "check" in err
+        assert (missing_run in err) if missing_run in ref else (ref.split("@")[0].split("/")[-1] in err)
+    capsys.readouterr()
+    rc = main(["export", f"runs:/{missing_run}/model", "--to", str(tmp_path / "x"), "--tracking-uri", registry["uri"]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 3 and len(err.splitlines()) == 1 and missing_run in err
+    # a model that exists but a bad --coverage is bad input (2), named
+    rc = main(["predict", registry["model_uri"], str(cif), "--coverage", "1.5", "--tracking-uri", registry["uri"]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--coverage must be a number in (0, 1)" in err
 
 
 def test_ensemble_command_end_to_end(tmp_path, phonons, capsys):
@@ -939,10 +1000,14 @@ def test_multi_target_pyfunc_and_predict_structures(tmp_path, elastic, capsys):
     model = mlflow.pyfunc.load_model(str(path))
     picked = [int(r) for r in split.test[:4]]
     out = model.predict(pd.DataFrame({"structure": [json.dumps(ds.structures[r].as_dict()) for r in picked]}))
-    assert list(out.columns) == ["prediction_K_VRH", "std_K_VRH", "prediction_G_VRH", "std_G_VRH"]
+    kinds = ["prediction", "std", "lower", "upper", "spread"]
+    assert list(out.columns) == [f"{c}_{t}" for t in ELASTIC_TARGETS for c in kinds]
     expect, expect_std = ens.predict(fs.descriptors, fs.graphs, np.array(picked))
     np.testing.assert_allclose(out[["prediction_K_VRH", "prediction_G_VRH"]].to_numpy(), expect, atol=1e-6)
     np.testing.assert_allclose(out[["std_K_VRH", "std_G_VRH"]].to_numpy(), expect_std, atol=1e-6)
+    # one calibration per target: the interval widths of K and G differ
+    half = out[["upper_K_VRH", "upper_G_VRH"]].to_numpy() - expect
+    assert (half > 0).all() and not np.allclose(half[:, 0], half[:, 1])
 
     cifs = tmp_path / "cifs"
     cifs.mkdir()
@@ -953,7 +1018,7 @@ def test_multi_target_pyfunc_and_predict_structures(tmp_path, elastic, capsys):
     args = parser.parse_args(["predict", str(path), str(cifs), "--out", str(csv)])
     assert args.func(args) == 0
     df = pd.read_csv(csv)
-    assert list(df.columns) == ["id", "prediction_K_VRH", "std_K_VRH", "prediction_G_VRH", "std_G_VRH"]
+    assert list(df.columns) == ["id"] + [f"{c}_{t}" for t in ELASTIC_TARGETS for c in kinds]
     got = df.set_index("id").loc[[ds.ids[r] for r in picked[:2]], ["prediction_K_VRH", "prediction_G_VRH"]]
     np.testing.assert_allclose(got.to_numpy(), expect[:2], atol=1e-6)
     exported = export_model(str(path), tmp_path / "exported")

@@ -1,0 +1,225 @@
+"""Conformal prediction intervals from the stack's out-of-fold residuals.
+
+:class:`ConformalCalibrator` turns the out-of-fold (OOF) residuals of a stacked ensemble into
+prediction intervals (split-conformal / CV+ style, normalized): for each calibration row i,
+the nonconformity score is ``s_i = |y_i - yhat_i| / sigma_i``, where ``sigma_i`` is a per-row
+difficulty estimate; the interval of a new row x at coverage ``c`` is
+``yhat(x) +- q_c * sigma(x)``, with ``q_c`` the ``ceil((n + 1) c)``-th smallest of the n
+scores (the finite-sample correction of split conformal prediction).  Because sigma varies
+from row to row, intervals are wider where the ensemble is less sure.
+
+Difficulty estimates (``difficulty``):
+
+* ``model`` (default): a small gradient-boosted model of ``log(|residual| + eps)`` (eps: a
+  tenth of the median |residual|) on the stacked prediction, the spread of the members'
+  predictions and the descriptor row; sigma is its exponential (a geometric-mean scale of the error, which a few
+  huge residuals cannot dominate).  It is fitted *cross-fitted* on the calibration rows (the
+  model that gives row i its sigma never saw row i's residual), with the same K folds as the
+  stack; the model used for new rows is fitted on all the calibration rows.  (Measured against
+  ``|residual|`` as the target and without the descriptors: docs/uncertainty.md.)
+* ``spread``: the standard deviation of the members' predictions of the row (needs 2+
+  members; with one member it falls back to ``constant``, said in ``difficulty_``).
+* ``constant``: sigma = 1, plain (unnormalized) conformal intervals of one width everywhere.
+
+Every sigma is floored at 5 % of the calibration rows' median sigma, so that a row whose
+difficulty estimate is near zero cannot get a zero-width interval.
+
+The calibrated ``std`` is the half-width at 68.27 % (``ONE_SIGMA``): about 68 % of the
+calibration errors lie within one std, as for a Gaussian std.  The sorted scores are kept
+(``scores_``), so an interval at any coverage can be formed at prediction time.
+
+Only the rows passed to :meth:`ConformalCalibrator.fit` are used (the stack passes the OOF
+rows of the outer fold's training part); ``n_calibration_`` records how many.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+DIFFICULTIES = ("model", "spread", "constant")
+ONE_SIGMA = math.erf(1.0 / math.sqrt(2.0))  # 0.6827: share of a Gaussian within one std
+REPORT_LEVELS = (0.68, 0.90, 0.95)  # coverages the evaluation, the card and the report show
+SIGMA_FLOOR = 0.05  # of the calibration rows' median sigma
+
+
+def level_name(level: float) -> str:
+    """``0.9`` -> ``"90"``, ``0.975`` -> ``"97.5"`` (metric suffixes: ``coverage_90``)."""
+    pct = round(100.0 * float(level), 4)
+    return f"{pct:g}"
+
+
+def conformal_quantile(sorted_scores: np.ndarray, level: float) -> float:
+    """The ``ceil((n + 1) * level)``-th smallest of n sorted scores (split conformal's
+    finite-sample correction); the largest score when that rank exceeds n (too few calibration
+    rows for the level: the interval may then cover a little less than ``level``)."""
+    s = np.asarray(sorted_scores, dtype=np.float64)
+    n = len(s)
+    if n == 0:
+        raise ValueError("no calibration scores")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"coverage must be in (0, 1) (got {level!r})")
+    rank = int(math.ceil((n + 1) * float(level) - 1e-9))
+    return float(s[min(max(rank, 1), n) - 1])
+
+
+def check_coverage(value, name: str = "coverage") -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), e.g. 0.9 (got {value!r})")
+    return float(value)
+
+
+class ConformalCalibrator(BaseEstimator):
+    """Normalized conformal intervals from out-of-fold residuals (see the module docstring).
+
+    Parameters
+    ----------
+    difficulty: ``model`` | ``spread`` | ``constant``.
+    coverage: the default coverage of :meth:`interval` (in (0, 1)).
+    seed: seeds the difficulty model.
+
+    ``fit(residuals, features, folds, spread)``: ``residuals`` (n,) OOF ``y - yhat`` of the
+    calibration rows, ``features`` (n, d) the difficulty model's inputs (NaN allowed), ``folds``
+    (n,) the fold each row was held out in (for the cross-fitting), ``spread`` (n,) the members'
+    spread.  Fitted attributes: ``difficulty_`` (the estimate used), ``scores_`` (sorted
+    normalized scores), ``sigma_floor_``, ``model_`` (``model`` only), ``oof_sigma_`` (the
+    calibration rows' sigma), ``n_calibration_``.
+    """
+
+    def __init__(self, difficulty: str = "model", coverage: float = 0.9, seed: int = 0) -> None:
+        self.difficulty = difficulty
+        self.coverage = coverage
+        self.seed = seed
+
+    # -- the difficulty model ---------------------------------------------------------------------
+    def _new_model(self, n: int):
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        return HistGradientBoostingRegressor(
+            max_iter=100,
+            learning_rate=0.05,
+            max_depth=3,
+            min_samples_leaf=max(10, n // 20),
+            l2_regularization=1.0,
+            early_stopping=False,
+            random_state=self.seed,
+        )
+
+    def _fit_model(self, X: np.ndarray, target: np.ndarray):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):
+            return self._new_model(len(target)).fit(X, target)
+
+    @staticmethod
+    def _predict_model(model, X: np.ndarray) -> np.ndarray:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):
+            return np.asarray(model.predict(X), dtype=np.float64)
+
+    def fit(
+        self,
+        residuals: np.ndarray,
+        features: Optional[np.ndarray] = None,
+        folds: Optional[np.ndarray] = None,
+        spread: Optional[np.ndarray] = None,
+    ) -> "ConformalCalibrator":
+        if self.difficulty not in DIFFICULTIES:
+            raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)} (got {self.difficulty!r})")
+        check_coverage(self.coverage)
+        r = np.abs(np.asarray(residuals, dtype=np.float64).reshape(-1))
+        n = len(r)
+        if n < 2 or not np.all(np.isfinite(r)):
+            raise ValueError(
+                f"calibration needs at least 2 finite residuals (got {n}, {int(np.isfinite(r).sum())} finite)"
+            )
+        kind = self.difficulty
+        if kind == "spread" and (spread is None or not np.any(np.asarray(spread) > 0)):
+            kind = "constant"  # one member (or identical members): no spread to scale by
+        self.model_ = None
+        if kind == "constant":
+            sigma = np.ones(n)
+        elif kind == "spread":
+            sigma = np.asarray(spread, dtype=np.float64).reshape(-1)
+        else:
+            X = np.asarray(features, dtype=np.float64)
+            folds = np.asarray(folds, dtype=np.int64).reshape(-1)
+            med = float(np.median(r))
+            self.log_eps_ = 0.1 * med if med > 0 else (float(r.mean()) or 1.0)
+            target = np.log(r + self.log_eps_)
+            sigma = np.empty(n)
+            for k in np.unique(folds):
+                held = folds == k
+                if held.all() or (~held).sum() < 2:  # a single fold: no out-of-fold model possible
+                    raise ValueError("the difficulty model needs at least 2 folds of calibration rows")
+                sigma[held] = np.exp(self._predict_model(self._fit_model(X[~held], target[~held]), X[held]))
+            self.model_ = self._fit_model(X, target)
+        self.difficulty_ = kind
+        med = float(np.median(sigma[np.isfinite(sigma)])) if np.isfinite(sigma).any() else 1.0
+        self.sigma_floor_ = SIGMA_FLOOR * med if med > 0 else 1.0
+        self.oof_sigma_ = self._floored(sigma)
+        self.scores_ = np.sort(r / self.oof_sigma_)
+        self.n_calibration_ = int(n)
+        return self
+
+    def _floored(self, sigma: np.ndarray) -> np.ndarray:
+        sigma = np.asarray(sigma, dtype=np.float64)
+        return np.maximum(np.where(np.isfinite(sigma), sigma, self.sigma_floor_), self.sigma_floor_)
+
+    # -- new rows -----------------------------------------------------------------------------------
+    def sigma(self, features: Optional[np.ndarray] = None, spread: Optional[np.ndarray] = None, n: int = 0):
+        """The difficulty of new rows: (n,)."""
+        if self.difficulty_ == "constant":
+            m = n or (len(features) if features is not None else len(spread))
+            return np.ones(m)
+        if self.difficulty_ == "spread":
+            return self._floored(np.asarray(spread, dtype=np.float64).reshape(-1))
+        X = np.asarray(features, dtype=np.float64)
+        if len(X) == 0:
+            return np.zeros(0)
+        return self._floored(np.exp(self._predict_model(self.model_, X)))
+
+    def quantile(self, level: Optional[float] = None) -> float:
+        """q: the interval at coverage ``level`` (default ``coverage``) is yhat +- q * sigma."""
+        return conformal_quantile(self.scores_, check_coverage(self.coverage if level is None else level))
+
+    def std_scale(self) -> float:
+        """q at 68.27 %: the calibrated std is ``std_scale() * sigma``."""
+        return self.quantile(ONE_SIGMA)
+
+    def summary(self) -> dict:
+        return {
+            "method": "normalized split conformal on out-of-fold residuals (CV+ style)",
+            "difficulty": self.difficulty_,
+            "coverage": float(self.coverage),
+            "n_calibration": self.n_calibration_,
+            "q_std": self.std_scale(),
+            **{f"q_{level_name(lv)}": self.quantile(lv) for lv in REPORT_LEVELS},
+        }
+
+
+def coverage_metrics(y, pred, sigma: np.ndarray, calibrator: ConformalCalibrator, levels=REPORT_LEVELS) -> dict:
+    """Share of rows whose truth lies in the interval, and the mean interval width, at each level:
+    ``coverage_<pct>``, ``width_<pct>``."""
+    err = np.abs(np.asarray(y, dtype=np.float64) - np.asarray(pred, dtype=np.float64))
+    sigma = np.asarray(sigma, dtype=np.float64)
+    out = {}
+    for lv in levels:
+        half = calibrator.quantile(lv) * sigma
+        out[f"coverage_{level_name(lv)}"] = float(np.mean(err <= half))
+        out[f"width_{level_name(lv)}"] = float(np.mean(2.0 * half))
+    return out
+
+
+def reliability_curve(y, pred, sigma, calibrator: ConformalCalibrator, levels=None) -> tuple[np.ndarray, np.ndarray]:
+    """(nominal levels, observed coverage) for a reliability diagram."""
+    levels = np.linspace(0.05, 0.95, 19) if levels is None else np.asarray(levels, dtype=np.float64)
+    err = np.abs(np.asarray(y, dtype=np.float64) - np.asarray(pred, dtype=np.float64))
+    sigma = np.asarray(sigma, dtype=np.float64)
+    observed = np.array([np.mean(err <= calibrator.quantile(float(lv)) * sigma) for lv in levels])
+    return levels, observed
