@@ -247,6 +247,18 @@ def _ensemble_config() -> type:
                 "predict with the K fold models",
             )
             register: bool = Field(True, description="register the model as matfusion-<task> (champion if better)")
+            coverage: float = Field(
+                0.9,
+                gt=0.0,
+                lt=1.0,
+                description="coverage of the lower/upper conformal interval of the predictions "
+                "(calibrated on the out-of-fold residuals of the training rows; docs/uncertainty.md)",
+            )
+            difficulty: Literal["model", "spread", "constant"] = Field(
+                "model",
+                description="per-row difficulty that scales the conformal intervals: model (a small model "
+                "of the out-of-fold |residual|), spread (the members' spread), constant (plain conformal, one width)",
+            )
 
     EnsembleConfig.__qualname__ = "EnsembleConfig"  # picklable by reference as matfusion.config.EnsembleConfig
     return EnsembleConfig

@@ -35,13 +35,16 @@ rows of the outer fold's training part); ``n_calibration_`` records how many.
 from __future__ import annotations
 
 import math
+import typing
 from numbers import Real
 from typing import Optional
 
 import numpy as np
 from sklearn.base import BaseEstimator
 
-DIFFICULTIES = ("model", "spread", "constant")
+from ..config import EnsembleConfig
+
+DIFFICULTIES = typing.get_args(EnsembleConfig.model_fields["difficulty"].annotation)  # model, spread, constant
 ONE_SIGMA = math.erf(1.0 / math.sqrt(2.0))  # 0.6827: share of a Gaussian within one std
 REPORT_LEVELS = (0.68, 0.90, 0.95)  # coverages the evaluation, the card and the report show
 SIGMA_FLOOR = 0.05  # of the calibration rows' median sigma

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import typing
 
 from ..config import EnsembleConfig
 from .stacking import META_LEARNERS, StackedEnsemble
@@ -30,6 +31,8 @@ _FLAGS = {
     "max_epochs": "--max-epochs",
     "refit": "--no-refit",
     "register": "--no-register",
+    "coverage": "--coverage",
+    "difficulty": "--difficulty",
 }
 
 
@@ -42,7 +45,14 @@ def settings_from_args(args) -> EnsembleConfig:
     override its defaults.  A value EnsembleConfig rejects raises ``ValueError`` naming the flag."""
     from pydantic import ValidationError
 
-    given = {"k": args.k, "meta": args.meta, "n_folds": args.folds, "max_epochs": args.max_epochs}
+    given = {
+        "k": args.k,
+        "meta": args.meta,
+        "n_folds": args.folds,
+        "max_epochs": args.max_epochs,
+        "coverage": args.coverage,
+        "difficulty": args.difficulty,
+    }
     values = {key: v for key, v in given.items() if v is not None}
     if args.no_refit:
         values["refit"] = False
@@ -99,6 +109,19 @@ def add_parsers(subparsers) -> None:
         default=_stacking_default("context_features"),
         help="append the first N descriptor columns to the meta input (ridge/gbm only; default "
         f"{_stacking_default('context_features')})",
+    )
+    p.add_argument(
+        "--coverage",
+        type=float,
+        default=None,
+        help=f"coverage of the conformal interval lower/upper, in (0, 1) (default {d.coverage})",
+    )
+    p.add_argument(
+        "--difficulty",
+        choices=typing.get_args(EnsembleConfig.model_fields["difficulty"].annotation),
+        default=None,
+        help="what scales the interval per row: model (a small model of the out-of-fold |residual|), spread "
+        f"(the members' spread), constant (plain conformal) (default {d.difficulty})",
     )
     p.add_argument("--families", nargs="+", default=None, help="only these families (default: all)")
     p.add_argument(

@@ -176,13 +176,10 @@ def _fit_ensemble(prep, members, settings, context_features: int, seed: int, pro
 
 
 def interval_settings(settings) -> dict:
-    """``coverage`` and ``difficulty`` of the conformal intervals: the EnsembleConfig's fields once
-    it has them, else StackedEnsemble's defaults."""
-    from .stacking import DEFAULT_COVERAGE, DEFAULT_DIFFICULTY
-
+    """``coverage`` and ``difficulty`` of the conformal intervals (EnsembleConfig's fields)."""
     return {
-        "coverage": getattr(settings, "coverage", DEFAULT_COVERAGE),
-        "difficulty": getattr(settings, "difficulty", DEFAULT_DIFFICULTY),
+        "coverage": settings.coverage,
+        "difficulty": settings.difficulty,
     }
 
 

@@ -53,9 +53,8 @@ log = logging.getLogger("matfusion.ensembles")
 _DEFAULTS = EnsembleConfig()  # the one home of the ensemble defaults (meta, n_folds, refit, max_epochs)
 META_LEARNERS = typing.get_args(EnsembleConfig.model_fields["meta"].annotation)  # ("mae", "nnls", "ridge", "gbm")
 DEFAULT_GRAPH_PARAMS = {"gaussian_bins": 40, "gaussian_width": None}
-# interval settings: EnsembleConfig's fields once it has them (``coverage``, ``difficulty``)
-DEFAULT_COVERAGE = float(getattr(_DEFAULTS, "coverage", 0.9))
-DEFAULT_DIFFICULTY = str(getattr(_DEFAULTS, "difficulty", "model"))
+DEFAULT_COVERAGE = _DEFAULTS.coverage  # the conformal interval's coverage
+DEFAULT_DIFFICULTY = _DEFAULTS.difficulty  # what scales it per row
 
 
 def member_name(config: dict) -> str:

@@ -791,11 +791,18 @@ def test_ensemble_flags_build_the_ensemble_config():
             "7",
             "--no-refit",
             "--no-register",
+            "--coverage",
+            "0.8",
+            "--difficulty",
+            "constant",
         ]
     )
     assert settings_from_args(args) == EnsembleConfig(
-        k=1, meta="gbm", n_folds=3, max_epochs=7, refit=False, register=False
+        k=1, meta="gbm", n_folds=3, max_epochs=7, refit=False, register=False, coverage=0.8, difficulty="constant"
     )
+    args = parser.parse_args(["ensemble", "--experiment", "x", "--coverage", "1.5"])
+    with pytest.raises(ValueError, match=r"--coverage: .*less than 1"):
+        settings_from_args(args)
     args = parser.parse_args(["ensemble", "--experiment", "x", "--folds", "1", "--max-epochs", "0"])
     with pytest.raises(ValueError, match=r"--folds: .*greater than or equal to 2 \(got 1\).*--max-epochs"):
         settings_from_args(args)
