@@ -597,6 +597,7 @@ def read_inputs(
 ) -> tuple[list[str], list, list[str]]:
     """(ids, structures, problems) from files, folders and tables; each bad item is reported on
     stderr (name and reason) and skipped."""
+    from ..data.dataset import structure_problem
     from ..data.tables import error_reason as _reason
     from ..data.tables import parse_structure_file as _parse_structure_file
     from ..data.tables import read_csv_table as _read_csv
@@ -608,13 +609,23 @@ def read_inputs(
         problems.append(message)
         _report(message)
 
+    def add(rid: str, structure, where: str) -> None:
+        # the loaders' sanity checks (volume, elements, overlapping atoms) before featurization
+        problem = structure_problem(structure)
+        if problem is not None:
+            bad(f"{where}: {problem[1]}")
+            return
+        structures.append(structure)
+        ids.append(rid)
+
     def add_file(file: Path) -> None:
         try:
             text = file.read_bytes().decode("utf-8", errors="replace")
-            structures.append(_parse_structure_file(file, text))
-            ids.append(file.stem if file.suffix else file.name)
+            structure = _parse_structure_file(file, text)
         except Exception as err:  # noqa: BLE001
             bad(f"{file}: cannot parse structure: {_reason(err)}")
+            return
+        add(file.stem if file.suffix else file.name, structure, str(file))
 
     for item in inputs:
         path = Path(item)
@@ -638,10 +649,11 @@ def read_inputs(
             for i, value in enumerate(df[structure_column].tolist()):
                 rid = str(df[idcol].iloc[i]) if idcol else f"{path.stem.split('.')[0]}-row{i}"
                 try:
-                    structures.append(parse_structure(value))
-                    ids.append(rid)
+                    structure = parse_structure(value)
                 except Exception as err:  # noqa: BLE001
                     bad(f"{path} row {i} (id {rid}): cannot parse structure: {_reason(err)}")
+                    continue
+                add(rid, structure, f"{path} row {i} (id {rid})")
         elif path.is_file():
             add_file(path)
         else:

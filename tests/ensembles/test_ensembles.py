@@ -660,12 +660,17 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     for r in picked:
         (cifs / f"{ds.ids[r]}.cif").write_text(ds.structures[r].to(fmt="cif"))
     (cifs / "broken.cif").write_text("data_broken\n_cell_length_a 3.0\nthis is not a CIF loop\n")
+    # parseable but not featurizable (tests/data/bad): a zero-volume cell and an unknown element
+    bad_dir = Path(__file__).resolve().parents[1] / "data" / "bad" / "cifs"
+    (cifs / "POSCAR_collinear").write_text((bad_dir / "POSCAR_collinear").read_text())
+    (cifs / "unknown_xx.cif").write_text((bad_dir / "unknown_xx.cif").read_text())
     out = tmp_path / "preds.csv"
     capsys.readouterr()
     args = parser.parse_args(["predict", str(to), str(cifs), "--out", str(out)])
     assert args.func(args) == 0
     err = capsys.readouterr().err
     assert "broken.cif" in err and "cannot parse" in err
+    assert "POSCAR_collinear" in err and "volume" in err and "unknown_xx.cif" in err and "Xx" in err
     df = pd.read_csv(out)
     assert list(df.columns) == ["id", "prediction", "std", "lower", "upper", "spread"]
     assert sorted(df["id"]) == sorted(ds.ids[r] for r in picked)
