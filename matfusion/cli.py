@@ -43,7 +43,10 @@ match; the search settings of the interrupted run apply).  If that folder holds 
 restorable (the search was stopped before Ray Tune wrote its first experiment snapshot),
 --resume says so and starts the search from the beginning.  Without --resume, an earlier
 folder of the same name is moved aside and a new search starts.
-Exit status: 0 when the search ended, 130 when it was interrupted (resumable).
+Interrupts: SIGINT (Ctrl-C) or SIGTERM stops the search: the trials' last checkpoints and
+Ray Tune's snapshot are kept, the MLflow parent run and the unfinished trials' runs end KILLED
+with status tag `interrupted`, and --resume finishes the work.  A second signal stops at once.
+Exit status: 0 when the search ended, 130 when SIGINT interrupted it, 143 when SIGTERM did.
 
 Data dir: --data-dir, else $MATFUSION_DATA, else ../shared/data.
 MLflow: mlflow.tracking_uri in the config, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
@@ -90,9 +93,11 @@ def cmd_search(args) -> int:
             raise
         print(f"matfusion: error: {cfg.search.address}: {RAY_AUTH_HELP}", file=sys.stderr)
         return 2
-    print(format_result(result))
-    if result.interrupted:
-        return 130
+    print(format_result(result), flush=True)
+    from .search.interrupts import exit_status, last_signal
+
+    if result.interrupted or last_signal() is not None:  # a signal after the last trial: no ensemble
+        return exit_status(result.signal or last_signal())
     return ensemble_after_search(cfg, result, progress=not args.quiet)
 
 
@@ -205,11 +210,20 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .search.interrupts import exit_status, last_signal, signal_name
+
     try:
-        return args.func(args)
+        rc = args.func(args)
     except (ConfigError, DataError) as err:
         print(f"matfusion: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM as SearchInterrupted, before or after the trials ran
+        signum = getattr(err, "signum", None) or last_signal()
+        print(f"matfusion: interrupted ({signal_name(signum)})", file=sys.stderr, flush=True)
+        return exit_status(signum)
+    if rc == 130 and last_signal() is not None:  # e.g. `benchmark`: its search was interrupted by this signal
+        return exit_status(last_signal())
+    return rc
 
 
 if __name__ == "__main__":

@@ -369,7 +369,7 @@ def two_node_search(ray_cluster, ray_env, mlflow_server, data_root, tmp_path_fac
 @pytest.mark.slow
 def test_search_places_trials_on_both_nodes_and_logs_to_one_server(two_node_search, ray_cluster, mlflow_server):
     proc, results, n = two_node_search["proc"], two_node_search["results"], two_node_search["n"]
-    assert f"Open the MLflow UI at {mlflow_server['uri']}" in proc.stdout
+    assert f"Open the MLflow UI at {mlflow_server['uri']}/#/experiments/" in proc.stdout
     assert len(results) == n
     names = {ray_cluster.head: "head", ray_cluster.workers[0]: "worker"}
     nodes = {r.get("node_id") for rs in results.values() for r in rs}
