@@ -264,14 +264,27 @@ class SearchProgress(ProgressReporter):
     ``ray job submit``) only the per-trial lines and a last summary line are written."""
 
     def __init__(self, stream=None, tty: Optional[bool] = None, refresh_s: float = 1.0, total: Optional[int] = None):
-        self.stream = stream or sys.stdout
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
+        self._stream = stream  # None: sys.stdout at the time of writing
+        self._tty = tty  # None: whether the stream is a terminal
         self.refresh_s, self.total = refresh_s, total
         self._t0: Optional[float] = None
         self._ended: set = set()
         self._best: Optional[tuple[float, str]] = None
         self._status_shown = False
         self._last_draw = 0.0
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout
+
+    @property
+    def tty(self) -> bool:
+        if self._tty is not None:
+            return self._tty
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __getstate__(self):  # Tune pickles the reporter into tuner.pkl; a stream does not pickle
+        return {**self.__dict__, "_stream": None}
 
     def should_report(self, trials, done: bool = False) -> bool:
         return True  # report() decides what, if anything, is new
