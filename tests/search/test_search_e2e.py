@@ -140,13 +140,6 @@ def test_smoke_search_logs_parent_and_nested_runs(smoke_search):
     assert f"run_trial_{parent.data.tags['best_trial_id']}_" in left[0].parent.name, (left, best)
 
 
-EXPAND_NESTED_RUNS = """(() => {
-  const buttons = document.querySelectorAll('button[data-component-id*="runnamecellrenderer"]');
-  buttons.forEach(b => b.click());
-  return buttons.length;
-})()"""
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -155,8 +148,8 @@ def _free_port() -> int:
 
 def test_mlflow_ui_opens_as_printed_on_the_runs_list(smoke_search, tmp_path):
     """The UI command and page the search prints, run as printed (another free port only): the
-    page is the experiment's runs list (not MLflow 3's GenAI overview) with the parent run and,
-    unfolded, every trial by its readable name; the parent's page shows its description."""
+    page is the experiment's runs list (not MLflow 3's GenAI overview), best val MAE first: every
+    trial by its readable name, in leaderboard order; the parent's page shows its description."""
     from cdp_browser import Chromium, find_chromium
 
     binary = find_chromium()
@@ -174,7 +167,14 @@ def test_mlflow_ui_opens_as_printed_on_the_runs_list(smoke_search, tmp_path):
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     trials = sorted(r.info.run_name for r in runs if r.info.run_id != parent.info.run_id)
-    assert page.endswith(f"/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"), page
+    assert page.endswith(
+        f"/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        "&orderByKey=metrics.%60best_val_mae%60&orderByAsc=true"
+    ), page
+    trial_runs = [r for r in runs if r.info.run_id != parent.info.run_id]
+    scores = {r.info.run_name: r.data.metrics["best_val_mae"] for r in trial_runs}
+    assert len(set(scores.values())) == len(scores), scores  # distinct: one order to check
+    by_score = sorted(scores, key=scores.get)
 
     ui = subprocess.Popen(argv, stdout=open(tmp_path / "ui.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     browser = None
@@ -195,9 +195,9 @@ def test_mlflow_ui_opens_as_printed_on_the_runs_list(smoke_search, tmp_path):
         assert f"#/experiments/{exp.experiment_id}/runs" in href, href
         text = browser.text()
         assert "Token Usage" not in text and "Traces\n0" not in text  # not the GenAI overview
-        assert browser.evaluate(EXPAND_NESTED_RUNS) >= 1  # the trials are folded under their parent
-        text = browser.wait_for_text(trials)
+        text = browser.wait_for_text(trials)  # sorted by a metric, the runs are listed flat
         assert f"{len(trials) + 1} matching runs" in text, text[-800:]
+        assert sorted(by_score, key=text.index) == by_score, (text[-800:], scores)  # the leaderboard's order
         browser.send(
             "Page.navigate",
             {"url": f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}"},
