@@ -1,5 +1,6 @@
 # Set-up and the two commands of the README.
-#   make run   -> creates .venv if needed, then runs the main job (configs/phonons.yaml)
+#   make run   -> creates .venv if needed, then runs the main job (configs/phonons.yaml):
+#                 search -> stack -> register @champion -> predict the held-out structures
 #   make test  -> creates .venv if needed, then runs the whole test suite
 #   make lint  -> ruff: lint and format check (CI runs it before the tests)
 # The venv is built once; a second `make` only re-installs when pyproject.toml changes.

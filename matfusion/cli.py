@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Ray must bind to loopback by default: set before anything imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -43,7 +44,10 @@ match; the search settings of the interrupted run apply).  If that folder holds 
 restorable (the search was stopped before Ray Tune wrote its first experiment snapshot),
 --resume says so and starts the search from the beginning.  Without --resume, an earlier
 folder of the same name is moved aside and a new search starts.
-Exit status: 0 when the search ended, 130 when it was interrupted (resumable).
+Interrupts: SIGINT (Ctrl-C) or SIGTERM stops the search: the trials' last checkpoints and
+Ray Tune's snapshot are kept, the MLflow parent run and the unfinished trials' runs end KILLED
+with status tag `interrupted`, and --resume finishes the work.  A second signal stops at once.
+Exit status: 0 when the search ended, 130 when SIGINT interrupted it, 143 when SIGTERM did.
 
 Data dir: --data-dir, else $MATFUSION_DATA, else ../shared/data.
 MLflow: mlflow.tracking_uri in the config, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
@@ -90,17 +94,27 @@ def cmd_search(args) -> int:
             raise
         print(f"matfusion: error: {cfg.search.address}: {RAY_AUTH_HELP}", file=sys.stderr)
         return 2
-    print(format_result(result))
-    if result.interrupted:
-        return 130
-    return ensemble_after_search(cfg, result, progress=not args.quiet)
+    print(format_result(result), flush=True)
+    from .search.interrupts import exit_status, last_signal
+
+    if result.interrupted or last_signal() is not None:  # a signal after the last trial: no ensemble
+        return exit_status(result.signal or last_signal())
+    rc, ensemble = stack_after_search(cfg, result, progress=not args.quiet)
+    if ensemble is None:
+        return rc
+    return use_the_model(cfg, result, ensemble)
 
 
 def ensemble_after_search(cfg, result, progress: bool = True) -> int:
     """With ``ensemble.enabled``, stack the completed search ``result`` (its parent run) and
     print the ensemble's summary; 0 when done or not asked for, 1 when the ensemble failed."""
+    return stack_after_search(cfg, result, progress)[0]
+
+
+def stack_after_search(cfg, result, progress: bool = True):
+    """(exit status, EnsembleResult or None) of :func:`ensemble_after_search`."""
     if not cfg.ensemble.enabled or result.interrupted:
-        return 0
+        return 0, None
     from .ensembles.pipeline import build_ensemble_from_search
     from .ensembles.pipeline import format_result as format_ensemble
 
@@ -115,9 +129,76 @@ def ensemble_after_search(cfg, result, progress: bool = True) -> int:
         )
     except ValueError as err:
         print(f"matfusion: ensemble after search {result.parent_run_id} failed: {err}", file=sys.stderr)
-        return 1
+        return 1, None
     print(format_ensemble(res), flush=True)
+    return 0, res
+
+
+def use_the_model(cfg, result, res) -> int:
+    """The end of the story after a search and its ensemble ``res``: predict the held-out
+    structures with the registered champion (else the ensemble's own model) and say what to
+    run next; 0, or 1 when the prediction failed."""
+    model_uri = f"models:/matfusion-{res.task}@champion" if res.version else res.model_uri
+    out_dir = Path(cfg.search.storage_path).resolve().parent if cfg.search.storage_path else Path.cwd()
+    try:
+        predicted = predict_unseen(cfg, model_uri, out_dir / "predictions")
+    except (ValueError, OSError) as err:
+        print(f"matfusion: predicting the held-out structures with {model_uri} failed: {err}", file=sys.stderr)
+        return 1
+    print(next_steps(result, model_uri, predicted), flush=True)
     return 0
+
+
+def predict_unseen(cfg, model_uri: str, out_dir: Path) -> Path:
+    """Predict, with ``model_uri``, the structures of the search's held-out test part (which no
+    trial, no stacking and no calibration saw), as a user would: they are written to a table
+    (``<name>-unseen.csv``: id, structure as a pymatgen dict), which ``matfusion predict``'s
+    reader loads, and the predictions (``<name>-predictions.csv``: id, prediction, std, and the
+    known target beside them) are written and summarized.  Returns the predictions' path."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from .data import load_dataset
+    from .data.prepare import fold_split
+    from .ensembles.export import predict_structures
+
+    dataset = load_dataset(cfg.data, seed=cfg.search.seed)
+    rows = fold_split(cfg, dataset).test
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / f"{cfg.name}-unseen.csv"
+    pd.DataFrame(
+        {"id": [dataset.ids[i] for i in rows], "structure": [json.dumps(dataset.structures[i].as_dict()) for i in rows]}
+    ).to_csv(table, index=False)
+    pred = predict_structures(model_uri, [table])
+    known = pd.DataFrame({"id": [dataset.ids[i] for i in rows], "target": np.asarray(dataset.targets)[rows].tolist()})
+    if np.asarray(dataset.targets).ndim == 1:
+        pred = pred.merge(known.rename(columns={"target": dataset.target_name}), on="id", how="left")
+    path = out_dir / f"{cfg.name}-predictions.csv"
+    pred.to_csv(path, index=False)
+    line = f"\npredicted {len(pred)} structures the model never saw (the held-out test part) with {model_uri}: {path}"
+    if dataset.target_name in pred and "prediction" in pred:
+        err = (pred["prediction"] - pred[dataset.target_name]).abs()
+        line += f"; MAE {err.mean():.4g}, median std {pred['std'].median():.4g}"
+    print(line, flush=True)
+    return path
+
+
+def next_steps(result, model_uri: str, predicted: Path) -> str:
+    """What to run next: the MLflow UI on the search's runs, predict and export with the model."""
+    from .search.tuner import mlflow_executable, ui_lines
+
+    exe = Path(mlflow_executable()).with_name("matfusion")
+    exe = str(exe) if exe.is_file() else "matfusion"
+    lines = ["\nNext:"]
+    lines += ["  " + line.strip() for line in ui_lines(result.tracking_uri, result.experiment_id)]
+    lines += [
+        f"  predict your own structures:  {exe} predict {model_uri} my_cifs/ --out preds.csv",
+        f"  export the model (a folder with its model card):  {exe} export {model_uri} --to exported/",
+        f"  (the held-out structures and their predictions: {predicted.with_name(predicted.name.replace('-predictions', '-unseen'))}, {predicted})",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_featurize(args) -> int:
@@ -231,11 +312,20 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .search.interrupts import exit_status, last_signal, signal_name
+
     try:
-        return args.func(args)
+        rc = args.func(args)
     except (ConfigError, DataError) as err:
         print(f"matfusion: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM as SearchInterrupted, before or after the trials ran
+        signum = getattr(err, "signum", None) or last_signal()
+        print(f"matfusion: interrupted ({signal_name(signum)})", file=sys.stderr, flush=True)
+        return exit_status(signum)
+    if rc == 130 and last_signal() is not None:  # e.g. `benchmark`: its search was interrupted by this signal
+        return exit_status(last_signal())
+    return rc
 
 
 if __name__ == "__main__":

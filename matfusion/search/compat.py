@@ -208,21 +208,6 @@ def tuner_searcher(tuner):
     return getattr(_tune_config(tuner), "search_alg", None)
 
 
-# -- Ray Tune: CLIReporter (ray/tune/progress_reporter.py) ----------------------------------------
-
-
-def reporter_max_rows(reporter) -> int | None:
-    """``max_progress_rows`` a ``CLIReporter`` was built with (``_max_progress_rows``).
-    Checked: ray 2.60.0."""
-    return reporter._max_progress_rows
-
-
-def reporter_print(reporter, text: str) -> None:
-    """Print ``text`` the way ``CLIReporter.report`` does (``_print``: Ray's ``safe_print``, which
-    keeps tqdm_ray bars intact).  Checked: ray 2.60.0."""
-    reporter._print(text)
-
-
 # -- Ray core ---------------------------------------------------------------------------------------
 
 

@@ -22,23 +22,25 @@ import glob
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 # Keep every Ray port on loopback unless the user points us at a cluster.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use the trimmed CLIReporter table below
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use our compact SearchProgress below
 # per-epoch checkpoints of small models make Tune snapshot often; that is expected, not a problem
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 import numpy as np
 import pandas as pd
-from ray.tune import CLIReporter
+from ray.tune import ProgressReporter
 
 from .. import __version__
 from ..config import Config, ConfigError, SearchConfig
@@ -52,13 +54,14 @@ from ..tracking.logger import (
     ensure_experiment,
     flatten,
     resolve_tracking_uri,
-    trial_fusion,
+    trial_run_name,
 )
 from ..tracking.report import log_search_report
 from ..tracking.runs import nested_runs
 from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
 from . import compat
+from .interrupts import SearchSignals
 from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 
 log = logging.getLogger("matfusion.search")
@@ -86,6 +89,8 @@ class SearchResult:
     resumed: bool = False
     interrupted: bool = False  # stopped before every trial ended; continue with resume=True
     experiment_path: str = ""
+    signal: Optional[int] = None  # the signal that interrupted it (SIGINT, SIGTERM), if one did
+    best_trial_id: Optional[str] = None
 
 
 def _git_commit() -> str:
@@ -251,64 +256,117 @@ def _num(value, fmt: str = "{:.4g}") -> str:
     return ""
 
 
-class SearchProgress(CLIReporter):
-    """The progress table: trial, status, family, fusion, epoch, val_mae, best; sorted by
-    val_mae (lowest first, trials without one last)."""
+class SearchProgress(ProgressReporter):
+    """The live progress of a search, compact: one line per trial when it ends (its number,
+    family and fusion, how it ended, its epochs and best inner-validation MAE, the search's
+    best so far), and, on a terminal, one status line kept up to date in place below them
+    (trials done / running / paused, what the running ones are at).  Elsewhere (a log, CI,
+    ``ray job submit``) only the per-trial lines and a last summary line are written."""
 
-    COLUMNS = ["trial", "status", "family", "fusion", "epoch", "val_mae", "best"]
-
-    def __init__(self, max_report_frequency: int = 15, max_rows: int = 20) -> None:
-        super().__init__(
-            metric_columns={"epoch": "epoch", "val_mae": "val_mae", "best_val_mae": "best"},
-            parameter_columns={"family": "family"},
-            metric="val_mae",
-            mode="min",
-            sort_by_metric=True,
-            max_report_frequency=max_report_frequency,
-            max_progress_rows=max_rows,
-        )
+    def __init__(self, stream=None, tty: Optional[bool] = None, refresh_s: float = 1.0, total: Optional[int] = None):
+        self._stream = stream  # None: sys.stdout at the time of writing
+        self._tty = tty  # None: whether the stream is a terminal
+        self.refresh_s, self.total = refresh_s, total
         self._t0: Optional[float] = None
+        self._ended: set = set()
+        self._best: Optional[tuple[float, str]] = None
+        self._status_shown = False
+        self._last_draw = 0.0
 
-    def rows(self, trials) -> list[list[str]]:
-        keyed = []
-        for t in trials:
-            r, config = t.last_result or {}, t.config or {}
-            val = r.get("val_mae")
-            key = float(val) if isinstance(val, (int, float)) and np.isfinite(val) else float("inf")
-            row = [
-                t.trial_id,
-                t.status,
-                str(config.get("family", "?")),
-                trial_fusion(config),
-                _num(r.get("epoch"), "{:d}") if isinstance(r.get("epoch"), int) else _num(r.get("epoch")),
-                _num(val),
-                _num(r.get("best_val_mae")),
-            ]
-            keyed.append((key, t.trial_id, row))
-        return [row for *_, row in sorted(keyed, key=lambda k: (k[0], k[1]))]
+    @property
+    def stream(self):
+        return self._stream or sys.stdout
 
-    def table(self, trials, done: bool = False) -> str:
-        if self._t0 is None:
-            self._t0 = time.time()
-        counts = pd.Series([t.status for t in trials]).value_counts() if trials else pd.Series(dtype=int)
-        head = (
-            f"== {'Final' if done else 'Status'} == {time.time() - self._t0:.0f} s; {len(trials)} trials: "
-            + ", ".join(f"{n} {s}" for s, n in counts.items())
-        )
-        rows = self.rows(trials)
-        shown = rows if done else rows[: compat.reporter_max_rows(self)]
-        lines = [head]
-        if shown:
-            lines.append(pd.DataFrame(shown, columns=self.COLUMNS).to_string(index=False))
-        if len(shown) < len(rows):
-            lines.append(f"... {len(rows) - len(shown)} more trials")
-        for t in trials:
-            if t.status == "ERROR":
-                lines.append(f"failed: {t.trial_id} ({t.error_file})")
-        return "\n".join(lines) + "\n"
+    @property
+    def tty(self) -> bool:
+        if self._tty is not None:
+            return self._tty
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __getstate__(self):  # Tune pickles the reporter into tuner.pkl; a stream does not pickle
+        return {**self.__dict__, "_stream": None}
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        return True  # report() decides what, if anything, is new
+
+    def _elapsed(self) -> str:
+        return f"[{time.time() - self._t0:5.0f} s]"
+
+    @staticmethod
+    def how_it_ended(trial) -> str:
+        if trial.status == "ERROR":
+            return "failed"
+        if trial.status != "TERMINATED":
+            return str(trial.status).lower()  # e.g. an interrupted search's running trials
+        return "completed" if (trial.last_result or {}).get("trial_finished") else "stopped early"
+
+    def ended_line(self, trial) -> str:
+        r = trial.last_result or {}
+        best = r.get("best_val_mae", r.get("val_mae"))
+        if isinstance(best, (int, float)) and np.isfinite(best):
+            if self._best is None or best < self._best[0]:
+                self._best = (float(best), trial_run_name(trial))
+        parts = [self._elapsed(), f"{trial_run_name(trial):<22}", f"{self.how_it_ended(trial):<13}"]
+        if isinstance(r.get("epoch"), (int, float)):
+            parts.append(f"epochs {_num(r.get('epoch'), '{:.0f}'):>3}")
+        parts.append(f"best_val_mae {_num(best) or '-':>8}")
+        if self._best is not None:
+            parts.append(f"| search best {self._best[0]:.4g} ({self._best[1]})")
+        return "  ".join(parts)
+
+    def status_line(self, trials) -> str:
+        running = [t for t in trials if t.status == "RUNNING"]
+        paused = sum(t.status == "PAUSED" for t in trials)
+        pending = sum(t.status == "PENDING" for t in trials)
+        total = f"/{self.total}" if self.total else ""
+        head = f"{self._elapsed()} {len(self._ended)}{total} ended, {len(running)} running"
+        if paused:
+            head += f", {paused} paused"
+        if pending:
+            head += f", {pending} pending"
+        at = []
+        for t in running:
+            r = t.last_result or {}
+            epoch = f" ep {_num(r.get('epoch'), '{:.0f}')}" if "epoch" in r else ""
+            val = f" {_num(r.get('best_val_mae'))}" if "best_val_mae" in r else ""
+            at.append(f"{trial_run_name(t)}{epoch}{val}")
+        if at:
+            head += ": " + "; ".join(at)
+        if self._best is not None:
+            head += f" | best {self._best[0]:.4g} ({self._best[1]})"
+        return head
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def _clear_status(self) -> None:
+        if self._status_shown:
+            self._write("\r\x1b[2K")
+            self._status_shown = False
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
-        compat.reporter_print(self, self.table(trials, done))
+        if self._t0 is None:
+            self._t0 = time.time()
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") and t.trial_id not in self._ended]
+        if ended:
+            self._clear_status()
+            for t in ended:
+                self._ended.add(t.trial_id)
+                self._write(self.ended_line(t) + "\n")
+        if done:
+            self._clear_status()
+            counts = Counter(self.how_it_ended(t) for t in trials)
+            order = ["completed", "stopped early", "failed"] + sorted(
+                set(counts) - {"completed", "stopped early", "failed"}
+            )
+            summary = ", ".join(f"{counts[k]} {k}" for k in order if counts[k]) or "no trials"
+            self._write(f"{self._elapsed()} search ended: {len(trials)} trials ({summary})\n")
+            return
+        if self.tty and (ended or time.time() - self._last_draw >= self.refresh_s):
+            width = shutil.get_terminal_size((120, 20)).columns
+            self._write("\r\x1b[2K" + self.status_line(trials)[: max(20, width - 1)])
+            self._status_shown, self._last_draw = True, time.time()
 
 
 # -- experiment folder and resume --------------------------------------------------------------
@@ -455,7 +513,15 @@ class _ParentRun:
 
 def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> SearchResult:
     """Run the search that ``cfg`` describes and return its leaderboard.  With ``resume``,
-    continue the interrupted search of the same name (see the module docstring)."""
+    continue the interrupted search of the same name (see the module docstring).  SIGINT or
+    SIGTERM while the trials run ends it as an interrupted search (``interrupted``, ``signal``;
+    resumable); before they run, or a second time, they raise
+    :class:`~matfusion.search.interrupts.SearchInterrupted` (see :mod:`.interrupts`)."""
+    with SearchSignals() as signals:
+        return _run_search(cfg, progress, resume, signals)
+
+
+def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignals) -> SearchResult:
     t0 = time.time()
     path = experiment_path(cfg)
     resuming = _resolve_resume(cfg, path, resume)
@@ -468,18 +534,26 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         flush=True,
     )
     parent = _open_parent_run(cfg, path, prep, space, resuming)
-    _start_ray(cfg.search, parent)
-    trainable = _trainable(cfg.search, prep.trial_data)
-    if resuming:
-        tuner, scheduler = _restore_tuner(path, trainable)
-    else:
-        tuner, scheduler = _build_tuner(cfg, path, space, trainable, parent, progress)
-        _write_new_state(cfg, path, prep, parent)
-    results, fit_s = _fit(tuner, parent)
-    unfinished = _how_it_ended(tuner, path, parent, fit_s)
+    try:
+        _start_ray(cfg.search, parent)
+        trainable = _trainable(cfg.search, prep.trial_data)
+        if resuming:
+            tuner, scheduler = _restore_tuner(path, trainable)
+        else:
+            tuner, scheduler = _build_tuner(cfg, path, space, trainable, parent, progress)
+            _write_new_state(cfg, path, prep, parent)
+    except KeyboardInterrupt:  # before any trial ran: nothing to continue but the search itself
+        _close_search(parent.client, parent.experiment_id, parent.run_id, "interrupted", "KILLED")
+        raise
+    with signals.during_fit():
+        results, fit_s = _fit(tuner, parent)
+    unfinished = _how_it_ended(tuner, path, parent, fit_s, interrupted=signals.interrupted)
+    interrupted = signals.interrupted or bool(unfinished)
     board = search_leaderboard(parent.client, parent.experiment_id, parent.run_id)
-    best = None if unfinished else _best_result(results)
+    best = None if interrupted else _best_result(results)
     best_val, best_test, best_config = _best_trial_test_mae(best, prep)
+    if not interrupted:
+        prune_checkpoints(path, keep=[best[1] if best else None] + [r for r in results if r.error is not None])
     wall = time.time() - t0
     _log_report(parent, scheduler)
     result = SearchResult(
@@ -493,8 +567,10 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
         best_test,
         wall,
         resumed=resuming,
-        interrupted=bool(unfinished),
+        interrupted=interrupted,
         experiment_path=str(path),
+        signal=signals.signum if interrupted else None,
+        best_trial_id=(best[1].metrics or {}).get("trial_id") if best else None,
     )
     _finish(parent, result)
     return result
@@ -638,9 +714,39 @@ def _new_parent_run(cfg: Config, path: Path, prep, space, client, tracking_uri: 
     )
     for reason, n in dataset.skipped.items():
         client.set_tag(parent_id, f"skipped.{reason}", str(n))
+    client.set_tag(parent_id, "mlflow.note.content", search_description(cfg, prep, space))  # the run's description
     client.log_dict(parent_id, config_dict, "config.json")
     client.log_dict(parent_id, space.describe(), "search_space.json")
     return _ParentRun(client, tracking_uri, experiment_id, parent_id, 1)
+
+
+def search_description(cfg: Config, prep, space) -> str:
+    """What the search searched, in a few markdown lines: the description of its MLflow parent
+    run (the UI shows it on the run's page)."""
+    s, dataset, split = cfg.search, prep.dataset, prep.split
+    groups = ", ".join(g for g, _ in space.groups())
+    budget = [f"at most {s.max_epochs} epochs a trial", f"{s.max_concurrent} at a time"]
+    if s.time_budget_s:
+        budget.append(f"time budget {s.time_budget_s:g} s")
+    if s.max_total_epochs:
+        budget.append(f"at most {s.max_total_epochs} epochs in all")
+    rule = "FIFO" if s.scheduler == "fifo" else f"ASHA ({s.asha_mode}, per {s.asha_scope}, grace {s.grace_period})"
+    descriptors = ", ".join(cfg.features.descriptors) if cfg.features.descriptors else "the default sets"
+    return "\n".join(
+        [
+            f"**Search `{cfg.name}`** of {', '.join(dataset.target_names)} on {dataset.name} "
+            f"({len(dataset)} rows), outer fold {split.fold}: train {len(split.train)}, inner validation "
+            f"{len(split.val)}, test {len(split.test)} (held out: no trial sees it).",
+            "",
+            f"- groups searched: {groups} ({s.preset} ranges)",
+            f"- {s.num_samples} trials proposed by Optuna {s.sampler.upper()} (seed {s.seed}), "
+            f"stopped early by {rule} on the inner-validation MAE; " + ", ".join(budget),
+            f"- descriptors: {descriptors}; crystal graphs within {cfg.features.cutoff:g} A, "
+            f"{cfg.features.max_neighbors} neighbours",
+            "- one nested run per trial (`tNN family-fusion`); the leaderboard (leaderboard.csv) and the "
+            "plots are this run's artifacts",
+        ]
+    )
 
 
 def _start_ray(s: SearchConfig, parent: _ParentRun) -> None:
@@ -708,7 +814,7 @@ def _build_tuner(cfg: Config, path: Path, space, trainable, parent: _ParentRun, 
             stop=_stopper(s),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=s.max_failures),
-            progress_reporter=SearchProgress(),
+            progress_reporter=SearchProgress(total=s.num_samples),
             verbose=1 if progress else 0,
         ),
     )
@@ -749,15 +855,16 @@ def _fit(tuner, parent: _ParentRun):
     return results, time.time() - t_fit
 
 
-def _how_it_ended(tuner, path: Path, parent: _ParentRun, fit_s: float) -> list[str]:
+def _how_it_ended(tuner, path: Path, parent: _ParentRun, fit_s: float, interrupted: bool = False) -> list[str]:
     """The trials left unfinished (interrupted: resumable), with their runs closed as such; or,
     when every trial ended, [] with the runs a budget cut closed as ``stopped``.  A trial the
     budget ended while it was paused at a rung (asha_mode: promote) may still be PAUSED in
-    Tune's last snapshot: Tune's own final statuses tell."""
+    Tune's last snapshot: Tune's own final statuses tell; not so after an ``interrupted`` fit
+    (a signal), where Tune stops every trial after its last snapshot: that snapshot tells."""
     client, experiment_id, parent_id = parent.client, parent.experiment_id, parent.run_id
-    final = getattr(_trial_logger(tuner), "final_statuses", None) or {}
+    final = {} if interrupted else getattr(_trial_logger(tuner), "final_statuses", None) or {}
     unfinished = [t for t in experiment_unfinished(path) if final.get(t) not in ("TERMINATED", "ERROR")]
-    if unfinished:
+    if unfinished or interrupted:
         close_open_trial_runs(client, experiment_id, parent_id, "interrupted", "KILLED")
     else:
         stopped = close_open_trial_runs(client, experiment_id, parent_id, "stopped", "FINISHED")
@@ -776,6 +883,30 @@ def _best_result(results):
         if r.error is None and np.isfinite(val) and r.checkpoint is not None and (best is None or val < best[0]):
             best = (val, r)
     return best
+
+
+def prune_checkpoints(path: Path, keep: Iterable = ()) -> tuple[int, int]:
+    """After a completed search, delete the trial checkpoints nothing will read again: every
+    ``checkpoint_*`` folder of the experiment at ``path`` but those of the results ``keep``
+    (the best trial's: the model it stands for; errored trials', which ``--resume`` retries
+    from theirs).  Tune keeps one checkpoint a trial while the search runs (the last, which
+    holds the best weights so far too): what a resume continues from.  Stacking (``matfusion
+    ensemble``) refits its members from their configs and reads no checkpoint.  Returns
+    (folders deleted, bytes freed)."""
+    kept = set()
+    for r in keep:
+        if r is not None and r.checkpoint is not None:
+            kept.add(Path(r.checkpoint.path).resolve())
+    n, freed = 0, 0
+    for ckpt in path.glob("*/checkpoint_*"):
+        if not ckpt.is_dir() or ckpt.resolve() in kept:
+            continue
+        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        shutil.rmtree(ckpt, ignore_errors=True)
+        n, freed = n + 1, freed + size
+    if n:
+        log.info("deleted %d trial checkpoints (%.1f MB) of the completed search at %s", n, freed / 1e6, path)
+    return n, freed
 
 
 def _best_trial_test_mae(best, prep) -> tuple[float, float, Optional[dict]]:
@@ -832,6 +963,8 @@ def _finish(parent: _ParentRun, result: SearchResult) -> None:
     if result.best_config is not None:
         client.log_dict(parent_id, result.best_config, "best_config.json")
         client.set_tag(parent_id, "best_family", str(result.best_config.get("family")))
+    if result.best_trial_id:
+        client.set_tag(parent_id, "best_trial_id", str(result.best_trial_id))
     client.set_tag(parent_id, "status", "completed")
     client.set_terminated(parent_id, "FINISHED")
 
@@ -856,9 +989,35 @@ def format_result(res: SearchResult) -> str:
             f"its test MAE (information only, not used for any choice) = {res.best_test_mae:.4g}"
         )
     lines.append(f"wall time {res.wall_s:.1f} s; MLflow experiment {res.experiment_id}, parent run {res.parent_run_id}")
-    uri = res.tracking_uri
-    if uri.startswith("sqlite:") or uri.startswith("postgresql") or uri.startswith("mysql"):
-        lines.append(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    else:
-        lines.append(f"Open the MLflow UI at {uri}")
+    lines += ui_lines(res.tracking_uri, res.experiment_id)
     return "\n".join(lines)
+
+
+# MLflow 3.17's UI opens an experiment on its GenAI overview unless the page is asked for the
+# model-training view (or the browser chose it before): the links below ask.
+# The runs are listed by best_val_mae, best first (a trial's best inner-validation MAE; the
+# parent's is its best trial's): the leaderboard.
+UI_VIEW = "workflowType=machine_learning"
+UI_ORDER = "orderByKey=metrics.%60best_val_mae%60&orderByAsc=true"
+
+
+def mlflow_executable() -> str:
+    """``mlflow`` beside this Python (the venv's, which need not be on PATH), else ``mlflow``."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.is_file() else "mlflow"
+
+
+def ui_runs_url(base: str, experiment_id: str) -> str:
+    """The runs list of an experiment in the MLflow UI at ``base``, best first."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_VIEW}&{UI_ORDER}"
+
+
+def ui_lines(uri: str, experiment_id: str, port: int = 5000) -> list[str]:
+    """How to open the runs of the experiment in the MLflow UI: the command that serves a
+    database store, then the page; or the page on a tracking server."""
+    if uri.startswith(("http://", "https://")):
+        return [f"Open the MLflow UI at {ui_runs_url(uri, experiment_id)}"]
+    return [
+        f"Open the MLflow UI:  {mlflow_executable()} ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}",
+        f"  then, in a browser: {ui_runs_url(f'http://127.0.0.1:{port}', experiment_id)}",
+    ]

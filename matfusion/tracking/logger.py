@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .. import families
-from .runs import find_trial_run, nested_runs
+from .runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING, find_trial_run, nested_runs
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 TRIAL_METRICS = ("val_mae", "train_loss", "best_val_mae", "lr")
@@ -53,16 +53,39 @@ def resolve_tracking_uri(uri: Optional[str] = None) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: Optional[str] = None) -> str:
+    """The id of the experiment ``name``, created (as a model-training experiment, so that the
+    MLflow UI opens it on its runs) when it does not exist; an existing one without a kind gets
+    that kind."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
+    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
     if artifact_location is None and client.tracking_uri.startswith(("http://", "https://")):
         # a tracking server (e.g. `matfusion mlflow-server`) stores the artifacts itself (proxied)
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=tags)
     location = artifact_location or str(Path("mlartifacts").resolve())
     if "://" not in location:
         location = Path(location).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=tags)
+
+
+def trial_number(trial) -> Optional[int]:
+    """The 1-based number of a Tune trial in its search (the searcher's counter, which Tune keeps
+    at the head of the trial's ``experiment_tag``), or None."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def trial_run_name(trial) -> str:
+    """The run name of a trial: its number, family and fusion (``t03 cgcnn-early``, ``t01 rf``)."""
+    config = dict(trial.config or {})
+    family = str(config.get("family", "?"))
+    fusion = trial_fusion(config)
+    label = family if fusion == "-" else f"{family}-{fusion}"
+    number = trial_number(trial)
+    return f"t{number:02d} {label}" if number is not None else f"{label} {trial.trial_id}"
 
 
 def trial_fusion(config: dict) -> str:
@@ -183,13 +206,14 @@ class MlflowTrialLogger(Callback):
             family = str(config.get("family", "?"))
             run_id = self.client.create_run(
                 self.experiment_id,
-                run_name=f"{family}-{trial_id}",
+                run_name=trial_run_name(trial),
                 tags={
                     "mlflow.parentRunId": self.parent_run_id,
                     "family": family,
                     "encoder": family if family in families.GRAPH else "-",
                     "fusion": trial_fusion(config),
                     "trial_id": trial_id,
+                    "trial_number": str(trial_number(trial) or ""),
                     "status": "running",
                 },
             ).info.run_id

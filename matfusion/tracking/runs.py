@@ -12,6 +12,10 @@ import tempfile
 from typing import Sequence
 
 SEARCH_FILTER = "tags.kind = 'search'"
+# MLflow 3's UI opens an experiment on the page of the experiment's kind, read from this tag
+# (without it: a GenAI "Overview" of traces); a model-training experiment opens on its runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 LATEST_FIRST = ["attributes.start_time DESC"]
 
 

@@ -31,6 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from .runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
 DEFAULT_BACKEND = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 DEFAULT_PORT = 5000
@@ -126,7 +128,8 @@ def _api(uri: str, path: str, body: Optional[dict] = None) -> dict:
 
 def create_experiments(uri: str, names: list[str]) -> dict[str, str]:
     """Create each experiment on the server unless it exists (artifact root: the server's
-    proxied one); name -> artifact location."""
+    proxied one), as a model-training experiment (the UI opens it on its runs); name -> artifact
+    location."""
     out = {}
     for name in names:
         query = urllib.parse.urlencode({"experiment_name": name})
@@ -135,8 +138,15 @@ def create_experiments(uri: str, names: list[str]) -> dict[str, str]:
         except urllib.error.HTTPError as err:
             if err.code != 404:
                 raise
-            _api(uri, "experiments/create", {"name": name})
+            _api(
+                uri,
+                "experiments/create",
+                {"name": name, "tags": [{"key": EXPERIMENT_KIND_TAG, "value": MODEL_TRAINING}]},
+            )
             exp = _api(uri, f"experiments/get-by-name?{query}")["experiment"]
+        if EXPERIMENT_KIND_TAG not in {t.get("key") for t in exp.get("tags", [])}:
+            tag = {"experiment_id": exp["experiment_id"], "key": EXPERIMENT_KIND_TAG, "value": MODEL_TRAINING}
+            _api(uri, "experiments/set-experiment-tag", tag)
         out[name] = exp.get("artifact_location", "")
     return out
 

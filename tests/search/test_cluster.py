@@ -369,7 +369,7 @@ def two_node_search(ray_cluster, ray_env, mlflow_server, data_root, tmp_path_fac
 @pytest.mark.slow
 def test_search_places_trials_on_both_nodes_and_logs_to_one_server(two_node_search, ray_cluster, mlflow_server):
     proc, results, n = two_node_search["proc"], two_node_search["results"], two_node_search["n"]
-    assert f"Open the MLflow UI at {mlflow_server['uri']}" in proc.stdout
+    assert f"Open the MLflow UI at {mlflow_server['uri']}/#/experiments/" in proc.stdout
     assert len(results) == n
     names = {ray_cluster.head: "head", ray_cluster.workers[0]: "worker"}
     nodes = {r.get("node_id") for rs in results.values() for r in rs}
@@ -392,11 +392,6 @@ def test_search_places_trials_on_both_nodes_and_logs_to_one_server(two_node_sear
     assert {"leaderboard.csv", "trial_config.json"} <= stored, stored
 
 
-EXPAND_NESTED_RUNS = """(() => {
-  const buttons = document.querySelectorAll('button[data-component-id*="runnamecellrenderer"]');
-  buttons.forEach(b => b.click());
-  return buttons.length;
-})()"""
 CLOSE_SIDE_PANEL = """(() => {
   const close = [...document.querySelectorAll('button')].filter(
     b => /close/i.test(b.getAttribute('aria-label') || '') && b.closest('aside, [role=complementary], div'));
@@ -407,9 +402,11 @@ CLOSE_SIDE_PANEL = """(() => {
 
 @pytest.mark.slow
 def test_mlflow_ui_in_chromium_shows_the_search_and_its_trials(two_node_search, mlflow_server, tmp_path):
-    """Debian's chromium, headless, loads the experiment's runs page from the local server: the
-    experiment, the search's parent run and (unfolded) every trial run are on the page."""
+    """Debian's chromium, headless, opens the page the search printed for the local server: it is
+    the experiment's runs list, with the search's parent run and every trial run."""
     from cdp_browser import Chromium, find_chromium
+
+    from matfusion.search.tuner import ui_runs_url
 
     binary = find_chromium()
     if binary is None:
@@ -423,10 +420,13 @@ def test_mlflow_ui_in_chromium_shows_the_search_and_its_trials(two_node_search, 
     shot = tmp_path / "mlflow-ui.png"
     browser = Chromium(binary, str(tmp_path / "profile"), log_path=str(tmp_path / "chromium.log"))
     try:
-        browser.open(f"{mlflow_server['uri']}/#/experiments/{exp.experiment_id}/runs")
-        browser.wait_for_text([EXP_2NODE, parent.info.run_name])
-        assert browser.evaluate(EXPAND_NESTED_RUNS) >= 1  # trial runs are folded under their parent
-        text = browser.wait_for_text(trial_runs)
+        # the page the search printed: the runs list (MLflow 3.17 would open its GenAI overview otherwise)
+        page = re.search(r"Open the MLflow UI at (\S+)", two_node_search["proc"].stdout).group(1)
+        assert page == ui_runs_url(mlflow_server["uri"], exp.experiment_id)
+        browser.open(page)
+        browser.wait_for_text([EXP_2NODE, parent.info.run_name, "matching runs"])
+        assert f"#/experiments/{exp.experiment_id}/runs" in browser.evaluate("location.href")
+        text = browser.wait_for_text(trial_runs)  # listed flat, best val MAE first
         browser.evaluate(CLOSE_SIDE_PANEL)
         time.sleep(1)
         browser.screenshot(str(shot))
@@ -548,10 +548,14 @@ def test_new_experiment_on_the_server_keeps_its_artifacts_on_the_server(mlflow_s
     from mlflow.tracking import MlflowClient
 
     from matfusion.tracking.logger import ensure_experiment
+    from matfusion.tracking.runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 
     client = MlflowClient(mlflow_server["uri"])
     exp_id = ensure_experiment(client, "created-by-a-search")
     assert client.get_experiment(exp_id).artifact_location.startswith("mlflow-artifacts:")
+    # model-training experiments, whether a search or `matfusion mlflow-server --experiment` (REST) made them
+    for exp in (client.get_experiment(exp_id), client.get_experiment_by_name(EXP_2NODE)):
+        assert exp.tags.get(EXPERIMENT_KIND_TAG) == MODEL_TRAINING, (exp.name, exp.tags)
     run = client.create_run(exp_id)
     client.log_dict(run.info.run_id, {"a": 1}, "trial_config.json")
     client.set_terminated(run.info.run_id)

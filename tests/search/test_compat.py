@@ -16,7 +16,7 @@ import ray
 from conftest import REPO
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
-from ray.tune import Callback, CLIReporter
+from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -258,18 +258,7 @@ def test_limiter_take_slot():
         assert limiter.suggest("b") is not None
 
 
-# ----------------------------------------------------------------------------- CLIReporter, Ray core, storage
-def test_reporter_max_rows():
-    with contract("CLIReporter._max_progress_rows"):
-        assert compat.reporter_max_rows(CLIReporter(max_progress_rows=7)) == 7
-
-
-def test_reporter_print(capsys):
-    with contract("CLIReporter._print"):
-        compat.reporter_print(CLIReporter(), "hello table")
-        assert "hello table" in capsys.readouterr().out
-
-
+# ----------------------------------------------------------------------------- Ray core, storage
 def test_refresh_ray_config():
     with contract("ray._raylet.Config.initialize"):
         import ray._raylet  # noqa: F401 - imported by `import ray` already

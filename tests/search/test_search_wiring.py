@@ -3,6 +3,7 @@ limiter, the ASHA variant that leaves one-shot RF trials out of its rungs (on Tu
 objects), and one real search (Ray, MLflow, matbench_phonons) checking the concurrency limit,
 ASHA's pruning, the rungs and the progress table."""
 
+import io
 import json
 import math
 import re
@@ -358,17 +359,64 @@ def test_restored_trial_history_is_replayed_into_the_rungs(tmp_path):
     assert sched.recorded_trial_ids() == {"g1"}
 
 
-def test_progress_table_columns_and_order():
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _progress_trials():
     trials = [_trial("aaa", "cgcnn"), _trial("bbb", "rf"), _trial("ccc", "cgcnn")]
     trials[0].config["cgcnn"] = {"fusion": "early"}
+    for n, t in enumerate(trials, 1):
+        t.experiment_tag = f"{n}_family={t.config['family']}"
     trials[0].run_metadata.last_result = {"epoch": 3, "val_mae": 2.5, "best_val_mae": 2.0}
-    trials[1].run_metadata.last_result = {"epoch": 1, "val_mae": 1.25, "best_val_mae": 1.25}
-    table = SearchProgress().table(trials)
-    lines = table.splitlines()
-    assert lines[1].split() == ["trial", "status", "family", "fusion", "epoch", "val_mae", "best"]
-    assert [line.split()[0] for line in lines[2:5]] == ["bbb", "aaa", "ccc"]  # by val_mae, none last
-    assert lines[3].split() == ["aaa", "PENDING", "cgcnn", "early", "3", "2.5", "2"]
-    assert "loc" not in table
+    return trials
+
+
+def test_progress_off_a_terminal_is_one_line_per_ended_trial():
+    """Off a terminal: nothing while trials run, one line per trial when it ends (however many
+    reports Tune makes), then one summary line; never a table again."""
+    out = io.StringIO()
+    progress, trials = SearchProgress(stream=out, total=3), _progress_trials()
+    assert not progress.tty
+    for t in trials:
+        t.set_status(Trial.RUNNING)
+    for _ in range(5):
+        progress.report(trials, done=False)
+    assert out.getvalue() == ""
+    trials[1].set_status(Trial.TERMINATED)
+    trials[1].run_metadata.last_result = {"epoch": 1, "val_mae": 1.25, "best_val_mae": 1.25, "trial_finished": True}
+    for _ in range(5):
+        progress.report(trials, done=False)
+    trials[0].set_status(Trial.TERMINATED)  # stopped by ASHA: no trial_finished
+    trials[2].set_status(Trial.ERROR)
+    progress.report(trials, done=False)
+    progress.report(trials, done=True)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4, lines
+    assert "t02 rf" in lines[0] and "completed" in lines[0] and "best_val_mae     1.25" in lines[0], lines[0]
+    assert "search best 1.25 (t02 rf)" in lines[0]
+    assert "t01 cgcnn-early" in lines[1] and "stopped early" in lines[1] and "epochs   3" in lines[1], lines[1]
+    assert "t03 cgcnn-none" in lines[2] and "failed" in lines[2]
+    assert lines[3].endswith("search ended: 3 trials (1 completed, 1 stopped early, 1 failed)"), lines[3]
+    assert "\r" not in out.getvalue()
+
+
+def test_progress_on_a_terminal_updates_one_status_line_in_place():
+    out = _Terminal()
+    progress, trials = SearchProgress(stream=out, total=3, refresh_s=0), _progress_trials()
+    assert progress.tty
+    trials[0].set_status(Trial.RUNNING)
+    progress.report(trials, done=False)
+    progress.report(trials, done=False)
+    text = out.getvalue()
+    assert "\n" not in text and text.count("\r\x1b[2K") == 2  # redrawn in place, no new line
+    assert text.rsplit("\r\x1b[2K", 1)[1].endswith("0/3 ended, 1 running, 2 pending: t01 cgcnn-early ep 3 2")
+    trials[0].set_status(Trial.TERMINATED)
+    progress.report(trials, done=True)
+    finished = out.getvalue()[len(text) :].split("\r\x1b[2K")
+    assert any("t01 cgcnn-early" in part and "stopped early" in part for part in finished), finished
+    assert out.getvalue().endswith("search ended: 3 trials (1 stopped early, 2 pending)\n"), out.getvalue()
 
 
 # ----------------------------------------------------------------------------- one real search
@@ -474,14 +522,11 @@ def test_real_search_limits_concurrency_and_prunes_gnns_only(tmp_path, data_dir)
                 expected[tid] = min(v for step, v in history.items() if step <= m)
         assert rung["recorded"] == pytest.approx(expected)
 
-    # the progress table: the useful columns, sorted by val_mae
-    final = proc.stdout[proc.stdout.rindex("== Final ==") :]
-    lines = final.splitlines()
-    assert lines[1].split() == ["trial", "status", "family", "fusion", "epoch", "val_mae", "best"]
-    rows = [line.split() for line in lines[2 : 2 + num_samples]]
-    assert sorted(r[0] for r in rows) == sorted(epochs)
-    vals = [float(r[5]) for r in rows]
-    assert vals == sorted(vals)
+    # the progress (not a terminal): one line per trial as it ends, by its run name, then a summary
+    ended = re.findall(r"^\[\s*\d+ s\]  (t\d\d \S+)\s", proc.stdout, re.M)
+    assert sorted(ended) == sorted(r.info.run_name for r in nested), ended
+    assert re.search(rf"^\[\s*\d+ s\] search ended: {num_samples} trials \(", proc.stdout, re.M)
+    assert "== Status ==" not in proc.stdout and "\r" not in proc.stdout
     assert not re.search(r"^\s*Trial name\s", proc.stdout, re.M)
 
 
