@@ -1051,6 +1051,8 @@ def test_ensemble_config_section_validates():
         "max_epochs": None,
         "refit": True,
         "register": True,
+        "coverage": 0.9,
+        "difficulty": "model",
     }
     cfg = config_from_dict(
         dict(base, ensemble={"enabled": True, "k": 1, "meta": "gbm", "max_epochs": 3, "register": False})
@@ -1062,6 +1064,10 @@ def test_ensemble_config_section_validates():
         config_from_dict(dict(base, ensemble={"meta": "svm"}))
     with pytest.raises(ConfigError, match=r"ensemble\.n_folds"):
         config_from_dict(dict(base, ensemble={"n_folds": 1}))
+    with pytest.raises(ConfigError, match=r"ensemble\.coverage"):
+        config_from_dict(dict(base, ensemble={"coverage": 1.0}))
+    with pytest.raises(ConfigError, match=r"ensemble\.difficulty"):
+        config_from_dict(dict(base, ensemble={"difficulty": "guess"}))
 
 
 def test_search_hook_builds_ensemble_of_that_search(tmp_path, phonons, capsys):
