@@ -19,6 +19,16 @@ Artifacts of the model: ``ensemble.pkl`` (the fitted :class:`StackedEnsemble`: f
 weights and forests, meta-learner), ``featurizer.json`` and ``card.json`` (task, fold, members,
 weights, metrics, seed, package versions; :func:`export_model` turns it into README.md).
 
+Environment: the model records what serving it needs (docs/serving.md).  ``requirements.txt``
+(and conda.yaml / python_env.yaml): the installed versions of :data:`SERVING_PACKAGES`, the
+libraries the model imports to featurize and predict, pinned exactly (a local build label such
+as ``+cpu`` dropped, so that PyPI or the PyTorch CPU index can resolve it); matfusion itself is
+not a requirement (it is not published on a package index) but ships with the model as its
+``code`` (``code_paths``: a copy of the ``matfusion`` package that trained it, which MLflow puts
+first on ``sys.path`` when it loads the model).  ``mlflow models serve --env-manager local`` thus
+works in any environment with the requirements installed, matfusion installed or not; the
+MLmodel's ``metadata`` says which matfusion version the code is.
+
 Registry: :func:`register_ensemble` registers a model as ``matfusion-<task>`` with version tags
 ``task``, ``fold``, ``test_mae``; alias ``champion`` moves to the new version only when its
 test MAE is lower than the current champion's *on the same task and fold* (a champion on
@@ -58,6 +68,26 @@ _PACKAGES = (
     "pymatgen",
     "matminer",
     "mlflow",
+    "lightgbm",
+)
+# what a fresh environment needs to load and serve the model: the libraries of featurization
+# (pymatgen, matminer), of the member families (scikit-learn, lightgbm, torch, torch-geometric),
+# of matfusion's configs (pydantic, pyyaml) and MLflow's; not the search (ray, optuna)
+SERVING_PACKAGES = (
+    "mlflow",
+    "numpy",
+    "pandas",
+    "scipy",
+    "scikit-learn",
+    "lightgbm",
+    "torch",
+    "torch-geometric",
+    "pymatgen",
+    "matminer",
+    "pydantic",
+    "pyyaml",
+    "tqdm",
+    "matplotlib",
 )
 
 
@@ -229,9 +259,35 @@ def _signature_and_example(
 
 
 def _pip_requirements() -> list[str]:
-    v = package_versions()
-    names = {"torch_geometric": "torch-geometric"}
-    return [f"{names.get(k, k)}=={val}" for k, val in v.items() if k != "python"]
+    """``name==version`` of each installed :data:`SERVING_PACKAGES` (a local label such as
+    ``+cpu`` dropped: ``torch==2.13.0`` matches the CPU build and the PyPI one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in SERVING_PACKAGES:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _code_paths() -> list[str]:
+    """The ``matfusion`` package folder this process imported (copied into the model's ``code``)."""
+    import matfusion
+
+    return [str(Path(matfusion.__file__).resolve().parent)]
+
+
+def _environment() -> dict:
+    """What the model records of its environment (keyword arguments of log_model / save_model)."""
+    import matfusion
+
+    return {
+        "pip_requirements": _pip_requirements(),
+        "code_paths": _code_paths(),
+        "metadata": {"matfusion_version": matfusion.__version__, "serving": "docs/serving.md"},
+    }
 
 
 def _write_artifacts(ensemble, featurizer: dict, card: dict, directory: str) -> dict:
@@ -304,7 +360,7 @@ def log_ensemble_model(
                 artifacts=artifacts,
                 signature=signature,
                 input_example=example,
-                pip_requirements=_pip_requirements(),
+                **_environment(),
             )
 
 
@@ -325,7 +381,7 @@ def save_ensemble_model(path: str, ensemble, featurizer: dict, card: dict, examp
                 artifacts=artifacts,
                 signature=signature,
                 input_example=example,
-                pip_requirements=_pip_requirements(),
+                **_environment(),
             )
     return path
 
