@@ -93,10 +93,15 @@ def element_feature_table() -> np.ndarray:
     return np.concatenate([scalar, col, row], axis=1).astype(np.float32)
 
 
+def gaussian_basis(cutoff: float, bins: int, width: Optional[float] = None) -> tuple[np.ndarray, float]:
+    """The centres mu_k (float32, evenly spaced on [0, cutoff]) and the width w (default: cutoff / bins)
+    of the bond-length basis; the stored expansion and the per-batch one both use it."""
+    return np.linspace(0.0, cutoff, int(bins), dtype=np.float32), float(width or cutoff / bins)
+
+
 def gaussian_expansion(distances: np.ndarray, cutoff: float, bins: int, width: Optional[float] = None) -> np.ndarray:
     """e_k(d) = exp(-(d - mu_k)^2 / w^2), mu_k evenly spaced on [0, cutoff]."""
-    width = width or cutoff / bins
-    centers = np.linspace(0.0, cutoff, bins, dtype=np.float32)
+    centers, width = gaussian_basis(cutoff, bins, width)
     d = np.asarray(distances, dtype=np.float32)[:, None]
     return np.exp(-((d - centers[None, :]) ** 2) / (width**2)).astype(np.float32)
 
@@ -283,7 +288,7 @@ class GraphSet:
 
         data_cls = __getattr__("CrystalGraphData")
         table = element_feature_table()
-        width = gaussian_width or self.cutoff / gaussian_bins
+        _, width = gaussian_basis(self.cutoff, gaussian_bins, gaussian_width)
         basis = torch.tensor([[self.cutoff, float(gaussian_bins), width]], dtype=torch.float64)
         out = []
         for g in indices:

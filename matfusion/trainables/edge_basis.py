@@ -12,8 +12,9 @@ Graphs made with their ``edge_attr`` already expanded are used as they are.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from ..data.crystal_graph import gaussian_basis
 
 
 def bond_width(data) -> int:
@@ -28,7 +29,8 @@ def bond_features(data) -> torch.Tensor:
     if attr is not None:
         return attr
     cutoff, bins, width = data.edge_basis[0].tolist()
+    centers, width = gaussian_basis(cutoff, int(bins), width)
     d = data.edge_dist.unsqueeze(1)
-    mu = torch.from_numpy(np.linspace(0.0, cutoff, int(bins), dtype=np.float32)).to(d.device)
+    mu = torch.from_numpy(centers).to(d.device)
     # e_k(d) = exp(-(d - mu_k)^2 / w^2)
     return torch.exp(-((d - mu) ** 2) / (width**2))
