@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from . import __version__
+from .config_args import add_config_flags, load_config_of
 
 DESCRIPTION = """\
 matfusion searches hybrid models for a materials property: random forests, extra trees and
@@ -57,26 +58,12 @@ in the working directory (artifacts in ./mlartifacts).
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML search config (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set search.num_samples=10 (repeatable)",
-    )
-    p.add_argument("--data-dir", help="folder with the datasets (default: $MATFUSION_DATA or ../shared/data)")
+    add_config_flags(p)
 
 
 def _load(args):
-    from .config import load_config
-
-    overrides = list(args.overrides)
-    if getattr(args, "data_dir", None):
-        overrides.append(f"data.data_dir={args.data_dir}")
-    if getattr(args, "address", None):
-        overrides.append(f"search.address={args.address}")
-    return load_config(args.config, overrides)
+    address = getattr(args, "address", None)
+    return load_config_of(args, *([f"search.address={address}"] if address else []))
 
 
 def cmd_search(args) -> int:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config_args import add_config_flags, load_config_of
+
 BENCHMARK_EPILOG = """\
 examples:
   matfusion benchmark matbench_phonons --config configs/benchmark.yaml
@@ -37,15 +39,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--config", required=True, help="YAML config (see configs/benchmark.yaml)")
     p.add_argument("--folds", default=None, help="comma-separated folds to run, e.g. 0,1 (default: all 5)")
     p.add_argument("--out", default=None, help="output folder (default: results/<task>)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set search.time_budget_s=180 (repeatable)",
-    )
-    p.add_argument("--data-dir", help="folder with the datasets (default: $MATFUSION_DATA or ../shared/data)")
+    add_config_flags(p, example="search.time_budget_s=180")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_benchmark)
@@ -64,15 +58,11 @@ def add_parsers(subparsers) -> None:
 
 
 def cmd_benchmark(args) -> int:
-    from ..config import load_config
     from .runner import BenchmarkError, format_result, parse_folds, run_benchmark
 
-    overrides = list(args.overrides)
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
     try:
         folds = parse_folds(args.folds)
-        cfg = load_config(args.config, overrides)
+        cfg = load_config_of(args)
         res = run_benchmark(
             cfg,
             args.task,
