@@ -993,14 +993,6 @@ def format_result(res: SearchResult) -> str:
     return "\n".join(lines)
 
 
-# MLflow 3.17's UI opens an experiment on its GenAI overview unless the page is asked for the
-# model-training view (or the browser chose it before): the links below ask.
-# The runs are listed by best_val_mae, best first (a trial's best inner-validation MAE; the
-# parent's is its best trial's): the leaderboard.
-UI_VIEW = "workflowType=machine_learning"
-UI_ORDER = "orderByKey=metrics.%60best_val_mae%60&orderByAsc=true"
-
-
 def mlflow_executable() -> str:
     """``mlflow`` beside this Python (the venv's, which need not be on PATH), else ``mlflow``."""
     beside = Path(sys.executable).parent / "mlflow"
@@ -1008,8 +1000,12 @@ def mlflow_executable() -> str:
 
 
 def ui_runs_url(base: str, experiment_id: str) -> str:
-    """The runs list of an experiment in the MLflow UI at ``base``, best first."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_VIEW}&{UI_ORDER}"
+    """The runs list of an experiment in the MLflow UI at ``base``: the model-training view (MLflow
+    3.17 opens its GenAI overview otherwise), with the experiment's "Leaderboard" view of the runs
+    table (the leaderboard's columns, best best_val_mae first; see :mod:`matfusion.tracking.ui`)."""
+    from ..tracking.ui import runs_url
+
+    return runs_url(base, experiment_id)
 
 
 def ui_lines(uri: str, experiment_id: str, port: int = 5000) -> list[str]:

@@ -26,7 +26,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .. import families
-from .runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING, find_trial_run, nested_runs
+from .runs import find_trial_run, nested_runs
+from .ui import experiment_tags, missing_experiment_tags
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 TRIAL_METRICS = ("val_mae", "train_loss", "best_val_mae", "lr")
@@ -53,15 +54,16 @@ def resolve_tracking_uri(uri: Optional[str] = None) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: Optional[str] = None) -> str:
-    """The id of the experiment ``name``, created (as a model-training experiment, so that the
-    MLflow UI opens it on its runs) when it does not exist; an existing one without a kind gets
-    that kind."""
+    """The id of the experiment ``name``, created when it does not exist, with the tags of
+    :func:`matfusion.tracking.ui.experiment_tags` (a model-training experiment, so that the MLflow
+    UI opens it on its runs, and the "Leaderboard" view of its runs table); an existing one gets
+    those it lacks."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
-        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        for key, value in missing_experiment_tags(exp.tags or {}).items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
-    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    tags = experiment_tags()
     if artifact_location is None and client.tracking_uri.startswith(("http://", "https://")):
         # a tracking server (e.g. `matfusion mlflow-server`) stores the artifacts itself (proxied)
         return client.create_experiment(name, tags=tags)

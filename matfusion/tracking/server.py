@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from .runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+from .ui import experiment_tags, missing_experiment_tags
 
 DEFAULT_BACKEND = "sqlite:///mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -128,8 +128,9 @@ def _api(uri: str, path: str, body: Optional[dict] = None) -> dict:
 
 def create_experiments(uri: str, names: list[str]) -> dict[str, str]:
     """Create each experiment on the server unless it exists (artifact root: the server's
-    proxied one), as a model-training experiment (the UI opens it on its runs); name -> artifact
-    location."""
+    proxied one), with the tags of :func:`matfusion.tracking.ui.experiment_tags` (a model-training
+    experiment with the "Leaderboard" view of its runs; an existing one gets those it lacks);
+    name -> artifact location."""
     out = {}
     for name in names:
         query = urllib.parse.urlencode({"experiment_name": name})
@@ -138,15 +139,16 @@ def create_experiments(uri: str, names: list[str]) -> dict[str, str]:
         except urllib.error.HTTPError as err:
             if err.code != 404:
                 raise
+            tags = [{"key": k, "value": v} for k, v in experiment_tags().items()]
+            _api(uri, "experiments/create", {"name": name, "tags": tags})
+            exp = _api(uri, f"experiments/get-by-name?{query}")["experiment"]
+        existing = {t.get("key"): t.get("value") for t in exp.get("tags", [])}
+        for key, value in missing_experiment_tags(existing).items():
             _api(
                 uri,
-                "experiments/create",
-                {"name": name, "tags": [{"key": EXPERIMENT_KIND_TAG, "value": MODEL_TRAINING}]},
+                "experiments/set-experiment-tag",
+                {"experiment_id": exp["experiment_id"], "key": key, "value": value},
             )
-            exp = _api(uri, f"experiments/get-by-name?{query}")["experiment"]
-        if EXPERIMENT_KIND_TAG not in {t.get("key") for t in exp.get("tags", [])}:
-            tag = {"experiment_id": exp["experiment_id"], "key": EXPERIMENT_KIND_TAG, "value": MODEL_TRAINING}
-            _api(uri, "experiments/set-experiment-tag", tag)
         out[name] = exp.get("artifact_location", "")
     return out
 
