@@ -400,13 +400,49 @@ CLOSE_SIDE_PANEL = """(() => {
 })()"""
 
 
+# the runs table as the page shows it: its header cells and its rows (the grid splits a row
+# between its pinned and scrolling parts: joined by row index), each cell by its column key
+RUNS_TABLE = """(() => {
+  const rows = {}, headers = {};
+  for (const h of document.querySelectorAll('.ag-header-cell[col-id]')) {
+    headers[h.getAttribute('col-id')] = h.innerText.trim();
+  }
+  for (const r of document.querySelectorAll('.ag-row[row-index]')) {
+    const cells = rows[r.getAttribute('row-index')] = rows[r.getAttribute('row-index')] || {};
+    for (const c of r.querySelectorAll('.ag-cell[col-id]')) { cells[c.getAttribute('col-id')] = c.innerText.trim(); }
+  }
+  return {headers, rows: Object.keys(rows).sort((a, b) => a - b).map(k => rows[k])};
+})()"""
+
+
+def _runs_table(browser, columns: list[str], n_rows: int, timeout: float = 60) -> dict:
+    """The runs table once it shows every column of ``columns`` and ``n_rows`` rows."""
+    deadline = time.time() + timeout
+    while True:
+        table = browser.evaluate(RUNS_TABLE)
+        if set(columns) <= set(table["headers"]) and len(table["rows"]) >= n_rows:
+            return table
+        if time.time() > deadline:
+            raise AssertionError(f"the runs table never showed the columns {columns}: {table}")
+        time.sleep(0.5)
+
+
+def _shown_metric(text: str, value: float) -> bool:
+    """Whether a metric cell's text is ``value`` as the UI rounds it (3 decimals below 10, 2 below
+    100, 1 above)."""
+    return text not in ("", "-") and abs(float(text) - value) <= max(5e-4, abs(value) * 5e-4)
+
+
 @pytest.mark.slow
 def test_mlflow_ui_in_chromium_shows_the_search_and_its_trials(two_node_search, mlflow_server, tmp_path):
     """Debian's chromium, headless, opens the page the search printed for the local server: it is
-    the experiment's runs list, with the search's parent run and every trial run."""
+    the experiment's runs list, with the search's parent run and every trial run, and the
+    leaderboard's columns (best_val_mae, epochs_trained, family, fusion, status) shown without
+    touching "Columns": each trial's values as MLflow has them, best best_val_mae first."""
     from cdp_browser import Chromium, find_chromium
 
     from matfusion.search.tuner import ui_runs_url
+    from matfusion.tracking.ui import VIEW_METRICS, VIEW_NAME, VIEW_TAGS, column_key, view_columns
 
     binary = find_chromium()
     if binary is None:
@@ -426,13 +462,28 @@ def test_mlflow_ui_in_chromium_shows_the_search_and_its_trials(two_node_search, 
         browser.open(page)
         browser.wait_for_text([EXP_2NODE, parent.info.run_name, "matching runs"])
         assert f"#/experiments/{exp.experiment_id}/runs" in browser.evaluate("location.href")
-        text = browser.wait_for_text(trial_runs)  # listed flat, best val MAE first
+        text = browser.wait_for_text(trial_runs + [VIEW_NAME])  # listed flat, best val MAE first
         browser.evaluate(CLOSE_SIDE_PANEL)
+        table = _runs_table(browser, view_columns(), len(trial_runs) + 1)
         time.sleep(1)
         browser.screenshot(str(shot))
     finally:
         browser.close()
     assert f"{len(trial_runs) + 1} matching runs" in text, text[-800:]
+    # the leaderboard's columns, headed by their names, as the page opened (no "Columns" clicked)
+    assert [table["headers"][c] for c in view_columns()] == [*VIEW_METRICS, *VIEW_TAGS], table["headers"]
+    rows = {row[column_key("attributes", "Run Name")].splitlines()[-1]: row for row in table["rows"]}
+    assert sorted(rows) == sorted(trial_runs + [parent.info.run_name]), list(rows)
+    for run in nested:  # each trial's row shows its run's values
+        row = rows[run.info.run_name]
+        for tag in VIEW_TAGS:
+            assert row[column_key("tags", tag)] == run.data.tags[tag], (run.info.run_name, tag, row)
+        for metric in VIEW_METRICS:
+            shown = row[column_key("metrics", metric)]
+            assert _shown_metric(shown, run.data.metrics[metric]), (run.info.run_name, metric, shown, run.data.metrics)
+    # sorted by best_val_mae, best first (the parent's is its best trial's)
+    shown = [float(row[column_key("metrics", "best_val_mae")]) for row in table["rows"]]
+    assert shown == sorted(shown), shown
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     if os.environ.get("MATFUSION_UPDATE_SCREENSHOT"):  # refresh the one in docs/
