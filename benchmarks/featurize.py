@@ -34,11 +34,12 @@ def main(argv=None) -> int:
     from matfusion.data.cache import FeatureCache
     from matfusion.data.descriptors import magpie_columns
     from matfusion.data.featurize import featurize
+    from matfusion.data.parallel import default_n_jobs, usable_cores
 
     ds = load_dataset(DataConfig(source=args.task, data_dir=args.data_dir))
     n = len(ds)
     magpie_columns()  # import matminer and build the featurizer once, outside the timings
-    n_jobs = args.n_jobs or os.cpu_count() or 1
+    n_jobs = default_n_jobs(args.n_jobs)
 
     with tempfile.TemporaryDirectory(prefix="matfusion-bench-") as cache_dir:
         features = FeaturesConfig(cache_dir=cache_dir, n_jobs=args.n_jobs)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
             if graphs is not None
             else ""
         )
-        + f"; {n_jobs} worker(s) on {os.cpu_count()} core(s); cache {cache_mb:.1f} MiB"
+        + f"; {n_jobs} worker(s) on {usable_cores()} usable core(s); cache {cache_mb:.1f} MiB"
     )
     rows = [
         ("cold (compute + save)", cold_s, cold_rate, COLD_TARGET),

@@ -5,6 +5,10 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the suite never talks to the internet
+os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+# the `mlflow ui` / `mlflow server` processes the tests start: no job runner (~10 idle consumer processes)
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,3 +38,18 @@ def data_dir() -> Path:
     if DATA_DIR is None:
         pytest.fail("real data not found: set MATFUSION_DATA or place ../shared/data beside the repo")
     return DATA_DIR
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What the suite ran on, beside pytest's durations: a slow CI log then says whether the
+    machine had fewer cores or more load than the 2 idle cores the README's time is for."""
+    from matfusion.data.parallel import usable_cores
+
+    import shutil
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    shm = shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else 0.0
+    terminalreporter.write_line(
+        f"matfusion: {usable_cores()} usable core(s) of {os.cpu_count()} reported; load average {load}; "
+        f"/dev/shm {shm:.1f} GiB (Ray's object store moves to /tmp, much slower, when it is small)"
+    )

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -41,9 +42,26 @@ class Failure:
         )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
+    (``cpu.max``, what docker ``--cpus`` and Kubernetes limits set).  ``os.cpu_count()`` counts
+    the host's cores, and on a container limited to 2 of 64 it would start 64 workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(float(quota) / float(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def default_n_jobs(n_jobs: int = 0) -> int:
-    """``n_jobs``, or every core for 0."""
-    return n_jobs or os.cpu_count() or 1
+    """``n_jobs``, or every usable core (:func:`usable_cores`) for 0."""
+    return n_jobs or usable_cores()
 
 
 def chunk_size(n: int, n_jobs: int) -> int:

@@ -45,6 +45,7 @@ from ray.tune import ProgressReporter
 from .. import __version__
 from ..config import Config, ConfigError, SearchConfig
 from ..data import load_dataset
+from ..data.parallel import usable_cores
 from ..data.prepare import check_structures, prepare_fold
 from ..spaces import define_search_space
 from ..tracking.leaderboard import format_group_summary, group_summary, search_leaderboard
@@ -114,7 +115,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus or usable_cores(), include_dashboard=False, log_to_driver=False)
 
 
 def trial_resources(search: SearchConfig, cluster_gpus: float = 0.0) -> dict:

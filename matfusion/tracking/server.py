@@ -99,6 +99,15 @@ def server_command(
     return cmd + list(extra or [])
 
 
+def server_env(base: Optional[dict] = None) -> dict:
+    """The server's environment: MLflow 3's job execution off unless the user turned it on.
+    Its job runner (GenAI evaluation jobs, which matfusion never submits) starts about ten
+    ``huey`` consumer processes of ~240 MB each beside the server."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
 def wait_healthy(uri: str, timeout: float = 120.0, proc: Optional[subprocess.Popen] = None) -> None:
     """Block until ``uri``/health answers OK; raise if the server process ends or time runs out."""
     deadline = time.time() + timeout
@@ -167,7 +176,7 @@ def serve(
     cmd = server_command(backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts)
     uri = tracking_uri(host, port)
     # its own process group, so that stopping it stops its worker processes too
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=server_env())
 
     def forward(signum, frame):  # stop the server's whole process group; proc.wait() below then returns
         try:

@@ -353,6 +353,26 @@ def test_parallel_map_keeps_order_and_reports_each_failing_item():
     assert parallel_map(_inverse, [], n_jobs=2) == ([], [])
 
 
+def test_default_workers_are_the_usable_cores_not_the_hosts():
+    """0 workers means the cores this process may use: its affinity, capped by a cgroup quota
+    (a container limited to 2 of 64 cores must not start 64 workers)."""
+    import os
+
+    from matfusion.data.parallel import default_n_jobs, usable_cores
+
+    cores = usable_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0)) <= (os.cpu_count() or 1)
+    assert default_n_jobs(0) == cores and default_n_jobs(3) == 3
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+    except OSError:
+        quota = "max"
+    if quota == "max":
+        assert cores == len(os.sched_getaffinity(0))
+    else:
+        assert cores == max(1, min(len(os.sched_getaffinity(0)), int(float(quota) / float(period))))
+
+
 def test_parallel_map_hands_the_work_to_forked_children_unpickled():
     """A closure over an unpicklable object works with 2 workers: fn and items reach the
     children through the fork, not through pickling; the parent keeps no task state."""
