@@ -43,9 +43,9 @@ def data_dir() -> Path:
 def pytest_terminal_summary(terminalreporter):
     """What the suite ran on, beside pytest's durations: a slow CI log then says whether the
     machine had fewer cores or more load than the 2 idle cores the README's time is for."""
-    from matfusion.data.parallel import usable_cores
-
     import shutil
+
+    from matfusion.data.parallel import usable_cores
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     shm = shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else 0.0

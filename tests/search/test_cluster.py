@@ -600,6 +600,7 @@ def test_new_experiment_on_the_server_keeps_its_artifacts_on_the_server(mlflow_s
 
     from matfusion.tracking.logger import ensure_experiment
     from matfusion.tracking.runs import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+    from matfusion.tracking.ui import VIEW_TAG
 
     client = MlflowClient(mlflow_server["uri"])
     exp_id = ensure_experiment(client, "created-by-a-search")
@@ -607,6 +608,7 @@ def test_new_experiment_on_the_server_keeps_its_artifacts_on_the_server(mlflow_s
     # model-training experiments, whether a search or `matfusion mlflow-server --experiment` (REST) made them
     for exp in (client.get_experiment(exp_id), client.get_experiment_by_name(EXP_2NODE)):
         assert exp.tags.get(EXPERIMENT_KIND_TAG) == MODEL_TRAINING, (exp.name, exp.tags)
+        assert VIEW_TAG in exp.tags, (exp.name, exp.tags)  # the runs table's "Leaderboard" view
     run = client.create_run(exp_id)
     client.log_dict(run.info.run_id, {"a": 1}, "trial_config.json")
     client.set_terminated(run.info.run_id)
