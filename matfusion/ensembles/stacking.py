@@ -632,10 +632,11 @@ class StackedEnsemble(BaseEstimator):
         n_t = self.n_targets_
         mean = np.asarray(out["mean"]).reshape(len(rows), n_t)
         members = np.asarray(out["members"]).reshape(len(rows), len(self.members_), n_t)
+        fold_spread = np.asarray(out["spread"]).reshape(len(rows), n_t)  # the averaging correction's input
         sigma = np.empty((len(rows), n_t))
         for t, cal in enumerate(self.calibrators_):
             X, spread = self._difficulty_features(members[:, :, t], mean[:, t], descriptors, rows)
-            sigma[:, t] = cal.sigma(X, spread, n=len(rows))
+            sigma[:, t] = cal.sigma(X, spread, n=len(rows), fold_spread=fold_spread[:, t])
         sigma = sigma if self.multi_target else sigma[:, 0]
         half = self.half_width(sigma)
         return {

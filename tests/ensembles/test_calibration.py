@@ -9,6 +9,7 @@ import pytest
 
 from matfusion.ensembles import StackedEnsemble, evaluate_ensemble
 from matfusion.ensembles.calibration import (
+    AVERAGING_FLOOR,
     ONE_SIGMA,
     ConformalCalibrator,
     check_coverage,
@@ -90,6 +91,45 @@ def test_heteroscedastic_coverage_and_wider_intervals_where_noise_is_larger(hete
     assert (i95["upper"] - i95["lower"] > width).all()
 
 
+def _single_vs_averaged(n, K, rng, c=0.7):
+    """Errors of single fold models (e + d_k) and of their average (e + mean_k d_k): a common
+    error of scale sigma(x) and fold-model deviations of scale c * sigma(x)."""
+    sigma = 0.2 + rng.uniform(0.0, 1.0, n)
+    e = rng.normal(0.0, 1.0, n) * sigma
+    d = rng.normal(0.0, 1.0, (K, n)) * c * sigma
+    return sigma, e, d
+
+
+def test_averaging_correction_narrows_the_intervals_of_an_averaged_prediction():
+    """Calibration residuals of single fold models, predictions by the average of K = 5: the plain
+    intervals over-cover; with the fold-model spread the correction brings them near nominal."""
+    rng = np.random.default_rng(0)
+    sigma_cal, e_cal, d_cal = _single_vs_averaged(3000, 5, rng)
+    cal = ConformalCalibrator(difficulty="spread").fit(e_cal + d_cal[0], spread=sigma_cal)
+    sigma, e, d = _single_vs_averaged(20000, 5, rng)
+    err, fold_spread = np.abs(e + d.mean(axis=0)), d.std(axis=0)  # the K predictions' spread is d's
+    plain, corrected = cal.sigma(spread=sigma), cal.sigma(spread=sigma, fold_spread=fold_spread)
+    assert (corrected < plain).all() and (corrected >= AVERAGING_FLOOR * plain).all()
+    for level in (ONE_SIGMA, 0.9, 0.95):
+        q = cal.quantile(level)
+        over, fixed = np.mean(err <= q * plain) - level, np.mean(err <= q * corrected) - level
+        assert over > 0.025 and abs(fixed) < over / 2, (level, over, fixed)
+    # no spread, no correction; a spread far beyond the difficulty: the floor
+    np.testing.assert_allclose(cal.averaging_factor(sigma[:5], np.zeros(5)), 1.0)
+    np.testing.assert_allclose(cal.averaging_factor(sigma[:5], 1e6 * sigma[:5]), AVERAGING_FLOOR)
+    # switched off, or a calibrator pickled before the correction: the plain scale
+    cal.set_params(averaging=False)
+    np.testing.assert_allclose(cal.sigma(spread=sigma, fold_spread=fold_spread), plain)
+    old = pickle.loads(pickle.dumps(cal.set_params(averaging=True)))
+    state = {k: v for k, v in cal.__dict__.items() if k not in ("averaging", "score_m2_")}
+    old.__dict__.clear()
+    old.__setstate__(state)
+    np.testing.assert_allclose(old.sigma(spread=sigma, fold_spread=fold_spread), plain)
+    # plain conformal (constant) keeps one width for every row
+    const = ConformalCalibrator(difficulty="constant").fit(e_cal + d_cal[0])
+    np.testing.assert_array_equal(const.sigma(n=len(err), fold_spread=fold_spread), np.ones(len(err)))
+
+
 def test_calibration_uses_training_rows_only(hetero):
     X, y, scale, rows, test, ens = hetero
     np.testing.assert_array_equal(ens.calibration_rows_[0], rows)
@@ -148,8 +188,13 @@ def test_spread_difficulty_and_a_single_member(hetero):
     assert two.calibrators_[0].difficulty_ == "spread"
     out = two.predict_all(X, None, test)
     spread = out["members"].std(axis=1)
-    floor = two.calibrators_[0].sigma_floor_
-    np.testing.assert_allclose(out["sigma"], np.maximum(spread, floor))
+    cal = two.calibrators_[0]
+    difficulty = np.maximum(spread, cal.sigma_floor_)
+    np.testing.assert_allclose(cal.difficulty_sigma(spread=spread), difficulty)
+    # the interval scale: the difficulty times the averaging correction of the fold-model spread
+    rho = cal.averaging_factor(difficulty, out["spread"])
+    assert (rho < 1).all() and (rho >= AVERAGING_FLOOR).all()
+    np.testing.assert_allclose(out["sigma"], difficulty * rho)
     with pytest.raises(InvalidParameterError, match="coverage must be a number in"):
         StackedEnsemble([RF], coverage=1.0).fit(X, None, y, rows)
     with pytest.raises(InvalidParameterError, match="difficulty must be one of"):
