@@ -545,7 +545,8 @@ def _uncertainty_lines(card: dict) -> list[str]:
         sfx = f"_{target}" if target else ""
         lines += [
             (f"Target {target}: " if target else "")
-            + f"`std` is calibrated by normalized conformal prediction ({c.get('difficulty')} difficulty) on "
+            + f"`std` is calibrated by normalized conformal prediction ({c.get('difficulty')} difficulty), "
+            "corrected for the averaged / refitted prediction by the fold models' spread, on "
             f"{c.get('n_calibration')} out-of-fold residuals of the training rows (no test row): about 68 % of "
             f"errors lie within 1 std; `lower` / `upper` cover {100 * float(c.get('coverage', 0.9)):g} %. "
             "`spread` is the uncalibrated spread of the K fold-model stacks.",
