@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -203,6 +204,20 @@ def test_mlflow_ui_opens_as_printed_on_the_runs_list(smoke_search, tmp_path):
         )
         browser.wait_for_text(["Search phonons-smoke", "groups searched: rf, cgcnn-none"])
         browser.screenshot(str(tmp_path / "parent.png"))
+        # the parent's plots: listed among its artifacts, and the selected one shown (an image as wide as the file)
+        png = Path(client.download_artifacts(parent.info.run_id, "optimization_history.png", str(tmp_path)))
+        width = int.from_bytes(png.read_bytes()[16:20], "big")  # the PNG's IHDR width
+        run_page = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}"
+        browser.send("Page.navigate", {"url": f"{run_page}/artifacts/optimization_history.png"})
+        browser.wait_for_text(["optimization_history.png", "val_mae_per_epoch.png"])
+        shown = f"[...document.images].some(i => i.src.startsWith('blob:') && i.naturalWidth === {width})"
+        deadline = time.time() + 60
+        while not browser.evaluate(shown):
+            if time.time() > deadline:
+                images = browser.evaluate("[...document.images].map(i => i.src.slice(0, 40) + ' ' + i.naturalWidth)")
+                pytest.fail(f"optimization_history.png ({width} px wide) listed but not shown; images: {images}")
+            time.sleep(0.5)
+            time.sleep(0.5)
     finally:
         if browser is not None:
             browser.close()
