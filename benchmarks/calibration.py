@@ -202,12 +202,8 @@ def main(argv=None) -> int:
             for name, v in rec["variants"].items():
                 print(fmt_row(name, v))
             print(
-                "  single fold-model stacks (the residuals' predictor): coverage with their own difficulty "
-                + " ".join(f"{sf[f'coverage_{n}']:.3f}" for n in NAMES)
-                + ", plain "
-                + " ".join(f"{sf[f'plain_coverage_{n}']:.3f}" for n in NAMES)
-                + f"; test MAE single {sf['test_mae']:.4g}, their average {sf['fold_average_test_mae']:.4g}, "
-                f"refit {sf['refit_test_mae']:.4g}; old spread within 1 std {rec['spread_within_1std']:.3f}",
+                single_stacks_line(sf, "single fold-model stacks (the residuals' predictor)")
+                + f"; old spread within 1 std {rec['spread_within_1std']:.3f}",
                 flush=True,
             )
     ok = summarize(records)
@@ -215,6 +211,18 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"members": MEMBERS, "folds": records}, indent=1) + "\n")
     return 0 if ok else 1
+
+
+def single_stacks_line(sf: dict, label: str) -> str:
+    """The fold-model stacks' own coverage (with their own difficulty, and plain) and test MAEs."""
+    return (
+        f"  {label}: coverage with their own difficulty "
+        + " ".join(f"{sf[f'coverage_{n}']:.3f}" for n in NAMES)
+        + ", plain "
+        + " ".join(f"{sf[f'plain_coverage_{n}']:.3f}" for n in NAMES)
+        + f"; test MAE single {sf['test_mae']:.4g}, their average {sf['fold_average_test_mae']:.4g}, "
+        f"refit {sf['refit_test_mae']:.4g}"
+    )
 
 
 def summarize(records: list) -> bool:
@@ -229,12 +237,8 @@ def summarize(records: list) -> bool:
             print(fmt_row(name, mean))
         sf = {k: float(np.mean([r["single_fold_stacks"][k] for r in recs])) for k in recs[0]["single_fold_stacks"]}
         print(
-            "  single fold-model stacks: coverage with their own difficulty "
-            + " ".join(f"{sf[f'coverage_{n}']:.3f}" for n in NAMES)
-            + ", plain "
-            + " ".join(f"{sf[f'plain_coverage_{n}']:.3f}" for n in NAMES)
-            + f"; test MAE single {sf['test_mae']:.4g}, average {sf['fold_average_test_mae']:.4g}, "
-            f"refit {sf['refit_test_mae']:.4g}; OOF MAE {np.mean([r['oof_mae'] for r in recs]):.4g}"
+            single_stacks_line(sf, "single fold-model stacks")
+            + f"; OOF MAE {np.mean([r['oof_mae'] for r in recs]):.4g}"
         )
         default = variant_name(EnsembleConfig().difficulty, True)
         for lv, n in zip(LEVELS, NAMES):
