@@ -199,10 +199,57 @@ def predict_parsed(ensemble, featurizer: dict, structures: Sequence, coverage: O
 # -- the pyfunc model -----------------------------------------------------------------------------
 
 
+MANIFEST = "manifest"  # artifact: the SHA-256 of every other artifact, checked before anything is unpickled
+
+
+class ManifestMismatchError(ValueError):
+    """An artifact of an exported model differs from what its manifest recorded at export."""
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(paths: dict, path: str) -> str:
+    """``{name: {"file": basename, "sha256": ...}}`` of the artifacts ``paths`` (name -> file), as JSON at ``path``."""
+    manifest = {name: {"file": os.path.basename(p), "sha256": _sha256(p)} for name, p in paths.items()}
+    with open(path, "w") as fh:
+        json.dump({"sha256": manifest}, fh, indent=2)
+    return path
+
+
+def verify_manifest(artifacts: dict) -> None:
+    """Check every artifact the manifest lists against its recorded SHA-256; raise
+    :class:`ManifestMismatchError` naming the first that differs or is missing.  A model saved
+    before manifests existed (no ``manifest`` artifact) loads with a warning."""
+    if MANIFEST not in artifacts:
+        log.warning("this model has no artifact manifest (saved before matfusion 0.2?): its files are not checked")
+        return
+    with open(artifacts[MANIFEST]) as fh:
+        recorded = json.load(fh)["sha256"]
+    for name, entry in recorded.items():
+        path = artifacts.get(name)
+        if path is None or not os.path.isfile(path):
+            raise ManifestMismatchError(f"model artifact {entry['file']!r} is missing (listed in the model's manifest)")
+        digest = _sha256(path)
+        if digest != entry["sha256"]:
+            raise ManifestMismatchError(
+                f"model artifact {entry['file']!r} changed since export (sha256 {digest[:12]}..., manifest "
+                f"{entry['sha256'][:12]}...): refusing to load it; export the model again from its run"
+            )
+
+
 class EnsemblePyfunc(_PythonModel):
     """MLflow pyfunc wrapper of a :class:`~matfusion.ensembles.stacking.StackedEnsemble`."""
 
     def load_context(self, context) -> None:
+        verify_manifest(context.artifacts)  # before ensemble.pkl is unpickled
         with open(context.artifacts["ensemble"], "rb") as fh:
             self.ensemble = pickle.load(fh)
         with open(context.artifacts["featurizer"]) as fh:
@@ -302,6 +349,7 @@ def _write_artifacts(ensemble, featurizer: dict, card: dict, directory: str) -> 
         json.dump(featurizer, fh, indent=2)
     with open(paths["card"], "w") as fh:
         json.dump(card, fh, indent=2, default=str)
+    paths[MANIFEST] = write_manifest(paths, os.path.join(directory, "manifest.json"))
     return paths
 
 

@@ -1130,3 +1130,39 @@ def test_member_names_of_one_group_are_valid_mlflow_keys(tmp_path):
     for n in names:
         client.log_metric(run.info.run_id, f"member.{n}_mae", 1.0)
     assert {f"member.{n}_mae" for n in names} <= set(client.get_run(run.info.run_id).data.metrics)
+
+
+def test_a_model_whose_artifact_changed_is_refused_before_unpickling(tmp_path, elastic, caplog):
+    """The manifest written at export holds each artifact's SHA-256: a changed ensemble.pkl is
+    named and refused (nothing unpickled), in Python and by `matfusion predict` (one line, exit 2);
+    the untouched model loads; a model without a manifest (saved before) loads with a warning."""
+    from matfusion.ensembles.export import ManifestMismatchError, save_ensemble_model
+
+    ds, split, fs, targets, rows, hidden, ens = elastic
+    card = make_card(ens, ds.name, split.fold, {}, data={"source": ELASTIC, "limit": LIMIT})
+    path = tmp_path / "model"
+    save_ensemble_model(str(path), ens, featurizer_spec(ens, 6.0, 12), card, [ds.structures[i] for i in split.test[:2]])
+    manifest = json.loads((path / "artifacts" / "manifest.json").read_text())["sha256"]
+    assert set(manifest) == {"ensemble", "featurizer", "card"}
+    mlflow.pyfunc.load_model(str(path))  # untouched: loads
+
+    pkl = path / "artifacts" / "ensemble.pkl"
+    original = pkl.read_bytes()
+    pkl.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit of the pickle changed
+    with pytest.raises(ManifestMismatchError, match="'ensemble.pkl' changed since export"):
+        mlflow.pyfunc.load_model(str(path))
+    cif = tmp_path / "one.cif"
+    cif.write_text(ds.structures[int(split.test[0])].to(fmt="cif"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "matfusion.cli", "predict", str(path), str(cif)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "'ensemble.pkl' changed since export" in proc.stderr.strip().splitlines()[-1]
+
+    pkl.write_bytes(original)
+    (path / "artifacts" / "manifest.json").unlink()  # as a model saved before manifests existed
+    text = (path / "MLmodel").read_text()
+    (path / "MLmodel").write_text("\n".join(line for line in text.splitlines() if "manifest" not in line) + "\n")
+    with caplog.at_level("WARNING", logger="matfusion.ensembles"):
+        mlflow.pyfunc.load_model(str(path))
+    assert "no artifact manifest" in caplog.text
