@@ -284,31 +284,66 @@ class GraphSet:
         expand per batch (:mod:`matfusion.trainables.edge_basis`; one float per edge held).  With a line graph, also ``lg_edge_index`` (2, L) (indices of the graph's
         edges, offset per graph when batched) and ``lg_edge_attr`` (L, line_graph_bins), the
         bond-angle cosines expanded in Gaussians over [-1, 1]."""
+        build = self.data_builder(targets, gaussian_bins, gaussian_width, line_graph_bins, expand_edges)
+        return [build(g) for g in indices]
+
+    def data_builder(
+        self,
+        targets: Optional[np.ndarray] = None,
+        gaussian_bins: int = 40,
+        gaussian_width: Optional[float] = None,
+        line_graph_bins: int = 20,
+        expand_edges: bool = True,
+    ) -> "DataBuilder":
+        """``build(g)``: the :class:`CrystalGraphData` of graph ``g`` alone, exactly as
+        :meth:`to_data_list` makes it (same arguments); for datasets that build a graph only
+        when it is read (:class:`matfusion.data.graph_store.LazyGraphDataset`)."""
+        return DataBuilder(self, targets, gaussian_bins, gaussian_width, line_graph_bins, expand_edges)
+
+
+class DataBuilder:
+    """Builds the PyG ``Data`` of one graph of a :class:`GraphSet` (see :meth:`GraphSet.to_data_list`
+    for what it holds); the bond-length basis tensor is made once and shared by every graph built."""
+
+    def __init__(
+        self,
+        graphs: GraphSet,
+        targets: Optional[np.ndarray],
+        gaussian_bins: int,
+        gaussian_width: Optional[float],
+        line_graph_bins: int,
+        expand_edges: bool,
+    ) -> None:
         import torch
 
-        data_cls = __getattr__("CrystalGraphData")
-        table = element_feature_table()
-        _, width = gaussian_basis(self.cutoff, gaussian_bins, gaussian_width)
-        basis = torch.tensor([[self.cutoff, float(gaussian_bins), width]], dtype=torch.float64)
-        out = []
-        for g in indices:
-            z, ei, dist, _vec = self.graph(int(g))
-            data = data_cls(
-                x=torch.from_numpy(table[z.astype(np.int64)]),
-                z=torch.from_numpy(z.astype(np.int64)),
-                edge_index=torch.from_numpy(ei.astype(np.int64)),
-                num_nodes=len(z),
+        self.graphs, self.targets = graphs, targets
+        self.gaussian_bins, self.gaussian_width = gaussian_bins, gaussian_width
+        self.line_graph_bins, self.expand_edges = line_graph_bins, expand_edges
+        _, width = gaussian_basis(graphs.cutoff, gaussian_bins, gaussian_width)
+        self.basis = torch.tensor([[graphs.cutoff, float(gaussian_bins), width]], dtype=torch.float64)
+
+    def __call__(self, g: int):
+        import torch
+
+        gs, g = self.graphs, int(g)
+        z, ei, dist, _vec = gs.graph(g)
+        data = __getattr__("CrystalGraphData")(
+            x=torch.from_numpy(element_feature_table()[z.astype(np.int64)]),
+            z=torch.from_numpy(z.astype(np.int64)),
+            edge_index=torch.from_numpy(ei.astype(np.int64)),
+            num_nodes=len(z),
+        )
+        if self.expand_edges:
+            data.edge_attr = torch.from_numpy(
+                gaussian_expansion(dist, gs.cutoff, self.gaussian_bins, self.gaussian_width)
             )
-            if expand_edges:
-                data.edge_attr = torch.from_numpy(gaussian_expansion(dist, self.cutoff, gaussian_bins, gaussian_width))
-            else:
-                data.edge_dist = torch.from_numpy(np.asarray(dist, dtype=np.float32))
-                data.edge_basis = basis
-            if self.has_line_graph:
-                li, cos = self.line(int(g))
-                data.lg_edge_index = torch.from_numpy(li.astype(np.int64))
-                data.lg_edge_attr = torch.from_numpy(cosine_expansion(cos, line_graph_bins))
-            if targets is not None:
-                data.y = torch.tensor(np.atleast_1d(targets[int(g)]), dtype=torch.float32).view(1, -1)
-            out.append(data)
-        return out
+        else:
+            data.edge_dist = torch.from_numpy(np.asarray(dist, dtype=np.float32))
+            data.edge_basis = self.basis
+        if gs.has_line_graph:
+            li, cos = gs.line(g)
+            data.lg_edge_index = torch.from_numpy(li.astype(np.int64))
+            data.lg_edge_attr = torch.from_numpy(cosine_expansion(cos, self.line_graph_bins))
+        if self.targets is not None:
+            data.y = torch.tensor(np.atleast_1d(self.targets[g]), dtype=torch.float32).view(1, -1)
+        return data

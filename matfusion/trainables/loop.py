@@ -252,6 +252,17 @@ def validation_score(pred: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> tupl
     return float(np.mean(scaled)), maes
 
 
+def stacked_targets(graphs) -> np.ndarray:
+    """(n, n_targets) float64: the ``y`` of every graph, stacked; read from the dataset's own ``y`` when it
+    has one (a :class:`~matfusion.data.graph_store.LazyGraphDataset`: no graph is built), else from the items."""
+    import torch
+
+    y = getattr(graphs, "y", None)
+    if y is None:
+        y = torch.cat([d.y for d in graphs])
+    return y.numpy().astype(np.float64)
+
+
 def train_torch_model(
     model: nn.Module,
     train_list: list,
@@ -266,7 +277,8 @@ def train_torch_model(
     score_std: Optional[np.ndarray] = None,
 ) -> dict:
     """Train ``model`` on ``train_list`` (PyG Data with ``y`` of shape (1, n_targets), NaN =
-    missing label), select on ``val_list``.
+    missing label: a list, or a dataset such as :class:`~matfusion.data.graph_store.LazyGraphDataset`
+    that builds each graph when a batch reads it), select on ``val_list``.
 
     ``criterion`` (default: :class:`MultiTaskLoss` with equal weights) gets standardized
     predictions and targets; its parameters (learned task uncertainties) are trained too.
@@ -285,9 +297,9 @@ def train_torch_model(
     session = session or LocalSession()
     device = pick_device(settings.device)
     model.to(device)
-    y_train = torch.cat([d.y for d in train_list]).numpy().astype(np.float64)
+    y_train = stacked_targets(train_list)
     y_mean, y_std = target_stats(y_train)
-    y_val = torch.cat([d.y for d in val_list]).numpy().astype(np.float64)
+    y_val = stacked_targets(val_list)
     score_std = y_std if score_std is None else np.asarray(score_std, dtype=np.float64)
     n_tasks = y_train.shape[1]
     names = list(target_names) if target_names else [f"t{k}" for k in range(n_tasks)]

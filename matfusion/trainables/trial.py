@@ -46,7 +46,7 @@ from .loop import (
 )
 from .tabular import fit_forests as _fit_forests
 from .tabular import predict_forests
-from .trial_data import data_list
+from .trial_data import graph_dataset
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -119,15 +119,9 @@ def scale(descriptors: np.ndarray, scaler: dict) -> np.ndarray:
     return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
 
 
-def _graphs_with_descriptors(part: dict, graph_params: dict, scaler: Optional[dict]) -> list:
-    import torch
-
-    items = data_list(part, graph_params)
-    if scaler is not None:
-        z = torch.from_numpy(scale(part["descriptors"], scaler))
-        for k, d in enumerate(items):
-            d.descriptors = z[k : k + 1]
-    return items
+def _graphs_with_descriptors(part: dict, graph_params: dict, scaler: Optional[dict]):
+    descriptors = None if scaler is None else scale(part["descriptors"], scaler)
+    return graph_dataset(part, graph_params, descriptors)
 
 
 def _feature_widths(item) -> tuple[int, int, int]:

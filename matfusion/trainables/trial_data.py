@@ -3,10 +3,17 @@
 ``pack_trial_data`` keeps only the rows of the inner train and validation parts, so a trial
 cannot see the test part of a fold even by accident; the test rows are packed separately
 (``pack_rows``) for the driver's after-search evaluation.
+
+In the trial, :func:`graph_dataset` turns a part into the graphs its loaders read: a
+:class:`~matfusion.data.graph_store.LazyGraphDataset` (a graph is built when a batch reads it, so
+the trial holds the packed arrays and one batch of ``Data``, whatever the dataset's size), or with
+``MATFUSION_EAGER_GRAPHS=1`` the eager list of :func:`data_list` (every graph built up front: the
+path before; kept for ``benchmarks/scale.py``'s comparison and as a fallback).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -71,3 +78,36 @@ def data_list(part: dict, graph_params: dict) -> list:
     if gs is None:
         raise ValueError("this dataset has no crystal structures; graph models need structures")
     return gs.to_data_list(range(len(gs)), part["y"], **graph_params, expand_edges=False)
+
+
+EAGER_GRAPHS_ENV = "MATFUSION_EAGER_GRAPHS"
+
+
+def eager_graphs() -> bool:
+    """Whether trials build every graph up front (``MATFUSION_EAGER_GRAPHS=1``) instead of lazily."""
+    return os.environ.get(EAGER_GRAPHS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def graph_dataset(
+    part: dict, graph_params: dict, descriptors: Optional[np.ndarray] = None, lazy: Optional[bool] = None
+):
+    """The graphs of a packed part as a trial's loaders read them, targets attached as ``y`` and, when
+    given, row ``i`` of ``descriptors`` (n, D) as item i's ``descriptors`` (1, D) float32.  ``lazy``
+    (default: unless ``MATFUSION_EAGER_GRAPHS=1``): a :class:`~matfusion.data.graph_store.LazyGraphDataset`
+    over the part's arrays; else the eager list of :func:`data_list`.  Both give the same items."""
+    lazy = (not eager_graphs()) if lazy is None else bool(lazy)
+    if not lazy:
+        items = data_list(part, graph_params)
+        if descriptors is not None:
+            import torch
+
+            z = torch.from_numpy(np.asarray(descriptors, dtype=np.float32))
+            for k, d in enumerate(items):
+                d.descriptors = z[k : k + 1]
+        return items
+    from ..data.graph_store import LazyGraphDataset
+
+    gs = graphs_of(part)
+    if gs is None:
+        raise ValueError("this dataset has no crystal structures; graph models need structures")
+    return LazyGraphDataset(gs, part["y"], descriptors, **graph_params, expand_edges=False)
