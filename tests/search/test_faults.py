@@ -213,3 +213,25 @@ def test_fault_specs_are_checked():
         parse_faults("lgbm=error")
     with pytest.raises(ValueError, match="KIND is one of error, memory, nan"):
         parse_faults("lgbm@1=segfault")
+
+
+def _same(x):
+    return x
+
+
+def test_forked_workers_ended_by_sigterm_during_a_search_leave_no_traceback(capfd):
+    """Featurization pools forked while the search's signal handlers are in place (as
+    matfusion.data.parallel forks them): ``Pool.terminate`` (its ``with`` exit) ends the workers
+    with SIGTERM, which is their default end, not a SearchInterrupted traceback from each worker
+    still waiting for a task; the search itself is not interrupted."""
+    import multiprocessing
+
+    from matfusion.search.interrupts import SearchSignals
+
+    with SearchSignals() as signals:
+        for _ in range(4):
+            with multiprocessing.get_context("fork").Pool(4) as pool:
+                assert list(pool.imap(_same, range(200))) == list(range(200))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "SearchInterrupted" not in err, err[-2000:]
+    assert not signals.interrupted
