@@ -317,8 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_benchmark_parsers(sub)  # benchmark, report
     for command in sub.choices.values():  # `matfusion search CONFIG --debug` as well as `matfusion --debug ...`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        command.epilog = f"{command.epilog}\n{EXIT_CODES_HELP}" if command.epilog else EXIT_CODES_HELP
-        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.epilog = f"{command.epilog}\n\n{EXIT_CODES_HELP}" if command.epilog else EXIT_CODES_HELP
     return parser
 
 

@@ -156,8 +156,8 @@ class CheckedSession:
             value = metrics.get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"{self.family} reported {key}={value} at epoch {metrics.get('epoch', '?')}; "
-                    "the trial is stopped: its model diverged"
+                    f"{self.family} reported {key}={value} at epoch {metrics.get('epoch', '?')}; the trial is "
+                    "stopped (its model diverged, or its validation rows have no finite target)"
                 )
         self.session.report(metrics, state)
 

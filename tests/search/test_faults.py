@@ -30,11 +30,11 @@ SETTINGS = {
     "search.families": "[rf, lgbm, et]",
     "search.min_trials_per_group": 1,  # round robin: t01 rf, t02 lgbm, t03 et
     "search.scheduler": "fifo",
-    "search.max_epochs": 3,
+    "search.max_epochs": 2,
     "search.grace_period": 1,
     "search.max_concurrent": 2,
     "search.points_to_evaluate": "false",
-    # 30 trees (rf, et) or boosting rounds (lgbm, 10 an epoch) a trial
+    # 30 trees (rf, et) or boosting rounds (lgbm, 15 an epoch) a trial
     "search.space": "{rf.n_estimators: 30, et.n_estimators: 30, lgbm.n_estimators: 30}",
 }
 FAULTS = "rf@1=error,et@1=memory,lgbm@2=nan"
@@ -116,7 +116,8 @@ def test_failed_trials_are_one_line_each_and_no_success_exits_4(first):
     )
     assert re.search(r"failed: out of memory \(MemoryError: injected fault .*\); use a smaller model", lines["et"])
     assert lines["lgbm"].endswith(
-        "failed: diverged: lgbm reported train_loss=nan at epoch 2; the trial is stopped: its model diverged"
+        "failed: diverged: lgbm reported train_loss=nan at epoch 2; the trial is stopped (its model diverged, "
+        "or its validation rows have no finite target)"
     )
     # the summary counts them; the last line says the search failed, naming the first failure
     assert "trials: 3 (0 succeeded, 3 failed)" in out
