@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 # Ray must bind to loopback by default: set before anything imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -357,6 +358,19 @@ def report_error(err: BaseException, debug: bool) -> int:
     return exit_code_of(err)
 
 
+def tracking_store_of(args) -> Optional[str]:
+    """The MLflow tracking URI a command is about to read (``leaderboard``, ``ensemble``, and
+    ``export`` / ``predict`` of a model that is no exported folder), else None."""
+    if not hasattr(args, "tracking_uri"):
+        return None
+    model = getattr(args, "model", None)
+    if model is not None and Path(model).exists():  # an exported folder: no tracking store
+        return None
+    from .tracking.logger import resolve_tracking_uri
+
+    return resolve_tracking_uri(args.tracking_uri)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -373,6 +387,11 @@ def main(argv=None) -> int:
     if debug:  # Ray Tune's traceback of a failed trial too (read when a search starts)
         os.environ[TUNE_TRACEBACKS] = "1"
     try:
+        uri = tracking_store_of(args)
+        if uri:  # a tracking server that does not answer: one line at once, not MLflow's minutes of retries
+            from .search.faults import check_tracking_server
+
+            check_tracking_server(uri, "--tracking-uri, else $MLFLOW_TRACKING_URI")
         rc = args.func(args)
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM as SearchInterrupted, before or after the trials ran
         signum = getattr(err, "signum", None) or last_signal()

@@ -49,6 +49,25 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it_fast(capsys, tmp_p
     assert not (tmp_path / "ray").exists()  # stopped before any work (no data loaded, no Ray, no folder)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["leaderboard"],
+        ["ensemble", "--experiment", "x"],
+        ["predict", "models:/matfusion-matbench_phonons@champion", "cifs/"],
+        ["export", "models:/matfusion-matbench_phonons@champion", "--to", "out/"],
+    ],
+)
+def test_commands_reading_the_tracking_server_say_at_once_when_it_does_not_answer(capsys, argv):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.time()
+    rc, _, err = run(capsys, *argv, "--tracking-uri", uri)
+    assert rc == cli.EXIT_TRACKING_UNREACHABLE, err
+    assert err.count("\n") == 1, err
+    assert f"the MLflow tracking server {uri} (--tracking-uri, else $MLFLOW_TRACKING_URI) does not answer" in err
+    assert time.time() - t0 < 20
+
+
 def test_the_traceback_only_with_debug(capsys):
     bogus = ["leaderboard", "--tracking-uri", "bogus://nowhere"]  # MLflow refuses the scheme: an unexpected error
     rc, _, err = run(capsys, *bogus)

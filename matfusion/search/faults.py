@@ -255,9 +255,10 @@ class FaultySession:
 PROBE_TIMEOUT_S = 5
 
 
-def check_tracking_server(uri: str) -> None:
+def check_tracking_server(uri: str, setting: str = "mlflow.tracking_uri") -> None:
     """For an http(s) tracking URI: one request, no retries, a short timeout; raises
-    :class:`TrackingUnreachable` naming the URI when the server does not answer.  A database or
+    :class:`TrackingUnreachable` naming the URI (and the ``setting`` it came from) when the server
+    does not answer.  A database or
     file store is not probed (its errors are the store's own)."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -270,8 +271,8 @@ def check_tracking_server(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - connection refused, timeout, DNS, a non-MLflow answer
         raise TrackingUnreachable(
-            f"the MLflow tracking server {uri} (mlflow.tracking_uri) does not answer "
-            f"({_connection_reason(err)}); start it (e.g. `matfusion mlflow-server`), or set mlflow.tracking_uri "
+            f"the MLflow tracking server {uri} ({setting}) does not answer "
+            f"({_connection_reason(err)}); start it (e.g. `matfusion mlflow-server`), or set {setting} "
             "to a reachable server or a sqlite:/// file"
         ) from err
     finally:
