@@ -20,7 +20,7 @@ from conftest import REPO
 from mlflow.tracking import MlflowClient
 
 from matfusion.cli import EXIT_NO_TRIAL_SUCCEEDED, main
-from matfusion.search.faults import INJECT_ENV, CheckedSession, failure_reason, parse_faults
+from matfusion.search.faults import INJECT_ENV, CheckedSession, as_memory_error, failure_reason, parse_faults
 from matfusion.trainables.loop import LocalSession, NonFiniteLossError
 
 NAME = "phonons-smoke"  # configs/smoke.yaml
@@ -191,9 +191,27 @@ def test_failure_reasons_are_one_line_by_kind():
     assert failure_reason(NonFiniteLossError("training loss became nan at epoch 1 (lr=1e8)\nmore")) == (
         "diverged: training loss became nan at epoch 1 (lr=1e8)"
     )
+    from ray.exceptions import ActorDiedError
+
+    assert failure_reason(ActorDiedError()) == (
+        "its worker process died (ActorDiedError: The actor died unexpectedly before finishing this task.)"
+    )
     trace = 'Failure # 1\nTraceback (most recent call last):\n  File "x.py", line 1, in f\nValueError: bad value\n'
     assert failure_reason(trace) == "ValueError: bad value"  # Tune's text trace, where no pickled error is left
     assert len(failure_reason(ValueError("x" * 1000))) == 300
+
+
+def test_torchs_allocator_failure_is_a_memory_error():
+    """run_trial raises torch's failed allocation (a RuntimeError) as a MemoryError: 1 PiB is
+    refused at once (more than the address space, whatever the overcommit setting)."""
+    import torch
+
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(2**50, dtype=torch.uint8)
+    oom = as_memory_error(info.value)
+    assert isinstance(oom, MemoryError) and "allocate" in str(oom)
+    assert failure_reason(oom).startswith("out of memory (TrialOutOfMemory: ")
+    assert as_memory_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
 def test_a_non_finite_report_is_refused_before_it_reaches_the_search():
