@@ -383,15 +383,10 @@ class SearchProgress(ProgressReporter):
 class FailureReporter(Callback):
     """Tune callback: when a trial fails, one line on stderr (``matfusion: trial t02 lgbm
     (ab12cd34) failed: REASON``, :func:`~matfusion.search.faults.failure_reason`) and in the
-    log; the search goes on.  ``reasons``: trial_id -> reason, of the failures seen here."""
-
-    def __init__(self) -> None:
-        self.reasons: dict[str, str] = {}
+    log; the search goes on (the summary and the MLflow tags come from the results after it)."""
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        reason = trial_error_reason(trial)
-        self.reasons[trial.trial_id] = reason
-        line = f"trial {trial_run_name(trial)} ({trial.trial_id}) failed: {reason}"
+        line = f"trial {trial_run_name(trial)} ({trial.trial_id}) failed: {trial_error_reason(trial)}"
         print(f"matfusion: {line}", file=sys.stderr, flush=True)
         log.info(line)
 
