@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 # Ray must bind to loopback by default: set before anything imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -20,6 +21,24 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from . import __version__
 from .config_args import add_config_flags, load_config_of
+
+# exit statuses (docs/reliability.md has the table); 130 / 143: interrupted by SIGINT / SIGTERM
+EXIT_OK = 0
+EXIT_ERROR = 1  # a step failed (the ensemble, a prediction), or an unexpected error (--debug shows it)
+EXIT_BAD_INPUT = 2  # a bad argument, config, file or dataset
+EXIT_MODEL_NOT_FOUND = 3  # the model URI, run id or folder names no model (matfusion.ensembles.commands)
+EXIT_NO_TRIAL_SUCCEEDED = 4  # every trial of the search failed
+EXIT_TRACKING_UNREACHABLE = 5  # the MLflow tracking server does not answer
+
+TUNE_TRACEBACKS = "TUNE_PRINT_ALL_TRIAL_ERRORS"  # Ray Tune logs a failed trial's traceback when "1"
+
+EXIT_CODES_HELP = """\
+Exit status: 0 done; 1 a step failed or an unexpected error (--debug shows its traceback); 2 bad
+input (argument, config, file, dataset, a Ray cluster's missing token); 3 no model at that URI /
+run id / folder; 4 every trial of the search failed; 5 the MLflow tracking server does not
+answer; 130 / 143 interrupted by SIGINT / SIGTERM.  Errors are one line on stderr
+(`matfusion: error: ...`); --debug adds the traceback, and Ray Tune's for a failed trial.
+"""
 
 DESCRIPTION = """\
 matfusion searches hybrid models for a materials property: random forests, extra trees and
@@ -48,7 +67,11 @@ folder of the same name is moved aside and a new search starts.
 Interrupts: SIGINT (Ctrl-C) or SIGTERM stops the search: the trials' last checkpoints and
 Ray Tune's snapshot are kept, the MLflow parent run and the unfinished trials' runs end KILLED
 with status tag `interrupted`, and --resume finishes the work.  A second signal stops at once.
-Exit status: 0 when the search ended, 130 when SIGINT interrupted it, 143 when SIGTERM did.
+Failed trials: a trial that raises (diverged, out of memory, an unreadable checkpoint, any error)
+ends failed with one line naming it and the reason (on stderr, and as tag `failure` on its MLflow
+run); the others go on, and the summary counts the failed ones.
+Exit status: 0 when the search ended and a trial succeeded, 4 when every trial failed, 5 when
+the MLflow tracking server does not answer, 130 when SIGINT interrupted it, 143 when SIGTERM did.
 
 Data dir: --data-dir, else $MATFUSION_DATA, else ../shared/data.
 MLflow: mlflow.tracking_uri in the config, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
@@ -72,20 +95,28 @@ def cmd_search(args) -> int:
     from .search.ray_auth import auth_failure, prepare_ray_auth
 
     prepare_ray_auth(cfg.search.address)  # token auth for an explicit HOST:PORT (before ray import)
+    from .search.faults import TrackingUnreachable
     from .search.tuner import format_result, run_search
 
     try:
         result = run_search(cfg, progress=not args.quiet, resume=args.resume)
+    except TrackingUnreachable:
+        raise  # main: one line, EXIT_TRACKING_UNREACHABLE
     except ConnectionError as err:
         if not auth_failure(err):
             raise
         print(f"matfusion: error: {cfg.search.address}: {RAY_AUTH_HELP}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(format_result(result), flush=True)
     from .search.interrupts import exit_status, last_signal
 
     if result.interrupted or last_signal() is not None:  # a signal after the last trial: no ensemble
         return exit_status(result.signal or last_signal())
+    if result.n_trials and not result.n_succeeded:
+        from .search.tuner import no_trial_succeeded
+
+        print(f"matfusion: error: {no_trial_succeeded(result)}", file=sys.stderr, flush=True)
+        return EXIT_NO_TRIAL_SUCCEEDED
     rc, ensemble = stack_after_search(cfg, result, progress=not args.quiet)
     if ensemble is None:
         return rc
@@ -244,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"matfusion {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (else one line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -284,32 +316,94 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark.commands import add_parsers as add_benchmark_parsers
 
     add_benchmark_parsers(sub)  # benchmark, report
+    for command in sub.choices.values():  # `matfusion search CONFIG --debug` as well as `matfusion --debug ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.epilog = f"{command.epilog}\n\n{EXIT_CODES_HELP}" if command.epilog else EXIT_CODES_HELP
     return parser
 
 
-def main(argv=None) -> int:
+def error_line(err: BaseException) -> str:
+    """An error as one line: its message's lines joined (PyYAML's, for one, spans several)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The exit status of an error that reached :func:`main`."""
     from .config import ConfigError
     from .data.dataset import DataError
+    from .search.faults import TrackingUnreachable
 
+    if isinstance(err, (ConfigError, DataError)):
+        return EXIT_BAD_INPUT
+    if isinstance(err, TrackingUnreachable):
+        return EXIT_TRACKING_UNREACHABLE
+    return EXIT_ERROR
+
+
+def report_error(err: BaseException, debug: bool) -> int:
+    """Print ``err`` as one line on stderr (with ``debug``: its traceback first); its exit status."""
+    import traceback
+
+    from .config import ConfigError
+    from .data.dataset import DataError
+    from .search.faults import TrackingUnreachable
+
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    expected = isinstance(err, (ConfigError, DataError, TrackingUnreachable))
+    line = error_line(err) if expected else f"{type(err).__name__}: {error_line(err)}"
+    hint = "" if expected or debug else " (an unexpected error: run with --debug for its traceback)"
+    print(f"matfusion: error: {line}{hint}", file=sys.stderr, flush=True)
+    return exit_code_of(err)
+
+
+def tracking_store_of(args) -> Optional[str]:
+    """The MLflow tracking URI a command is about to read (``leaderboard``, ``ensemble``, and
+    ``export`` / ``predict`` of a model that is no exported folder), else None."""
+    if not hasattr(args, "tracking_uri"):
+        return None
+    model = getattr(args, "model", None)
+    if model is not None and Path(model).exists():  # an exported folder: no tracking store
+        return None
+    from .tracking.logger import resolve_tracking_uri
+
+    return resolve_tracking_uri(args.tracking_uri)
+
+
+def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_BAD_INPUT
     from .search.interrupts import exit_status, last_signal, signal_name
 
+    saved = os.environ.get(TUNE_TRACEBACKS)
+    if debug:  # Ray Tune's traceback of a failed trial too (read when a search starts)
+        os.environ[TUNE_TRACEBACKS] = "1"
     try:
+        uri = tracking_store_of(args)
+        if uri:  # a tracking server that does not answer: one line at once, not MLflow's minutes of retries
+            from .search.faults import check_tracking_server
+
+            check_tracking_server(uri, "--tracking-uri, else $MLFLOW_TRACKING_URI")
         rc = args.func(args)
-    except (ConfigError, DataError) as err:
-        print(f"matfusion: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM as SearchInterrupted, before or after the trials ran
         signum = getattr(err, "signum", None) or last_signal()
         print(f"matfusion: interrupted ({signal_name(signum)})", file=sys.stderr, flush=True)
         return exit_status(signum)
+    except Exception as err:  # noqa: BLE001 - every error is one line (and its traceback with --debug)
+        return report_error(err, debug)
+    finally:
+        if debug and saved is None:
+            os.environ.pop(TUNE_TRACEBACKS, None)
+        elif debug:
+            os.environ[TUNE_TRACEBACKS] = saved
     if rc == 130 and last_signal() is not None:  # e.g. `benchmark`: its search was interrupted by this signal
         return exit_status(last_signal())
     return rc

@@ -55,12 +55,14 @@ class SearchSignals:
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self.phase = "before"
+        self._pid = os.getpid()
         self._saved: dict = {}
         self._saved_env: Optional[str] = None
 
     def __enter__(self) -> "SearchSignals":
         global _last
         _last = None
+        self._pid = os.getpid()
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in SIGNALS:
@@ -101,6 +103,12 @@ class SearchSignals:
 
     def _handle(self, signum, frame) -> None:
         global _last
+        if os.getpid() != self._pid:
+            # a forked child (e.g. a featurization pool worker, which its pool ends with SIGTERM)
+            # inherits this handler: it ends as the signal's default would, without a traceback
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         first = self.signum is None
         if first:
             self.signum = _last = signum

@@ -22,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,10 +38,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # use our compact SearchProgress below
 # per-epoch checkpoints of small models make Tune snapshot often; that is expected, not a problem
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# a failed trial is one line (FailureReporter below), not Tune's traceback; `matfusion --debug` sets 1
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 
 import numpy as np
 import pandas as pd
-from ray.tune import ProgressReporter
+from ray.tune import Callback, ProgressReporter
 
 from .. import __version__
 from ..config import Config, ConfigError, SearchConfig
@@ -58,10 +61,11 @@ from ..tracking.logger import (
     trial_run_name,
 )
 from ..tracking.report import log_search_report
-from ..tracking.runs import nested_runs
+from ..tracking.runs import find_trial_run, nested_runs
 from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
 from . import compat
+from .faults import TrialFailure, check_tracking_server, failure_reason, injected_faults, trial_error_reason
 from .interrupts import SearchSignals
 from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 
@@ -92,6 +96,13 @@ class SearchResult:
     experiment_path: str = ""
     signal: Optional[int] = None  # the signal that interrupted it (SIGINT, SIGTERM), if one did
     best_trial_id: Optional[str] = None
+    n_trials: int = 0  # trials Tune ran (or restored), in all
+    n_succeeded: int = 0  # ended without error, with a finite validation MAE
+    failures: tuple = ()  # TrialFailure of every trial that ended ERROR
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
 
 
 def _git_commit() -> str:
@@ -370,6 +381,17 @@ class SearchProgress(ProgressReporter):
             self._status_shown, self._last_draw = True, time.time()
 
 
+class FailureReporter(Callback):
+    """Tune callback: when a trial fails, one line on stderr (``matfusion: trial t02 lgbm
+    (ab12cd34) failed: REASON``, :func:`~matfusion.search.faults.failure_reason`) and in the
+    log; the search goes on (the summary and the MLflow tags come from the results after it)."""
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        line = f"trial {trial_run_name(trial)} ({trial.trial_id}) failed: {trial_error_reason(trial)}"
+        print(f"matfusion: {line}", file=sys.stderr, flush=True)
+        log.info(line)
+
+
 # -- experiment folder and resume --------------------------------------------------------------
 
 
@@ -524,6 +546,7 @@ def run_search(cfg: Config, progress: bool = True, resume: bool = False) -> Sear
 
 def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignals) -> SearchResult:
     t0 = time.time()
+    check_tracking_server(resolve_tracking_uri(cfg.mlflow.tracking_uri))  # before any work: one line, fast
     path = experiment_path(cfg)
     resuming = _resolve_resume(cfg, path, resume)
     dataset = _load_dataset(cfg)
@@ -550,6 +573,7 @@ def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignal
         results, fit_s = _fit(tuner, parent)
     unfinished = _how_it_ended(tuner, path, parent, fit_s, interrupted=signals.interrupted)
     interrupted = signals.interrupted or bool(unfinished)
+    failures = record_failures(results, parent)
     board = search_leaderboard(parent.client, parent.experiment_id, parent.run_id)
     best = None if interrupted else _best_result(results)
     best_val, best_test, best_config = _best_trial_test_mae(best, prep)
@@ -572,9 +596,46 @@ def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignal
         experiment_path=str(path),
         signal=signals.signum if interrupted else None,
         best_trial_id=(best[1].metrics or {}).get("trial_id") if best else None,
+        n_trials=len(results),
+        n_succeeded=sum(_succeeded(r) for r in results),
+        failures=tuple(failures),
     )
     _finish(parent, result)
     return result
+
+
+def _succeeded(result) -> bool:
+    """A trial that ended without error and reported a finite validation MAE."""
+    df = result.metrics_dataframe
+    val = df["val_mae"] if df is not None and "val_mae" in df else []
+    return result.error is None and bool(np.isfinite(np.asarray(val, dtype=np.float64)).any())
+
+
+def _trial_id_of(result) -> str:
+    """The trial id of a Result: in its metrics, else (a trial that failed before it reported
+    anything) in its folder's name, ``<trainable>_<trial id>_<number>_...``."""
+    trial_id = (result.metrics or {}).get("trial_id")
+    if trial_id:
+        return str(trial_id)
+    found = re.match(r"run_trial_([0-9a-f]{8}(?:_\d{5})?)_", Path(result.path).name)
+    return found.group(1) if found else Path(result.path).name
+
+
+def record_failures(results, parent: _ParentRun) -> list[TrialFailure]:
+    """The trials of the ResultGrid that ended ERROR, each with its one-line reason, which is
+    tagged ``failure`` on its MLflow run (beside the logger's ``status: failed``, ``error``)."""
+    failures = []
+    for r in results:
+        if r.error is None:
+            continue
+        trial_id = _trial_id_of(r)
+        reason = failure_reason(r.error)
+        run = find_trial_run(parent.client, parent.experiment_id, parent.run_id, trial_id)
+        name = run.info.run_name if run is not None else trial_id
+        if run is not None:
+            parent.client.set_tag(run.info.run_id, "failure", reason)
+        failures.append(TrialFailure(trial_id, name, reason))
+    return sorted(failures, key=lambda f: f.run_name)
 
 
 def _resolve_resume(cfg: Config, path: Path, resume: bool) -> bool:
@@ -766,7 +827,8 @@ def _trainable(s: SearchConfig, trial_data: dict):
     from ray import tune
 
     resources = trial_resources(s, cluster_gpu_count())
-    return tune.with_resources(tune.with_parameters(run_trial, data=trial_data), resources)
+    trainable = tune.with_parameters(run_trial, data=trial_data, faults=injected_faults())
+    return tune.with_resources(trainable, resources)
 
 
 def _restore_tuner(path: Path, trainable):
@@ -811,7 +873,7 @@ def _build_tuner(cfg: Config, path: Path, space, trainable, parent: _ParentRun, 
         run_config=RunConfig(
             name=cfg.name,
             storage_path=str(path.parent),
-            callbacks=[MlflowTrialLogger(parent.tracking_uri, parent.experiment_id, parent.run_id)],
+            callbacks=[MlflowTrialLogger(parent.tracking_uri, parent.experiment_id, parent.run_id), FailureReporter()],
             stop=_stopper(s),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=s.max_failures),
@@ -838,11 +900,21 @@ def _write_new_state(cfg: Config, path: Path, prep, parent: _ParentRun) -> None:
     )
 
 
+class _QuietTrialErrors(logging.Filter):
+    """Drops Tune's ``Trials did not complete: [...]`` (each failed trial has had its own line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Trials did not complete")
+
+
 def _fit(tuner, parent: _ParentRun):
     """Run the search: (ResultGrid, seconds).  Ctrl-C closes the runs as ``interrupted``
     (resumable); any other error as ``failed``."""
     client, experiment_id, parent_id = parent.client, parent.experiment_id, parent.run_id
     t_fit = time.time()
+    tune_log, quiet = logging.getLogger("ray.tune.tune"), _QuietTrialErrors()
+    if os.environ.get("TUNE_PRINT_ALL_TRIAL_ERRORS") == "0":
+        tune_log.addFilter(quiet)
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
@@ -853,6 +925,8 @@ def _fit(tuner, parent: _ParentRun):
         client.set_tag(parent_id, "status", "failed")
         client.set_terminated(parent_id, "FAILED")
         raise
+    finally:
+        tune_log.removeFilter(quiet)
     return results, time.time() - t_fit
 
 
@@ -954,6 +1028,7 @@ def _finish(parent: _ParentRun, result: SearchResult) -> None:
     metrics = [
         Metric("wall_s", result.wall_s, now, step),
         Metric("n_trials", float(len(result.leaderboard)), now, step),
+        Metric("n_failed", float(result.n_failed), now, step),
     ]
     if np.isfinite(result.best_val_mae):
         metrics += [
@@ -966,8 +1041,20 @@ def _finish(parent: _ParentRun, result: SearchResult) -> None:
         client.set_tag(parent_id, "best_family", str(result.best_config.get("family")))
     if result.best_trial_id:
         client.set_tag(parent_id, "best_trial_id", str(result.best_trial_id))
+    client.set_tag(parent_id, "failed_trials", str(result.n_failed))
+    if result.n_trials and not result.n_succeeded:
+        client.set_tag(parent_id, "error", no_trial_succeeded(result))
+        client.set_tag(parent_id, "status", "failed")
+        client.set_terminated(parent_id, "FAILED")
+        return
     client.set_tag(parent_id, "status", "completed")
     client.set_terminated(parent_id, "FINISHED")
+
+
+def no_trial_succeeded(result: SearchResult) -> str:
+    """The one line of a search none of whose trials succeeded (its first failure's reason)."""
+    first = f"; first: {result.failures[0].line()}" if result.failures else ""
+    return f"no trial of search {result.name!r} succeeded ({result.n_failed} of {result.n_trials} failed{first})"
 
 
 def format_result(res: SearchResult) -> str:
@@ -979,6 +1066,10 @@ def format_result(res: SearchResult) -> str:
             "\nBest of each group and the budget it used (epochs trained in total):",
             format_group_summary(group_summary(res.leaderboard)),
         ]
+    if res.n_trials:
+        counts = f"{res.n_succeeded} succeeded, {res.n_failed} failed"
+        lines.append(f"\ntrials: {res.n_trials} ({counts})")
+        lines += [f"  failed: {f.line()}" for f in res.failures]
     if res.interrupted:
         lines.append(
             f"\nthe search was interrupted before all its trials ended; continue it with "

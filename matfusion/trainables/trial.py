@@ -348,12 +348,33 @@ def fit_family(config: Config, data: dict, session=None) -> dict:
     return families.get(trial.family).fit(trial, data, session or LocalSession())
 
 
-def run_trial(config: Config, data: dict) -> None:
+def run_trial(config: Config, data: dict, faults: tuple = ()) -> None:
     """The trainable given to ``ray.tune.Tuner`` (via ``tune.with_parameters(run_trial, data=...)``);
-    checkpoints in the family's format (forests ``model.pkl``, lgbm ``state.pkl``, torch ``state.pt``)."""
+    checkpoints in the family's format (forests ``model.pkl``, lgbm ``state.pkl``, torch ``state.pt``).
+
+    Its faults are the trial's, each with a one-line reason (:mod:`matfusion.search.faults`): a
+    report with a non-finite loss or validation MAE stops it (``NonFiniteLossError``); a checkpoint
+    that cannot be read raises ``CorruptCheckpointError`` naming it; torch's allocator failure is
+    raised as a ``MemoryError`` (``TrialOutOfMemory``) like Python's own.  ``faults``: the
+    injected faults of the search (``MATFUSION_INJECT_FAULTS``; tests and drills only)."""
+    from ..search.faults import CheckedSession, FaultySession, as_memory_error, checked_reader
+
     trial = TrialConfig.parse(config)
     family = families.get(trial.family)
-    family.fit(trial, data, TuneSession(write=family.write_checkpoint, read=family.read_checkpoint))
+    session = CheckedSession(
+        TuneSession(write=family.write_checkpoint, read=checked_reader(family.read_checkpoint, trial.family)),
+        trial.family,
+    )
+    mine = [f for f in faults if f.family == trial.family]
+    if mine:
+        session = FaultySession(session, mine)
+    try:
+        family.fit(trial, data, session)
+    except RuntimeError as err:
+        oom = as_memory_error(err)
+        if oom is None:
+            raise
+        raise oom from err
 
 
 def predict_from_state(config: Config, state: dict, part: dict, graph_params: dict) -> np.ndarray:

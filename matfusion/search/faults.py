@@ -1,0 +1,295 @@
+"""Faults during a search: one line for a failed trial, the search going on, a fast word when
+MLflow cannot be reached, and the fault injection the tests drive the real trainable with.
+
+A trial that raises (its model diverged, it ran out of memory, its checkpoint cannot be read, its
+worker died, any other error) ends ERROR in Ray Tune; the search goes on with the others.  Its
+reason is one line, :func:`failure_reason` (kind, then the error's own first line), printed when
+it fails (``matfusion: trial t02 lgbm failed: ...``, :class:`~matfusion.search.tuner.FailureReporter`), tagged ``failure``
+on its MLflow run beside the logger's ``status: failed`` and traceback (``error``), and counted in
+the search's summary.  A search none of whose trials succeeded is a failed search (its parent run
+FAILED; exit 4 on the command line).
+
+Fault injection (for tests and drills; never set by matfusion itself): ``MATFUSION_INJECT_FAULTS``
+in the driver's environment when a search starts, a comma-separated list of
+``FAMILY@EPOCH=KIND``: every trial of that family, when it reports that epoch, ``error`` (raises
+a RuntimeError), ``memory`` (raises MemoryError) or ``nan`` (reports a NaN loss and validation
+MAE, which the trial's own guard then refuses).  The spec is read once, in the driver, and handed
+to the trainable with its data (Ray workers do not see the driver's later environment).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+INJECT_ENV = "MATFUSION_INJECT_FAULTS"
+FAULT_KINDS = ("error", "memory", "nan")
+REASON_CHARS = 300  # a reason line is cut to this many characters
+CHECKED_METRICS = ("train_loss", "val_mae", "best_val_mae")  # must be finite in every report
+
+
+class CorruptCheckpointError(RuntimeError):
+    """The checkpoint a trial is restored from cannot be read (truncated, overwritten, another format)."""
+
+
+class TrialOutOfMemory(MemoryError):
+    """A trial's allocation failed (Python's MemoryError, or torch's allocator error, as one type)."""
+
+
+class TrackingUnreachable(ConnectionError):
+    """The MLflow tracking server of ``mlflow.tracking_uri`` does not answer."""
+
+
+# -- one line per failure -----------------------------------------------------------------------
+
+OOM_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory", "std::bad_alloc")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The trainable's own exception inside Ray's wrappers (``RayTaskError``: ``.cause``)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        break
+    return exc
+
+
+def _first_line(text: str) -> str:
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 3] + "..."
+
+
+def failure_reason(error) -> str:
+    """One line saying why a trial failed, from its exception (Ray's wrapper or the trainable's
+    own) or, where only Tune's text trace is left, that text (its last line is the exception)."""
+    if error is None:
+        return "failed (no error recorded)"
+    if isinstance(error, str):
+        lines = [line.strip() for line in error.splitlines() if line.strip() and not line.startswith(" ")]
+        last = lines[-1] if lines else "failed (empty error trace)"
+        kind, _, message = last.partition(": ")
+        return _reason(kind.rsplit(".", 1)[-1], message, None)
+    exc = root_cause(error)
+    return _reason(type(exc).__name__, _first_line(str(exc)), exc)
+
+
+def _reason(kind: str, message: str, exc: Optional[BaseException]) -> str:
+    low = message.lower()
+    if (exc is not None and isinstance(exc, MemoryError)) or kind in ("MemoryError", "TrialOutOfMemory"):
+        detail = f": {message}" if message else ""
+        return _cut(
+            f"out of memory ({kind}{detail}); use a smaller model or batch, or fewer trials at once "
+            "(search.max_concurrent)"
+        )
+    if kind == "OutOfMemoryError" or any(m in low for m in OOM_MARKERS):
+        return _cut(f"out of memory ({kind}: {message}); use a smaller model or batch, or fewer trials at once")
+    if kind in ("NonFiniteLossError", "FloatingPointError"):
+        return _cut(f"diverged: {message}")
+    if kind == "CorruptCheckpointError":
+        return _cut(f"unreadable checkpoint: {message}")
+    if kind in ("RayActorError", "ActorDiedError", "WorkerCrashedError", "NodeDiedError"):
+        return _cut(f"its worker process died ({kind}: {message or 'no message'})")
+    return _cut(f"{kind}: {message}" if message else kind)
+
+
+def trial_error_reason(trial) -> str:
+    """The reason line of a Tune trial that ended ERROR: from its pickled exception, else from
+    its error text file (the files Tune wrote beside the trial, before it calls back)."""
+    pickled, text = getattr(trial, "pickled_error_file", None), getattr(trial, "error_file", None)
+    error = None
+    if pickled and os.path.isfile(pickled):
+        try:
+            import cloudpickle
+
+            with open(pickled, "rb") as fh:
+                error = cloudpickle.load(fh)
+        except Exception:  # noqa: BLE001 - an exception that does not unpickle here
+            error = None
+    if error is None and text and os.path.isfile(text):
+        with open(text, errors="replace") as fh:
+            error = fh.read()
+    return failure_reason(error)
+
+
+@dataclass
+class TrialFailure:
+    trial_id: str
+    run_name: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.run_name} ({self.trial_id}): {self.reason}"
+
+
+# -- the trial's guards (in the Ray worker) -------------------------------------------------------
+
+
+class CheckedSession:
+    """The session a trainable reports through (wrapping Tune's): a report with a non-finite
+    loss or validation MAE raises :class:`~matfusion.trainables.loop.NonFiniteLossError` (no such
+    result reaches Tune, Optuna or ASHA), and a checkpoint that cannot be read raises
+    :class:`CorruptCheckpointError` naming it."""
+
+    def __init__(self, session, family: str) -> None:
+        self.session, self.family = session, family
+
+    def get_state(self):
+        return self.session.get_state()
+
+    def report(self, metrics: dict, state) -> None:
+        from ..trainables.loop import NonFiniteLossError
+
+        for key in CHECKED_METRICS:
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{self.family} reported {key}={value} at epoch {metrics.get('epoch', '?')}; the trial is "
+                    "stopped (its model diverged, or its validation rows have no finite target)"
+                )
+        self.session.report(metrics, state)
+
+
+def checked_reader(read, family: str):
+    """``read(directory)`` of a family's checkpoint, any failure of it as :class:`CorruptCheckpointError`."""
+
+    def read_checked(directory: str) -> dict:
+        try:
+            return read(directory)
+        except Exception as err:  # noqa: BLE001 - whatever a damaged file raises
+            files = ", ".join(sorted(os.listdir(directory))) if os.path.isdir(directory) else "no files"
+            raise CorruptCheckpointError(
+                f"the {family} checkpoint it resumes from cannot be read ({type(err).__name__}: "
+                f"{_first_line(str(err)) or 'no message'}; {os.path.basename(directory)}: {files}); "
+                "the trial cannot continue from it: start a new search, or delete that trial's folder"
+            ) from err
+
+    return read_checked
+
+
+def as_memory_error(err: BaseException) -> Optional[TrialOutOfMemory]:
+    """torch's allocator failure (a RuntimeError ``DefaultCPUAllocator: can't allocate memory``, or
+    ``torch.OutOfMemoryError``) as a :class:`TrialOutOfMemory`; None for any other error."""
+    text = _first_line(str(err)).lower()
+    if type(err).__name__ == "OutOfMemoryError" or any(m in text for m in OOM_MARKERS):
+        return TrialOutOfMemory(_first_line(str(err)))
+    return None
+
+
+# -- fault injection -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    family: str
+    epoch: int
+    kind: str
+
+
+def parse_faults(spec: Optional[str]) -> tuple[Fault, ...]:
+    """The faults of a ``MATFUSION_INJECT_FAULTS`` value (see the module docstring)."""
+    faults = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            where, kind = item.split("=")
+            family, epoch = where.split("@")
+            fault = Fault(family.strip(), int(epoch), kind.strip())
+        except ValueError:
+            raise ValueError(f"{INJECT_ENV}: {item!r} is not FAMILY@EPOCH=KIND (e.g. lgbm@2=error)") from None
+        if fault.kind not in FAULT_KINDS or fault.epoch < 1:
+            raise ValueError(f"{INJECT_ENV}: {item!r}: KIND is one of {', '.join(FAULT_KINDS)}, EPOCH >= 1")
+        faults.append(fault)
+    return tuple(faults)
+
+
+def injected_faults() -> tuple[Fault, ...]:
+    """The faults the driver's environment asks for now (read when a search starts)."""
+    faults = parse_faults(os.environ.get(INJECT_ENV))
+    if faults:
+        print(
+            f"matfusion: warning: {INJECT_ENV} injects faults into this search's trials: {os.environ[INJECT_ENV]}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return faults
+
+
+class FaultySession:
+    """Wraps a trial's session: the faults of its family happen when it reports their epoch."""
+
+    def __init__(self, session, faults) -> None:
+        self.session, self.faults = session, {f.epoch: f for f in faults}
+
+    def get_state(self):
+        return self.session.get_state()
+
+    def report(self, metrics: dict, state) -> None:
+        fault = self.faults.get(int(metrics.get("epoch", 0) or 0))
+        if fault is not None:
+            where = f"{fault.family} at epoch {fault.epoch}"
+            if fault.kind == "error":
+                raise RuntimeError(f"injected fault ({INJECT_ENV}): an error in {where}")
+            if fault.kind == "memory":
+                raise MemoryError(f"injected fault ({INJECT_ENV}): out of memory in {where}")
+            metrics = {**metrics, "train_loss": float("nan"), "val_mae": float("nan")}
+        self.session.report(metrics, state)
+
+
+# -- MLflow tracking server ---------------------------------------------------------------------
+
+PROBE_TIMEOUT_S = 5
+
+
+def check_tracking_server(uri: str, setting: str = "mlflow.tracking_uri") -> None:
+    """For an http(s) tracking URI: one request, no retries, a short timeout; raises
+    :class:`TrackingUnreachable` naming the URI (and the ``setting`` it came from) when the server
+    does not answer.  A database or
+    file store is not probed (its errors are the store's own)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(PROBE_TIMEOUT_S)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - connection refused, timeout, DNS, a non-MLflow answer
+        raise TrackingUnreachable(
+            f"the MLflow tracking server {uri} ({setting}) does not answer "
+            f"({_connection_reason(err)}); start it (e.g. `matfusion mlflow-server`), or set {setting} "
+            "to a reachable server or a sqlite:/// file"
+        ) from err
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _connection_reason(err: BaseException) -> str:
+    text = str(err)
+    low = text.lower()
+    if "connection refused" in low or "errno 111" in low:
+        return "connection refused"
+    if "timed out" in low or "timeout" in low:
+        return f"no answer within {PROBE_TIMEOUT_S} s"
+    if "name or service not known" in low or "nodename nor servname" in low:
+        return "unknown host"
+    return _cut(f"{type(err).__name__}: {_first_line(text)}")
