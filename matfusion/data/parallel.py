@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,12 @@ def chunk_size(n: int, n_jobs: int) -> int:
 
 
 def can_fork() -> bool:
+    """Whether the workers may be forked: the platform forks, and this process runs no Ray
+    (a fork of a process whose Ray threads hold locks can hang in the child: seen as a worker
+    stuck in futex_wait; the items then run in this process)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        return False
     return "fork" in mp.get_all_start_methods()
 
 

@@ -116,9 +116,7 @@ class SearchSpace:
         """The resolved space, readable: family -> param -> range, choices or fixed value."""
         out = {}
         for family, specs in self.specs.items():
-            out[family] = {
-                p: (f"fixed {spec[1]!r}" if isinstance(spec, tuple) else describe(spec)) for p, spec in specs.items()
-            }
+            out[family] = {p: describe(spec) for p, spec in specs.items()}
         return {
             "families": out,
             "preset": self.preset,

@@ -39,7 +39,9 @@ class SpaceError(ValueError):
     """A fixed or narrowed parameter that the space cannot take; names the parameter."""
 
 
-def describe(spec: Spec) -> str:
+def describe(spec: Union[Spec, tuple]) -> str:
+    if isinstance(spec, tuple):  # ("fixed", value): an override fixed it
+        return f"fixed {spec[1]!r}"
     if isinstance(spec, Categorical):
         return f"one of {list(spec.choices)}"
     return f"{'int' if isinstance(spec, Int) else 'float'} in [{spec.low}, {spec.high}]{' (log)' if spec.log else ''}"

@@ -448,3 +448,24 @@ def test_no_import_circle_in_the_data_package():
             timeout=120,
             env={**os.environ, "PYTHONPATH": str(root.parents[1])},
         )
+
+
+def test_parallel_map_does_not_fork_a_process_that_runs_ray():
+    """Forking beside Ray's threads can hang the child: with Ray up, the items run in this process."""
+    import os
+
+    import ray
+
+    from matfusion.data.parallel import can_fork
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert not can_fork()
+        values, failures = parallel_map(lambda x: (os.getpid(), x + 1), list(range(40)), n_jobs=2, chunk=5)
+        assert not failures and {v[0] for v in values} == {os.getpid()} and [v[1] for v in values] == list(range(1, 41))
+    finally:
+        if started:
+            ray.shutdown()
+    assert can_fork()

@@ -125,6 +125,14 @@ def test_bad_overrides_name_the_key(override, message):
     assert key.split(".")[0] in str(err.value)
 
 
+def test_unknown_parameter_after_a_fixed_one_lists_the_fixed_one_too():
+    """The known parameters are listed with what the earlier overrides made of them."""
+    with pytest.raises(SpaceError) as err:
+        resolve_specs(["cgcnn"], "default", ("none",), {"cgcnn.hidden": 64, "cgcnn.rounds_per_epoch": 1})
+    assert "unknown parameter 'rounds_per_epoch' of cgcnn" in str(err.value)
+    assert "hidden (fixed 64)" in str(err.value)
+
+
 def test_bad_override_in_config_fails_validation_naming_the_key():
     raw = {
         "name": "x",
