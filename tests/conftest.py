@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,17 @@ def _find_data() -> Path | None:
 DATA_DIR = _find_data()
 if DATA_DIR is not None:
     os.environ.setdefault("MATFUSION_DATA", str(DATA_DIR))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_across_modules():
+    """Ray started in this process by a module's tests (an in-process search or benchmark) ends
+    with the module: the next module starts without it (a fork beside Ray's threads can hang, so
+    parallel_map does not fork while Ray runs here, and its tests need the fork)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
