@@ -15,28 +15,21 @@ in the driver's environment when a search starts, a comma-separated list of
 a RuntimeError), ``memory`` (raises MemoryError) or ``nan`` (reports a NaN loss and validation
 MAE, which the trial's own guard then refuses).  The spec is read once, in the driver, and handed
 to the trainable with its data (Ray workers do not see the driver's later environment).
+
+What runs inside the trial (the non-finite guard, the checkpoint reader, the injected faults) is
+:mod:`matfusion.trainables.guards`: the trainables never import the search.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
-INJECT_ENV = "MATFUSION_INJECT_FAULTS"
-FAULT_KINDS = ("error", "memory", "nan")
+from ..trainables.guards import INJECT_ENV, OOM_MARKERS, Fault, first_line, parse_faults
+
 REASON_CHARS = 300  # a reason line is cut to this many characters
-CHECKED_METRICS = ("train_loss", "val_mae", "best_val_mae")  # must be finite in every report
-
-
-class CorruptCheckpointError(RuntimeError):
-    """The checkpoint a trial is restored from cannot be read (truncated, overwritten, another format)."""
-
-
-class TrialOutOfMemory(MemoryError):
-    """A trial's allocation failed (Python's MemoryError, or torch's allocator error, as one type)."""
 
 
 class TrackingUnreachable(ConnectionError):
@@ -44,8 +37,6 @@ class TrackingUnreachable(ConnectionError):
 
 
 # -- one line per failure -----------------------------------------------------------------------
-
-OOM_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory", "std::bad_alloc")
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -59,13 +50,6 @@ def root_cause(exc: BaseException) -> BaseException:
             continue
         break
     return exc
-
-
-def _first_line(text: str) -> str:
-    for line in str(text).splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 def _cut(line: str) -> str:
@@ -83,7 +67,7 @@ def failure_reason(error) -> str:
         kind, _, message = last.partition(": ")
         return _reason(kind.rsplit(".", 1)[-1], message, None)
     exc = root_cause(error)
-    return _reason(type(exc).__name__, _first_line(str(exc)), exc)
+    return _reason(type(exc).__name__, first_line(str(exc)), exc)
 
 
 def _reason(kind: str, message: str, exc: Optional[BaseException]) -> str:
@@ -134,87 +118,7 @@ class TrialFailure:
         return f"{self.run_name} ({self.trial_id}): {self.reason}"
 
 
-# -- the trial's guards (in the Ray worker) -------------------------------------------------------
-
-
-class CheckedSession:
-    """The session a trainable reports through (wrapping Tune's): a report with a non-finite
-    loss or validation MAE raises :class:`~matfusion.trainables.loop.NonFiniteLossError` (no such
-    result reaches Tune, Optuna or ASHA), and a checkpoint that cannot be read raises
-    :class:`CorruptCheckpointError` naming it."""
-
-    def __init__(self, session, family: str) -> None:
-        self.session, self.family = session, family
-
-    def get_state(self):
-        return self.session.get_state()
-
-    def report(self, metrics: dict, state) -> None:
-        from ..trainables.loop import NonFiniteLossError
-
-        for key in CHECKED_METRICS:
-            value = metrics.get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"{self.family} reported {key}={value} at epoch {metrics.get('epoch', '?')}; the trial is "
-                    "stopped (its model diverged, or its validation rows have no finite target)"
-                )
-        self.session.report(metrics, state)
-
-
-def checked_reader(read, family: str):
-    """``read(directory)`` of a family's checkpoint, any failure of it as :class:`CorruptCheckpointError`."""
-
-    def read_checked(directory: str) -> dict:
-        try:
-            return read(directory)
-        except Exception as err:  # noqa: BLE001 - whatever a damaged file raises
-            files = ", ".join(sorted(os.listdir(directory))) if os.path.isdir(directory) else "no files"
-            raise CorruptCheckpointError(
-                f"the {family} checkpoint it resumes from cannot be read ({type(err).__name__}: "
-                f"{_first_line(str(err)) or 'no message'}; {os.path.basename(directory)}: {files}); "
-                "the trial cannot continue from it: start a new search, or delete that trial's folder"
-            ) from err
-
-    return read_checked
-
-
-def as_memory_error(err: BaseException) -> Optional[TrialOutOfMemory]:
-    """torch's allocator failure (a RuntimeError ``DefaultCPUAllocator: can't allocate memory``, or
-    ``torch.OutOfMemoryError``) as a :class:`TrialOutOfMemory`; None for any other error."""
-    text = _first_line(str(err)).lower()
-    if type(err).__name__ == "OutOfMemoryError" or any(m in text for m in OOM_MARKERS):
-        return TrialOutOfMemory(_first_line(str(err)))
-    return None
-
-
 # -- fault injection -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fault:
-    family: str
-    epoch: int
-    kind: str
-
-
-def parse_faults(spec: Optional[str]) -> tuple[Fault, ...]:
-    """The faults of a ``MATFUSION_INJECT_FAULTS`` value (see the module docstring)."""
-    faults = []
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            where, kind = item.split("=")
-            family, epoch = where.split("@")
-            fault = Fault(family.strip(), int(epoch), kind.strip())
-        except ValueError:
-            raise ValueError(f"{INJECT_ENV}: {item!r} is not FAMILY@EPOCH=KIND (e.g. lgbm@2=error)") from None
-        if fault.kind not in FAULT_KINDS or fault.epoch < 1:
-            raise ValueError(f"{INJECT_ENV}: {item!r}: KIND is one of {', '.join(FAULT_KINDS)}, EPOCH >= 1")
-        faults.append(fault)
-    return tuple(faults)
 
 
 def injected_faults() -> tuple[Fault, ...]:
@@ -227,27 +131,6 @@ def injected_faults() -> tuple[Fault, ...]:
             flush=True,
         )
     return faults
-
-
-class FaultySession:
-    """Wraps a trial's session: the faults of its family happen when it reports their epoch."""
-
-    def __init__(self, session, faults) -> None:
-        self.session, self.faults = session, {f.epoch: f for f in faults}
-
-    def get_state(self):
-        return self.session.get_state()
-
-    def report(self, metrics: dict, state) -> None:
-        fault = self.faults.get(int(metrics.get("epoch", 0) or 0))
-        if fault is not None:
-            where = f"{fault.family} at epoch {fault.epoch}"
-            if fault.kind == "error":
-                raise RuntimeError(f"injected fault ({INJECT_ENV}): an error in {where}")
-            if fault.kind == "memory":
-                raise MemoryError(f"injected fault ({INJECT_ENV}): out of memory in {where}")
-            metrics = {**metrics, "train_loss": float("nan"), "val_mae": float("nan")}
-        self.session.report(metrics, state)
 
 
 # -- MLflow tracking server ---------------------------------------------------------------------
@@ -292,4 +175,4 @@ def _connection_reason(err: BaseException) -> str:
         return f"no answer within {PROBE_TIMEOUT_S} s"
     if "name or service not known" in low or "nodename nor servname" in low:
         return "unknown host"
-    return _cut(f"{type(err).__name__}: {_first_line(text)}")
+    return _cut(f"{type(err).__name__}: {first_line(text)}")

@@ -352,12 +352,12 @@ def run_trial(config: Config, data: dict, faults: tuple = ()) -> None:
     """The trainable given to ``ray.tune.Tuner`` (via ``tune.with_parameters(run_trial, data=...)``);
     checkpoints in the family's format (forests ``model.pkl``, lgbm ``state.pkl``, torch ``state.pt``).
 
-    Its faults are the trial's, each with a one-line reason (:mod:`matfusion.search.faults`): a
+    Its faults are the trial's, each with a one-line reason (:mod:`matfusion.trainables.guards`): a
     report with a non-finite loss or validation MAE stops it (``NonFiniteLossError``); a checkpoint
     that cannot be read raises ``CorruptCheckpointError`` naming it; torch's allocator failure is
     raised as a ``MemoryError`` (``TrialOutOfMemory``) like Python's own.  ``faults``: the
     injected faults of the search (``MATFUSION_INJECT_FAULTS``; tests and drills only)."""
-    from ..search.faults import CheckedSession, FaultySession, as_memory_error, checked_reader
+    from .guards import CheckedSession, FaultySession, as_memory_error, checked_reader
 
     trial = TrialConfig.parse(config)
     family = families.get(trial.family)

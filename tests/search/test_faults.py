@@ -20,7 +20,8 @@ from conftest import REPO
 from mlflow.tracking import MlflowClient
 
 from matfusion.cli import EXIT_NO_TRIAL_SUCCEEDED, main
-from matfusion.search.faults import INJECT_ENV, CheckedSession, as_memory_error, failure_reason, parse_faults
+from matfusion.search.faults import failure_reason
+from matfusion.trainables.guards import INJECT_ENV, CheckedSession, as_memory_error, parse_faults
 from matfusion.trainables.loop import LocalSession, NonFiniteLossError
 
 NAME = "phonons-smoke"  # configs/smoke.yaml
