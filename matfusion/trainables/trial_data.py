@@ -71,12 +71,18 @@ def graphs_of(part: dict) -> Optional[GraphSet]:
     return GraphSet(**arrays, cutoff=float(part["graph/cutoff"]), max_neighbors=int(part["graph/max_neighbors"]))
 
 
-def data_list(part: dict, graph_params: dict) -> list:
-    """PyG ``Data`` objects of a packed part (targets attached as ``y``), their bond features
-    expanded per batch by the models (one float per edge held)."""
+def required_graphs(part: dict) -> GraphSet:
+    """The part's graphs; a ValueError for a dataset without crystal structures."""
     gs = graphs_of(part)
     if gs is None:
         raise ValueError("this dataset has no crystal structures; graph models need structures")
+    return gs
+
+
+def data_list(part: dict, graph_params: dict) -> list:
+    """PyG ``Data`` objects of a packed part (targets attached as ``y``), their bond features
+    expanded per batch by the models (one float per edge held)."""
+    gs = required_graphs(part)
     return gs.to_data_list(range(len(gs)), part["y"], **graph_params, expand_edges=False)
 
 
@@ -107,7 +113,4 @@ def graph_dataset(
         return items
     from ..data.graph_store import LazyGraphDataset
 
-    gs = graphs_of(part)
-    if gs is None:
-        raise ValueError("this dataset has no crystal structures; graph models need structures")
-    return LazyGraphDataset(gs, part["y"], descriptors, **graph_params, expand_edges=False)
+    return LazyGraphDataset(required_graphs(part), part["y"], descriptors, **graph_params, expand_edges=False)
