@@ -345,17 +345,14 @@ def report_error(err: BaseException, debug: bool) -> int:
     """Print ``err`` as one line on stderr (with ``debug``: its traceback first); its exit status."""
     import traceback
 
-    from .config import ConfigError
-    from .data.dataset import DataError
-    from .search.faults import TrackingUnreachable
-
     if debug:
         traceback.print_exception(err, file=sys.stderr)
-    expected = isinstance(err, (ConfigError, DataError, TrackingUnreachable))
+    code = exit_code_of(err)
+    expected = code != EXIT_ERROR  # a bad input or an unreachable server: its own message says it all
     line = error_line(err) if expected else f"{type(err).__name__}: {error_line(err)}"
     hint = "" if expected or debug else " (an unexpected error: run with --debug for its traceback)"
     print(f"matfusion: error: {line}{hint}", file=sys.stderr, flush=True)
-    return exit_code_of(err)
+    return code
 
 
 def tracking_store_of(args) -> Optional[str]:
