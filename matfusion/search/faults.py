@@ -12,8 +12,9 @@ FAILED; exit 4 on the command line).
 Fault injection (for tests and drills; never set by matfusion itself): ``MATFUSION_INJECT_FAULTS``
 in the driver's environment when a search starts, a comma-separated list of
 ``FAMILY@EPOCH=KIND``: every trial of that family, when it reports that epoch, ``error`` (raises
-a RuntimeError), ``memory`` (raises MemoryError) or ``nan`` (reports a NaN loss and validation
-MAE, which the trial's own guard then refuses).  The spec is read once, in the driver, and handed
+a RuntimeError), ``memory`` (raises MemoryError), ``nan`` (reports a NaN loss and validation
+MAE, which the trial's own guard then refuses) or ``slow`` (from that epoch on, each report waits a
+second: a trial slow enough to be caught mid-way).  The spec is read once, in the driver, and handed
 to the trainable with its data (Ray workers do not see the driver's later environment).
 
 What runs inside the trial (the non-finite guard, the checkpoint reader, the injected faults) is

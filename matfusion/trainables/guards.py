@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 from .loop import NonFiniteLossError
 
 INJECT_ENV = "MATFUSION_INJECT_FAULTS"
-FAULT_KINDS = ("error", "memory", "nan")
+FAULT_KINDS = ("error", "memory", "nan", "slow")
+SLOW_REPORT_S = 1.0  # the wait of a ``slow`` fault before each report
 CHECKED_METRICS = ("train_loss", "val_mae", "best_val_mae")  # must be finite in every report
 OOM_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory", "std::bad_alloc")
 
@@ -121,16 +123,24 @@ def parse_faults(spec: Optional[str]) -> tuple[Fault, ...]:
 
 
 class FaultySession:
-    """Wraps a trial's session: the faults of its family happen when it reports their epoch."""
+    """Wraps a trial's session: the faults of its family happen when it reports their epoch.
 
-    def __init__(self, session, faults) -> None:
-        self.session, self.faults = session, {f.epoch: f for f in faults}
+    ``slow`` is the one lasting fault: from its epoch on, every report waits ``SLOW_REPORT_S``
+    first (a drill for what needs a trial caught mid-way, e.g. a node killed while it runs)."""
+
+    def __init__(self, session, faults, sleep=time.sleep) -> None:
+        self.session, self.sleep = session, sleep
+        self.faults = {f.epoch: f for f in faults if f.kind != "slow"}
+        self.slow_from = min((f.epoch for f in faults if f.kind == "slow"), default=None)
 
     def get_state(self):
         return self.session.get_state()
 
     def report(self, metrics: dict, state) -> None:
-        fault = self.faults.get(int(metrics.get("epoch", 0) or 0))
+        epoch = int(metrics.get("epoch", 0) or 0)
+        if self.slow_from is not None and epoch >= self.slow_from:
+            self.sleep(SLOW_REPORT_S)
+        fault = self.faults.get(epoch)
         if fault is not None:
             where = f"{fault.family} at epoch {fault.epoch}"
             if fault.kind == "error":

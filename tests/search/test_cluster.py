@@ -507,9 +507,10 @@ def test_search_survives_a_killed_worker_node(ray_cluster, ray_env, mlflow_serve
         "search.scheduler=fifo",
     )
     out, err = open(tmp_path / "search.out", "w+"), open(tmp_path / "search.err", "w+")
-    proc = subprocess.Popen(
-        cmd, stdout=out, stderr=err, text=True, cwd=tmp_path, env=_driver_env(ray_env), start_new_session=True
-    )
+    # each report a second late, so the trial is still running when the worker dies: at full speed
+    # a CI machine ran all 5 epochs on the worker between being caught at epoch 1 and the kill
+    env = {**_driver_env(ray_env), "MATFUSION_INJECT_FAULTS": "cgcnn@1=slow"}
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=tmp_path, env=env, start_new_session=True)
     killed_trial = None
     try:
         deadline = time.time() + 400

@@ -11,6 +11,7 @@ real checkpoint file of the failed trial, truncated by the test."""
 
 import contextlib
 import io
+import math
 import re
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from mlflow.tracking import MlflowClient
 
 from matfusion.cli import EXIT_NO_TRIAL_SUCCEEDED, main
 from matfusion.search.faults import failure_reason
-from matfusion.trainables.guards import INJECT_ENV, CheckedSession, as_memory_error, parse_faults
+from matfusion.trainables.guards import (
+    INJECT_ENV,
+    SLOW_REPORT_S,
+    CheckedSession,
+    FaultySession,
+    as_memory_error,
+    parse_faults,
+)
 from matfusion.trainables.loop import LocalSession, NonFiniteLossError
 
 NAME = "phonons-smoke"  # configs/smoke.yaml
@@ -233,6 +241,16 @@ def test_fault_specs_are_checked():
         parse_faults("lgbm=error")
     with pytest.raises(ValueError, match="KIND is one of error, memory, nan"):
         parse_faults("lgbm@1=segfault")
+
+
+def test_a_slow_fault_waits_before_every_report_from_its_epoch_on():
+    waits, inner = [], LocalSession()
+    session = FaultySession(inner, parse_faults("cgcnn@2=slow, cgcnn@3=nan"), sleep=waits.append)
+    for epoch in (1, 2, 3, 4):
+        session.report({"epoch": epoch, "train_loss": 1.0, "val_mae": 2.0}, None)
+    assert waits == [SLOW_REPORT_S] * 3  # epochs 2, 3, 4; not 1
+    assert [m["epoch"] for m in inner.history] == [1, 2, 3, 4]
+    assert math.isnan(inner.history[2]["val_mae"]) and inner.history[3]["val_mae"] == 2.0  # the other faults stay
 
 
 FORK_SCRIPT = """
