@@ -16,6 +16,10 @@ a RuntimeError), ``memory`` (raises MemoryError) or ``nan`` (reports a NaN loss 
 MAE, which the trial's own guard then refuses).  The spec is read once, in the driver, and handed
 to the trainable with its data (Ray workers do not see the driver's later environment).
 
+The tracking server going away mid-search: the trial logger's writes wait and are sent when it
+is back (:mod:`matfusion.tracking.outbox`); still down at the end, :func:`result_without_tracking`
+makes the search's result from Tune's results and says in one line what MLflow never got.
+
 What runs inside the trial (the non-finite guard, the checkpoint reader, the injected faults) is
 :mod:`matfusion.trainables.guards`: the trainables never import the search.
 """

@@ -12,6 +12,11 @@ Resuming a search (``Tuner.restore``) replays some of this: Tune starts unfinish
 looked up by its tags (``trial_id`` under the parent run) before one is created, a run that was
 closed by the interruption is reopened, and a (metric, step) already logged is never logged
 twice.
+
+A tracking server that stops answering for a while loses nothing: the writes wait in memory, in
+order, and are sent when it answers again (:mod:`matfusion.tracking.outbox`); one that is still
+down when the trials have ended leaves :attr:`MlflowTrialLogger.unsent_line`, which the search
+prints (:func:`matfusion.search.faults.result_without_tracking`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -31,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from matfusion.cli import main
 from matfusion.tracking import outbox as outbox_settings
+from matfusion.tracking.logger import trial_metric_names
 from matfusion.tracking.outbox import Outbox, Write, quick_requests, unreachable
 from matfusion.tracking.server import server_command, server_env, tracking_uri, wait_healthy
 
@@ -62,7 +64,8 @@ class Server:
     def __init__(self, tmp: Path) -> None:
         self.port = _free_port()
         self.uri = tracking_uri("127.0.0.1", self.port)
-        self.cmd = server_command(f"sqlite:///{tmp / 'server.db'}", str(tmp / "artifacts"), port=self.port, workers=1)
+        self.db = tmp / "server.db"
+        self.cmd = server_command(f"sqlite:///{self.db}", str(tmp / "artifacts"), port=self.port, workers=1)
         self.proc = None
 
     def start(self) -> None:
@@ -125,13 +128,35 @@ def _on_first_result(tmp: Path, then) -> threading.Thread:
     return thread
 
 
-def _tune_epochs(tmp: Path) -> dict:
-    """trial_id -> [(epoch, val_mae)] as Tune recorded them (each trial's result.json)."""
+def _tune_rows(tmp: Path) -> dict:
+    """trial_id -> the results Tune recorded (each trial's result.json)."""
     out = {}
     for path in (tmp / "ray" / NAME).glob("*/result.json"):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        out[rows[0]["trial_id"]] = [(r["epoch"], r["val_mae"]) for r in rows]
+        out[rows[0]["trial_id"]] = rows
     return out
+
+
+def _tune_epochs(tmp: Path) -> dict:
+    """trial_id -> [(epoch, val_mae)] as Tune recorded them."""
+    return {t: [(r["epoch"], r["val_mae"]) for r in rows] for t, rows in _tune_rows(tmp).items()}
+
+
+def _stored(db: Path, experiment_path: str) -> tuple[int, int, int]:
+    """(trial runs, of them ended, metric values) the server's sqlite store holds for the search
+    whose parent run is tagged with ``experiment_path`` (read with sqlite3: the server is gone)."""
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        (parent,) = con.execute(
+            "select run_uuid from tags where key = 'ray_experiment_path' and value = ?", (experiment_path,)
+        ).fetchone()
+        trials = [
+            r[0]
+            for r in con.execute("select run_uuid from tags where key = 'mlflow.parentRunId' and value = ?", (parent,))
+        ]
+        marks = ",".join("?" * len(trials))
+        ended = con.execute(f"select count(*) from runs where run_uuid in ({marks}) and end_time is not null", trials)
+        logged = con.execute(f"select count(*) from metrics where run_uuid in ({marks})", trials)
+        return len(trials), ended.fetchone()[0], logged.fetchone()[0]
 
 
 @pytest.mark.slow
@@ -159,6 +184,7 @@ def test_a_server_killed_mid_search_and_restarted_loses_nothing(server, tmp_path
     assert re.search(r"answers again after \d+ s; the \d+ writes that waited are sent", err), err[-3000:]
     assert "not logged" not in err and "Traceback" not in out + err, err[-3000:]
     assert "trials: 3 (3 succeeded, 0 failed)" in out
+    print("\n".join(line for line in err.splitlines() if "MLflow tracking server" in line))  # pytest -rP
 
     server.wait()
     client = MlflowClient(server.uri)
@@ -193,6 +219,7 @@ def test_a_server_that_does_not_come_back_is_one_warning_and_the_search_ends(ser
     assert rc == 0, out[-3000:] + err[-3000:]
     lost = [line for line in err.splitlines() if "did not answer until the search ended" in line]
     assert len(lost) == 1, err[-3000:]
+    print(lost[0])  # shown by pytest -rP
     found = re.search(
         r"not logged: (.*) of (\d) trial run\(s\) \(([^)]*)\); Ray Tune's results of every trial are in (\S+);", lost[0]
     )
@@ -200,6 +227,15 @@ def test_a_server_that_does_not_come_back_is_one_warning_and_the_search_ends(ser
     counts = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) ([a-z ]+?)(?:,|$)", found.group(1)))
     assert counts.get("run ends", 0) >= 1 and counts.get("metrics", 0) >= 1, lost[0]
     assert Path(found.group(4)) == tmp_path / "ray" / NAME
+    # what the store got plus what the line names covers all Tune recorded (a write in flight when
+    # the server died may have reached it too): nothing is missing without being named
+    runs, ended, logged = _stored(server.db, str((tmp_path / "ray" / NAME).resolve()))
+    expected = sum(
+        sum(len(trial_metric_names(r)) for r in rows) + 2  # + final_best_val_mae, epochs_trained
+        for rows in _tune_rows(tmp_path).values()
+    )
+    assert runs + counts.get("runs", 0) >= 3 and ended + counts["run ends"] >= 3, (lost[0], runs, ended)
+    assert logged + counts["metrics"] >= expected and logged < expected, (lost[0], logged, expected)
     assert "Traceback" not in out + err, err[-3000:]
     # the leaderboard and the summary from Tune's results
     assert "trials: 3 (3 succeeded, 0 failed)" in out and "best trial: family=" in out
