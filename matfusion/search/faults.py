@@ -17,6 +17,10 @@ MAE, which the trial's own guard then refuses) or ``slow`` (from that epoch on, 
 second: a trial slow enough to be caught mid-way).  The spec is read once, in the driver, and handed
 to the trainable with its data (Ray workers do not see the driver's later environment).
 
+The tracking server going away mid-search: the trial logger's writes wait and are sent when it
+is back (:mod:`matfusion.tracking.outbox`); still down at the end, :func:`result_without_tracking`
+makes the search's result from Tune's results and says in one line what MLflow never got.
+
 What runs inside the trial (the non-finite guard, the checkpoint reader, the injected faults) is
 :mod:`matfusion.trainables.guards`: the trainables never import the search.
 """
@@ -148,23 +152,17 @@ def check_tracking_server(uri: str, setting: str = "mlflow.tracking_uri") -> Non
         return
     from mlflow.tracking import MlflowClient
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(PROBE_TIMEOUT_S)
+    from ..tracking.outbox import quick_requests
+
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        with quick_requests(retries=0, timeout_s=PROBE_TIMEOUT_S):
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - connection refused, timeout, DNS, a non-MLflow answer
         raise TrackingUnreachable(
             f"the MLflow tracking server {uri} ({setting}) does not answer "
             f"({_connection_reason(err)}); start it (e.g. `matfusion mlflow-server`), or set {setting} "
             "to a reachable server or a sqlite:/// file"
         ) from err
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _connection_reason(err: BaseException) -> str:
@@ -177,3 +175,114 @@ def _connection_reason(err: BaseException) -> str:
     if "name or service not known" in low or "nodename nor servname" in low:
         return "unknown host"
     return _cut(f"{type(err).__name__}: {first_line(text)}")
+
+
+# -- the tracking server gone at the search's end --------------------------------------------------
+
+
+def tune_leaderboard(results) -> "pd.DataFrame":  # noqa: F821 - pandas is imported when called
+    """The search's leaderboard (``LEADERBOARD_COLUMNS``, best first) from Tune's ResultGrid,
+    for when the tracking server cannot be read: each trial's best reported val_mae, its last
+    epoch and how it ended (``failed``, ``completed``, else ``pruned``)."""
+    import numpy as np
+    import pandas as pd
+
+    from ..tracking.leaderboard import LEADERBOARD_COLUMNS
+    from ..tracking.logger import trial_fusion
+
+    rows = []
+    for r in results:
+        df, metrics, config = r.metrics_dataframe, dict(r.metrics or {}), dict(r.config or {})
+        vals = np.asarray(df["val_mae"], dtype=np.float64) if df is not None and "val_mae" in df else np.array([])
+        vals = vals[np.isfinite(vals)]
+        status = "failed" if r.error is not None else "completed" if metrics.get("trial_finished") else "pruned"
+        rows.append(
+            {
+                "trial_id": _tune_trial_id(r),
+                "family": str(config.get("family", "?")),
+                "fusion": trial_fusion(config),
+                "val_mae": float(vals.min()) if len(vals) else float("nan"),
+                "epochs": int(metrics.get("epoch", 0) or 0),
+                "status": status,
+            }
+        )
+    board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+    board["val_mae"] = board["val_mae"].astype(float)
+    return board.sort_values(["val_mae", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _tune_trial_id(result) -> str:
+    from .tuner import _trial_id_of
+
+    return _trial_id_of(result)
+
+
+def _tune_run_name(result) -> str:
+    """The run name the trial's MLflow run has (``t02 lgbm``), from its folder name
+    ``run_trial_<id>_<number>_...`` and its config."""
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ..tracking.logger import trial_run_name
+
+    found = re.match(r"run_trial_[0-9a-f]{8}(?:_\d{5})?_(\d+)", Path(result.path).name)
+    trial = SimpleNamespace(
+        config=result.config, experiment_tag=found.group(1) if found else "", trial_id=_tune_trial_id(result)
+    )
+    return trial_run_name(trial)
+
+
+def result_without_tracking(cfg, results, parent, path, prep, t0: float, resumed: bool, signals, logger):
+    """The :class:`~matfusion.search.tuner.SearchResult` of a search whose tracking server did not
+    answer again before it ended (the trial logger's writes still waiting, see
+    :mod:`matfusion.tracking.outbox`): leaderboard, failures, best trial and its test MAE from
+    Tune's results, no MLflow call; one warning line says what MLflow never got and where Tune
+    keeps every trial's results (``path``).  The parent run stays RUNNING in MLflow."""
+    import time
+
+    from .tuner import (
+        SearchResult,
+        _best_result,
+        _best_trial_test_mae,
+        _succeeded,
+        experiment_unfinished,
+        prune_checkpoints,
+    )
+
+    final = logger.final_statuses or {}
+    unfinished = [t for t in experiment_unfinished(path) if final.get(t) not in ("TERMINATED", "ERROR")]
+    interrupted = signals.interrupted or bool(unfinished)
+    failures = sorted(
+        (TrialFailure(_tune_trial_id(r), _tune_run_name(r), failure_reason(r.error)) for r in results if r.error),
+        key=lambda f: f.run_name,
+    )
+    best = None if interrupted else _best_result(results)
+    best_val, best_test, best_config = _best_trial_test_mae(best, prep)
+    if not interrupted:
+        prune_checkpoints(path, keep=[best[1] if best else None] + [r for r in results if r.error is not None])
+    print(
+        f"{logger.outbox.unsent_line(str(path))}; nor the search's own results (its parent run "
+        f"{parent.run_id} stays RUNNING)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return SearchResult(
+        cfg.name,
+        parent.experiment_id,
+        parent.run_id,
+        parent.tracking_uri,
+        tune_leaderboard(results),
+        best_config,
+        best_val,
+        best_test,
+        time.time() - t0,
+        resumed=resumed,
+        interrupted=interrupted,
+        experiment_path=str(path),
+        signal=signals.signum if interrupted else None,
+        best_trial_id=(best[1].metrics or {}).get("trial_id") if best else None,
+        n_trials=len(results),
+        n_succeeded=sum(_succeeded(r) for r in results),
+        failures=tuple(failures),
+    )

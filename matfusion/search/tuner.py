@@ -65,7 +65,14 @@ from ..tracking.runs import find_trial_run, nested_runs
 from ..trainables.loop import target_stats, validation_score
 from ..trainables.trial import predict_from_checkpoint, run_trial
 from . import compat
-from .faults import TrialFailure, check_tracking_server, failure_reason, injected_faults, trial_error_reason
+from .faults import (
+    TrialFailure,
+    check_tracking_server,
+    failure_reason,
+    injected_faults,
+    result_without_tracking,
+    trial_error_reason,
+)
 from .interrupts import SearchSignals
 from .schedulers import PromotingASHA, TabularAwareASHA, TargetReachedStopper, TotalEpochsStopper, rung_milestones
 
@@ -571,6 +578,9 @@ def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignal
         raise
     with signals.during_fit():
         results, fit_s = _fit(tuner, parent)
+    logger = _trial_logger(tuner)
+    if logger is not None and logger.unsent_line:  # the tracking server did not answer again: Tune's results
+        return result_without_tracking(cfg, results, parent, path, prep, t0, resuming, signals, logger)
     unfinished = _how_it_ended(tuner, path, parent, fit_s, interrupted=signals.interrupted)
     interrupted = signals.interrupted or bool(unfinished)
     failures = record_failures(results, parent)

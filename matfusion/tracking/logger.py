@@ -12,12 +12,18 @@ Resuming a search (``Tuner.restore``) replays some of this: Tune starts unfinish
 looked up by its tags (``trial_id`` under the parent run) before one is created, a run that was
 closed by the interruption is reopened, and a (metric, step) already logged is never logged
 twice.
+
+A tracking server that stops answering for a while loses nothing: the writes wait in memory, in
+order, and are sent when it answers again (:mod:`matfusion.tracking.outbox`); one that is still
+down when the trials have ended leaves :attr:`MlflowTrialLogger.unsent_line`, which the search
+prints (:func:`matfusion.search.faults.result_without_tracking`).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +32,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .. import families
+from . import outbox as outbox_settings
+from .outbox import Outbox, Write, unreachable
 from .runs import find_trial_run, nested_runs
 from .ui import experiment_tags, missing_experiment_tags
 
@@ -133,14 +141,34 @@ def close_open_trial_runs(
     return closed
 
 
-class MlflowTrialLogger(Callback):
-    """Tune callback: a nested MLflow run per trial under ``parent_run_id``."""
+@dataclass
+class _TrialInfo:
+    """What the logger keeps of a Tune trial to write its run later (its Trial object changes)."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
+    trial_id: str
+    config: dict
+    run_name: str
+    number: Optional[int]
+
+
+class MlflowTrialLogger(Callback):
+    """Tune callback: a nested MLflow run per trial under ``parent_run_id``.
+
+    Every write goes through an :class:`~matfusion.tracking.outbox.Outbox`: when the tracking
+    server stops answering, the writes wait in memory, in order, and are sent when it answers
+    again (at a later write, and at the experiment's end, :meth:`on_experiment_end`, which waits
+    up to ``end_grace_s``, default :data:`matfusion.tracking.outbox.END_GRACE_S`); what still
+    waits then is :attr:`unsent_line`."""
+
+    def __init__(
+        self, tracking_uri: str, experiment_id: str, parent_run_id: str, end_grace_s: Optional[float] = None
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
+        self.end_grace_s = end_grace_s
         self._client: Optional[MlflowClient] = None
+        self._outbox: Optional[Outbox] = None
         self.run_ids: dict[str, str] = {}
         # trial_id -> metric -> steps already in MLflow (so that re-reported epochs are skipped)
         self.logged_steps: dict[str, dict[str, set]] = {}
@@ -148,6 +176,9 @@ class MlflowTrialLogger(Callback):
         self.status: dict[str, str] = {}
         # trial_id -> Tune status when the experiment ended (None until it ends)
         self.final_statuses: Optional[dict[str, str]] = None
+        self.unsent_line = ""  # after the experiment's end: what the server never got ("" for nothing)
+        self._opened: set = set()  # trials whose run this process has asked for
+        self._created: set = set()  # trials whose run this process created (not found from before)
 
     @property
     def client(self) -> MlflowClient:
@@ -155,9 +186,17 @@ class MlflowTrialLogger(Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            self._outbox = Outbox(self.tracking_uri)
+        return self._outbox
+
     def __getstate__(self):  # Tune pickles callbacks into tuner.pkl
         state = dict(self.__dict__)
         state["_client"] = None
+        state["_outbox"] = None  # its writes hold closures; a restored search looks its runs up again
+        state["_opened"], state["_created"] = set(), set()
         return state
 
     # Tune saves this with every experiment snapshot and hands it back on restore.  It is a
@@ -187,75 +226,108 @@ class MlflowTrialLogger(Callback):
         self.client.set_tag(run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
         return run_id
 
-    def _run_for(self, trial) -> str:
-        trial_id = trial.trial_id
+    def _open_run(self, info: _TrialInfo) -> None:
+        """The trial's run: the one it has from before a resume (by the snapshot's run id, else
+        by its tags), else a new one (its params and config follow as writes of their own)."""
+        trial_id = info.trial_id
         run_id = self.run_ids.get(trial_id)
-        if run_id is not None and trial_id in self.logged_steps:
-            return run_id
-        # first time this process sees the trial: it may have a run from before a resume
         run = None
         if run_id is not None:
             try:
                 run = self.client.get_run(run_id)
-            except Exception:  # state from a snapshot naming a run that is gone
+            except Exception as err:  # state from a snapshot naming a run that is gone
+                if unreachable(err):
+                    raise
                 run = None
         if run is None:
             run = find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
         if run is not None:
             run_id = self._adopt(trial_id, run)
         else:
-            config = dict(trial.config)
+            config = info.config
             family = str(config.get("family", "?"))
             run_id = self.client.create_run(
                 self.experiment_id,
-                run_name=trial_run_name(trial),
+                run_name=info.run_name,
                 tags={
                     "mlflow.parentRunId": self.parent_run_id,
                     "family": family,
                     "encoder": family if family in families.GRAPH else "-",
                     "fusion": trial_fusion(config),
                     "trial_id": trial_id,
-                    "trial_number": str(trial_number(trial) or ""),
+                    "trial_number": str(info.number or ""),
                     "status": "running",
                 },
             ).info.run_id
-            self.client.log_batch(run_id, params=_params(config))
-            self.client.log_dict(run_id, config, "trial_config.json")  # exact types, for ensembles
             self.logged_steps[trial_id] = {}
+            self._created.add(trial_id)
         self.run_ids[trial_id] = run_id
-        return run_id
+
+    def _ask_for_run(self, trial) -> str:
+        """Queue the trial's run (once per trial and process), its params and config; its label."""
+        label = trial_run_name(trial)
+        trial_id = trial.trial_id
+        if trial_id in self._opened:
+            return label
+        self._opened.add(trial_id)
+        info = _TrialInfo(trial_id, dict(trial.config or {}), label, trial_number(trial))
+        params = _params(info.config)
+
+        def log_params() -> None:
+            if trial_id in self._created:
+                self.client.log_batch(self.run_ids[trial_id], params=params)
+
+        def log_config() -> None:
+            if trial_id in self._created:  # exact types, for ensembles
+                self.client.log_dict(self.run_ids[trial_id], info.config, "trial_config.json")
+
+        self.outbox.put(Write(label, {"runs": 1}, lambda: self._open_run(info)))
+        self.outbox.put(Write(label, {"params": len(params)}, log_params))
+        self.outbox.put(Write(label, {"artifacts": 1}, log_config))
+        return label
+
+    def _run_for(self, trial) -> str:
+        """The trial's run id, its run opened first if need be (None while the server is down)."""
+        self._ask_for_run(trial)
+        return self.run_ids.get(trial.trial_id)
 
     # -- Tune hooks ------------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        self._ask_for_run(trial)
 
     def _new_metrics(self, trial_id: str, values: dict, step: int) -> list[Metric]:
-        """Metrics of ``values`` at ``step`` that the run does not have yet."""
+        """The metrics of ``values`` at ``step`` (those the run already has are left out when
+        they are sent: :meth:`_send_metrics`)."""
         now = int(time.time() * 1000)
+        return [Metric(k, float(v), now, step) for k, v in values.items()]
+
+    def _send_metrics(self, trial_id: str, metrics: list[Metric], tags: Optional[list] = None) -> None:
+        """Log the metrics the run has not got yet (a resumed trial re-reports the epochs after
+        its checkpoint), and ``tags``; their steps count as logged once the server took them."""
         steps = self.logged_steps.setdefault(trial_id, {})
-        metrics = []
-        for k, v in values.items():
-            seen = steps.setdefault(k, set())
-            if step not in seen:
-                metrics.append(Metric(k, float(v), now, step))
-                seen.add(step)
-        return metrics
+        new = [m for m in metrics if m.step not in steps.get(m.key, ())]
+        if new or tags:
+            self.client.log_batch(self.run_ids[trial_id], metrics=new, tags=list(tags or []))
+        for m in new:
+            steps.setdefault(m.key, set()).add(m.step)
 
     def _last(self, trial) -> dict:
         # after a restore, a trial may finish before reporting anything in this process
         return self.last_result.get(trial.trial_id) or dict(getattr(trial, "last_result", None) or {})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_for(trial)
+        label = self._ask_for_run(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = self._new_metrics(trial.trial_id, {k: result[k] for k in trial_metric_names(result)}, step)
+        trial_id = trial.trial_id
+        metrics = self._new_metrics(trial_id, {k: result[k] for k in trial_metric_names(result)}, step)
         if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
-        self.last_result[trial.trial_id] = dict(result)
+            self.outbox.put(Write(label, {"metrics": len(metrics)}, lambda: self._send_metrics(trial_id, metrics)))
+        self.last_result[trial_id] = dict(result)
 
     def _finish(self, trial, status: str, run_status: str, error: Optional[str] = None) -> None:
-        run_id = self._run_for(trial)
+        label = self._ask_for_run(trial)
+        trial_id = trial.trial_id
         last = self._last(trial)
         tags = [RunTag("status", status)]
         if error:
@@ -265,10 +337,18 @@ class MlflowTrialLogger(Callback):
             final["final_best_val_mae"] = last["best_val_mae"]
         if "epoch" in last:
             final["epochs_trained"] = last["epoch"]
-        metrics = self._new_metrics(trial.trial_id, final, int(last.get("epoch", 0) or 0))
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        self.client.set_terminated(run_id, run_status)
-        self.status[trial.trial_id] = status
+        metrics = self._new_metrics(trial_id, final, int(last.get("epoch", 0) or 0))
+        self.outbox.put(
+            Write(
+                label,
+                {"metrics": len(metrics), "tags": len(tags)},
+                lambda: self._send_metrics(trial_id, metrics, tags),
+            )
+        )
+        self.outbox.put(
+            Write(label, {"run ends": 1}, lambda: self.client.set_terminated(self.run_ids[trial_id], run_status))
+        )
+        self.status[trial_id] = status
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self._last(trial)
@@ -278,6 +358,9 @@ class MlflowTrialLogger(Callback):
     def on_experiment_end(self, trials, **info):
         # Tune's last snapshot may still hold a trial stopped while PAUSED (no actor) as PAUSED
         self.final_statuses = {t.trial_id: t.status for t in trials}
+        grace = outbox_settings.END_GRACE_S if self.end_grace_s is None else self.end_grace_s
+        if self._outbox is not None and not self._outbox.drain(grace):
+            self.unsent_line = self._outbox.unsent_line()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = None

@@ -181,6 +181,14 @@ def test_resume_from_a_corrupted_checkpoint_fails_that_trial_and_the_others_succ
     lgbm = trials["lgbm"]
     assert (lgbm.info.status, lgbm.data.tags["status"]) == ("FAILED", "failed")
     assert lines["lgbm"].endswith(lgbm.data.tags["failure"])
+    # in Tune: the trial ended ERROR with the reader's error (its error file, whose tail is the run's `error` tag)
+    (error_file,) = (tmp / "ray" / NAME).glob("run_trial_*family=lgbm*/error.txt")
+    assert "CorruptCheckpointError: the lgbm checkpoint it resumes from cannot be read" in error_file.read_text()
+    assert "CorruptCheckpointError" in lgbm.data.tags["error"]
+    from ray.tune import ExperimentAnalysis
+
+    statuses = {t.config["family"]: t.status for t in ExperimentAnalysis(str(tmp / "ray" / NAME)).trials}
+    assert statuses == {"rf": "TERMINATED", "et": "TERMINATED", "lgbm": "ERROR"}
     for family in ("rf", "et"):
         run = trials[family]
         assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "completed"), family
