@@ -133,6 +133,14 @@ def stack_after_search(cfg, result, progress: bool = True):
     """(exit status, EnsembleResult or None) of :func:`ensemble_after_search`."""
     if not cfg.ensemble.enabled or result.interrupted:
         return 0, None
+    if result.tracking_unsent:  # stacking reads the trials from the tracking server, which did not come back
+        print(
+            "matfusion: warning: the search's ensemble is not built (ensemble.enabled): the tracking server did "
+            "not answer; once it does, run `matfusion ensemble --experiment " + result.name + "`",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 0, None
     from .ensembles.pipeline import build_ensemble_from_search
     from .ensembles.pipeline import format_result as format_ensemble
 

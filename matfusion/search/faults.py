@@ -261,12 +261,11 @@ def result_without_tracking(cfg, results, parent, path, prep, t0: float, resumed
     best_val, best_test, best_config = _best_trial_test_mae(best, prep)
     if not interrupted:
         prune_checkpoints(path, keep=[best[1] if best else None] + [r for r in results if r.error is not None])
-    print(
+    unsent = (
         f"{logger.outbox.unsent_line(str(path))}; nor the search's own results (its parent run "
-        f"{parent.run_id} stays RUNNING)",
-        file=sys.stderr,
-        flush=True,
+        f"{parent.run_id} stays RUNNING)"
     )
+    print(unsent, file=sys.stderr, flush=True)
     return SearchResult(
         cfg.name,
         parent.experiment_id,
@@ -285,4 +284,5 @@ def result_without_tracking(cfg, results, parent, path, prep, t0: float, resumed
         n_trials=len(results),
         n_succeeded=sum(_succeeded(r) for r in results),
         failures=tuple(failures),
+        tracking_unsent=unsent,
     )

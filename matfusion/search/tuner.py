@@ -106,6 +106,7 @@ class SearchResult:
     n_trials: int = 0  # trials Tune ran (or restored), in all
     n_succeeded: int = 0  # ended without error, with a finite validation MAE
     failures: tuple = ()  # TrialFailure of every trial that ended ERROR
+    tracking_unsent: str = ""  # the warning line when the tracking server did not answer again
 
     @property
     def n_failed(self) -> int:

@@ -102,9 +102,10 @@ def own_ray():
         ray.shutdown()
 
 
-def _search(tmp: Path, uri: str):
+def _search(tmp: Path, uri: str, **extra):
     argv = ["search", str(REPO / "configs" / "smoke.yaml"), "--data-dir", str(DATA_DIR), "--quiet"]
-    for key, value in {**SETTINGS, "mlflow.tracking_uri": uri, "search.storage_path": str(tmp / "ray")}.items():
+    settings = {**SETTINGS, "mlflow.tracking_uri": uri, "search.storage_path": str(tmp / "ray"), **extra}
+    for key, value in settings.items():
         argv += ["--set", f"{key}={value}"]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -214,9 +215,14 @@ def test_a_server_that_does_not_come_back_is_one_warning_and_the_search_ends(ser
     monkeypatch.setattr(outbox_settings, "END_GRACE_S", 1.0)
     server.wait()
     watcher = _on_first_result(tmp_path, server.kill)
-    rc, out, err = _search(tmp_path, server.uri)
+    rc, out, err = _search(tmp_path, server.uri, **{"ensemble.enabled": "true"})
     watcher.join(timeout=120)
     assert rc == 0, out[-3000:] + err[-3000:]
+    # the stack after the search reads the trials from the server: not tried, and said so
+    assert (
+        f"ensemble is not built (ensemble.enabled): the tracking server did not answer; once it does, run `matfusion ensemble --experiment {NAME}`"
+        in err
+    ), err[-3000:]
     lost = [line for line in err.splitlines() if "did not answer until the search ended" in line]
     assert len(lost) == 1, err[-3000:]
     print(lost[0])  # shown by pytest -rP
