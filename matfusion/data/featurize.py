@@ -42,9 +42,10 @@ log = logging.getLogger("matfusion.data")
 
 # format 2: bond vectors (edge_vec) and, optionally, the line graph
 GRAPH_FORMAT = 2
-# rows per shard of featurization work (the unit of work and of resume; part of no cache key: a
-# shard's key is the content of its structures)
-SHARD_SIZE = 128
+# rows per shard of featurization work: the unit of work (one forked-pool or Ray task: the largest
+# chunk parallel_map hands a worker, so the local pool is as busy as before) and of resume; part of
+# no cache key (a shard's key is the content of its structures)
+SHARD_SIZE = 64
 
 
 @dataclass
@@ -444,10 +445,9 @@ def featurize_in_shards(
     else:
         results = []
     failures = []
-    for r in sorted(results, key=lambda r: r.index):
-        shard = shards[r.index]
-        for level, message in r.messages:
-            log.log(level, "%s: %s", shard.rows(), message)
+    results = sorted(results, key=lambda r: r.index)
+    _relog(shards, results)
+    for r in results:
         failures.extend(r.failures)
         if r.arrays is not None:
             done[r.index] = r.arrays
@@ -470,6 +470,24 @@ def featurize_in_shards(
     else:
         log.info(stats.summary())
     return graphs, blocks, stats
+
+
+def _relog(shards: Sequence[Shard], results: Sequence[ShardResult]) -> None:
+    """What the featurizers logged in the shards, here: per level the first message (with its
+    shard's rows) and how many more there were (each at DEBUG), not one line per shard."""
+    by_level: dict = {}
+    for r in results:
+        for level, message in r.messages:
+            by_level.setdefault(level, []).append(f"{shards[r.index].rows()}: {message}")
+    for level, lines in sorted(by_level.items()):
+        more = (
+            f" (and {len(lines) - 1} more such message(s) from other shards; DEBUG lists them)"
+            if len(lines) > 1
+            else ""
+        )
+        log.log(level, "%s%s", lines[0], more)
+        for line in lines[1:]:
+            log.debug("%s", line)
 
 
 def _assemble(ordered: list, work: ShardWork) -> tuple[Optional[GraphSet], dict]:

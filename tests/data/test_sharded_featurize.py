@@ -161,6 +161,26 @@ def test_a_damaged_shard_file_is_computed_again(dataset, one_pass, tmp_path):
     assert_same_bytes(fs, one_pass)
 
 
+def test_what_a_shard_logs_reaches_the_driver_once_with_its_rows(tmp_path, caplog):
+    """A featurizer failing on a structure (solid He has no atomic radius: density is NaN) is logged
+    by the driver with the shard's rows, once per kind, however many shards logged it."""
+    import logging
+
+    structures = crystals(12)
+    for i in (5, 9):  # in shards 1 and 2 of 4 rows each
+        structures[i] = Structure(Lattice.cubic(3.0), ["He"], [[0, 0, 0]])
+    ds = Dataset("helium", [f"h{i}" for i in range(12)], structures, np.zeros(12), "y", "helium-12")
+    with caplog.at_level(logging.DEBUG, logger="matfusion.data"):
+        fs = featurize(ds, config(tmp_path, descriptors=["density"]), progress=False, graphs=False, shard_size=4)
+    assert np.isnan(fs.descriptors[[5, 9]]).all() and np.isfinite(np.delete(fs.descriptors, [5, 9], axis=0)).all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("shard 1 (rows 4-7): descriptors: 1 featurizer call(s) failed")
+    assert "first: item 1, density" in warnings[0] and "1 more such message(s)" in warnings[0]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(m.startswith("shard 2 (rows 8-11): descriptors: 1 featurizer call(s) failed") for m in debug)
+
+
 # -- the ray backend on a real 2-node cluster ------------------------------------------------
 
 
