@@ -331,6 +331,9 @@ class _LocalShard:
 
 def run_shards_local(work, structures, todo, store, on_shard, n_jobs: int, progress: bool) -> list[ShardResult]:
     """The shards ``todo`` over ``n_jobs`` forked workers (one shard per task), one bar over them."""
+    for name in work.sets:  # featurizers built once here: forked workers inherit them
+        if desc.registry()[name].prepare is not None:
+            desc.registry()[name].prepare()
     results, crashed = parallel_map(
         _LocalShard(work, structures, store, on_shard),
         todo,
