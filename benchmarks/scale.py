@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -216,7 +217,7 @@ def featurize_backends(n: int, data_dir: str) -> dict:
         out["local_shards"] = runs["local"].shards.total
 
         # the cluster's processes: a private temp dir (short: Ray's socket paths are limited), matfusion importable
-        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="mfb", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = ray_tmp = tempfile.mkdtemp(prefix="mfb", dir="/tmp")
         root = str(Path(__file__).resolve().parents[1])
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
         from ray.cluster_utils import Cluster
@@ -233,6 +234,7 @@ def featurize_backends(n: int, data_dir: str) -> dict:
             out["ray_s"] = time.perf_counter() - t
         finally:
             cluster.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     stats = runs["ray"].shards
     out["ray_shards"] = stats.total
     out["ray_shards_per_node"] = dict(stats.per_node)
