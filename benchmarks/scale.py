@@ -22,6 +22,12 @@ at the larger N within 1.5x of that at 4k.
     nice -n 10 python benchmarks/scale.py [--sizes 4000,40000] [--large] [--out results/scale]
 
 ``--large`` adds N = 130,000 (needs ~25 min and several GB on 2 cores).
+
+``--backends N`` measures instead featurization itself at N (default 4,000), in its own process,
+with an empty cache each time: ``features.backend: local`` (the forked workers, every core) and
+``features.backend: ray`` on a 2-node loopback cluster (``ray.cluster_utils.Cluster``: a head and a
+worker raylet, 1 CPU each, on this machine): wall time, structures/s, the shards computed on each
+node, and whether the two gave byte-identical arrays (written to featurize_backends.json/.txt).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,6 +202,63 @@ def one_size(n: int, data_dir: str) -> dict:
     return out
 
 
+def featurize_backends(n: int, data_dir: str) -> dict:
+    """Featurize wall time at N = ``n``, local vs ray backend on a 2-node loopback cluster."""
+    from matfusion.config import FeaturesConfig
+    from matfusion.data.featurize import featurize
+
+    ds = synthetic_dataset(n, data_dir)
+    out = {"n": n}
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="matfusion-backends-") as tmp:
+        t = time.perf_counter()
+        runs["local"] = featurize(ds, FeaturesConfig(cache_dir=f"{tmp}/local"), progress=False)
+        out["local_s"] = time.perf_counter() - t
+        out["local_shards"] = runs["local"].shards.total
+
+        # the cluster's processes: a private temp dir (short: Ray's socket paths are limited), matfusion importable
+        os.environ["RAY_TMPDIR"] = ray_tmp = tempfile.mkdtemp(prefix="mfb", dir="/tmp")
+        root = str(Path(__file__).resolve().parents[1])
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+        from ray.cluster_utils import Cluster
+
+        t = time.perf_counter()
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        out["cluster_start_s"] = time.perf_counter() - t
+        try:
+            t = time.perf_counter()
+            cfg = FeaturesConfig(cache_dir=f"{tmp}/ray", backend="ray")
+            runs["ray"] = featurize(ds, cfg, progress=False, ray_address=cluster.address)
+            out["ray_s"] = time.perf_counter() - t
+        finally:
+            cluster.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    stats = runs["ray"].shards
+    out["ray_shards"] = stats.total
+    out["ray_shards_per_node"] = dict(stats.per_node)
+    a, b = runs["local"], runs["ray"]
+    out["identical"] = bool(
+        a.descriptors.tobytes() == b.descriptors.tobytes()
+        and all(v.tobytes() == b.graphs.arrays()[k].tobytes() for k, v in a.graphs.arrays().items())
+    )
+    return out
+
+
+def backends_report(r: dict) -> str:
+    nodes = ", ".join(f"{node[:8]}: {k}" for node, k in sorted(r["ray_shards_per_node"].items()))
+    return (
+        f"featurize N={r['n']:,} (graphs + default descriptor sets, empty cache):\n"
+        f"  local (forked workers, every core): {r['local_s']:.1f} s = {r['n'] / r['local_s']:.0f} structures/s, "
+        f"{r['local_shards']} shards\n"
+        f"  ray (2-node loopback cluster, 1 CPU per node; cluster started in {r['cluster_start_s']:.1f} s): "
+        f"{r['ray_s']:.1f} s = {r['n'] / r['ray_s']:.0f} structures/s, {r['ray_shards']} shards; "
+        f"per node {nodes}\n"
+        f"  byte-identical arrays: {r['identical']}"
+    )
+
+
 def ratio(big: float, small: float) -> str:
     return f"{big / small:.2f}x" if small else "-"
 
@@ -250,10 +314,32 @@ def main(argv=None) -> int:
     ap.add_argument("--large", action="store_true", help="also N = 130,000")
     ap.add_argument("--data-dir", default=os.environ.get("MATFUSION_DATA", "../shared/data"))
     ap.add_argument("--out", default=None, help="folder for scale.json and scale.txt")
+    ap.add_argument(
+        "--backends",
+        type=int,
+        nargs="?",
+        const=4000,
+        default=None,
+        metavar="N",
+        help="measure featurization local vs ray on a 2-node loopback cluster at N (default 4000) instead",
+    )
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one N, JSON on stdout
     args = ap.parse_args(argv)
     if args.one is not None:
         print("SCALE-JSON " + json.dumps(one_size(args.one, args.data_dir)), flush=True)
+        return 0
+    if args.backends is not None:
+        result = featurize_backends(args.backends, args.data_dir)
+        header = (
+            f"benchmarks/scale.py --backends {args.backends}: {os.cpu_count()} cores, "
+            f"load {os.getloadavg()[0]:.1f} at the end, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        )
+        print(header + "\n" + backends_report(result))
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "featurize_backends.json").write_text(json.dumps(result, indent=1) + "\n")
+            (out / "featurize_backends.txt").write_text(header + "\n" + backends_report(result) + "\n")
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()] + ([130_000] if args.large else [])
     results = []

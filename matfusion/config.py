@@ -71,6 +71,11 @@ class FeaturesConfig(_Strict):
         "GNNs); default: magpie, density, symmetry, bonds with structures, magpie for compositions only",
     )
     n_jobs: int = Field(0, ge=0, description="worker processes; 0 = all cores")
+    backend: Literal["local", "ray"] = Field(
+        "local",
+        description="where the shards of featurization run: local (n_jobs forked workers on this machine) or ray "
+        "(one Ray task per shard on the cluster the driver is connected to, else a local Ray)",
+    )
     cache_dir: Optional[str] = Field(None, description="default: $MATFUSION_CACHE or ~/.cache/matfusion")
 
 
