@@ -8,9 +8,10 @@
 - ``crystal_graph`` / ``line_graph``: neighbour graphs, their packing, ALIGNN's line graph
 - ``parallel``: the one parallel map both featurizers use
 - ``featurize``: graphs + descriptor matrix + cache for a dataset (``cache``: the on-disk store)
+- ``distributed``: featurization shards as Ray tasks (``features.backend: ray``; imported only then)
 
-Imports run one way: ``featurize`` -> ``descriptors`` / ``crystal_graph`` / ``line_graph`` ->
-``parallel`` / ``cache``; no module imports ``featurize``.
+Imports run one way: ``featurize`` -> ``descriptors`` / ``crystal_graph`` / ``line_graph`` /
+``distributed`` (lazily) -> ``parallel`` / ``cache``; no module imports ``featurize``.
 """
 
 from .dataset import DataError, Dataset, default_data_dir

@@ -153,14 +153,15 @@ def prepare_fold(
     split = fold_split(cfg, dataset) if split is None else split
     fcfg = features_config(cfg.features, families, members)
     want_graphs = needs_graphs(families) if graphs is None else bool(graphs)
+    address = cfg.search.address  # features.backend: ray runs its shards on the search's cluster
     try:
-        features = featurize_module.featurize(dataset, fcfg, progress=progress, graphs=want_graphs)
+        features = featurize_module.featurize(dataset, fcfg, progress=progress, graphs=want_graphs, ray_address=address)
     except featurize_module.GraphBuildError as err:
         if given_split is not None:  # the caller's row positions cannot be remapped here
             raise
         dataset = drop_rows(dataset, err.failed, "graph failed", err.reasons)
         split = fold_split(cfg, dataset)
-        features = featurize_module.featurize(dataset, fcfg, progress=progress, graphs=want_graphs)
+        features = featurize_module.featurize(dataset, fcfg, progress=progress, graphs=want_graphs, ray_address=address)
     return PreparedFold(dataset=dataset, split=split, features=features, features_config=fcfg, families=families)
 
 
