@@ -16,8 +16,9 @@ families (``rf``, ``et``, ``lgbm``) train on the descriptor matrix through :mod:
 graph encoders (``cgcnn``, ``alignn``) through :func:`fit_graph` below, each with a ``fusion``:
 ``none`` (graph only), ``early`` / ``attention`` (with the Magpie MLP branch, see :mod:`.fusion`),
 ``late`` (alpha * RF + (1 - alpha) * GNN, alpha chosen on the inner validation predictions),
-or ``residual`` (t(x) + GNN(x): the encoder learns y - t(x) of a tabular model t, out of fold on
-the training rows; see :func:`fit_residual_base`).
+or ``residual`` (t(x) + beta * GNN(x): the encoder learns y - t(x) of a tabular model t, out of
+fold on the training rows, see :func:`fit_residual_base`; beta in [0, 1] is chosen on the inner
+validation rows, see :func:`choose_residual_beta`).
 """
 
 from __future__ import annotations
@@ -253,6 +254,50 @@ def predict_residual_base(residual: dict, X: np.ndarray) -> np.ndarray:
     return np.stack([_predict_base(residual["base"], m, X) for m in residual["models"]], axis=1)
 
 
+def choose_residual_beta(t_val: np.ndarray, gnn_val: np.ndarray, y_val: np.ndarray) -> np.ndarray:
+    """(k,) beta in [0, 1] per target: the one minimizing the validation MAE of t + beta * GNN.
+
+    ``t_val``, ``gnn_val``, ``y_val``: (n, k) t's predictions, the encoder's predictions of the
+    residual and the labels, all on the trial's inner validation rows and nothing else (the rows
+    early stopping already selects the epoch on: choosing beta there uses no row the trial did
+    not already select on, and never a test row).  A missing label (NaN) leaves its row out of
+    its target's fit.  sum_i |r_i - beta g_i| (r = y - t, g = GNN) is convex in beta, so its
+    minimizer over [0, 1] is the unconstrained one clipped: the weighted median of r_i / g_i
+    with weights |g_i| (rows with g_i = 0 add a constant).  A target without such a row (no
+    labelled validation row, or a GNN output of 0) keeps beta = 1 (the plain residual fusion).
+    Closed form rather than least squares: the MAE is what the trial reports and selects on."""
+    shape = np.shape(gnn_val)
+    t_val, gnn_val = (np.asarray(a, dtype=np.float64).reshape(shape[0], -1) for a in (t_val, gnn_val))
+    y_val = np.asarray(y_val, dtype=np.float64).reshape(gnn_val.shape)
+    betas = np.ones(gnn_val.shape[1])
+    for k in range(gnn_val.shape[1]):
+        r, g = y_val[:, k] - t_val[:, k], gnn_val[:, k]
+        use = np.isfinite(r) & np.isfinite(g) & (g != 0)
+        if not use.any():
+            continue
+        ratio, weight = r[use] / g[use], np.abs(g[use])
+        order = np.argsort(ratio, kind="stable")
+        cum = np.cumsum(weight[order])
+        median = ratio[order][int(np.searchsorted(cum, 0.5 * cum[-1]))]
+        betas[k] = float(np.clip(median, 0.0, 1.0))
+    return betas
+
+
+def residual_beta_metrics(beta: np.ndarray, names: Optional[list]) -> dict:
+    """``residual_beta`` (the mean over targets), and ``residual_beta_<target>`` with several."""
+    out = {"residual_beta": float(np.mean(beta))}
+    if len(beta) > 1:
+        for k, name in enumerate(names or [f"t{k}" for k in range(len(beta))]):
+            out[f"residual_beta_{name}"] = float(beta[k])
+    return out
+
+
+def residual_beta_of(state: dict, n_targets: int) -> np.ndarray:
+    """The (k,) beta a residual state predicts with (1: a state saved before the blend)."""
+    beta = (state.get("best_hook_state") or {}).get("beta")
+    return np.ones(n_targets) if beta is None else np.asarray(beta, dtype=np.float64).reshape(n_targets)
+
+
 # -- graph families: training and prediction ---------------------------------------------------
 
 
@@ -299,8 +344,13 @@ def fit_graph(trial: TrialConfig, data: dict, session) -> dict:
         score_std = y_std  # scored on the real targets (the loop's own std is the residuals')
         extra_metrics = {"residual_base_val_mae": validation_score(base_val, y_val, y_std)[0]}
 
+        blend, val_rows = trial.params.residual_blend, np.asarray(va["row"]).copy()
+
         def val_hook(gnn_val):
-            return base_val + gnn_val, {}, {}
+            # beta is chosen on the inner validation rows only (those early stopping selects on)
+            beta = choose_residual_beta(base_val, gnn_val, y_val) if blend else np.ones(gnn_val.shape[1])
+            state = {"beta": beta, "beta_rows": val_rows}
+            return base_val + beta * gnn_val, residual_beta_metrics(beta, trial.targets), state
 
     return train_torch_model(
         model,
@@ -335,7 +385,8 @@ def predict_graph(trial: TrialConfig, state: dict, part: dict, graph_params: dic
         alpha = state["best_hook_state"]["alpha"]
         pred = alpha * predict_forests(state["rf"], part["descriptors"]) + (1 - alpha) * pred
     elif state.get("fusion") == "residual":
-        pred = predict_residual_base(state["residual"], part["descriptors"]) + pred
+        beta = residual_beta_of(state, pred.shape[1])
+        pred = predict_residual_base(state["residual"], part["descriptors"]) + beta * pred
     return pred
 
 

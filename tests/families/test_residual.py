@@ -24,6 +24,7 @@ from matfusion.trainables.trial import (
     _feature_widths,
     _graphs_with_descriptors,
     build_torch_model,
+    choose_residual_beta,
     fit_family,
     fit_residual_base,
     load_trial_state,
@@ -96,12 +97,15 @@ def tiny(tmp_path_factory):
 def test_residual_is_a_fusion_with_typed_params_and_space():
     assert "residual" in families.FUSIONS and "residual" in fusion.USES
     params = families.get("cgcnn").parse({"fusion": "residual"})
-    assert (params.residual_base, params.residual_folds) == ("lgbm", 5)
+    assert (params.residual_base, params.residual_folds, params.residual_blend) == ("lgbm", 5, True)
     assert fusion.DEFAULTS["residual_base"] == "lgbm"
     specs = families.get("alignn").search_specs()
-    assert "residual" in specs["fusion"].choices and specs["residual_base"].choices == ("lgbm", "rf")
-    with pytest.raises(families.TrialConfigError, match="residual_base"):
-        TrialConfig.parse({"family": "cgcnn", "cgcnn": {"fusion": "residual", "residual_base": "et"}})
+    # every registered tabular family may be t, and the search tries each
+    assert "residual" in specs["fusion"].choices and set(specs["residual_base"].choices) == set(families.TABULAR)
+    assert TrialConfig.parse({"family": "cgcnn", "cgcnn": {"residual_base": "et"}}).params.residual_base == "et"
+    for bad in ("alignn", "xgb"):
+        with pytest.raises(families.TrialConfigError, match=f"residual_base: .*{bad!r} is not a tabular family"):
+            TrialConfig.parse({"family": "cgcnn", "cgcnn": {"fusion": "residual", "residual_base": bad}})
     with pytest.raises(families.TrialConfigError, match="residual_folds"):
         TrialConfig.parse({"family": "cgcnn", "cgcnn": {"fusion": "residual", "residual_folds": 1}})
     assert families.group_of({"family": "cgcnn", "cgcnn": {"fusion": "residual"}}) == "cgcnn-residual"
@@ -135,28 +139,33 @@ def test_residual_base_is_searched_and_the_folds_only_when_search_space_names_th
 
     plain = _sample(SearchSpace(["cgcnn"], {}, fusions=["residual", "early"]))
     residual = [s for s in plain if s["cgcnn/fusion"] == "residual"]
-    assert residual and all(s["cgcnn/residual_base"] in ("lgbm", "rf") for s in residual)
+    assert residual and all(s["cgcnn/residual_base"] in families.TABULAR for s in residual)
     assert not any("cgcnn/residual_folds" in s for s in plain)  # fixed at its default 5
+    assert not any("cgcnn/residual_blend" in s for s in plain)  # fixed at its default (on)
     assert not any("cgcnn/residual_base" in s for s in plain if s["cgcnn/fusion"] == "early")
     searched = _sample(SearchSpace(["cgcnn"], {}, fusions=["residual"], overrides={"cgcnn.residual_folds": [3, 7]}))
     assert {s["cgcnn/residual_folds"] for s in searched} <= {3, 7} and len(searched) == 12
     fixed = _sample(SearchSpace(["cgcnn"], {}, fusions=["residual"], overrides={"cgcnn.residual_folds": 4}), n=2)
     assert all(s["cgcnn/residual_folds"] == 4 for s in fixed)
+    # the blend can be switched off for a search (searching it would be moot: on the validation rows
+    # that select, the chosen beta is never worse than beta = 1)
+    off = _sample(SearchSpace(["cgcnn"], {}, fusions=["residual"], overrides={"cgcnn.residual_blend": False}), n=2)
+    assert all(s["cgcnn/residual_blend"] is False for s in off)
     from matfusion.spaces.params import SpaceError
 
     with pytest.raises(SpaceError, match="residual_folds"):
         SearchSpace(["cgcnn"], {}, fusions=["residual"], overrides={"cgcnn.residual_folds": {"low": 1, "high": 5}})
 
 
-@pytest.mark.parametrize("base", ["lgbm", "rf"])
-def test_out_of_fold_t_never_sees_validation_or_test_rows(tiny, base):
+@pytest.mark.parametrize("base, folds", [("lgbm", 4), ("rf", 4), ("et", 2)])  # et: 500 trees (its defaults)
+def test_out_of_fold_t_never_sees_validation_or_test_rows(tiny, base, folds):
     data = tiny["one"]
-    state = fit_family(_cfg(base), data, LocalSession())
+    state = fit_family(_cfg(base, folds), data, LocalSession())
     res = state["residual"]
     assert res["base"] == base and len(res["models"]) == 1
     train, others = set(TRAIN.tolist()), set(VAL.tolist()) | set(TEST.tolist())
     fit_rows = res["fit_rows"][0]
-    assert len(fit_rows) == 4 + 1  # 4 fold models, then the one on all training rows
+    assert len(fit_rows) == folds + 1  # the fold models, then the one on all training rows
     np.testing.assert_array_equal(np.sort(fit_rows[-1]), TRAIN)
     np.testing.assert_array_equal(res["train_rows"], data["train"]["row"])
     for j, rows in enumerate(fit_rows[:-1]):
@@ -173,13 +182,13 @@ def test_out_of_fold_t_never_sees_validation_or_test_rows(tiny, base):
     from matfusion.trainables import trial as trial_module
 
     trial_module._RESIDUAL_MEMO.clear()
-    again = fit_residual_base(_cfg(base), data["train"])
+    again = fit_residual_base(_cfg(base, folds), data["train"])
     assert again is not res
     np.testing.assert_array_equal(again["fold"], res["fold"])
     np.testing.assert_allclose(again["train_pred"], res["train_pred"])
     # a second trial with the same t settings on the same rows reuses that t; another seed does not
-    assert fit_residual_base(_cfg(base), data["train"]) is again
-    other = fit_residual_base(_cfg(base, seed=1), data["train"])
+    assert fit_residual_base(_cfg(base, folds), data["train"]) is again
+    other = fit_residual_base(_cfg(base, folds, seed=1), data["train"])
     assert other is not again and not np.array_equal(other["fold"], again["fold"])
     # the slim state (ensemble members) keeps what prediction needs
     assert "residual" in families.get("cgcnn").slim_state(state)
@@ -207,8 +216,20 @@ def test_prediction_is_t_full_plus_gnn_and_val_score_is_on_the_real_target(tiny,
     lgbm = get("lgbm").build(get("lgbm").parse({}), seed=0, n_jobs=1)
     lgbm.fit(data["train"]["descriptors"], data["train"]["y"], rounds=get("lgbm").parse({}).n_estimators)
     np.testing.assert_allclose(t_full[:, 0], lgbm.predict(test["descriptors"]), rtol=1e-9)
+    # beta: chosen at the best epoch on the validation rows (and only them), stored with the weights
+    hook = state["best_hook_state"]
+    np.testing.assert_array_equal(hook["beta_rows"], VAL)
+    beta = hook["beta"]
+    assert beta.shape == (1,) and 0.0 <= beta[0] <= 1.0
+    items_val = _graphs_with_descriptors(data["val"], data["graph_params"], None)
+    gnn_val = predict(model, items_val, state["y_mean"], state["y_std"])
+    t_val = predict_residual_base(state["residual"], data["val"]["descriptors"])
+    np.testing.assert_allclose(beta, choose_residual_beta(t_val, gnn_val, data["val"]["y"]), rtol=1e-6)
+    betas = [h["residual_beta"] for h in session.history]
+    assert len(betas) == 3 and all(0.0 <= b <= 1.0 for b in betas)
+    assert betas[state["best_epoch"] - 1] == pytest.approx(beta[0])
     pred = predict_from_state(config, state, test, data["graph_params"])
-    np.testing.assert_allclose(pred, (t_full + gnn)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(pred, (t_full + beta * gnn)[:, 0], rtol=1e-6)
     assert np.abs(gnn).max() > 0  # the GNN part is there
     # the reported validation MAE is that of t + GNN on the real validation targets
     val_pred = predict_from_state(config, state, data["val"], data["graph_params"])
@@ -222,6 +243,52 @@ def test_prediction_is_t_full_plus_gnn_and_val_score_is_on_the_real_target(tiny,
     np.testing.assert_allclose(
         predict_from_state(config, load_trial_state(config, str(tmp_path)), test, data["graph_params"]), pred, rtol=1e-6
     )
+
+
+def test_beta_is_the_validation_mae_minimizer_in_0_1():
+    """Function level, synthetic: r = y - t is what the GNN should predict."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    t = rng.normal(size=(n, 3))
+    r = rng.normal(size=(n, 3))
+    y = t + r
+    gnn = np.stack([r[:, 0] + 0.05 * rng.normal(size=n), rng.normal(size=n), 2.0 * r[:, 2]], axis=1)
+    beta = choose_residual_beta(t, gnn, y)
+    # carries the residual: ~1; pure noise: ~0 (clipped at 0); twice the residual: 1/2
+    assert beta[0] == pytest.approx(1.0, abs=0.02) and beta[1] <= 0.1 and beta[2] == pytest.approx(0.5)
+    assert ((beta >= 0) & (beta <= 1)).all()
+    mae = lambda b, k: np.mean(np.abs(y[:, k] - t[:, k] - b * gnn[:, k]))  # noqa: E731
+    for k in range(3):  # no beta of a fine grid of [0, 1] does better on these rows
+        assert mae(beta[k], k) <= min(mae(b, k) for b in np.linspace(0, 1, 201)) + 1e-12
+    # an over-shrunk GNN (half the residual) would want beta 2: clipped to 1
+    assert choose_residual_beta(t[:, :1], 0.5 * r[:, :1], y[:, :1])[0] == 1.0
+    # missing labels leave their rows out; a target without a labelled row keeps beta 1
+    y_missing = y.copy()
+    y_missing[: n // 2, 0] = np.nan
+    y_missing[:, 1] = np.nan
+    gnn_bad = gnn.copy()
+    gnn_bad[: n // 2, 0] = 100.0  # only on the unlabelled rows
+    got = choose_residual_beta(t[:, :2], gnn_bad[:, :2], y_missing[:, :2])
+    assert got[0] == pytest.approx(choose_residual_beta(t[n // 2 :, :1], gnn[n // 2 :, :1], y[n // 2 :, :1])[0])
+    assert got[1] == 1.0
+
+
+def test_blend_off_predicts_t_plus_gnn(tiny):
+    data, test = tiny["one"], tiny["one_test"]
+    config = _cfg("lgbm")
+    config["cgcnn"]["residual_blend"] = False
+    session = LocalSession()
+    state = fit_family(config, data, session)
+    assert all(h["residual_beta"] == 1.0 for h in session.history)
+    np.testing.assert_array_equal(state["best_hook_state"]["beta"], [1.0])
+    trial = TrialConfig.parse(config)
+    items = _graphs_with_descriptors(test, data["graph_params"], None)
+    model = build_torch_model(trial, *_feature_widths(items[0])[:2], 1, 0, test["descriptors"].shape[1])
+    model.load_state_dict(state["best_model"])
+    gnn = predict(model, items, state["y_mean"], state["y_std"])
+    t_full = predict_residual_base(state["residual"], test["descriptors"])
+    pred = predict_from_state(config, state, test, data["graph_params"])
+    np.testing.assert_allclose(pred, (t_full + gnn)[:, 0], rtol=1e-6)
 
 
 def test_multi_target_with_missing_labels(tiny):
@@ -250,6 +317,12 @@ def test_multi_target_with_missing_labels(tiny):
     assert validation_score(val_pred, data["val"]["y"], y_std)[0] == pytest.approx(state["best_val_mae"], rel=1e-5)
     pred = predict_from_state(config, state, test, data["graph_params"])
     assert pred.shape == (len(TEST), 2) and np.isfinite(pred).all()
+    # one beta per target, each in [0, 1], logged per target
+    beta = state["best_hook_state"]["beta"]
+    assert beta.shape == (2,) and ((beta >= 0) & (beta <= 1)).all()
+    best = session.history[state["best_epoch"] - 1]
+    assert (best["residual_beta_a"], best["residual_beta_v"]) == pytest.approx(tuple(beta))
+    assert best["residual_beta"] == pytest.approx(beta.mean())
 
 
 # -- real matbench rows: a search with fusions [residual]; export -> fresh-process predict ---------
@@ -302,7 +375,7 @@ def test_real_search_with_residual_fusion_runs_and_logs(tmp_path, monkeypatch, c
     assert len(trials) == 2
     for run in trials:
         assert run.data.tags["fusion"] == run.data.params["cgcnn.fusion"] == "residual"
-        assert run.data.params["cgcnn.residual_base"] in ("lgbm", "rf")
+        assert run.data.params["cgcnn.residual_base"] in families.TABULAR
         history = client.get_metric_history(run.info.run_id, "val_mae")
         assert len(history) >= 1 and all(np.isfinite(m.value) for m in history)
 
@@ -352,6 +425,12 @@ def test_export_then_fresh_process_predict_with_a_residual_member(tmp_path, phon
         res = fold_states[1]["residual"]
         assert set(res["fit_rows"][0][-1].tolist()) == set(ens.fold_train_rows_[k].tolist())
         assert not set(res["fit_rows"][0][-1].tolist()) & set(split.test.tolist())
+        # beta was chosen on the fold's early-stopping rows (never a test row) and travels in the slim state
+        hook = fold_states[1]["best_hook_state"]
+        assert set(hook["beta_rows"].tolist()) == set(ens.fold_es_rows_[k].tolist())
+        assert not set(hook["beta_rows"].tolist()) & set(split.test.tolist())
+        assert hook["beta"].shape == (1,) and 0.0 <= hook["beta"][0] <= 1.0
+    betas = [fold_states[1]["best_hook_state"]["beta"].tolist() for fold_states in ens.fold_states_]
     ev = evaluate_ensemble(ens, fs.descriptors, fs.graphs, ds.targets, split.test)
     card = make_card(ens, ds.name, split.fold, ev.metrics, data={"source": TASK, "limit": 100})
     path = tmp_path / "model"
@@ -387,6 +466,7 @@ def test_export_then_fresh_process_predict_with_a_residual_member(tmp_path, phon
         ens = pickle.load(open({str(path / "artifacts" / "ensemble.pkl")!r}, "rb"))
         descriptors, graphs, picked = pickle.load(open({str(inputs)!r}, "rb"))
         print("MEMBERS", json.dumps(ens.member_predictions(descriptors, graphs, np.array(picked)).tolist()))
+        print("BETAS", json.dumps([st[1]["best_hook_state"]["beta"].tolist() for st in ens.fold_states_]))
         from matfusion.cli import main
         sys.exit(main(["predict", {str(path)!r}, {str(cifs)!r}, "--out", {str(tmp_path / "preds.csv")!r}]))
     """)
@@ -405,5 +485,6 @@ def test_export_then_fresh_process_predict_with_a_residual_member(tmp_path, phon
     np.testing.assert_allclose(got, expect, atol=1e-6)
     members = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("MEMBERS"))[8:])
     np.testing.assert_allclose(members, member, atol=1e-6)
+    assert json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("BETAS"))[6:]) == betas
     df = pd.read_csv(tmp_path / "preds.csv").set_index("id")
     np.testing.assert_allclose(df.loc[[ds.ids[r] for r in picked], "prediction"].to_numpy(), expect, atol=1e-6)
