@@ -39,7 +39,14 @@ from .ui import experiment_tags, missing_experiment_tags
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 TRIAL_METRICS = ("val_mae", "train_loss", "best_val_mae", "lr")
-TRIAL_METRIC_PREFIXES = ("val_mae_", "task_weight_", "late_alpha", "attention_graph", "residual_base_val_mae")
+TRIAL_METRIC_PREFIXES = (
+    "val_mae_",
+    "task_weight_",
+    "late_alpha",
+    "attention_graph",
+    "residual_base_val_mae",
+    "residual_beta",
+)
 
 
 def trial_metric_names(result: dict) -> list[str]:

@@ -378,6 +378,8 @@ def test_real_search_with_residual_fusion_runs_and_logs(tmp_path, monkeypatch, c
         assert run.data.params["cgcnn.residual_base"] in families.TABULAR
         history = client.get_metric_history(run.info.run_id, "val_mae")
         assert len(history) >= 1 and all(np.isfinite(m.value) for m in history)
+        betas = client.get_metric_history(run.info.run_id, "residual_beta")  # the blend's weight, per epoch
+        assert len(betas) == len(history) and all(0.0 <= m.value <= 1.0 for m in betas), betas
 
 
 @pytest.fixture(scope="module")
