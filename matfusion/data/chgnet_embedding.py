@@ -64,17 +64,6 @@ def package_version() -> str:
         return "missing"
 
 
-@lru_cache(maxsize=1)
-def model():
-    """The pretrained CHGNet, loaded once per process from the wheel's checkpoint, on the CPU."""
-    require()
-    from chgnet.model import CHGNet
-
-    with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its parameter count
-        net = CHGNet.load(model_name=CHGNET_MODEL, use_device="cpu", verbose=False)
-    return net.eval()
-
-
 @contextlib.contextmanager
 def _one_torch_thread():
     import torch
@@ -85,6 +74,18 @@ def _one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@lru_cache(maxsize=1)
+def model():
+    """The pretrained CHGNet, loaded once per process from the wheel's checkpoint, on the CPU."""
+    require()
+    from chgnet.model import CHGNet
+
+    # one torch thread here too: two threads made the load 10x slower on the busy 2-core machine
+    with _one_torch_thread(), contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its parameter count
+        net = CHGNet.load(model_name=CHGNET_MODEL, use_device="cpu", verbose=False)
+    return net.eval()
 
 
 def _reason(err: BaseException) -> str:
