@@ -37,8 +37,8 @@ Every set is computed by the same machinery (:func:`compute_sets`: one pass over
 (:func:`cached_matrix`; ``desc-<name>`` files keyed by the dataset's content hash, the set's name
 and its version; Magpie keeps the ``magpie-`` key it had before it joined the registry, so the
 caches already on disk stay valid), so adding a set to the config featurizes only that set.
-A set with a ``batch`` function (chgnet) is computed by it, over all the items at once, in this
-process, after the per-item sets' pass.
+A set with a ``batch`` function (chgnet) is computed by it, over all the items at once (it spreads
+its own batches over workers), after the per-item sets' pass.
 """
 
 from __future__ import annotations
@@ -450,7 +450,7 @@ def compute_sets(items: Sequence, names: Sequence[str], n_jobs: int = 1, progres
     batched = [name for name in names if registry()[name].batch is not None]
     names = [name for name in names if name not in batched]
     out = {} if not names else _compute_per_item(items, names, n_jobs, progress)
-    for name in batched:  # in this process, after the per-item sets' fork pool (torch threads, no fork)
+    for name in batched:  # after the per-item sets' pool; each batch function runs its own workers
         out[name] = _compute_batched(items, name, n_jobs, progress)
     return out
 
