@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	# 2. matbench without its ancient pins (works with matminer 0.10.x; `pip check` complains: expected)
 	$(PIP) install -q --no-deps matbench==0.6
-	# 3. the project itself, editable, with the test extra
-	$(PIP) install -q -e ".[test]"
+	# 3. the project itself, editable, with the test extra and the chgnet extra (its descriptor set's tests)
+	$(PIP) install -q -e ".[test,chgnet]"
 	touch $(STAMP)
 
 run: setup

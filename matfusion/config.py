@@ -18,7 +18,7 @@ from . import families as _families
 
 # the model families and fusions come from the family registry (matfusion/families/)
 FAMILIES = _families.names()
-DESCRIPTOR_SETS = ("magpie", "stoichiometry", "density", "symmetry", "bonds")
+DESCRIPTOR_SETS = ("magpie", "stoichiometry", "density", "symmetry", "bonds", "chgnet")
 FUSIONS = _families.FUSIONS
 TASK_WEIGHTINGS = _families.TASK_WEIGHTINGS
 
@@ -68,7 +68,8 @@ class FeaturesConfig(_Strict):
     descriptors: Optional[list[Literal[DESCRIPTOR_SETS]]] = Field(
         None,
         description="descriptor sets of the tabular matrix (rf, lgbm, et and the descriptor branch of fused "
-        "GNNs); default: magpie, density, symmetry, bonds with structures, magpie for compositions only",
+        "GNNs); default: magpie, density, symmetry, bonds with structures, magpie for compositions only; "
+        'chgnet (64-dim pretrained CHGNet crystal embedding) is opt-in and needs pip install "matfusion[chgnet]"',
     )
     n_jobs: int = Field(0, ge=0, description="worker processes; 0 = all cores")
     backend: Literal["local", "ray"] = Field(

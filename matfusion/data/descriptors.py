@@ -18,6 +18,9 @@ name               needs      what
 ``bonds``          structure  site statistics of nearest-neighbour distance, coordination
                               number and first-shell bond lengths, also relative to the sum of
                               covalent radii (our own periodic neighbour list, no CrystalNN)
+``chgnet``         structure  64-dim crystal feature of the pretrained CHGNet potential
+                              (optional: ``pip install "matfusion[chgnet]"``; opt-in, never in
+                              the default; batched, see :mod:`~matfusion.data.chgnet_embedding`)
 =================  =========  ==============================================================
 
 ``features.descriptors: null`` (the default) means ``magpie, density, symmetry, bonds`` for a
@@ -34,6 +37,8 @@ Every set is computed by the same machinery (:func:`compute_sets`: one pass over
 (:func:`cached_matrix`; ``desc-<name>`` files keyed by the dataset's content hash, the set's name
 and its version; Magpie keeps the ``magpie-`` key it had before it joined the registry, so the
 caches already on disk stay valid), so adding a set to the config featurizes only that set.
+A set with a ``batch`` function (chgnet) is computed by it, over all the items at once (it spreads
+its own batches over workers), after the per-item sets' pass.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..config import DESCRIPTOR_SETS  # the set names of the schema; registry() implements each
+from . import chgnet_embedding
 from .cache import cache_key as _cache_key
 from .parallel import parallel_map
 
@@ -264,7 +270,10 @@ class DescriptorSet:
     ``prefixed``: its matrix columns are named ``<name>:<column>`` (Magpie's keep matminer's
     names).  ``prepare``: builds its featurizer / tables once in the parent, before workers fork.
     ``cache_kind`` / ``cache_params`` / ``cache_array``: its feature-cache entry (by default
-    ``desc-<name>`` keyed by name, version and width, array ``x``)."""
+    ``desc-<name>`` keyed by name, version and width, array ``x``).  ``batch``: computes the set
+    over many items at once, ``batch(items, n_jobs, progress) -> ((n, width), [(position,
+    reason)])`` (NaN rows where it failed), instead of ``featurize`` per item.  ``check``: raises
+    a clear error when the set cannot run here (a missing optional package)."""
 
     name: str
     columns: tuple
@@ -276,6 +285,8 @@ class DescriptorSet:
     cache_kind: str = ""
     cache_params: Optional[dict] = field(default=None, compare=False, hash=False)
     cache_array: str = "x"
+    batch: Optional[Callable] = field(default=None, compare=False)
+    check: Optional[Callable] = field(default=None, compare=False)
 
     @property
     def width(self) -> int:
@@ -324,6 +335,21 @@ def registry() -> dict:
         "bonds": DescriptorSet(
             "bonds", BOND_COLUMNS, bond_features, structural=True, version=2, prepare=_covalent_radii
         ),
+        "chgnet": DescriptorSet(
+            "chgnet",
+            chgnet_embedding.CHGNET_COLUMNS,
+            chgnet_embedding.chgnet_vector,
+            structural=True,
+            cache_params={
+                "set": "chgnet",
+                "version": 1,
+                "width": chgnet_embedding.CHGNET_WIDTH,
+                "model": chgnet_embedding.CHGNET_MODEL,
+                "chgnet": chgnet_embedding.package_version(),
+            },
+            batch=chgnet_embedding.embed,
+            check=chgnet_embedding.require,
+        ),
     }
 
 
@@ -353,6 +379,9 @@ def resolve_sets(names: Optional[Sequence[str]], has_structures: bool) -> list[s
                 f"features.descriptors: {structural} need crystal structures, and this dataset has "
                 "compositions only (use magpie and/or stoichiometry)"
             )
+    for n in names:
+        if registry()[n].check is not None:
+            registry()[n].check()
     return [n for n in DESCRIPTOR_SETS if n in names]
 
 
@@ -418,6 +447,33 @@ def compute_sets(items: Sequence, names: Sequence[str], n_jobs: int = 1, progres
     n = len(items)
     if not names or not n:
         return {name: np.zeros((n, registry()[name].width)) for name in names}
+    batched = [name for name in names if registry()[name].batch is not None]
+    names = [name for name in names if name not in batched]
+    out = {} if not names else _compute_per_item(items, names, n_jobs, progress)
+    for name in batched:  # after the per-item sets' pool; each batch function runs its own workers
+        out[name] = _compute_batched(items, name, n_jobs, progress)
+    return out
+
+
+def _compute_batched(items: Sequence, name: str, n_jobs: int, progress: bool) -> np.ndarray:
+    """One set with a ``batch`` function over every item; its failures counted and named."""
+    matrix, failed = registry()[name].batch(items, n_jobs=n_jobs, progress=progress)
+    if failed:
+        shown = "; ".join(f"item {i}: {reason}" for i, reason in failed[:5])
+        log.warning(
+            "descriptors %s: %d of %d item(s) could not be featurized; their rows are NaN (rows kept): %s%s",
+            name,
+            len(failed),
+            len(items),
+            shown,
+            " ..." if len(failed) > 5 else "",
+        )
+    return matrix
+
+
+def _compute_per_item(items: Sequence, names: Sequence[str], n_jobs: int, progress: bool) -> dict:
+    """The sets ``names`` computed item by item in one :func:`parallel_map` pass."""
+    n = len(items)
     for name in names:  # featurizers built once here: forked workers inherit them
         if registry()[name].prepare is not None:
             registry()[name].prepare()
