@@ -386,7 +386,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    from .search.interrupts import exit_status, last_signal, signal_name
+    from .search.interrupts import command_signals, exit_status, last_signal, signal_name
 
     saved = os.environ.get(TUNE_TRACEBACKS)
     if debug:  # Ray Tune's traceback of a failed trial too (read when a search starts)
@@ -397,7 +397,8 @@ def main(argv=None) -> int:
             from .search.faults import check_tracking_server
 
             check_tracking_server(uri, "--tracking-uri, else $MLFLOW_TRACKING_URI")
-        rc = args.func(args)
+        with command_signals():  # SIGTERM like Ctrl-C: the command's clean-up runs, then exit 143
+            rc = args.func(args)
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM as SearchInterrupted, before or after the trials ran
         signum = getattr(err, "signum", None) or last_signal()
         print(f"matfusion: interrupted ({signal_name(signum)})", file=sys.stderr, flush=True)

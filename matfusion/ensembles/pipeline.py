@@ -236,6 +236,10 @@ def _log_and_register(client, run_id: str, cfg, prep, ensemble, evaluation, pare
             version = str(mv.version)
             client.set_tag(run_id, "registered_version", version)
             client.set_tag(run_id, "champion", str(moved).lower())
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (cli.command_signals): the run was stopped, not broken
+        client.set_tag(run_id, "status", "interrupted")
+        client.set_terminated(run_id, "KILLED")
+        raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

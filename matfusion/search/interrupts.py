@@ -14,6 +14,11 @@ time of a search, remembers the first one, and:
 
 :class:`SearchInterrupted` is a ``KeyboardInterrupt`` (what code that cleans up on Ctrl-C
 catches) carrying the signal; the CLI exits with 128 + its number (130 SIGINT, 143 SIGTERM).
+
+Outside a search (``matfusion ensemble``, a benchmark's stacking), :func:`command_signals` makes
+SIGTERM what Ctrl-C already is there: :class:`SearchInterrupted` raised where the command is, so
+its clean-up runs and the CLI says ``interrupted (SIGTERM)`` and exits 143 (Python's default for
+SIGTERM is to die at once: no clean-up, no line).
 """
 
 from __future__ import annotations
@@ -125,3 +130,28 @@ class SearchSignals:
             print(f"\nmatfusion: {name}: finishing the search's report; send it again to stop at once", flush=True)
             return
         raise SearchInterrupted(signum)
+
+
+@contextmanager
+def command_signals():
+    """For the time of one command (:func:`matfusion.cli.main`): SIGTERM raises
+    :class:`SearchInterrupted` in this process (main thread only; a forked child that inherits the
+    handler ends as SIGTERM's default would).  A search inside puts its own handlers in place
+    (:class:`SearchSignals`) and this one back when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handle(signum, frame) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SearchInterrupted(signum)
+
+    saved = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)
