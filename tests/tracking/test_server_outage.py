@@ -285,7 +285,9 @@ def test_writes_wait_in_order_a_refusal_raises_and_a_full_queue_drops_metrics():
     for i in range(3):
         box.pending.append(Write("t01 rf", {"metrics": 1}, lambda i=i: order.append(i)))
     assert box.drain(0.0) and order == [0, 1, 2] and box.unsent() == {"metrics": 2}
-    assert "answers again" in box._stream.getvalue()
+    back = [line for line in box._stream.getvalue().splitlines() if "answers again after" in line]
+    # the values dropped while it was away are said when it is back (no end line names them then)
+    assert len(back) == 1 and back[0].endswith("; 2 metric values were dropped while it was away (the queue was full)")
 
     def refused():  # an error that is no unreachable server (e.g. the server refusing a bad name): raised
         raise ValueError("Invalid metric name: 'bad name?*'")
