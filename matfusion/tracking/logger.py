@@ -185,7 +185,7 @@ class MlflowTrialLogger(Callback):
         self.final_statuses: Optional[dict[str, str]] = None
         self.unsent_line = ""  # after the experiment's end: what the server never got ("" for nothing)
         self._opened: set = set()  # trials whose run this process has asked for
-        self._created: set = set()  # trials whose run this process created (not found from before)
+        self._created: set = set()  # trials whose params and config this process sends (a new run, or one without)
 
     @property
     def client(self) -> MlflowClient:
@@ -250,6 +250,10 @@ class MlflowTrialLogger(Callback):
             run = find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
         if run is not None:
             run_id = self._adopt(trial_id, run)
+            # a run whose params or config never arrived (the answer to its create lost in an
+            # outage, or a driver that ended while they waited) gets them now
+            if not run.data.params or "trial_config.json" not in {a.path for a in self.client.list_artifacts(run_id)}:
+                self._created.add(trial_id)
         else:
             config = info.config
             family = str(config.get("family", "?"))

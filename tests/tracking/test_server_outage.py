@@ -306,3 +306,25 @@ def test_unreachable_tells_a_server_that_does_not_answer_from_one_that_refuses()
 
     assert not unreachable(MlflowException("Invalid metric name: 'a?'", error_code="INVALID_PARAMETER_VALUE"))
     assert unreachable(TimeoutError("timed out")) and not unreachable(ValueError("x"))
+
+
+def test_a_run_found_without_its_params_and_config_gets_them(tmp_path):
+    """The run of a trial whose create reached the server but whose answer was lost (or whose params
+    never left a driver that ended during an outage): found by its trial_id tag, taken over, and its
+    params and trial_config.json sent then (the ensembles read them)."""
+    from types import SimpleNamespace
+
+    from matfusion.tracking.logger import MlflowTrialLogger, ensure_experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment_id = ensure_experiment(client, "lost-answer", str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id, run_name="search").info.run_id
+    tags = {"mlflow.parentRunId": parent, "trial_id": "abc00001", "family": "rf", "status": "running"}
+    orphan = client.create_run(experiment_id, run_name="t01 rf", tags=tags).info.run_id
+    config = {"family": "rf", "rf": {"n_estimators": 30}, "seed": 0}
+    logger = MlflowTrialLogger(client.tracking_uri, experiment_id, parent)
+    logger.on_trial_start(0, [], SimpleNamespace(trial_id="abc00001", config=config, experiment_tag="1"))
+    assert logger.run_ids["abc00001"] == orphan and not logger.outbox.pending
+    run = client.get_run(orphan)
+    assert run.data.params.get("rf.n_estimators") == "30" and run.data.tags["resumed"] == "1"
+    assert "trial_config.json" in [a.path for a in client.list_artifacts(orphan)]
