@@ -297,11 +297,6 @@ class MlflowTrialLogger(Callback):
         self.outbox.put(Write(label, {"artifacts": 1}, log_config))
         return label
 
-    def _run_for(self, trial) -> str:
-        """The trial's run id, its run opened first if need be (None while the server is down)."""
-        self._ask_for_run(trial)
-        return self.run_ids.get(trial.trial_id)
-
     # -- Tune hooks ------------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
