@@ -220,7 +220,9 @@ def test_a_server_that_does_not_come_back_is_one_warning_and_the_search_ends(ser
     assert rc == 0, out[-3000:] + err[-3000:]
     # the stack after the search reads the trials from the server: not tried, and said so
     assert (
-        f"ensemble is not built (ensemble.enabled): the tracking server did not answer; once it does, run `matfusion ensemble --experiment {NAME}`"
+        "ensemble is not built (ensemble.enabled): the tracking server did not answer, and the trial results it "
+        "did not get are not kept; to stack this search, run it again once the server answers "
+        f"(`matfusion ensemble --experiment {NAME}` would stack the experiment's latest completed search, not this one)"
         in err
     ), err[-3000:]
     lost = [line for line in err.splitlines() if "did not answer until the search ended" in line]
