@@ -290,6 +290,14 @@ def test_writes_wait_in_order_a_refusal_raises_and_a_full_queue_drops_metrics():
     back = [line for line in box._stream.getvalue().splitlines() if "answers again after" in line]
     # the values dropped while it was away are said when it is back (no end line names them then)
     assert len(back) == 1 and back[0].endswith("; 2 metric values were dropped while it was away (the queue was full)")
+    assert "the 3 writes that waited are sent" in back[0]
+    # a second outage: its line counts its own writes, not the first one's too
+    box.put(Write("t01 rf", {"metrics": 1}, to_dead_server(9)))
+    assert box.outages == 2 and len(box.pending) == 1
+    box.pending[0] = Write("t01 rf", {"metrics": 1}, lambda: order.append(9))
+    assert box.drain(0.0) and order == [0, 1, 2, 9]
+    back = [line for line in box._stream.getvalue().splitlines() if "answers again after" in line]
+    assert len(back) == 2 and back[1].endswith("s; the 1 writes that waited are sent"), back
 
     def refused():  # an error that is no unreachable server (e.g. the server refusing a bad name): raised
         raise ValueError("Invalid metric name: 'bad name?*'")
