@@ -252,7 +252,7 @@ class MlflowTrialLogger(Callback):
             run_id = self._adopt(trial_id, run)
             # a run whose params or config never arrived (the answer to its create lost in an
             # outage, or a driver that ended while they waited) gets them now
-            if not run.data.params or "trial_config.json" not in {a.path for a in self.client.list_artifacts(run_id)}:
+            if not run.data.params or not self._has_config(run_id):
                 self._created.add(trial_id)
         else:
             config = info.config
@@ -273,6 +273,16 @@ class MlflowTrialLogger(Callback):
             self.logged_steps[trial_id] = {}
             self._created.add(trial_id)
         self.run_ids[trial_id] = run_id
+
+    def _has_config(self, run_id: str) -> bool:
+        """Whether the run has its ``trial_config.json`` (True when its artifacts cannot be listed:
+        left as they are)."""
+        try:
+            return "trial_config.json" in {a.path for a in self.client.list_artifacts(run_id)}
+        except Exception as err:  # noqa: BLE001 - an artifact store this process cannot read
+            if unreachable(err):
+                raise
+            return True
 
     def _ask_for_run(self, trial) -> str:
         """Queue the trial's run (once per trial and process), its params and config; its label."""
