@@ -134,9 +134,13 @@ def stack_after_search(cfg, result, progress: bool = True):
     if not cfg.ensemble.enabled or result.interrupted:
         return 0, None
     if result.tracking_unsent:  # stacking reads the trials from the tracking server, which did not come back
+        # what the server never got goes with this process, and `matfusion ensemble --experiment` would
+        # stack the latest *completed* search of the experiment (this one's parent run stays RUNNING)
         print(
             "matfusion: warning: the search's ensemble is not built (ensemble.enabled): the tracking server did "
-            "not answer; once it does, run `matfusion ensemble --experiment " + result.name + "`",
+            "not answer, and the trial results it did not get are not kept; to stack this search, run it again "
+            "once the server answers (`matfusion ensemble --experiment " + result.name + "` would stack the "
+            "experiment's latest completed search, not this one)",
             file=sys.stderr,
             flush=True,
         )

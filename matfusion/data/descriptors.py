@@ -439,27 +439,30 @@ class _Row:
         return (np.concatenate(parts) if parts else np.zeros(0)), failed
 
 
-def compute_sets(items: Sequence, names: Sequence[str], n_jobs: int = 1, progress: bool = False) -> dict:
+def compute_sets(
+    items: Sequence, names: Sequence[str], n_jobs: int = 1, progress: bool = False, first: int = 0
+) -> dict:
     """``{name: (n, width)}`` for each set in ``names`` (NaN where a value could not be
     computed; an exception of a featurizer on one item leaves that item's set NaN, logged with
-    the count and the first failure)."""
+    the count and the first failure).  ``first``: the position of ``items[0]`` in the dataset
+    (a featurization shard's first row), so that the log names the dataset's item."""
     names = list(dict.fromkeys(names))
     n = len(items)
     if not names or not n:
         return {name: np.zeros((n, registry()[name].width)) for name in names}
     batched = [name for name in names if registry()[name].batch is not None]
     names = [name for name in names if name not in batched]
-    out = {} if not names else _compute_per_item(items, names, n_jobs, progress)
+    out = {} if not names else _compute_per_item(items, names, n_jobs, progress, first)
     for name in batched:  # after the per-item sets' pool; each batch function runs its own workers
-        out[name] = _compute_batched(items, name, n_jobs, progress)
+        out[name] = _compute_batched(items, name, n_jobs, progress, first)
     return out
 
 
-def _compute_batched(items: Sequence, name: str, n_jobs: int, progress: bool) -> np.ndarray:
+def _compute_batched(items: Sequence, name: str, n_jobs: int, progress: bool, first: int = 0) -> np.ndarray:
     """One set with a ``batch`` function over every item; its failures counted and named."""
     matrix, failed = registry()[name].batch(items, n_jobs=n_jobs, progress=progress)
     if failed:
-        shown = "; ".join(f"item {i}: {reason}" for i, reason in failed[:5])
+        shown = "; ".join(f"item {first + i}: {reason}" for i, reason in failed[:5])
         log.warning(
             "descriptors %s: %d of %d item(s) could not be featurized; their rows are NaN (rows kept): %s%s",
             name,
@@ -471,7 +474,7 @@ def _compute_batched(items: Sequence, name: str, n_jobs: int, progress: bool) ->
     return matrix
 
 
-def _compute_per_item(items: Sequence, names: Sequence[str], n_jobs: int, progress: bool) -> dict:
+def _compute_per_item(items: Sequence, names: Sequence[str], n_jobs: int, progress: bool, first: int = 0) -> dict:
     """The sets ``names`` computed item by item in one :func:`parallel_map` pass."""
     n = len(items)
     for name in names:  # featurizers built once here: forked workers inherit them
@@ -492,7 +495,7 @@ def _compute_per_item(items: Sequence, names: Sequence[str], n_jobs: int, progre
             "descriptors: %d featurizer call(s) failed on a structure; their values are NaN (rows kept); "
             "first: item %d, %s: %s",
             len(failed),
-            i,
+            first + i,
             name,
             reason,
         )

@@ -272,7 +272,7 @@ def compute_shard(work: ShardWork, structures: Sequence, start: int, index: int)
             gs = GraphSet.from_parts(parts, work.graph[0], work.graph[1])
             arrays.update({f"graph.{k}": v for k, v in gs.arrays().items()})
         if work.sets:
-            blocks = desc.compute_sets(structures, work.sets, n_jobs=1)
+            blocks = desc.compute_sets(structures, work.sets, n_jobs=1, first=start)
             arrays.update({f"desc.{n}": np.ascontiguousarray(blocks[n]) for n in work.sets})
     return ShardResult(index, arrays, [], messages)
 

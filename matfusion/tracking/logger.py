@@ -185,7 +185,7 @@ class MlflowTrialLogger(Callback):
         self.final_statuses: Optional[dict[str, str]] = None
         self.unsent_line = ""  # after the experiment's end: what the server never got ("" for nothing)
         self._opened: set = set()  # trials whose run this process has asked for
-        self._created: set = set()  # trials whose run this process created (not found from before)
+        self._created: set = set()  # trials whose params and config this process sends (a new run, or one without)
 
     @property
     def client(self) -> MlflowClient:
@@ -250,6 +250,10 @@ class MlflowTrialLogger(Callback):
             run = find_trial_run(self.client, self.experiment_id, self.parent_run_id, trial_id)
         if run is not None:
             run_id = self._adopt(trial_id, run)
+            # a run whose params or config never arrived (the answer to its create lost in an
+            # outage, or a driver that ended while they waited) gets them now
+            if not run.data.params or not self._has_config(run_id):
+                self._created.add(trial_id)
         else:
             config = info.config
             family = str(config.get("family", "?"))
@@ -269,6 +273,16 @@ class MlflowTrialLogger(Callback):
             self.logged_steps[trial_id] = {}
             self._created.add(trial_id)
         self.run_ids[trial_id] = run_id
+
+    def _has_config(self, run_id: str) -> bool:
+        """Whether the run has its ``trial_config.json`` (True when its artifacts cannot be listed:
+        left as they are)."""
+        try:
+            return "trial_config.json" in {a.path for a in self.client.list_artifacts(run_id)}
+        except Exception as err:  # noqa: BLE001 - an artifact store this process cannot read
+            if unreachable(err):
+                raise
+            return True
 
     def _ask_for_run(self, trial) -> str:
         """Queue the trial's run (once per trial and process), its params and config; its label."""
@@ -292,11 +306,6 @@ class MlflowTrialLogger(Callback):
         self.outbox.put(Write(label, {"params": len(params)}, log_params))
         self.outbox.put(Write(label, {"artifacts": 1}, log_config))
         return label
-
-    def _run_for(self, trial) -> str:
-        """The trial's run id, its run opened first if need be (None while the server is down)."""
-        self._ask_for_run(trial)
-        return self.run_ids.get(trial.trial_id)
 
     # -- Tune hooks ------------------------------------------------------------------------
 

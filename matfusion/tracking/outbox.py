@@ -112,6 +112,8 @@ class Outbox:
         self.dropped: Counter = Counter()
         self.sent_late = 0  # writes that waited, then were sent
         self.outages = 0
+        self._dropped_said = 0  # metric values dropped that a line has named already
+        self._late_said = 0  # writes sent late that a line has counted already (earlier outages)
         self._next_try = 0.0
         self._down_since: Optional[float] = None
 
@@ -176,9 +178,13 @@ class Outbox:
             n += 1
         self.sent_late += n
         if not self.pending and self._down_since is not None:
+            lost = sum(self.dropped.values()) - self._dropped_said
+            self._dropped_said += lost
+            dropped = f"; {lost} metric values were dropped while it was away (the queue was full)" if lost else ""
+            late, self._late_said = self.sent_late - self._late_said, self.sent_late
             self._say(
                 f"matfusion: the MLflow tracking server {self.uri} answers again after "
-                f"{time.monotonic() - self._down_since:.0f} s; the {self.sent_late} writes that waited are sent"
+                f"{time.monotonic() - self._down_since:.0f} s; the {late} writes that waited are sent{dropped}"
             )
             self._down_since = None
         return not self.pending

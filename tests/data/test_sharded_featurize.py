@@ -176,9 +176,11 @@ def test_what_a_shard_logs_reaches_the_driver_once_with_its_rows(tmp_path, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("shard 1 (rows 4-7): descriptors: 1 featurizer call(s) failed")
-    assert "first: item 1, density" in warnings[0] and "1 more such message(s)" in warnings[0]
+    # the item is the dataset's row (5), as one pass over every row names it, not the shard's (1)
+    assert "first: item 5, density" in warnings[0] and "1 more such message(s)" in warnings[0]
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any(m.startswith("shard 2 (rows 8-11): descriptors: 1 featurizer call(s) failed") for m in debug)
+    assert any("shard 2 (rows 8-11)" in m and "first: item 9, density" in m for m in debug)
 
 
 # -- the ray backend on a real 2-node cluster ------------------------------------------------

@@ -220,7 +220,9 @@ def test_a_server_that_does_not_come_back_is_one_warning_and_the_search_ends(ser
     assert rc == 0, out[-3000:] + err[-3000:]
     # the stack after the search reads the trials from the server: not tried, and said so
     assert (
-        f"ensemble is not built (ensemble.enabled): the tracking server did not answer; once it does, run `matfusion ensemble --experiment {NAME}`"
+        "ensemble is not built (ensemble.enabled): the tracking server did not answer, and the trial results it "
+        "did not get are not kept; to stack this search, run it again once the server answers "
+        f"(`matfusion ensemble --experiment {NAME}` would stack the experiment's latest completed search, not this one)"
         in err
     ), err[-3000:]
     lost = [line for line in err.splitlines() if "did not answer until the search ended" in line]
@@ -285,7 +287,17 @@ def test_writes_wait_in_order_a_refusal_raises_and_a_full_queue_drops_metrics():
     for i in range(3):
         box.pending.append(Write("t01 rf", {"metrics": 1}, lambda i=i: order.append(i)))
     assert box.drain(0.0) and order == [0, 1, 2] and box.unsent() == {"metrics": 2}
-    assert "answers again" in box._stream.getvalue()
+    back = [line for line in box._stream.getvalue().splitlines() if "answers again after" in line]
+    # the values dropped while it was away are said when it is back (no end line names them then)
+    assert len(back) == 1 and back[0].endswith("; 2 metric values were dropped while it was away (the queue was full)")
+    assert "the 3 writes that waited are sent" in back[0]
+    # a second outage: its line counts its own writes, not the first one's too
+    box.put(Write("t01 rf", {"metrics": 1}, to_dead_server(9)))
+    assert box.outages == 2 and len(box.pending) == 1
+    box.pending[0] = Write("t01 rf", {"metrics": 1}, lambda: order.append(9))
+    assert box.drain(0.0) and order == [0, 1, 2, 9]
+    back = [line for line in box._stream.getvalue().splitlines() if "answers again after" in line]
+    assert len(back) == 2 and back[1].endswith("s; the 1 writes that waited are sent"), back
 
     def refused():  # an error that is no unreachable server (e.g. the server refusing a bad name): raised
         raise ValueError("Invalid metric name: 'bad name?*'")
@@ -304,3 +316,25 @@ def test_unreachable_tells_a_server_that_does_not_answer_from_one_that_refuses()
 
     assert not unreachable(MlflowException("Invalid metric name: 'a?'", error_code="INVALID_PARAMETER_VALUE"))
     assert unreachable(TimeoutError("timed out")) and not unreachable(ValueError("x"))
+
+
+def test_a_run_found_without_its_params_and_config_gets_them(tmp_path):
+    """The run of a trial whose create reached the server but whose answer was lost (or whose params
+    never left a driver that ended during an outage): found by its trial_id tag, taken over, and its
+    params and trial_config.json sent then (the ensembles read them)."""
+    from types import SimpleNamespace
+
+    from matfusion.tracking.logger import MlflowTrialLogger, ensure_experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment_id = ensure_experiment(client, "lost-answer", str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id, run_name="search").info.run_id
+    tags = {"mlflow.parentRunId": parent, "trial_id": "abc00001", "family": "rf", "status": "running"}
+    orphan = client.create_run(experiment_id, run_name="t01 rf", tags=tags).info.run_id
+    config = {"family": "rf", "rf": {"n_estimators": 30}, "seed": 0}
+    logger = MlflowTrialLogger(client.tracking_uri, experiment_id, parent)
+    logger.on_trial_start(0, [], SimpleNamespace(trial_id="abc00001", config=config, experiment_tag="1"))
+    assert logger.run_ids["abc00001"] == orphan and not logger.outbox.pending
+    run = client.get_run(orphan)
+    assert run.data.params.get("rf.n_estimators") == "30" and run.data.tags["resumed"] == "1"
+    assert "trial_config.json" in [a.path for a in client.list_artifacts(orphan)]
