@@ -239,6 +239,13 @@ def _search(f: _Fold, progress: bool) -> Optional[tuple[str, float]]:
         status="searched", search_run_id=res.parent_run_id, search_wall_s=search_wall, experiment_id=res.experiment_id
     )
     f.save_state()
+    if res.tracking_unsent:  # its trials are not all in MLflow, where stacking reads them: search again later
+        from ..search.faults import TrackingUnreachable
+
+        raise TrackingUnreachable(
+            f"fold {f.fold}: the tracking server {res.tracking_uri} did not answer again before the search ended; "
+            "run the same command again once it answers (this fold is searched again)"
+        )
     return res.parent_run_id, search_wall
 
 
