@@ -30,9 +30,12 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..trainables.guards import INJECT_ENV, OOM_MARKERS, Fault, first_line, parse_faults
+
+if TYPE_CHECKING:  # pandas is imported when a leaderboard is made
+    import pandas as pd
 
 REASON_CHARS = 300  # a reason line is cut to this many characters
 
@@ -180,10 +183,15 @@ def _connection_reason(err: BaseException) -> str:
 # -- the tracking server gone at the search's end --------------------------------------------------
 
 
-def tune_leaderboard(results) -> "pd.DataFrame":  # noqa: F821 - pandas is imported when called
+def tune_leaderboard(results, statuses: Optional[dict] = None, unended: str = "stopped") -> pd.DataFrame:
     """The search's leaderboard (``LEADERBOARD_COLUMNS``, best first) from Tune's ResultGrid,
     for when the tracking server cannot be read: each trial's best reported val_mae, its last
-    epoch and how it ended (``failed``, ``completed``, else ``pruned``)."""
+    epoch and how it ended, in the MLflow leaderboard's words: the status the trial logger gave
+    it when it ended (``statuses``, trial id -> ``completed`` / ``pruned`` / ``failed``), else
+    ``failed`` (an error) or ``completed`` (it finished), else ``unended``: ``stopped`` (cut by the
+    search's budget; Tune never ended it) or ``interrupted``, as :func:`~matfusion.search.tuner._how_it_ended`
+    closes such runs.  A trial that ended before a resume is not in this process's ``statuses``:
+    one ASHA pruned then reads ``stopped`` here."""
     import numpy as np
     import pandas as pd
 
@@ -195,10 +203,13 @@ def tune_leaderboard(results) -> "pd.DataFrame":  # noqa: F821 - pandas is impor
         df, metrics, config = r.metrics_dataframe, dict(r.metrics or {}), dict(r.config or {})
         vals = np.asarray(df["val_mae"], dtype=np.float64) if df is not None and "val_mae" in df else np.array([])
         vals = vals[np.isfinite(vals)]
-        status = "failed" if r.error is not None else "completed" if metrics.get("trial_finished") else "pruned"
+        trial_id = _tune_trial_id(r)
+        status = (statuses or {}).get(trial_id) or (
+            "failed" if r.error is not None else "completed" if metrics.get("trial_finished") else unended
+        )
         rows.append(
             {
-                "trial_id": _tune_trial_id(r),
+                "trial_id": trial_id,
                 "family": str(config.get("family", "?")),
                 "fusion": trial_fusion(config),
                 "val_mae": float(vals.min()) if len(vals) else float("nan"),
@@ -241,14 +252,7 @@ def result_without_tracking(cfg, results, parent, path, prep, t0: float, resumed
     keeps every trial's results (``path``).  The parent run stays RUNNING in MLflow."""
     import time
 
-    from .tuner import (
-        SearchResult,
-        _best_result,
-        _best_trial_test_mae,
-        _succeeded,
-        experiment_unfinished,
-        prune_checkpoints,
-    )
+    from .tuner import _best_result, _best_trial_test_mae, experiment_unfinished, prune_checkpoints, search_result
 
     final = logger.final_statuses or {}
     unfinished = [t for t in experiment_unfinished(path) if final.get(t) not in ("TERMINATED", "ERROR")]
@@ -266,23 +270,18 @@ def result_without_tracking(cfg, results, parent, path, prep, t0: float, resumed
         f"{parent.run_id} stays RUNNING)"
     )
     print(unsent, file=sys.stderr, flush=True)
-    return SearchResult(
-        cfg.name,
-        parent.experiment_id,
-        parent.run_id,
-        parent.tracking_uri,
-        tune_leaderboard(results),
-        best_config,
-        best_val,
-        best_test,
-        time.time() - t0,
+    return search_result(
+        cfg,
+        parent,
+        path,
+        results,
+        board=tune_leaderboard(results, logger.status, unended="interrupted" if interrupted else "stopped"),
+        failures=failures,
+        best=best,
+        scores=(best_val, best_test, best_config),
+        wall_s=time.time() - t0,
         resumed=resumed,
         interrupted=interrupted,
-        experiment_path=str(path),
-        signal=signals.signum if interrupted else None,
-        best_trial_id=(best[1].metrics or {}).get("trial_id") if best else None,
-        n_trials=len(results),
-        n_succeeded=sum(_succeeded(r) for r in results),
-        failures=tuple(failures),
+        signals=signals,
         tracking_unsent=unsent,
     )

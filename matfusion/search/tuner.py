@@ -592,7 +592,46 @@ def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignal
         prune_checkpoints(path, keep=[best[1] if best else None] + [r for r in results if r.error is not None])
     wall = time.time() - t0
     _log_report(parent, scheduler)
-    result = SearchResult(
+    result = search_result(
+        cfg,
+        parent,
+        path,
+        results,
+        board=board,
+        failures=failures,
+        best=best,
+        scores=(best_val, best_test, best_config),
+        wall_s=wall,
+        resumed=resuming,
+        interrupted=interrupted,
+        signals=signals,
+    )
+    _finish(parent, result)
+    return result
+
+
+def search_result(
+    cfg: Config,
+    parent: _ParentRun,
+    path: Path,
+    results,
+    *,
+    board: pd.DataFrame,
+    failures,
+    best,
+    scores: tuple,
+    wall_s: float,
+    resumed: bool,
+    interrupted: bool,
+    signals: SearchSignals,
+    tracking_unsent: str = "",
+) -> SearchResult:
+    """The :class:`SearchResult` of a search that ran: its leaderboard ``board``, the trials'
+    ``failures``, ``best`` (``(val_mae, Result)`` or None) with its ``scores`` (best val MAE, test
+    MAE, config), from MLflow (:func:`_run_search`) or from Tune's results when the tracking
+    server did not answer again (:func:`~matfusion.search.faults.result_without_tracking`)."""
+    best_val, best_test, best_config = scores
+    return SearchResult(
         cfg.name,
         parent.experiment_id,
         parent.run_id,
@@ -601,8 +640,8 @@ def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignal
         best_config,
         best_val,
         best_test,
-        wall,
-        resumed=resuming,
+        wall_s,
+        resumed=resumed,
         interrupted=interrupted,
         experiment_path=str(path),
         signal=signals.signum if interrupted else None,
@@ -610,9 +649,8 @@ def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignal
         n_trials=len(results),
         n_succeeded=sum(_succeeded(r) for r in results),
         failures=tuple(failures),
+        tracking_unsent=tracking_unsent,
     )
-    _finish(parent, result)
-    return result
 
 
 def _succeeded(result) -> bool:
