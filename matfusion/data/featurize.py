@@ -100,11 +100,14 @@ class _GraphParts:
 
 class GraphBuildError(DataError):
     """Structures the graph builder failed on: the message names them (row, id, reason);
-    ``failed`` holds their row positions, ``reasons`` one line each."""
+    ``failed`` holds their row positions, ``reasons`` one line each; ``shard_files`` the files of
+    the good shards of a sharded featurization (left on disk for a run of the same rows to reuse;
+    a caller that featurizes without the failed rows instead removes them after, with
+    :func:`remove_shard_files`: its later shards hold other rows, so other keys)."""
 
-    def __init__(self, message: str, failed: list[int], reasons: list[str]) -> None:
+    def __init__(self, message: str, failed: list[int], reasons: list[str], shard_files: Sequence[Path] = ()) -> None:
         super().__init__(message)
-        self.failed, self.reasons = failed, reasons
+        self.failed, self.reasons, self.shard_files = failed, reasons, list(shard_files)
 
 
 def build_graphs(
@@ -435,7 +438,7 @@ def featurize_in_shards(
     row of ``dataset``: the finished shards read from their files, the others computed on
     ``backend`` and written as they finish; the shard files are removed once assembled.  Graph
     failures anywhere are one :class:`GraphBuildError` after every shard ran (the good shards stay
-    on disk)."""
+    on disk, named in its ``shard_files``)."""
     store = shard_cache(cache)
     shards = plan_shards(dataset.structures, work, shard_size)
     done = {s.index: a for s in shards if (a := _load_shard(store, s, work, s.stop - s.start)) is not None}
@@ -457,22 +460,31 @@ def featurize_in_shards(
         if r.node:
             stats.per_node[r.node] += 1
     if failures:
-        raise graph_build_error(dataset, failures)
+        err = graph_build_error(dataset, failures)
+        err.shard_files = [store.path(s.key) for s in shards if s.index in done]
+        raise err
     graphs, blocks = _assemble([done[s.index] for s in shards], work)
-    for s in shards:
-        try:
-            store.path(s.key).unlink()
-        except OSError:
-            pass
-    try:
-        store.directory.rmdir()  # when no other featurization has shards there
-    except OSError:
-        pass
+    remove_shard_files([store.path(s.key) for s in shards])
     if progress:
         print(stats.summary(), file=sys.stderr, flush=True)
     else:
         log.info(stats.summary())
     return graphs, blocks, stats
+
+
+def remove_shard_files(paths: Sequence[Path]) -> None:
+    """Delete these shard files (those already gone are skipped), then their folder when no other
+    featurization has shards there."""
+    for path in paths:
+        try:
+            Path(path).unlink()
+        except OSError:
+            pass
+    for folder in {Path(p).parent for p in paths}:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _relog(shards: Sequence[Shard], results: Sequence[ShardResult]) -> None:

@@ -162,6 +162,9 @@ def prepare_fold(
         dataset = drop_rows(dataset, err.failed, "graph failed", err.reasons)
         split = fold_split(cfg, dataset)
         features = featurize_module.featurize(dataset, fcfg, progress=progress, graphs=want_graphs, ray_address=address)
+        # the shards before the first failed row were reused (and removed) just now; the later
+        # ones hold other rows without it: nothing will read them again
+        featurize_module.remove_shard_files(err.shard_files)
     return PreparedFold(dataset=dataset, split=split, features=features, features_config=fcfg, families=families)
 
 

@@ -183,6 +183,40 @@ def test_what_a_shard_logs_reaches_the_driver_once_with_its_rows(tmp_path, caplo
     assert any("shard 2 (rows 8-11)" in m and "first: item 9, density" in m for m in debug)
 
 
+def test_a_graph_failure_leaves_no_shard_file_after_prepare_fold(tmp_path, monkeypatch):
+    """prepare_fold featurizes again without the row the graph builder fails on (a composition):
+    the first pass's shards after that row hold other rows in the second pass; none is left."""
+    from functools import partial
+
+    from pymatgen.core import Composition
+
+    from matfusion.config import config_from_dict
+    from matfusion.data import featurize as featurize_module
+    from matfusion.data.prepare import prepare_fold
+
+    structures = crystals(12)
+    structures[5] = Composition("NaCl")  # shard 1 (rows 4-7) fails; shards 0 and 2 are written
+    ds = Dataset("broken", [f"b{i}" for i in range(12)], structures, np.arange(12.0), "y", "broken-12")
+    written: list = []
+    monkeypatch.setattr(
+        featurize_module, "featurize", partial(featurize, shard_size=4, on_shard=lambda i, p: written.append(p))
+    )
+    cfg = config_from_dict(
+        {
+            "name": "broken",
+            "data": {"source": "unused", "fold": 0, "n_folds": 3},
+            "features": {"cache_dir": str(tmp_path), "n_jobs": 1, "descriptors": ["magpie"]},
+            "search": {"families": ["cgcnn"], "seed": 0},
+        }
+    )
+    prep = prepare_fold(cfg, ds, progress=False)
+    assert "b5" not in prep.dataset.ids and prep.dataset.skipped["graph failed"] == 1 and len(prep.graphs) == 11
+    # first pass: rows 0-3 and 8-11 written; second: 0-3 reused, 4-7 and 8-10 written.  The
+    # first pass's rows 8-11 are of no use to the second: without the clean-up it stays
+    assert len(written) == 4 and written[1].name not in {p.name for p in written[2:]}, written
+    assert not (tmp_path / "shards").exists(), sorted(os.listdir(tmp_path / "shards"))
+
+
 # -- the ray backend on a real 2-node cluster ------------------------------------------------
 
 
