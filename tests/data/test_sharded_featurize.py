@@ -5,20 +5,16 @@ nodes.  40 small crystals made here."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REPO
 from pymatgen.core import Lattice, Structure
+from ray_cluster import RayCluster
 
 from matfusion.config import FeaturesConfig
 from matfusion.data import descriptors as desc
@@ -220,56 +216,19 @@ def test_a_graph_failure_leaves_no_shard_file_after_prepare_fold(tmp_path, monke
 # -- the ray backend on a real 2-node cluster ------------------------------------------------
 
 
-class Cluster:
-    """tests/ray_cluster_helper.py (a head and a worker raylet, 1 CPU each) in its own process group."""
-
-    def __init__(self, root: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-        env.update(RAY_TMPDIR=str(root), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # for the workers
-        self.log = open(root / "helper.err", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "ray_cluster_helper.py"), "--workers", "1", "--cpus", "1"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=env,
-            cwd=root,
-            start_new_session=True,
-        )
-        info = self.read(180)
-        self.address, self.nodes = info["address"], {info["head"], *info["workers"]}
-
-    def read(self, timeout: float) -> dict:
-        box: list = []
-        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not box or not box[0]:
-            raise RuntimeError(f"ray cluster helper: no answer in {timeout:.0f} s (exit {self.proc.poll()})")
-        return json.loads(box[0])
-
-    def shutdown(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.stdin.write("shutdown\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its group is left (its Ray processes)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
-        self.log.close()
+def cluster_env(root: Path) -> dict:
+    """The cluster's environment: its temp dir ``root``, no other Ray's address or token, and
+    this tree's matfusion for its workers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env.update(RAY_TMPDIR=str(root), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # for the workers
+    return env
 
 
 @pytest.fixture(scope="module")
 def cluster():
     root = Path(tempfile.mkdtemp(prefix="mfs", dir="/tmp"))  # short: Ray's socket paths are limited
-    c = Cluster(root)
+    c = RayCluster(cluster_env(root))
     try:
         yield c
     finally:

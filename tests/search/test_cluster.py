@@ -24,21 +24,20 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import DATA_DIR, REPO
+from ray_cluster import RayCluster
+from ray_cluster import stop_group as _stop_group
 
 CLUSTER_CONFIGS = [REPO / "cluster.yaml", REPO / "docs" / "cluster-aws.yaml"]
-HELPER = REPO / "tests" / "ray_cluster_helper.py"
 EXP_2NODE, EXP_FAILOVER = "cluster-2node", "cluster-failover"
 
 
@@ -132,67 +131,6 @@ def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 60) -> None:
-    """Stop a process started with start_new_session=True, and its process group (its own id)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still there
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-class RayCluster:
-    """tests/ray_cluster_helper.py in its own process (and process group)."""
-
-    def __init__(self, env: dict, workers: int = 1, cpus: int = 1) -> None:
-        self.log = open(Path(env["RAY_TMPDIR"]) / "helper.err", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HELPER), "--workers", str(workers), "--cpus", str(cpus)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=env,
-            cwd=env["RAY_TMPDIR"],
-            start_new_session=True,
-        )
-        info = self.read(timeout=180)
-        self.address, self.head, self.workers = info["address"], info["head"], list(info["workers"])
-
-    def read(self, timeout: float) -> dict:
-        box: list = []
-        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not box or not box[0]:
-            raise RuntimeError(f"ray cluster helper: no answer in {timeout:.0f} s (exit {self.proc.poll()})")
-        return json.loads(box[0])
-
-    def command(self, cmd: str, timeout: float = 120) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self.read(timeout)
-
-    def shutdown(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.command("shutdown", timeout=90)
-                self.proc.wait(timeout=30)
-            except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired):
-                pass
-        _stop_group(self.proc, timeout=30)  # whatever of its group is left (its Ray processes)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
