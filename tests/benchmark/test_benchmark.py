@@ -381,3 +381,50 @@ def test_stacked_groups_keeps_the_best_graph_group():
     assert stacked_groups(ordered, 4, graph_member=True) == ["lgbm", "et", "rf", "cgcnn-early"]
     assert stacked_groups(["cgcnn-late", "lgbm", "et"], 2, graph_member=True) == ["cgcnn-late", "lgbm"]
     assert stacked_groups(["lgbm", "et"], 1, graph_member=True) == ["lgbm"]  # no graph group searched
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_folds_stacking_is_143_and_the_rerun_reuses_its_search(
+    tmp_path, data_dir, monkeypatch, capsys
+):
+    """`matfusion benchmark` stopped by SIGTERM after its search, while it stacks: one line, exit
+    143, the fold not recorded; the same command again reuses the completed search and records it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import yaml
+
+    from matfusion.cli import main
+
+    monkeypatch.delenv("MATMINER_DATA", raising=False)
+    config, out = tmp_path / "mini.yaml", tmp_path / "results"
+    config.write_text(yaml.safe_dump(_mini(tmp_path, name="mini-sigterm").model_dump(mode="json")))
+    argv = ["benchmark", "matbench_phonons", "--config", str(config), "--folds", "0", "--out", str(out)]
+    argv += ["--data-dir", str(data_dir), "--quiet"]
+    state = out / "benchmark_state.json"
+
+    def fold_status():
+        try:
+            return json.loads(state.read_text())["folds"]["0"]["status"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def term_once_searched():
+        deadline = time.time() + 300
+        while time.time() < deadline and fold_status() != "searched":
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # the main thread is stacking now
+
+    watcher = threading.Thread(target=term_once_searched, daemon=True)
+    watcher.start()
+    assert main(argv) == 143
+    watcher.join(timeout=10)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "matfusion: interrupted (SIGTERM)" and "Traceback" not in err, err[-2000:]
+    assert fold_status() == "searched"  # searched, not recorded
+    assert main(argv[:-1]) == 0  # again, with progress: the search is reused, the fold recorded
+    text = capsys.readouterr().out
+    assert "fold 0: reusing the completed search run" in text, text[-2000:]
+    assert fold_status() == "recorded"
