@@ -177,7 +177,8 @@ def test_a_server_killed_mid_search_and_restarted_loses_nothing(server, tmp_path
     assert rc == 0, out[-3000:] + err[-3000:]
     assert "killed" in events
     assert re.search(
-        rf"^matfusion: warning: the MLflow tracking server {server.uri} does not answer \((connection refused|the "
+        # at a line's start, or after the \r with which a progress bar (tqdm, leave=False) clears its line
+        rf"(?:^|\r)matfusion: warning: the MLflow tracking server {server.uri} does not answer \((connection refused|the "
         r"connection was dropped)\); the search goes on, its MLflow writes wait in memory",
         err,
         re.M,
