@@ -49,17 +49,6 @@ SETTINGS = {
 FAULTS = "rf@1=error,et@1=memory,lgbm@2=nan"
 
 
-@pytest.fixture(scope="module")
-def own_ray():
-    """The searches of this module share one local Ray (started by the first), shut down after."""
-    import ray
-
-    started = not ray.is_initialized()
-    yield
-    if started and ray.is_initialized():
-        ray.shutdown()
-
-
 def search(tmp: Path, faults: str, *extra: str):
     """``matfusion search`` in this process (its exit status, stdout, stderr) with ``faults``."""
     from conftest import DATA_DIR
@@ -97,7 +86,7 @@ def failure_lines(stderr: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, own_ray):
+def first(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     return (tmp, *search(tmp, FAULTS))
 

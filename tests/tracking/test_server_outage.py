@@ -92,16 +92,6 @@ def server(tmp_path_factory):
     srv.kill()
 
 
-@pytest.fixture(scope="module")
-def own_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    yield
-    if started and ray.is_initialized():
-        ray.shutdown()
-
-
 def _search(tmp: Path, uri: str, **extra):
     argv = ["search", str(REPO / "configs" / "smoke.yaml"), "--data-dir", str(DATA_DIR), "--quiet"]
     settings = {**SETTINGS, "mlflow.tracking_uri": uri, "search.storage_path": str(tmp / "ray"), **extra}
@@ -161,7 +151,7 @@ def _stored(db: Path, experiment_path: str) -> tuple[int, int, int]:
 
 
 @pytest.mark.slow
-def test_a_server_killed_mid_search_and_restarted_loses_nothing(server, tmp_path, own_ray, monkeypatch):
+def test_a_server_killed_mid_search_and_restarted_loses_nothing(server, tmp_path, monkeypatch):
     monkeypatch.setattr(outbox_settings, "END_GRACE_S", 90.0)  # the restart took 23-27 s on 2 busy cores
     events = {}
 
@@ -212,7 +202,7 @@ def test_a_server_killed_mid_search_and_restarted_loses_nothing(server, tmp_path
 
 
 @pytest.mark.slow
-def test_a_server_that_does_not_come_back_is_one_warning_and_the_search_ends(server, tmp_path, own_ray, monkeypatch):
+def test_a_server_that_does_not_come_back_is_one_warning_and_the_search_ends(server, tmp_path, monkeypatch):
     monkeypatch.setattr(outbox_settings, "END_GRACE_S", 1.0)
     server.wait()
     watcher = _on_first_result(tmp_path, server.kill)
