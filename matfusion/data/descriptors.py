@@ -34,7 +34,7 @@ or the standardizer of the fused GNNs (NaN -> 0 = the training mean).
 
 Every set is computed by the same machinery (:func:`compute_sets`: one pass over the items with
 :func:`~matfusion.data.parallel.parallel_map`, every missing set per item) and cached on its own
-(:func:`cached_matrix`; ``desc-<name>`` files keyed by the dataset's content hash, the set's name
+(:func:`cached_blocks` / :func:`save_block`; ``desc-<name>`` files keyed by the dataset's content hash, the set's name
 and its version; Magpie keeps the ``magpie-`` key it had before it joined the registry, so the
 caches already on disk stay valid), so adding a set to the config featurizes only that set.
 A set with a ``batch`` function (chgnet) is computed by it, over all the items at once (it spreads
@@ -44,7 +44,6 @@ its own batches over workers), after the per-item sets' pass.
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -515,28 +514,26 @@ def descriptor_matrix(items: Sequence, names: Sequence[str], n_jobs: int = 1) ->
     return np.hstack(parts) if parts else np.zeros((len(items), 0))
 
 
-def cached_matrix(
-    dataset, names: Sequence[str], cache, n_jobs: int = 1, progress: bool = False
-) -> tuple[np.ndarray, bool]:
-    """(the descriptor matrix of every row of ``dataset``, whether every set came from the
-    cache): each set loaded from the feature cache or computed (only the missing sets, in one
-    pass) and saved; NaN counts logged per set."""
-    sets = [registry()[n] for n in names]
-    keys = {ds.name: ds.cache_key(dataset.content_hash) for ds in sets}
+def cached_blocks(dataset, names: Sequence[str], cache) -> dict:
+    """``{set: (rows, width) block}`` of the sets ``names`` that the feature cache holds for
+    ``dataset`` (an entry of the wrong shape counts as missing)."""
     blocks = {}
-    for ds in sets:
-        arrays = cache.load(keys[ds.name])
+    for ds in (registry()[n] for n in names):
+        arrays = cache.load(ds.cache_key(dataset.content_hash))
         if arrays is not None and ds.cache_array in arrays and arrays[ds.cache_array].shape == (len(dataset), ds.width):
             blocks[ds.name] = arrays[ds.cache_array]
-    missing = [ds.name for ds in sets if ds.name not in blocks]
-    if missing:
-        t0 = time.time()
-        fresh = compute_sets(dataset.structures, missing, n_jobs=n_jobs, progress=progress)
-        log.info("descriptors %s: %.1f ms per structure", missing, 1e3 * (time.time() - t0) / max(1, len(dataset)))
-        for ds in sets:
-            if ds.name in fresh:
-                cache.save(keys[ds.name], {ds.cache_array: fresh[ds.name]})
-                blocks[ds.name] = fresh[ds.name]
+    return blocks
+
+
+def save_block(dataset, name: str, block: np.ndarray, cache) -> None:
+    """Cache set ``name``'s block of ``dataset`` (what :func:`cached_blocks` reads)."""
+    ds = registry()[name]
+    cache.save(ds.cache_key(dataset.content_hash), {ds.cache_array: block})
+
+
+def matrix_of_blocks(names: Sequence[str], blocks: dict, n_rows: int) -> np.ndarray:
+    """The descriptor matrix: the blocks of ``names`` side by side, in that order (inf as NaN),
+    the NaN counts logged per set."""
     parts = []
     for n in names:
         block = np.asarray(blocks[n], dtype=np.float64)
@@ -550,8 +547,7 @@ def cached_matrix(
                 len(block),
             )
         parts.append(np.where(nan, np.nan, block))
-    matrix = np.hstack(parts) if parts else np.zeros((len(dataset), 0))
-    return matrix, not missing
+    return np.hstack(parts) if parts else np.zeros((n_rows, 0))
 
 
 class MedianImputer:

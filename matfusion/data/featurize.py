@@ -521,20 +521,6 @@ def _assemble(ordered: list, work: ShardWork) -> tuple[Optional[GraphSet], dict]
     return concat_graphs([_shard_graphs(a, work) for a in ordered], cutoff, max_neighbors), blocks
 
 
-class _Blocks:
-    """The descriptor blocks at hand, served to :func:`~matfusion.data.descriptors.cached_matrix`
-    as cache entries (it assembles the matrix and logs its NaN counts); saves go to ``cache``."""
-
-    def __init__(self, entries: dict, cache: FeatureCache) -> None:
-        self.entries, self.cache = entries, cache
-
-    def load(self, key: str) -> Optional[dict]:
-        return self.entries.get(key)
-
-    def save(self, key: str, arrays: dict) -> Path:
-        return self.cache.save(key, arrays)
-
-
 def featurize(
     dataset: Dataset,
     features=None,
@@ -561,19 +547,14 @@ def featurize(
 
     gkey = graph_key(dataset, features) if want_graphs else None
     graph_arrays = cache.load(gkey) if want_graphs else None
-    set_keys = {name: desc.registry()[name].cache_key(dataset.content_hash) for name in sets}
-    entries = {}
-    for name, key in set_keys.items():
-        ds, arrays = desc.registry()[name], cache.load(key)
-        if arrays is not None and ds.cache_array in arrays and arrays[ds.cache_array].shape == (n, ds.width):
-            entries[key] = arrays
-    missing = [name for name in sets if set_keys[name] not in entries]
+    blocks = desc.cached_blocks(dataset, sets, cache)
+    missing = [name for name in sets if name not in blocks]
     graph_params = (features.cutoff, features.max_neighbors, bool(features.line_graph))
     work = ShardWork(graph_params if want_graphs and graph_arrays is None else None, tuple(missing))
 
     stats = None
     if work.graph is not None or work.sets:
-        fresh_graphs, blocks, stats = featurize_in_shards(
+        fresh_graphs, fresh_blocks, stats = featurize_in_shards(
             dataset,
             work,
             cache,
@@ -587,18 +568,16 @@ def featurize(
         if fresh_graphs is not None:
             graph_arrays = fresh_graphs.arrays()
             cache.save(gkey, graph_arrays)
-        for name, block in blocks.items():
-            ds = desc.registry()[name]
-            entries[set_keys[name]] = {ds.cache_array: block}
-            cache.save(set_keys[name], entries[set_keys[name]])
+        for name, block in fresh_blocks.items():
+            desc.save_block(dataset, name, block, cache)
+            blocks[name] = block
     graph_set = None
     if want_graphs:
         graph_set = GraphSet(**graph_arrays, cutoff=features.cutoff, max_neighbors=features.max_neighbors)
         if len(graph_set) != n:
             raise RuntimeError(f"graph cache holds {len(graph_set)} graphs for {n} rows")
-    table, _ = desc.cached_matrix(dataset, sets, _Blocks(entries, cache))
     return FeatureSet(
-        descriptors=table,
+        descriptors=desc.matrix_of_blocks(sets, blocks, n),
         descriptor_columns=desc.columns_of(sets),
         graphs=graph_set,
         from_cache=stats is None,
