@@ -53,6 +53,17 @@ def last_signal() -> Optional[int]:
     return _last
 
 
+def _ended_in_forked_child(pid: int, signum: int) -> bool:
+    """In a forked child of process ``pid`` (e.g. a featurization pool worker, which its pool ends
+    with SIGTERM), which inherited a handler: end as the signal's default would, without a
+    traceback.  False in ``pid`` itself."""
+    if os.getpid() == pid:
+        return False
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return True
+
+
 class SearchSignals:
     """Context manager: SIGINT and SIGTERM handled as described in the module docstring
     (in the main thread only; elsewhere it does nothing).  ``signum``: the first signal seen."""
@@ -108,11 +119,7 @@ class SearchSignals:
 
     def _handle(self, signum, frame) -> None:
         global _last
-        if os.getpid() != self._pid:
-            # a forked child (e.g. a featurization pool worker, which its pool ends with SIGTERM)
-            # inherits this handler: it ends as the signal's default would, without a traceback
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if _ended_in_forked_child(self._pid, signum):
             return
         first = self.signum is None
         if first:
@@ -144,11 +151,8 @@ def command_signals():
     pid = os.getpid()
 
     def handle(signum, frame) -> None:
-        if os.getpid() != pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise SearchInterrupted(signum)
+        if not _ended_in_forked_child(pid, signum):
+            raise SearchInterrupted(signum)
 
     saved = signal.signal(signal.SIGTERM, handle)
     try:
