@@ -1,6 +1,6 @@
 """Family-blind vs family-fair scheduling: the same search, the same data, the same wall budget.
 
-Two arms of the real `matfusion` search (Ray Tune, OptunaSearch TPE, ASHA, MLflow), families rf,
+Arms of the real `matfusion` search (Ray Tune, OptunaSearch TPE, ASHA, MLflow), families rf,
 lgbm and cgcnn, fusions none and early:
 
 - ``blind``: ``search.asha_scope: all`` and ``search.min_trials_per_group: 0`` (the search before
@@ -8,7 +8,10 @@ lgbm and cgcnn, fusions none and early:
   first trial on);
 - ``fair``: ``search.asha_scope: group`` and ``search.min_trials_per_group`` (default 2): each
   group (rf, lgbm, cgcnn-none, cgcnn-early) has its own rungs, and the first trials visit the
-  groups in round robin.
+  groups in round robin; then TPE chooses the group (``search.budget_rule: tpe``);
+- ``share`` (not run by default): ``fair`` with ``search.budget_rule: share``: after the round
+  robin each trial goes to the group that has used the least training time (among those within
+  ``search.share_margin`` of the best group), TPE picks its parameters.
 
 Tasks: matbench_phonons (official fold 0) and matminer's flla_2015 table,
 ``formation_energy_per_atom`` (seeded 5-fold, fold 0).  For each task it prints, per group and
@@ -42,9 +45,10 @@ from matfusion.config import config_from_dict
 from matfusion.search.tuner import run_search
 from matfusion.tracking.leaderboard import group_summary
 
-ARMS = {  # arm -> (asha_scope, min_trials_per_group or None for the --min-per-group value)
-    "blind": ("all", 0),
-    "fair": ("group", None),
+ARMS = {  # arm -> (asha_scope, min_trials_per_group or None for the --min-per-group value, budget_rule)
+    "blind": ("all", 0, "tpe"),
+    "fair": ("group", None, "tpe"),
+    "share": ("group", None, "share"),
 }
 
 
@@ -64,7 +68,7 @@ def task_data(task: str, data_dir: str, limit) -> dict:
 
 
 def arm_config(task: str, arm: str, args, workdir: Path) -> dict:
-    scope, per_group = ARMS[arm]
+    scope, per_group, rule = ARMS[arm]
     return {
         "name": f"fair-{task}-{arm}",
         "data": {**task_data(task, args.data_dir, args.limit), "data_dir": args.data_dir},
@@ -74,6 +78,7 @@ def arm_config(task: str, arm: str, args, workdir: Path) -> dict:
             "fusions": ["none", "early"],
             "preset": args.preset,
             "asha_scope": scope,
+            "budget_rule": rule,
             "min_trials_per_group": args.min_per_group if per_group is None else per_group,
             "asha_mode": args.asha_mode,
             "num_samples": args.trials,
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tasks", default="flla,phonons", help="comma-separated: flla, phonons (default both)")
-    p.add_argument("--arms", default="blind,fair", help="comma-separated: blind, fair (default both)")
+    p.add_argument("--arms", default="blind,fair", help="comma-separated: blind, fair, share (default blind,fair)")
     p.add_argument("--budget", type=float, default=900.0, help="search wall budget per arm, seconds (default 900)")
     p.add_argument("--limit", type=int, default=None, help="seeded subset of this many rows (default: all)")
     p.add_argument("--seed", type=int, default=0)

@@ -131,6 +131,19 @@ class SearchConfig(_Strict):
         "the known-good points_to_evaluate count toward their group), then TPE chooses the group too; 0: TPE "
         "chooses every group from the start. When num_samples is smaller, the round robin is cut short (warned)",
     )
+    budget_rule: Literal["tpe", "share"] = Field(
+        "tpe",
+        description="who chooses the group of each trial after the round robin of min_trials_per_group: tpe "
+        "(Optuna's TPE, with the other parameters) or share (the group that has used the least training time so "
+        "far, among the groups whose best finished trial is within share_margin of the best group's; a running "
+        "trial counts at least its group's median trial time; TPE then picks the group's parameters)",
+    )
+    share_margin: float = Field(
+        0.25,
+        ge=0,
+        description="budget_rule share: a group stays in the share while its best finished trial's val_mae is at "
+        "most (1 + share_margin) x the best group's (a group without a finished trial stays in)",
+    )
     max_total_epochs: Optional[int] = Field(
         None, gt=0, description="stop the search once all trials together reported this many epochs"
     )

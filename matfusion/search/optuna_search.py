@@ -10,16 +10,23 @@ they got (the step of their last report) and by their score there.  Trials that 
 (all epochs, early stopping by patience, one-shot tabular models) stay COMPLETE.  A trial told
 PRUNED at a pause (``search.asha_mode: promote``) that later runs to its end is added again as a
 COMPLETE trial with its final score.
+
+:class:`GroupShareRule` and :class:`SharedBudgetOptunaSearch` are the budget rule
+``search.budget_rule: share``: after the round robin, the group of each new trial is the one that
+has used the least training time among the groups still in contention, and TPE picks only its
+parameters.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import statistics
+from typing import Optional, Sequence
 
 from optuna.trial import TrialState, create_trial
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from .. import families
 from . import compat
 
 
@@ -76,3 +83,124 @@ class PauseAwareLimiter(ConcurrencyLimiter):
 
     def resume(self, trial_id: str) -> None:
         compat.limiter_take_slot(self, trial_id)
+
+
+class GroupShareRule:
+    """Which group the next trial goes to under ``search.budget_rule: share``.
+
+    Every group of the space gets an equal share of the training time.  A group's time is the
+    sum over its trials of ``time_total_s`` (their last report); a trial still running counts at
+    least the median time of its group's ended trials (so that trials started at once do not all
+    go to the group that was last to have little time).  The groups in contention are those whose
+    best *finished* trial (one that ran to its own end: a GNN stopped at a rung is judged by
+    nothing) has a score at most ``(1 + margin)`` times the best group's; a group without a
+    finished trial stays in.  :meth:`choose` gives the group in contention with the least time,
+    the first in the space's order on a tie."""
+
+    def __init__(self, groups: Sequence[str], margin: float = 0.25) -> None:
+        if not groups:
+            raise ValueError("GroupShareRule: no groups")
+        self.groups = list(groups)
+        self.margin = float(margin)
+        self.group_of: dict[str, str] = {}
+        self.time: dict[str, float] = {}
+        self.running: set[str] = set()
+        self.finished_best: dict[str, float] = {}
+        self.choices: list[tuple[str, str, dict]] = []  # (trial_id, group, the group times it saw)
+
+    def started(self, trial_id: str, group: str) -> None:
+        if group not in self.groups:
+            self.groups.append(group)
+        self.group_of[trial_id] = group
+        self.time.setdefault(trial_id, 0.0)
+        self.running.add(trial_id)
+
+    def reported(self, trial_id: str, result: Optional[dict]) -> None:
+        if trial_id in self.group_of and result and result.get("time_total_s") is not None:
+            self.time[trial_id] = max(self.time.get(trial_id, 0.0), float(result["time_total_s"]))
+
+    def ended(self, trial_id: str, result: Optional[dict], score: Optional[float]) -> None:
+        self.reported(trial_id, result)
+        self.running.discard(trial_id)
+        group = self.group_of.get(trial_id)
+        if group is None or score is None or cut_short(result) or not score == score:  # NaN: nothing to rank
+            return
+        self.finished_best[group] = min(self.finished_best.get(group, float("inf")), float(score))
+
+    def resumed(self, trial_id: str) -> None:
+        if trial_id in self.group_of:
+            self.running.add(trial_id)
+
+    def group_times(self) -> dict[str, float]:
+        ended: dict[str, list[float]] = {}
+        for t, g in self.group_of.items():
+            if t not in self.running:
+                ended.setdefault(g, []).append(self.time[t])
+        out = {g: 0.0 for g in self.groups}
+        for t, g in self.group_of.items():
+            used = self.time[t]
+            if t in self.running and ended.get(g):
+                used = max(used, statistics.median(ended[g]))
+            out[g] += used
+        return out
+
+    def contenders(self) -> list[str]:
+        if not self.finished_best:
+            return list(self.groups)
+        best = min(self.finished_best.values())
+        limit = best * (1 + self.margin) if best >= 0 else best * (1 - self.margin)
+        return [g for g in self.groups if self.finished_best.get(g, -float("inf")) <= limit]
+
+    def summary(self) -> dict:
+        """What the rule saw and did, as JSON: the margin, each group's training time and best
+        finished score, the groups in contention now, and every choice with the times it saw."""
+        best = {g: v for g, v in self.finished_best.items()}
+        return {
+            "rule": "share",
+            "margin": self.margin,
+            "group_time_s": self.group_times(),
+            "finished_best": best,
+            "contenders": self.contenders(),
+            "trials": {t: {"group": g, "time_s": self.time[t]} for t, g in self.group_of.items()},
+            "choices": [{"trial_id": t, "group": g, "times": times} for t, g, times in self.choices],
+        }
+
+    def choose(self, trial_id: str = "") -> str:
+        times = self.group_times()
+        group = min(self.contenders(), key=lambda g: (times[g], self.groups.index(g)))
+        self.choices.append((trial_id, group, times))
+        return group
+
+
+class SharedBudgetOptunaSearch(PrunedAwareOptunaSearch):
+    """:class:`PrunedAwareOptunaSearch` under ``search.budget_rule: share``: once Optuna's queue of
+    starting points (the round robin over the groups, then the known-good points left) is used up,
+    each new trial is enqueued with the partial point of the group :class:`GroupShareRule` chooses,
+    so TPE picks only the parameters within that group.  ``group_points``: ``[(group, partial
+    point)]`` (:meth:`~matfusion.spaces.SearchSpace.groups`)."""
+
+    def __init__(self, *args, group_points: Sequence[tuple[str, dict]] = (), share_margin: float = 0.25, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group_points = {g: dict(p) for g, p in group_points}
+        self.rule = GroupShareRule(list(self.group_points), share_margin)
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        study = compat.optuna_study(self)
+        if study is not None and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if compat.optuna_trial_of(self, trial_id) is None:
+                study.enqueue_trial(self.group_points[self.rule.choose(trial_id)])
+        config = super().suggest(trial_id)
+        if config is not None:
+            self.rule.started(trial_id, families.group_of(config))
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.rule.reported(trial_id, result)
+        if trial_id in compat.completed_trial_ids(self):  # resumed after a pause
+            self.rule.resumed(trial_id)
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        score = None if error or not result else result.get(self.metric)
+        self.rule.ended(trial_id, result, score)
+        super().on_trial_complete(trial_id, result, error)

@@ -227,13 +227,19 @@ def build_searcher(search: SearchConfig, space, points_to_evaluate: Optional[lis
     end PRUNED in Optuna (see :mod:`.optuna_search`).  It proposes first the points of
     :func:`fair_start` (every group ``search.min_trials_per_group`` trials, in round robin, the
     known-good ``points_to_evaluate`` among them: Optuna's enqueued trials, the sampler filling in
-    what a partial point leaves open), then what TPE chooses, the group included."""
-    from .optuna_search import PauseAwareLimiter, PrunedAwareOptunaSearch
+    what a partial point leaves open), then what TPE chooses, the group included
+    (``search.budget_rule: tpe``) or the group's parameters only, in the group
+    :class:`~matfusion.search.optuna_search.GroupShareRule` gives (``share``)."""
+    from .optuna_search import PauseAwareLimiter, PrunedAwareOptunaSearch, SharedBudgetOptunaSearch
 
     points = fair_start(search, space, points_to_evaluate)
-    searcher = PrunedAwareOptunaSearch(
+    kwargs = dict(
         space=space, metric=SCORE, mode="min", sampler=build_sampler(search), points_to_evaluate=points or None
     )
+    if search.budget_rule == "share" and len(space.groups()) > 1:
+        searcher = SharedBudgetOptunaSearch(**kwargs, group_points=space.groups(), share_margin=search.share_margin)
+    else:
+        searcher = PrunedAwareOptunaSearch(**kwargs)
     return PauseAwareLimiter(searcher, max_concurrent=search.max_concurrent)
 
 
@@ -591,7 +597,7 @@ def _run_search(cfg: Config, progress: bool, resume: bool, signals: SearchSignal
     if not interrupted:
         prune_checkpoints(path, keep=[best[1] if best else None] + [r for r in results if r.error is not None])
     wall = time.time() - t0
-    _log_report(parent, scheduler)
+    _log_report(parent, scheduler, compat.tuner_searcher(tuner))
     result = search_result(
         cfg,
         parent,
@@ -1051,15 +1057,18 @@ def _best_trial_test_mae(best, prep) -> tuple[float, float, Optional[dict]]:
     return best_val, best_test, best_config
 
 
-def _log_report(parent: _ParentRun, scheduler) -> None:
-    """leaderboard.csv and the plots (a report problem must not fail a finished search), and
-    ASHA's rungs."""
+def _log_report(parent: _ParentRun, scheduler, searcher=None) -> None:
+    """leaderboard.csv and the plots (a report problem must not fail a finished search), ASHA's
+    rungs and, under ``search.budget_rule: share``, the rule's choices (``budget_share.json``)."""
     try:
         log_search_report(parent.client, parent.run_id, parent.experiment_id)
     except Exception as err:  # noqa: BLE001
         log.warning("search report failed: %s", err)
     if isinstance(scheduler, TabularAwareASHA):
         parent.client.log_dict(parent.run_id, {"rungs": scheduler.rungs()}, "asha_rungs.json")
+    rule = getattr(getattr(searcher, "searcher", searcher), "rule", None)
+    if rule is not None:
+        parent.client.log_dict(parent.run_id, rule.summary(), "budget_share.json")
 
 
 def _finish(parent: _ParentRun, result: SearchResult) -> None:

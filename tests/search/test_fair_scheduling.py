@@ -319,9 +319,87 @@ def test_the_searcher_proposes_the_round_robin_then_tpe_chooses(capsys):
     assert fair_start(s.model_copy(update={"min_trials_per_group": 0}), space(), []) == []
 
 
+def test_group_share_rule_gives_the_least_used_group_in_contention():
+    """budget_rule share: equal training time per group; a running trial counts at least its
+    group's median ended trial; a group whose best finished trial is over (1 + margin) x the best
+    group's leaves the share; a GNN stopped at a rung is judged by nothing."""
+    from matfusion.search.optuna_search import GroupShareRule
+
+    rule = GroupShareRule(["rf", "lgbm", "cgcnn-none"], margin=0.25)
+    assert rule.choose("t0") == "rf"  # nothing used: the first group on a tie
+    for tid, group, secs, val in [("a", "rf", 5, 0.30), ("b", "lgbm", 20, 0.10), ("c", "cgcnn-none", 100, 0.12)]:
+        rule.started(tid, group)
+        rule.ended(tid, {"time_total_s": secs, "trial_finished": True}, val)
+    # rf: 0.30 > 1.25 x 0.10: out, although it used the least time
+    assert rule.contenders() == ["lgbm", "cgcnn-none"]
+    assert rule.choose("t1") == "lgbm"
+    rule.started("d", "lgbm")  # running, nothing reported: counts lgbm's median (20 s)
+    assert rule.group_times() == {"rf": 5.0, "lgbm": 40.0, "cgcnn-none": 100.0}
+    rule.reported("d", {"time_total_s": 30})
+    assert rule.group_times()["lgbm"] == 50.0
+    rule.ended("d", {"time_total_s": 90, "trial_finished": True}, 0.11)
+    assert rule.group_times()["lgbm"] == 110.0 and rule.choose("t2") == "cgcnn-none"
+    rule.started("e", "cgcnn-none")
+    rule.ended("e", {"time_total_s": 8, "trial_finished": False}, 0.01)  # cut at a rung: not ranked
+    assert rule.finished_best["cgcnn-none"] == 0.12 and rule.choose("t3") == "cgcnn-none"
+    summary = rule.summary()
+    assert summary["group_time_s"] == {"rf": 5.0, "lgbm": 110.0, "cgcnn-none": 108.0}
+    assert [c["group"] for c in summary["choices"]] == ["rf", "lgbm", "cgcnn-none", "cgcnn-none"]
+    json.dumps(summary)
+    wide = GroupShareRule(["rf", "lgbm"], margin=5.0)
+    wide.started("a", "rf")
+    wide.ended("a", {"time_total_s": 5}, 0.3)
+    wide.started("b", "lgbm")
+    wide.ended("b", {"time_total_s": 20}, 0.1)
+    assert wide.choose() == "rf"  # within a wide margin rf stays in and has used less
+
+
+def test_the_share_searcher_enqueues_the_rules_group_after_the_round_robin():
+    """The real OptunaSearch under budget_rule share: the round robin first, then every trial is
+    in the group the rule chose when it was proposed (TPE fills in the group's parameters)."""
+    s = SearchConfig(
+        families=["rf", "lgbm", "cgcnn"],
+        fusions=["none", "early"],
+        num_samples=20,
+        max_concurrent=20,
+        min_trials_per_group=1,
+        budget_rule="share",
+        share_margin=1.0,
+        seed=1,
+    )
+    limiter = build_searcher(s, space())
+    inner = limiter.searcher
+    cost = {"rf": 2.0, "lgbm": 5.0, "cgcnn-none": 40.0, "cgcnn-early": 30.0}
+    score = {"rf": 0.5, "lgbm": 0.2, "cgcnn-none": 0.3, "cgcnn-early": 0.25}
+    groups = []
+    for k in range(16):
+        config = limiter.suggest(f"t{k}")
+        group = families.group_of(config)
+        groups.append(group)
+        limiter.on_trial_result(f"t{k}", {SCORE: score[group], "training_iteration": 1, "time_total_s": cost[group]})
+        limiter.on_trial_complete(
+            f"t{k}", {SCORE: score[group], "training_iteration": 1, "time_total_s": cost[group], "trial_finished": True}
+        )
+    assert groups[:4] == ["rf", "lgbm", "cgcnn-none", "cgcnn-early"], groups
+    chosen = [c for c in inner.rule.choices]
+    assert [g for _, g, _ in chosen] == groups[4:]
+    for _, group, times in chosen:  # the least-used group in contention (rf 0.5 > 2 x 0.2: out)
+        assert group != "rf" and times[group] == min(times[g] for g in ("lgbm", "cgcnn-none", "cgcnn-early"))
+    used = inner.rule.group_times()
+    assert max(used[g] for g in ("lgbm", "cgcnn-none", "cgcnn-early")) - min(
+        used[g] for g in ("lgbm", "cgcnn-none", "cgcnn-early")
+    ) <= max(cost.values())
+    assert groups.count("lgbm") > 3 * groups.count("cgcnn-none")
+    tpe = build_searcher(s.model_copy(update={"budget_rule": "tpe"}), space()).searcher
+    assert not hasattr(tpe, "rule")
+
+
 def test_config_fields():
     s = SearchConfig()
     assert s.asha_scope == "group" and s.min_trials_per_group == 2
+    assert s.budget_rule == "tpe" and s.share_margin == 0.25
+    with pytest.raises(ValueError, match="budget_rule"):
+        SearchConfig(budget_rule="bandit")
     with pytest.raises(ValueError, match="asha_scope"):
         SearchConfig(asha_scope="family")
     with pytest.raises(ValueError, match="min_trials_per_group"):
@@ -456,3 +534,47 @@ def test_real_search_round_robin_and_per_group_promotion(tmp_path, data_dir):
         assert [len(history[t]) for t in mine if t != best] == [1], (g, history)
     assert [len(h) for t, h in history.items() if group[t] == "rf"] == [1, 1]
     assert "Best of each group" in proc.stdout
+
+
+@pytest.mark.slow
+def test_real_search_under_the_share_rule(tmp_path, data_dir):
+    """Real Ray Tune + MLflow, budget_rule share: after the round robin (one trial per group) every
+    trial went to the group with the least training time when it was proposed, and the times the
+    rule kept (budget_share.json on the parent run) are Tune's own time_total_s, summed per group."""
+    from test_search_wiring import smoke_search
+
+    num_samples = 7
+    _, client, parent, nested = smoke_search(
+        tmp_path,
+        data_dir,
+        {
+            "search.num_samples": num_samples,
+            "search.max_epochs": 2,
+            "search.families": "[rf, lgbm, cgcnn]",
+            "search.min_trials_per_group": 1,
+            "search.budget_rule": "share",
+            "search.share_margin": 10,
+            "search.max_concurrent": 2,
+            "search.cpus_per_trial": 1,
+        },
+        timeout=500,
+    )
+    assert len(nested) == num_samples
+    share = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "budget_share.json", str(tmp_path))).read_text()
+    )
+    tune_group, tune_time = {}, {}
+    for d in (tmp_path / "ray" / "phonons-smoke").glob("run_trial_*"):
+        tid = re.match(r"run_trial_([0-9a-f]+)_", d.name).group(1)
+        tune_group[tid] = families.group_of(json.loads((d / "params.json").read_text()))
+        lines = [json.loads(x) for x in (d / "result.json").read_text().splitlines() if x.strip()]
+        tune_time[tid] = lines[-1]["time_total_s"]
+    assert len(tune_group) == num_samples
+    assert len(share["choices"]) == num_samples - 3
+    for choice in share["choices"]:
+        times = choice["times"]
+        assert tune_group[choice["trial_id"]] == choice["group"]
+        assert times[choice["group"]] == min(times.values()), choice
+    for group in ("rf", "lgbm", "cgcnn-none"):
+        want = sum(t for tid, t in tune_time.items() if tune_group[tid] == group)
+        assert share["group_time_s"][group] == pytest.approx(want, rel=1e-6), (group, share, tune_time)
