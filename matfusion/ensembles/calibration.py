@@ -41,8 +41,28 @@ and smoothly less where the spread is as large as the difficulty says the whole 
 the difficulty is the suspect estimate; the exact form with a hard floor was measured narrower
 on average but 12 % wider at equal coverage at 95 % on phonons); floored at ``AVERAGING_FLOOR``
 (0.5).  ``s`` is measured on the new row itself, where all K fold models are out of sample; no
-label is needed.  The refit's own gain (more rows per model) is not modelled: its test error was
-at most the average's on the measured folds, so the correction is, if anything, short of it.
+label is needed.  The refit's own gain (more rows per model) it does not model: that is the
+refit-gain correction below.
+
+The refit-gain correction (``refit_gain``, off by default: measured, docs/uncertainty.md).  With
+``refit`` the product predicts a new row with members refitted on *all* the training rows, not
+with an average of fold models, so the averaging correction is a proxy only; the refit's own
+gain (a fold model trains on (K-1)/K of the rows) it does not model.  The refit holds out
+``es_fraction`` of the training rows for its members' early stopping (``refit_es_rows_``): those
+calibration rows were never trained on by the refit (a forest ignores them, lgbm and the graph
+members only stop on them), so on them both predictors are out of sample: the single fold-model
+stack (the calibration residual) and the refit stack, the product's own predictor.  With both
+normalized by the same cross-fitted difficulty (``oof_sigma_`` of those rows), the factor at
+level c is ``g(c) = Q_c(refit scores) / Q_c(single-stack scores)`` on those rows (quantiles
+averaged over the levels c +- ``REFIT_WINDOW``, paired on the same rows so that which rows were
+drawn cancels), clipped to ``REFIT_CLIP``, and levels beyond the last with ``REFIT_MIN_TAIL``
+held-out rows above them take that level's factor.  When on and estimated it *replaces* the
+averaging correction (the prediction is then not an average; the two would count the same gain
+twice): the interval at c is ``yhat +- q_c * g(c) * sigma(x)``.  It falls back to 1 (and the
+averaging correction, if on) with the reason in ``refit_gain_reason_``: no refit, or fewer than
+``REFIT_MIN_ROWS`` such rows.  Only calibration rows reach it: the stack passes their positions
+among the calibration rows (``refit_positions``) and records the row indices
+(``refit_gain_rows_``).
 
 The calibrated ``std`` is the half-width at 68.27 % (``ONE_SIGMA``): about 68 % of the
 calibration errors lie within one std, as for a Gaussian std.  The sorted scores are kept
@@ -69,6 +89,10 @@ ONE_SIGMA = math.erf(1.0 / math.sqrt(2.0))  # 0.6827: share of a Gaussian within
 REPORT_LEVELS = (0.68, 0.90, 0.95)  # coverages the evaluation, the card and the report show
 SIGMA_FLOOR = 0.05  # of the calibration rows' median sigma
 AVERAGING_FLOOR = 0.5  # the averaging correction shrinks a half-width to no less than half
+REFIT_CLIP = (0.7, 1.0)  # the refit-gain factor's range
+REFIT_MIN_ROWS = 30  # fewer refit held-out calibration rows: no refit-gain estimate (factor 1)
+REFIT_MIN_TAIL = 5  # a level's factor needs this many held-out rows above its quantile
+REFIT_WINDOW = 0.05  # the factor at c pools the quantiles at levels c +- this
 
 
 def level_name(level: float) -> str:
@@ -108,24 +132,41 @@ class ConformalCalibrator(BaseEstimator):
     averaging: scale the half-widths of new rows by the averaging correction ``rho`` when
         :meth:`sigma` is given their fold-model spread (see the module docstring; not for
         ``constant``).
+    refit_gain: scale the quantile at each level by the refit-gain factor :meth:`refit_factor`
+        (estimated when ``fit`` is given the refit's residuals; replaces the averaging correction
+        then; not for ``constant``).
 
     ``fit(residuals, features, folds, spread)``: ``residuals`` (n,) OOF ``y - yhat`` of the
     calibration rows, ``features`` (n, d) the difficulty model's inputs (NaN allowed), ``folds``
     (n,) the fold each row was held out in (for the cross-fitting), ``spread`` (n,) the members'
-    spread.  Fitted attributes: ``difficulty_`` (the estimate used), ``scores_`` (sorted
-    normalized scores), ``sigma_floor_``, ``model_`` (``model`` only), ``oof_sigma_`` (the
-    calibration rows' sigma), ``score_m2_`` (mean squared normalized score), ``n_calibration_``.
+    spread, ``refit_positions`` (m,) positions among those rows that the refit never trained on and
+    ``refit_residuals`` (m,) the refit stack's ``y - yhat`` there (both or neither).  Fitted
+    attributes: ``difficulty_`` (the estimate used), ``scores_`` (sorted normalized scores),
+    ``sigma_floor_``, ``model_`` (``model`` only), ``oof_sigma_`` (the calibration rows' sigma),
+    ``score_m2_`` (mean squared normalized score), ``n_calibration_``, ``refit_positions_`` (sorted),
+    ``refit_scores_`` / ``refit_single_scores_`` (sorted normalized scores of the refit and of the
+    single fold-model stacks on those rows; None when not estimated), ``refit_gain_reason_`` (None
+    when estimated, else why the factor is 1).
     """
 
-    def __init__(self, difficulty: str = "model", coverage: float = 0.9, seed: int = 0, averaging: bool = True) -> None:
+    def __init__(
+        self,
+        difficulty: str = "model",
+        coverage: float = 0.9,
+        seed: int = 0,
+        averaging: bool = True,
+        refit_gain: bool = False,
+    ) -> None:
         self.difficulty = difficulty
         self.coverage = coverage
         self.seed = seed
         self.averaging = averaging
+        self.refit_gain = refit_gain
 
     def __setstate__(self, state: dict) -> None:
-        # calibrators pickled before the averaging correction: no score_m2_, no correction
-        super().__setstate__({"averaging": False, **state})
+        # calibrators pickled before the averaging correction: no score_m2_, no correction; before
+        # the refit-gain correction: no refit scores, factor 1
+        super().__setstate__({"averaging": False, "refit_gain": False, **state})
 
     # -- the difficulty model ---------------------------------------------------------------------
     def _new_model(self, n: int):
@@ -160,6 +201,8 @@ class ConformalCalibrator(BaseEstimator):
         features: Optional[np.ndarray] = None,
         folds: Optional[np.ndarray] = None,
         spread: Optional[np.ndarray] = None,
+        refit_positions: Optional[np.ndarray] = None,
+        refit_residuals: Optional[np.ndarray] = None,
     ) -> "ConformalCalibrator":
         if self.difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)} (got {self.difficulty!r})")
@@ -195,10 +238,39 @@ class ConformalCalibrator(BaseEstimator):
         med = float(np.median(sigma[np.isfinite(sigma)])) if np.isfinite(sigma).any() else 1.0
         self.sigma_floor_ = SIGMA_FLOOR * med if med > 0 else 1.0
         self.oof_sigma_ = self._floored(sigma)
-        self.scores_ = np.sort(r / self.oof_sigma_)
+        scores = r / self.oof_sigma_
+        self.scores_ = np.sort(scores)
         self.score_m2_ = float(np.mean(self.scores_**2))
         self.n_calibration_ = int(n)
+        self._fit_refit_gain(scores, refit_positions, refit_residuals)
         return self
+
+    def _fit_refit_gain(self, scores: np.ndarray, positions, residuals) -> None:
+        """The refit's and the single stacks' normalized scores on the calibration rows the refit
+        never trained on (same sigma for both; see the module docstring)."""
+        self.refit_scores_ = self.refit_single_scores_ = None
+        self.refit_positions_ = np.zeros(0, dtype=np.int64)
+        if positions is None or residuals is None:
+            self.refit_gain_reason_ = "no refit: the prediction is the average of the fold-model stacks"
+            return
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        res = np.abs(np.asarray(residuals, dtype=np.float64).reshape(-1))
+        if len(pos) != len(res):
+            raise ValueError(f"refit_positions has {len(pos)} rows, refit_residuals {len(res)}")
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(scores) or len(np.unique(pos)) != len(pos)):
+            raise ValueError("refit_positions must be distinct positions among the calibration rows")
+        keep = np.isfinite(res)
+        pos, res = pos[keep], res[keep]
+        order = np.argsort(pos)
+        self.refit_positions_ = pos[order]
+        if len(pos) < REFIT_MIN_ROWS:
+            self.refit_gain_reason_ = (
+                f"{len(pos)} calibration rows held out from the refit (fewer than {REFIT_MIN_ROWS}): factor 1"
+            )
+            return
+        self.refit_scores_ = np.sort(res / self.oof_sigma_[pos])
+        self.refit_single_scores_ = np.sort(scores[pos])
+        self.refit_gain_reason_ = None
 
     def _floored(self, sigma: np.ndarray) -> np.ndarray:
         sigma = np.asarray(sigma, dtype=np.float64)
@@ -216,8 +288,8 @@ class ConformalCalibrator(BaseEstimator):
         standard deviation of the K stacked fold-model predictions of each row) with
         ``averaging``, times the averaging correction :meth:`averaging_factor`."""
         difficulty = self.difficulty_sigma(features, spread, n)
-        if fold_spread is None or self.difficulty_ == "constant":
-            return difficulty
+        if fold_spread is None or self.difficulty_ == "constant" or self.refit_gain_active:
+            return difficulty  # the refit-gain correction, when active, replaces the averaging one
         return difficulty * self.averaging_factor(difficulty, fold_spread)
 
     def difficulty_sigma(self, features: Optional[np.ndarray] = None, spread: Optional[np.ndarray] = None, n: int = 0):
@@ -246,9 +318,36 @@ class ConformalCalibrator(BaseEstimator):
         rho2 = 1.0 / (1.0 + s**2 / (difficulty**2 * self.score_m2_))
         return np.sqrt(np.clip(rho2, AVERAGING_FLOOR**2, 1.0))
 
+    @property
+    def refit_gain_active(self) -> bool:
+        """Whether the refit-gain factor scales the quantiles (on, estimated, not ``constant``)."""
+        return (
+            bool(getattr(self, "refit_gain", False))
+            and getattr(self, "refit_scores_", None) is not None
+            and self.difficulty_ != "constant"
+        )
+
+    def refit_factor(self, level: float, force: bool = False) -> float:
+        """g(level) in ``REFIT_CLIP``: how much smaller the refit's score quantile is than a single
+        fold-model stack's, on the calibration rows the refit never trained on (1 when inactive;
+        ``force``: the estimate even when ``refit_gain`` is off)."""
+        level = check_coverage(level)
+        if not (self.refit_gain_active or (force and getattr(self, "refit_scores_", None) is not None)):
+            return 1.0
+        m = len(self.refit_scores_)
+        top = max(0.5, 1.0 - REFIT_MIN_TAIL / m)  # the last level with REFIT_MIN_TAIL rows above it
+        lv = np.clip(np.linspace(level - REFIT_WINDOW, level + REFIT_WINDOW, 11), 0.01, top)
+        single = float(np.mean(np.quantile(self.refit_single_scores_, lv)))
+        refit = float(np.mean(np.quantile(self.refit_scores_, lv)))
+        if not single > 0:
+            return 1.0
+        return float(np.clip(refit / single, *REFIT_CLIP))
+
     def quantile(self, level: Optional[float] = None) -> float:
-        """q: the interval at coverage ``level`` (default ``coverage``) is yhat +- q * sigma."""
-        return conformal_quantile(self.scores_, check_coverage(self.coverage if level is None else level))
+        """q: the interval at coverage ``level`` (default ``coverage``) is yhat +- q * sigma (the
+        conformal quantile of the scores, times the refit-gain factor when active)."""
+        level = check_coverage(self.coverage if level is None else level)
+        return conformal_quantile(self.scores_, level) * self.refit_factor(level)
 
     def std_scale(self) -> float:
         """q at 68.27 %: the calibrated std is ``std_scale() * sigma``."""
@@ -258,8 +357,18 @@ class ConformalCalibrator(BaseEstimator):
         return {
             "method": "normalized split conformal on out-of-fold residuals (CV+ style)",
             "difficulty": self.difficulty_,
-            "averaging": bool(getattr(self, "averaging", False)) and self.difficulty_ != "constant",
+            "averaging": bool(getattr(self, "averaging", False))
+            and self.difficulty_ != "constant"
+            and not self.refit_gain_active,
             "score_m2": getattr(self, "score_m2_", None),
+            "refit_gain": self.refit_gain_active,
+            "refit_gain_rows": int(len(getattr(self, "refit_positions_", ()))),
+            "refit_gain_reason": getattr(self, "refit_gain_reason_", "calibrated before the refit-gain correction"),
+            **(
+                {f"refit_factor_{level_name(lv)}": self.refit_factor(lv, force=True) for lv in REPORT_LEVELS}
+                if getattr(self, "refit_scores_", None) is not None
+                else {}
+            ),
             "coverage": float(self.coverage),
             "n_calibration": self.n_calibration_,
             "q_std": self.std_scale(),

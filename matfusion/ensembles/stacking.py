@@ -322,7 +322,8 @@ class StackedEnsemble(BaseEstimator):
     k targets: ``{target: {...}}``; None for gbm), ``fold_states_`` (``[fold][member]`` slim
     trained states), ``refit_states_`` (per member: the slim state of its refit on all rows, or
     None), ``refit_train_rows_`` / ``refit_es_rows_``, ``calibrators_`` / ``calibration_rows_`` /
-    ``calibration_oof_`` (per target), ``coverage_``.  With k targets ``oof_`` is
+    ``calibration_oof_`` / ``refit_gain_rows_`` (per target; the last: the calibration rows the
+    refit held out, for the refit-gain correction), ``coverage_``.  With k targets ``oof_`` is
     (n, members, k) and ``oof_y_`` (n, k) with NaN for missing labels.
     """
 
@@ -564,11 +565,11 @@ class StackedEnsemble(BaseEstimator):
             self.meta_fit_rows_.append(fit_rows)
         self.meta_model_ = self.meta_models_[0] if not multi else None
         self.weights_ = self._weights()
-        self._calibrate(descriptors, rows, fold, y_rows, oof)
         self.refit_states_ = [None] * n_members
         self.refit_train_rows_ = self.refit_es_rows_ = np.array([], dtype=np.int64)
         if self.refit:
             self._refit(descriptors, graphs, y_all, rows, progress)
+        self._calibrate(descriptors, rows, fold, y_rows, oof, graphs)  # after the refit: its held-out rows
         return self
 
     # -- calibration (fit time) ----------------------------------------------------------------------
@@ -591,21 +592,35 @@ class StackedEnsemble(BaseEstimator):
         X = np.asarray(descriptors[rows], dtype=np.float64).reshape(len(rows), -1)
         return np.column_stack([np.asarray(stacked, dtype=np.float64), spread, X]), spread
 
-    def _calibrate(self, descriptors, rows: np.ndarray, fold: np.ndarray, y_rows: np.ndarray, oof: np.ndarray) -> None:
+    def _calibrate(
+        self, descriptors, rows: np.ndarray, fold: np.ndarray, y_rows: np.ndarray, oof: np.ndarray, graphs=None
+    ) -> None:
         """One :class:`~matfusion.ensembles.calibration.ConformalCalibrator` per target, on the
         residuals of the cross-fitted OOF stack of the labelled training rows (``calibration_rows_``):
-        no other row is ever used."""
+        no other row is ever used.  With a refit, the refit stack's residuals on the training rows
+        its members never trained on (``refit_es_rows_``, a subset of the calibration rows:
+        ``refit_gain_rows_``) go with them, for the refit-gain correction."""
         self.coverage_ = float(self.coverage)
-        self.calibrators_, self.calibration_rows_, self.calibration_oof_ = [], [], []
+        self.calibrators_, self.calibration_rows_, self.calibration_oof_, self.refit_gain_rows_ = [], [], [], []
+        held_out = np.asarray(getattr(self, "refit_es_rows_", []), dtype=np.int64) if self.refitted else np.zeros(0)
+        refit_mean = None
+        if len(held_out):  # the product's own prediction of those rows (no calibrators yet: no intervals)
+            refit_mean = np.asarray(self.predict_all(descriptors, graphs, held_out)["mean"]).reshape(len(held_out), -1)
         for t in range(self.n_targets_):
             labelled = np.isfinite(y_rows[:, t])
             cal_rows, cols, y, folds = rows[labelled], oof[labelled, :, t], y_rows[labelled, t], fold[labelled]
             stacked = self._cross_fitted_stack(self._meta_input(cols, descriptors, cal_rows), y, folds)
             X, spread = self._difficulty_features(cols, stacked, descriptors, cal_rows)
+            refit = {}
+            if refit_mean is not None:
+                pos = np.flatnonzero(np.isin(cal_rows, held_out))
+                at = np.searchsorted(held_out, cal_rows[pos])  # held_out is sorted
+                refit = {"refit_positions": pos, "refit_residuals": y[pos] - refit_mean[at, t]}
             cal = ConformalCalibrator(difficulty=self.difficulty, coverage=self.coverage_, seed=self.seed)
-            self.calibrators_.append(cal.fit(y - stacked, X, folds, spread))
+            self.calibrators_.append(cal.fit(y - stacked, X, folds, spread, **refit))
             self.calibration_rows_.append(cal_rows)
             self.calibration_oof_.append(stacked)
+            self.refit_gain_rows_.append(cal_rows[cal.refit_positions_])
             if cal.difficulty_ != self.difficulty:
                 log.info(
                     "target %s: difficulty %s impossible (one member), intervals are constant-width",
