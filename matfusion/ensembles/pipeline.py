@@ -176,10 +176,11 @@ def _fit_ensemble(prep, members, settings, context_features: int, seed: int, pro
 
 
 def interval_settings(settings) -> dict:
-    """``coverage`` and ``difficulty`` of the conformal intervals (EnsembleConfig's fields)."""
+    """``coverage``, ``difficulty`` and ``refit_gain`` of the conformal intervals (EnsembleConfig's fields)."""
     return {
         "coverage": settings.coverage,
         "difficulty": settings.difficulty,
+        "refit_gain": settings.refit_gain,
     }
 
 

@@ -340,6 +340,7 @@ class StackedEnsemble(BaseEstimator):
         graph_max_epochs: Optional[int] = _DEFAULTS.max_epochs,
         coverage: float = DEFAULT_COVERAGE,
         difficulty: str = DEFAULT_DIFFICULTY,
+        refit_gain: bool = False,
     ) -> None:
         self.members = members
         self.meta = meta
@@ -352,6 +353,7 @@ class StackedEnsemble(BaseEstimator):
         self.graph_max_epochs = graph_max_epochs
         self.coverage = coverage
         self.difficulty = difficulty
+        self.refit_gain = refit_gain
 
     def __setstate__(self, state: dict) -> None:
         # ensembles pickled before the configs moved to ``members_`` kept the derived configs in
@@ -359,7 +361,7 @@ class StackedEnsemble(BaseEstimator):
         if "meta_models_" in state and "members_" not in state:
             state = dict(state, members_=state["members"])
         # ensembles pickled before the conformal intervals: no calibrators_, std is the spread
-        state = {"coverage": DEFAULT_COVERAGE, "difficulty": DEFAULT_DIFFICULTY, **state}
+        state = {"coverage": DEFAULT_COVERAGE, "difficulty": DEFAULT_DIFFICULTY, "refit_gain": False, **state}
         super().__setstate__(state)
 
     def __sklearn_is_fitted__(self) -> bool:
@@ -616,7 +618,9 @@ class StackedEnsemble(BaseEstimator):
                 pos = np.flatnonzero(np.isin(cal_rows, held_out))
                 at = np.searchsorted(held_out, cal_rows[pos])  # held_out is sorted
                 refit = {"refit_positions": pos, "refit_residuals": y[pos] - refit_mean[at, t]}
-            cal = ConformalCalibrator(difficulty=self.difficulty, coverage=self.coverage_, seed=self.seed)
+            cal = ConformalCalibrator(
+                difficulty=self.difficulty, coverage=self.coverage_, seed=self.seed, refit_gain=self.refit_gain
+            )
             self.calibrators_.append(cal.fit(y - stacked, X, folds, spread, **refit))
             self.calibration_rows_.append(cal_rows)
             self.calibration_oof_.append(stacked)

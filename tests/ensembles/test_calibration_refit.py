@@ -140,3 +140,16 @@ def test_stack_estimates_the_refit_gain_on_the_calibration_rows_the_refit_held_o
     # without a refit: no estimate, the averaging correction stays
     avg = StackedEnsemble([RF], meta="mae", n_folds=5, seed=0, refit=False).fit(X, None, y_poisoned, rows)
     assert len(avg.refit_gain_rows_[0]) == 0 and "no refit" in avg.calibrators_[0].refit_gain_reason_
+
+
+def test_ensemble_config_refit_gain_reaches_every_calibrator():
+    """``ensemble.refit_gain`` (EnsembleConfig) -> StackedEnsemble -> each target's calibrator."""
+    from matfusion.config import EnsembleConfig
+    from matfusion.ensembles.pipeline import interval_settings
+
+    assert EnsembleConfig().refit_gain is False and interval_settings(EnsembleConfig())["refit_gain"] is False
+    X, y = _learnable(300, 1, 0.005)
+    on = StackedEnsemble([RF], meta="mae", n_folds=3, seed=0, **interval_settings(EnsembleConfig(refit_gain=True)))
+    on.fit(X, None, y, np.arange(300))
+    assert on.calibrators_[0].refit_gain is True and on.calibrators_[0].summary()["refit_gain"] is True
+    assert on.get_params()["refit_gain"] is True
