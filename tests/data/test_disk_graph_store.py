@@ -157,3 +157,39 @@ def test_a_seeded_cgcnn_trial_trains_the_same_from_disk_as_from_memory(tmp_path)
     assert [m["epoch"] for m in histories["disk"]] == [1, 2]
     assert np.isfinite(histories["disk"][-1]["val_mae"])
     assert histories["disk"] == histories["memory"]
+
+
+def test_prepare_fold_writes_the_trial_graphs_under_the_cache_when_asked(data_dir, tmp_path):
+    from matfusion.config import config_from_dict
+    from matfusion.data.prepare import prepare_fold
+
+    def cfg(store):
+        return config_from_dict(
+            {
+                "name": "disk-store",
+                "data": {"source": "matbench_phonons", "limit": 20, "data_dir": str(data_dir), "fold": 1},
+                "features": {
+                    "cutoff": 4.0,
+                    "max_neighbors": 6,
+                    "descriptors": ["magpie"],
+                    "n_jobs": 1,
+                    "cache_dir": str(tmp_path),
+                    "graph_store": store,
+                },
+                "search": {"families": ["cgcnn"], "seed": 3},
+            }
+        )
+
+    memory, disk = (prepare_fold(cfg(store), progress=False) for store in ("memory", "disk"))
+    assert memory.graph_store_dir is None and "graph_store" not in memory.trial_data["train"]
+    assert disk.graph_store_dir == tmp_path / "graph-shards"
+    for part in ("train", "val"):
+        index = disk.trial_data[part]["graph_store"]
+        assert index["dir"].startswith(str(tmp_path / "graph-shards")) and index["n"] == len(disk.trial_data[part]["y"])
+        np.testing.assert_array_equal(disk.trial_data[part]["row"], memory.trial_data[part]["row"])
+        params = disk.trial_data["graph_params"]
+        a, b = graph_dataset(memory.trial_data[part], params), graph_dataset(disk.trial_data[part], params)
+        assert isinstance(b, DiskGraphDataset) and len(a) == len(b)
+        for k in range(len(a)):
+            assert_same_data(a[k], b[k])
+    assert "graph_store" not in disk.test_part  # the driver's after-search evaluation keeps the arrays
