@@ -78,6 +78,13 @@ class FeaturesConfig(_Strict):
         "(one Ray task per shard on the cluster the driver is connected to, else a local Ray)",
     )
     cache_dir: Optional[str] = Field(None, description="default: $MATFUSION_CACHE or ~/.cache/matfusion")
+    graph_store: Literal["memory", "disk"] = Field(
+        "memory",
+        description="how a GNN trial gets the graphs of its rows: memory (the packed arrays through Ray's object "
+        "store) or disk (written once as checksummed shard files under <cache_dir>/graph-shards/, content-addressed "
+        "and reused; a trial gets their index and reads the graphs of each batch from the files, so its memory does "
+        "not grow with the dataset; the cache dir must be on storage shared by the nodes)",
+    )
 
 
 class SearchConfig(_Strict):

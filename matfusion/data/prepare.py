@@ -114,7 +114,18 @@ class PreparedFold:
             self.split.val,
             gaussian_bins=p["gaussian_bins"],
             gaussian_width=p["gaussian_width"],
+            graph_store_dir=self.graph_store_dir,
         )
+
+    @property
+    def graph_store_dir(self):
+        """Where the trials' graphs are written as shard files (``features.graph_store: disk``:
+        ``<cache>/graph-shards``), else None (they travel in memory)."""
+        if getattr(self.features_config, "graph_store", "memory") != "disk" or self.graphs is None:
+            return None
+        from .cache import FeatureCache
+
+        return FeatureCache(self.features_config.cache_dir).directory / "graph-shards"
 
     @cached_property
     def test_part(self) -> dict:

@@ -9,6 +9,11 @@ In the trial, :func:`graph_dataset` turns a part into the graphs its loaders rea
 the trial holds the packed arrays and one batch of ``Data``, whatever the dataset's size), or with
 ``MATFUSION_EAGER_GRAPHS=1`` the eager list of :func:`data_list` (every graph built up front: the
 path before; kept for ``benchmarks/scale.py``'s comparison and as a fallback).
+
+With ``features.graph_store: disk`` the driver writes a part's graphs once as checksummed shard files
+(``graph_store_dir``: ``<cache>/graph-shards/``) and the part carries only their index
+(``graph_store``); the trial's :class:`~matfusion.data.graph_store.DiskGraphDataset` reads a graph
+from its shard when a batch needs it.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ def pack_rows(
     targets: np.ndarray,
     rows: Sequence[int],
     ids: Optional[Sequence[str]] = None,
+    graph_store_dir=None,
 ) -> dict:
     """Arrays of the given rows: ``descriptors`` (the descriptor matrix), ``y``, ``row`` (original positions) and, for
-    structure data, the packed graph arrays under ``graph/<name>``."""
+    structure data, the packed graph arrays under ``graph/<name>``, or with ``graph_store_dir`` the index of
+    their shard files written there (``graph_store``: :func:`~matfusion.data.graph_store.write_graph_store`)."""
     rows = np.asarray(rows, dtype=np.int64)
     out = {
         "row": rows,
@@ -40,6 +47,11 @@ def pack_rows(
         out["ids"] = np.array([ids[r] for r in rows])
     if graphs is not None:
         sub = graphs.subset(rows)
+        if graph_store_dir is not None:  # the graphs as shard files; the part carries their index only
+            from ..data.graph_store import write_graph_store
+
+            out["graph_store"] = write_graph_store(sub, graph_store_dir)
+            return out
         for k, v in sub.arrays().items():
             out[f"graph/{k}"] = v
         out["graph/cutoff"] = np.array(graphs.cutoff)
@@ -55,16 +67,24 @@ def pack_trial_data(
     val: Sequence[int],
     gaussian_bins: int = 40,
     gaussian_width: Optional[float] = None,
+    graph_store_dir=None,
 ) -> dict:
-    """The inner train and validation rows only: ``{"train": {...}, "val": {...}, "graph_params": {...}}``."""
+    """The inner train and validation rows only: ``{"train": {...}, "val": {...}, "graph_params": {...}}``;
+    with ``graph_store_dir`` their graphs are shard files there (see :func:`pack_rows`)."""
     return {
-        "train": pack_rows(descriptors, graphs, targets, train),
-        "val": pack_rows(descriptors, graphs, targets, val),
+        "train": pack_rows(descriptors, graphs, targets, train, graph_store_dir=graph_store_dir),
+        "val": pack_rows(descriptors, graphs, targets, val, graph_store_dir=graph_store_dir),
         "graph_params": {"gaussian_bins": int(gaussian_bins), "gaussian_width": gaussian_width},
     }
 
 
-def graphs_of(part: dict) -> Optional[GraphSet]:
+def graphs_of(part: dict):
+    """The part's graphs: a :class:`GraphSet`, a :class:`~matfusion.data.graph_store.DiskGraphSet` when they are
+    on disk, or None."""
+    if "graph_store" in part:
+        from ..data.graph_store import DiskGraphSet
+
+        return DiskGraphSet(part["graph_store"])
     if "graph/z" not in part:
         return None
     arrays = {k: part[f"graph/{k}"] for k in GraphSet.ARRAY_NAMES if f"graph/{k}" in part}
@@ -83,6 +103,11 @@ def data_list(part: dict, graph_params: dict) -> list:
     """PyG ``Data`` objects of a packed part (targets attached as ``y``), their bond features
     expanded per batch by the models (one float per edge held)."""
     gs = required_graphs(part)
+    if not isinstance(gs, GraphSet):  # on disk
+        from ..data.graph_store import DiskGraphDataset
+
+        ds = DiskGraphDataset(gs, part["y"], None, **graph_params, expand_edges=False)
+        return [ds[i] for i in range(len(ds))]
     return gs.to_data_list(range(len(gs)), part["y"], **graph_params, expand_edges=False)
 
 
@@ -111,6 +136,8 @@ def graph_dataset(
             for k, d in enumerate(items):
                 d.descriptors = z[k : k + 1]
         return items
-    from ..data.graph_store import LazyGraphDataset
+    from ..data.graph_store import DiskGraphDataset, LazyGraphDataset
 
-    return LazyGraphDataset(required_graphs(part), part["y"], descriptors, **graph_params, expand_edges=False)
+    gs = required_graphs(part)
+    cls = LazyGraphDataset if isinstance(gs, GraphSet) else DiskGraphDataset
+    return cls(gs, part["y"], descriptors, **graph_params, expand_edges=False)
