@@ -340,7 +340,7 @@ class StackedEnsemble(BaseEstimator):
         graph_max_epochs: Optional[int] = _DEFAULTS.max_epochs,
         coverage: float = DEFAULT_COVERAGE,
         difficulty: str = DEFAULT_DIFFICULTY,
-        refit_gain: bool = False,
+        refit_gain: bool = _DEFAULTS.refit_gain,
     ) -> None:
         self.members = members
         self.meta = meta

@@ -256,6 +256,7 @@ def test_get_params_set_params_and_clone_round_trip():
         graph_max_epochs=4,
         coverage=0.8,
         difficulty="spread",
+        refit_gain=True,
     )
     params = ens.get_params()
     assert params == {
@@ -270,6 +271,7 @@ def test_get_params_set_params_and_clone_round_trip():
         "graph_max_epochs": 4,
         "coverage": 0.8,
         "difficulty": "spread",
+        "refit_gain": True,
     }
     assert params["members"][0] is RF and params["member_overrides"] is overrides  # stored unchanged
     twin = clone(ens)
@@ -281,11 +283,12 @@ def test_get_params_set_params_and_clone_round_trip():
         ens.set_params(bogus=1)
     # the defaults are EnsembleConfig's (one set of numbers)
     d, plain = EnsembleConfig(), StackedEnsemble([RF])
-    assert (plain.meta, plain.n_folds, plain.refit, plain.graph_max_epochs) == (
+    assert (plain.meta, plain.n_folds, plain.refit, plain.graph_max_epochs, plain.refit_gain) == (
         d.meta,
         d.n_folds,
         d.refit,
         d.max_epochs,
+        d.refit_gain,
     )
     # the derived member configs are made in fit, not in __init__; the given ones stay as they were
     assert ens.members[1] is CGCNN and "lr_restarts" not in CGCNN and CGCNN["max_epochs"] == 2
