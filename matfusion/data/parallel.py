@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,8 +87,13 @@ _TASK: tuple | None = None
 
 
 def _install(fn: Callable, items: Sequence) -> None:
+    """A worker's start-up: its task, and SIGTERM back to the default action.  The pool ends its
+    workers with SIGTERM; a handler inherited from the parent (Ray's driver handler, a command's,
+    a test's) that returns instead of ending the process leaves a worker waiting for tasks
+    forever and the pool's exit joining it forever (seen in a CI run)."""
     global _TASK
     _TASK = (fn, items)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_chunk(bounds: tuple[int, int], task: tuple | None = None) -> tuple[int, list, list]:

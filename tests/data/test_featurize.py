@@ -469,3 +469,22 @@ def test_parallel_map_does_not_fork_a_process_that_runs_ray():
         if started:
             ray.shutdown()
     assert can_fork()
+
+
+def test_pool_workers_end_by_sigterm_whatever_handler_the_parent_has():
+    """The pool ends its workers with SIGTERM: a worker must not keep a handler inherited from the
+    parent that returns (it would wait for tasks forever and the pool's exit would join it)."""
+    import signal
+
+    from matfusion.data.parallel import can_fork, parallel_map
+
+    if not can_fork():
+        pytest.skip("no fork on this platform")
+    saved = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        values, failures = parallel_map(
+            lambda _: signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, list(range(12)), n_jobs=2, chunk=2
+        )
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert failures == [] and values == [True] * 12
