@@ -184,8 +184,7 @@ def serve(
         except ProcessLookupError:
             pass
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+    saved = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         wait_healthy(uri, startup_timeout, proc)
         if experiments:
@@ -221,3 +220,5 @@ def serve(
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        for sig, handler in saved.items():  # the caller's handlers back
+            signal.signal(sig, handler)
