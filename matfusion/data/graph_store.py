@@ -53,9 +53,9 @@ class LazyGraphDataset(_torch_dataset_base()):
 
         n = len(graphs)
         if targets is not None and len(targets) != n:
-            raise ValueError(f"LazyGraphDataset: {len(targets)} targets for {n} graphs")
+            raise ValueError(f"{type(self).__name__}: {len(targets)} targets for {n} graphs")
         if descriptors is not None and len(descriptors) != n:
-            raise ValueError(f"LazyGraphDataset: {len(descriptors)} descriptor rows for {n} graphs")
+            raise ValueError(f"{type(self).__name__}: {len(descriptors)} descriptor rows for {n} graphs")
         self.graphs, self.targets = graphs, targets
         self._build = graphs.data_builder(targets, gaussian_bins, gaussian_width, line_graph_bins, expand_edges)
         self._descriptors = None if descriptors is None else torch.from_numpy(np.asarray(descriptors, np.float32))
@@ -323,6 +323,16 @@ class DiskGraphSet:
         raw = os.pread(fd, (hi - lo) * width * dtype.itemsize, off + lo * width * dtype.itemsize)
         return np.frombuffer(raw, dtype).reshape((hi - lo, *shape[1:])).copy()
 
+    def data_builder(self, targets=None, *params):
+        """``build(i)``: the ``Data`` of graph ``i`` (read from its shard), as
+        :meth:`GraphSet.data_builder` builds it from in-memory arrays; ``params`` are its."""
+
+        def build(i: int):
+            one = self.graph_set(i)
+            return one.data_builder(None if targets is None else np.asarray(targets)[i : i + 1], *params)(0)
+
+        return build
+
     def graph_set(self, i: int) -> GraphSet:
         """Graph ``i`` alone, as a one-graph :class:`GraphSet`."""
         n = len(self)
@@ -361,25 +371,9 @@ class DiskGraphDataset(LazyGraphDataset):
         line_graph_bins: int = 20,
         expand_edges: bool = False,
     ) -> None:
-        import torch
-
         store = store if isinstance(store, DiskGraphSet) else DiskGraphSet(store)
-        n = len(store)
-        if targets is not None and len(targets) != n:
-            raise ValueError(f"DiskGraphDataset: {len(targets)} targets for {n} graphs")
-        if descriptors is not None and len(descriptors) != n:
-            raise ValueError(f"DiskGraphDataset: {len(descriptors)} descriptor rows for {n} graphs")
-        self.graphs, self.targets = store, targets
-        self._params = (gaussian_bins, gaussian_width, line_graph_bins, expand_edges)
-        self._descriptors = None if descriptors is None else torch.from_numpy(np.asarray(descriptors, np.float32))
-        self.accesses = 0
-        self._build = self._build_one
+        super().__init__(store, targets, descriptors, gaussian_bins, gaussian_width, line_graph_bins, expand_edges)
 
     @property
     def shards_read(self) -> set:
         return self.graphs.shards_read
-
-    def _build_one(self, i: int):
-        one = self.graphs.graph_set(i)
-        targets = None if self.targets is None else np.asarray(self.targets)[i : i + 1]
-        return one.data_builder(targets, *self._params)(0)
