@@ -15,7 +15,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Callable, Optional, Union
 
 import numpy as np
 
@@ -38,15 +38,32 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "matfusion"
 
 
-def _digest(arrays: dict) -> str:
+def arrays_digest(arrays: dict) -> str:
+    """SHA-256 of named arrays: each name, dtype, shape and C-order bytes, by name (the bytes
+    read in place, not copied)."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(name.encode())
         h.update(str(a.dtype).encode())
         h.update(str(a.shape).encode())
-        h.update(a.tobytes())
+        h.update(memoryview(a).cast("B") if a.size else b"")
     return h.hexdigest()
+
+
+def atomic_write(path: Path, content: Union[bytes, Callable[[BinaryIO], None]]) -> None:
+    """``content`` (bytes, or a function writing to the open file) into a temporary file beside
+    ``path``, then renamed to ``path``: a reader sees the old file or the whole new one, never
+    part of it (the temporary file is removed on any error)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            content(fh) if callable(content) else fh.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class FeatureCache:
@@ -65,7 +82,7 @@ class FeatureCache:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
             stored = str(arrays.pop(_CHECKSUM))
-            if stored != _digest(arrays):
+            if stored != arrays_digest(arrays):
                 raise ValueError("checksum mismatch")
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
             log.warning("feature cache %s is corrupt (%s); rebuilding it", path, err)
@@ -81,14 +98,6 @@ class FeatureCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
         payload = dict(arrays)
-        payload[_CHECKSUM] = np.array(_digest(arrays))
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **payload)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        payload[_CHECKSUM] = np.array(arrays_digest(arrays))
+        atomic_write(path, lambda fh: np.savez(fh, **payload))
         return path

@@ -15,13 +15,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from .cache import arrays_digest, atomic_write
 from .crystal_graph import GraphSet
 
 log = logging.getLogger(__name__)
@@ -152,30 +152,10 @@ def _file_sha256(path: Path) -> Optional[str]:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def store_key(graphs: GraphSet, rows_per_shard: int) -> str:
     """The content address of a graph store: its graphs' arrays, cutoff, neighbours and shard size."""
-    h = hashlib.sha256(
-        f"graph-store v{STORE_FORMAT} {graphs.cutoff!r} {graphs.max_neighbors} {rows_per_shard}".encode()
-    )
-    for name, a in sorted(graphs.arrays().items()):
-        a = np.ascontiguousarray(a)
-        h.update(f"{name} {a.dtype.str} {a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()[:24]
+    head = f"graph-store v{STORE_FORMAT} {graphs.cutoff!r} {graphs.max_neighbors} {rows_per_shard}"
+    return hashlib.sha256(f"{head} {arrays_digest(graphs.arrays())}".encode()).hexdigest()[:24]
 
 
 def write_graph_store(graphs: GraphSet, root, rows_per_shard: int = GRAPH_SHARD_ROWS) -> dict:
@@ -212,7 +192,7 @@ def write_graph_store(graphs: GraphSet, root, rows_per_shard: int = GRAPH_SHARD_
             log.warning("graph store shard %s is %s; rebuilding it", path, why)
             rebuilt += 1
         data, layout = _shard_bytes(_rows_slice(graphs, a, b))
-        _atomic_write(path, data)
+        atomic_write(path, data)
         shards.append({"file": name, "start": a, "stop": b, "sha256": _sha256(data), "layout": layout})
     index = {
         "format": STORE_FORMAT,
@@ -227,7 +207,7 @@ def write_graph_store(graphs: GraphSet, root, rows_per_shard: int = GRAPH_SHARD_
         "rebuilt": rebuilt,
     }
     if old != index:
-        _atomic_write(index_path, json.dumps({**index, "rebuilt": 0}).encode())
+        atomic_write(index_path, json.dumps({**index, "rebuilt": 0}).encode())
     return index
 
 
@@ -361,18 +341,10 @@ class DiskGraphDataset(LazyGraphDataset):
     read from its shard file when it is read and built by the same builder, so it equals the
     in-memory item.  ``shards_read``: the shard files read so far."""
 
-    def __init__(
-        self,
-        store: "DiskGraphSet | dict",
-        targets: Optional[np.ndarray] = None,
-        descriptors: Optional[np.ndarray] = None,
-        gaussian_bins: int = 40,
-        gaussian_width: Optional[float] = None,
-        line_graph_bins: int = 20,
-        expand_edges: bool = False,
-    ) -> None:
-        store = store if isinstance(store, DiskGraphSet) else DiskGraphSet(store)
-        super().__init__(store, targets, descriptors, gaussian_bins, gaussian_width, line_graph_bins, expand_edges)
+    def __init__(self, store: "DiskGraphSet | dict", *args, **kwargs) -> None:
+        """``store``: a :class:`DiskGraphSet` or the index it reads; the other arguments are
+        :class:`LazyGraphDataset`'s."""
+        super().__init__(store if isinstance(store, DiskGraphSet) else DiskGraphSet(store), *args, **kwargs)
 
     @property
     def shards_read(self) -> set:
