@@ -604,7 +604,7 @@ class StackedEnsemble(BaseEstimator):
         ``refit_gain_rows_``) go with them, for the refit-gain correction."""
         self.coverage_ = float(self.coverage)
         self.calibrators_, self.calibration_rows_, self.calibration_oof_, self.refit_gain_rows_ = [], [], [], []
-        held_out = np.asarray(getattr(self, "refit_es_rows_", []), dtype=np.int64) if self.refitted else np.zeros(0)
+        held_out = self.refit_es_rows_ if self.refitted else np.zeros(0, dtype=np.int64)
         refit_mean = None
         if len(held_out):  # the product's own prediction of those rows (no calibrators yet: no intervals)
             refit_mean = np.asarray(self.predict_all(descriptors, graphs, held_out)["mean"]).reshape(len(held_out), -1)

@@ -154,12 +154,11 @@ class GroupShareRule:
     def summary(self) -> dict:
         """What the rule saw and did, as JSON: the margin, each group's training time and best
         finished score, the groups in contention now, and every choice with the times it saw."""
-        best = {g: v for g, v in self.finished_best.items()}
         return {
             "rule": "share",
             "margin": self.margin,
             "group_time_s": self.group_times(),
-            "finished_best": best,
+            "finished_best": dict(self.finished_best),
             "contenders": self.contenders(),
             "trials": {t: {"group": g, "time_s": self.time[t]} for t, g in self.group_of.items()},
             "choices": [{"trial_id": t, "group": g, "times": times} for t, g, times in self.choices],
