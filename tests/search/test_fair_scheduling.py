@@ -455,7 +455,7 @@ def test_group_summary_and_the_printed_result():
 
 def test_cli_leaderboard_prints_the_group_summary(tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
-    from test_report import MAIN_TRIALS, write_search
+    from search_records import MAIN_TRIALS, write_search
 
     from matfusion.cli import main
     from matfusion.tracking.logger import ensure_experiment
