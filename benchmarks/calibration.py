@@ -25,6 +25,11 @@ Target (issue 20): the default variant (``model`` with the calibrator's default 
 
     python benchmarks/calibration.py                                  # both tasks, 5 folds, ~5-8 min on 2 cores
     python benchmarks/calibration.py --tasks matbench_phonons --folds 0,1 --json out.json
+    python benchmarks/calibration.py --summary results/calibration/calibration.json   # reprint, no fit
+
+The summary also prints what the target asks of a perfectly calibrated predictor on folds of the
+same test sizes (``oracle_odds``): the expected number of folds outside +-4 points at each level
+and the chance that every fold-level is within them.
 """
 
 from __future__ import annotations
@@ -192,7 +197,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=os.environ.get("MATFUSION_DATA", "../shared/data"))
     ap.add_argument("--n-jobs", type=int, default=1, help="featurization workers (cached after the first run)")
     ap.add_argument("--json", help="write every number to this JSON file")
+    ap.add_argument(
+        "--summary", metavar="JSON", help="print the summary of a recorded run (its --json file); fits nothing"
+    )
     args = ap.parse_args(argv)
+    if args.summary:
+        return 0 if summarize(json.loads(Path(args.summary).read_text())["folds"]) else 1
     settings = EnsembleConfig()
     folds = [int(f) for f in args.folds.split(",")]
     print(
@@ -247,6 +257,42 @@ def single_stacks_line(sf: dict, label: str) -> str:
     )
 
 
+def oracle_odds(test_rows: list, draws: int = 200_000, seed: int = 0) -> dict:
+    """What the target asks of a perfectly calibrated predictor on folds of these test sizes.
+
+    For such a predictor each test row falls inside the 68 / 90 / 95 % intervals independently with
+    the nominal probabilities, so a fold's three coverages are one multinomial draw over the four
+    nested bands.  Returns, per level, the chance one fold is within +-TOLERANCE and the expected
+    number of folds outside it, and the chance that every level of every fold is within it (the
+    issue's target), from ``draws`` seeded draws per fold.
+    """
+    rng = np.random.default_rng(seed)
+    bands = np.diff(np.concatenate([[0.0], LEVELS, [1.0]]))  # inside 68, 68-90, 90-95, outside 95
+    per_level = np.zeros((len(test_rows), len(LEVELS)))
+    every_level = np.ones(len(test_rows))
+    for i, n in enumerate(test_rows):
+        counts = rng.multinomial(n, bands, size=draws)
+        cov = np.cumsum(counts[:, :-1], axis=1) / n
+        within = np.abs(cov - np.asarray(LEVELS)) <= TOLERANCE + 1e-12
+        per_level[i] = within.mean(0)
+        every_level[i] = within.all(1).mean()
+    return {
+        "p_fold_within": dict(zip(NAMES, per_level.mean(0).round(4).tolist())),
+        "expected_misses": dict(zip(NAMES, (1 - per_level).sum(0).round(3).tolist())),
+        "p_all_within": float(np.prod(every_level)),
+    }
+
+
+def oracle_line(test_rows: list) -> str:
+    o = oracle_odds(test_rows)
+    return (
+        f"  a perfectly calibrated predictor on {len(test_rows)} folds of {min(test_rows)}-{max(test_rows)} test rows: "
+        "expected folds outside +-4 at 68/90/95 "
+        + " ".join(f"{o['expected_misses'][n]:.2f}" for n in NAMES)
+        + f"; chance that all {len(test_rows) * len(LEVELS)} fold-levels are within +-4: {o['p_all_within']:.3f}"
+    )
+
+
 def summarize(records: list) -> bool:
     ok = True
     print("\n== mean over folds (coverage 68/90/95, mean width 68/90/95, width at equal coverage 68/90/95)")
@@ -278,6 +324,10 @@ def summarize(records: list) -> bool:
                     f"(deviations {' '.join(f'{100 * d:+.1f}' for d in devs)}) {verdict}".rstrip()
                 )
         print(f"  (default: {default})")
+        print(oracle_line([r["n_test"] for r in recs]))
+    all_rows = [r["n_test"] for r in records]
+    if len({r["task"] for r in records}) > 1:
+        print("all tasks:\n" + oracle_line(all_rows))
     return ok
 
 
