@@ -111,7 +111,7 @@ def stack(res, cfg, args) -> dict:
         tracking_uri=res.tracking_uri,
         progress=False,
         seed=args.seed,
-        settings=EnsembleConfig(max_epochs=args.stack_epochs, k=args.stack_k, register=False),
+        settings=EnsembleConfig(max_epochs=args.stack_epochs, k=args.stack_k, n_folds=args.stack_folds, register=False),
     )
     dataset = load_dataset(cfg.data, seed=cfg.search.seed)
     split = split_fold(dataset, cfg.data.fold, cfg.data.val_fraction, seed=cfg.search.seed, n_folds=cfg.data.n_folds)
@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--stack", action="store_true", help="also stack each arm and measure the modalities")
     p.add_argument("--stack-epochs", type=int, default=40, help="epochs of the stack's GNN members")
     p.add_argument("--stack-k", type=int, default=2, help="stack members per group (ensemble.k; default 2)")
+    p.add_argument(
+        "--stack-folds", type=int, default=5, help="out-of-fold splits of the stack (ensemble.n_folds; default 5)"
+    )
     p.add_argument("--data-dir", default=os.environ.get("MATFUSION_DATA", "/work/shared/data"))
     p.add_argument("--workdir", default=None, help="where the searches are stored (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
                 w = ", ".join(f"{k} {v:.2f}" for k, v in (s["weights"] or {}).items())
                 line += (
                     f"; stack test MAE {s['test_mae']:.4g} (weights: {w}); graphs shuffled +{s['graph_rise']:.4g}, "
-                    f"descriptors shuffled +{s['magpie_rise']:.4g}"
+                    f"descriptors shuffled +{s['magpie_rise']:.4g}; wall: search {e['wall_s']:.0f} s + "
+                    f"stack {s['wall_s']:.0f} s = {e['wall_s'] + s['wall_s']:.0f} s"
                 )
             print(line)
         report["tasks"][task] = {
