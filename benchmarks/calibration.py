@@ -26,6 +26,7 @@ Target (issue 20): the default variant (``model`` with the calibrator's default 
     python benchmarks/calibration.py                                  # both tasks, 5 folds, ~5-8 min on 2 cores
     python benchmarks/calibration.py --tasks matbench_phonons --folds 0,1 --json out.json
     python benchmarks/calibration.py --summary results/calibration/calibration.json   # reprint, no fit
+    python benchmarks/calibration.py --from-results results/matbench_dielectric_fair   # a recorded benchmark
 
 The summary also prints what the target asks of a perfectly calibrated predictor on folds of the
 same test sizes (``oracle_odds``): the expected number of folds outside +-4 points at each level
@@ -48,7 +49,14 @@ import numpy as np
 from matfusion.config import DataConfig, EnsembleConfig, FeaturesConfig
 from matfusion.data import load_dataset, split_fold
 from matfusion.data.featurize import featurize
-from matfusion.ensembles.calibration import ONE_SIGMA, ConformalCalibrator, conformal_quantile
+from matfusion.ensembles.calibration import (
+    AVERAGING_FLOOR,
+    ONE_SIGMA,
+    REFIT_AUTO_ROWS,
+    ConformalCalibrator,
+    check_refit_gain,
+    conformal_quantile,
+)
 from matfusion.ensembles.pipeline import interval_settings
 from matfusion.ensembles.stacking import StackedEnsemble
 
@@ -67,9 +75,11 @@ def variant_name(difficulty: str, averaging: bool, refit_gain: bool = False) -> 
     return f"{difficulty}{'+refit' if refit_gain else '+avg' if averaging else ''}"
 
 
-def default_variant() -> str:
-    cal = ConformalCalibrator()
-    return variant_name(EnsembleConfig().difficulty, cal.averaging and not cal.refit_gain, cal.refit_gain)
+def default_variant(refit_rows: int) -> str:
+    """The variant the defaults give a stack whose refit held out ``refit_rows`` calibration rows."""
+    mode = check_refit_gain(EnsembleConfig().refit_gain)
+    refit = mode is True or (mode == "auto" and refit_rows >= REFIT_AUTO_ROWS)
+    return variant_name(EnsembleConfig().difficulty, ConformalCalibrator().averaging and not refit, refit)
 
 
 def interval_stats(err: np.ndarray, half: dict) -> dict:
@@ -200,7 +210,18 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--summary", metavar="JSON", help="print the summary of a recorded run (its --json file); fits nothing"
     )
+    ap.add_argument(
+        "--from-results",
+        nargs="+",
+        metavar="DIR",
+        help="recorded `matfusion benchmark` folders (results/<task>): each fold's coverage with the averaging "
+        "and with the refit-gain correction, from its predictions.csv and summary.json; fits nothing",
+    )
     args = ap.parse_args(argv)
+    if args.from_results:
+        for folder in args.from_results:
+            print_recorded(Path(folder))
+        return 0
     if args.summary:
         return 0 if summarize(json.loads(Path(args.summary).read_text())["folds"]) else 1
     settings = EnsembleConfig()
@@ -293,6 +314,77 @@ def oracle_line(test_rows: list) -> str:
     )
 
 
+RECORDED_LEVELS = ((0.68, "68"), (0.90, "90"), (0.95, "95"))  # the levels a benchmark fold records
+
+
+def recorded_scales(pred, cal: dict):
+    """Per test row of a recorded benchmark fold, its difficulty ``sigma`` and averaging factor
+    ``rho``, recovered exactly from what the fold wrote: ``std = q_std * sigma * rho`` (refit gain
+    off; ``rho = sqrt(V / (V + s^2))``, ``V = sigma^2 m2``, floored) or ``std = q_std * sigma``
+    (refit gain on, whose ``q_*`` include the factor), with ``s`` the recorded ``spread``."""
+    a = pred["std"].to_numpy(float) / cal["q_std"]
+    if cal.get("refit_gain") or not cal.get("averaging"):
+        return a, np.ones_like(a)
+    s, m2 = pred["spread"].to_numpy(float), float(cal["score_m2"])
+    # a^2 = sigma^2 rho^2 = u^2 / ((u + s^2) m2) with u = sigma^2 m2: the positive root of a quadratic
+    u = (a**2 * m2 + np.sqrt(a**4 * m2**2 + 4 * a**2 * m2 * s**2)) / 2
+    sigma, rho = np.sqrt(u / m2), np.sqrt(u / np.maximum(u + s**2, 1e-300))
+    floored = rho < AVERAGING_FLOOR
+    return np.where(floored, a / AVERAGING_FLOOR, sigma), np.where(floored, AVERAGING_FLOOR, rho)
+
+
+def recorded_variants(folder: Path) -> list:
+    """The test coverage of a recorded benchmark (``results/<task>``) with the averaging and with
+    the refit-gain correction, per fold, from its ``predictions.csv`` and ``summary.json`` only
+    (the refit-gain factors every refitted fold records); nothing is refitted or recalibrated."""
+    import pandas as pd
+
+    out = []
+    for fold_dir in sorted(d for d in folder.glob("fold_*") if (d / "summary.json").is_file()):
+        summary = json.loads((fold_dir / "summary.json").read_text())
+        cal = summary.get("calibration") or {}
+        if "refit_factor_68" not in cal:
+            print(f"  {fold_dir}: no refit-gain factors recorded (a fold from before them); skipped")
+            continue
+        pred = pd.read_csv(fold_dir / "predictions.csv")
+        sigma, rho = recorded_scales(pred, cal)
+        err = np.abs(pred["y"].to_numpy(float) - pred["prediction"].to_numpy(float))
+        rec = {"fold": summary["fold"], "refit_gain_rows": cal["refit_gain_rows"], "n_test": len(pred)}
+        for _level, n in RECORDED_LEVELS:
+            g = cal[f"refit_factor_{n}"]
+            q = cal[f"q_{n}"] / (g if cal.get("refit_gain") else 1.0)  # the plain conformal quantile
+            recorded = summary[f"coverage_{n}"]
+            avg, refit = float(np.mean(err <= q * sigma * rho)), float(np.mean(err <= q * g * sigma))
+            if abs((refit if cal.get("refit_gain") else avg) - recorded) > 1e-9:
+                raise SystemExit(f"{fold_dir}: recomputed coverage at {n} % differs from the recorded {recorded}")
+            rec[f"g_{n}"], rec[f"avg_{n}"], rec[f"refit_{n}"] = g, avg, refit
+        out.append(rec)
+    return out
+
+
+def print_recorded(folder: Path) -> None:
+    recs = recorded_variants(folder)
+    if not recs:
+        print(f"{folder}: no fold with recorded refit-gain factors")
+        return
+    print(f"\n== {folder}: test coverage 68/90/95 per fold, averaging vs refit-gain correction (recorded fold outputs)")
+    for r in recs:
+        print(
+            f"  fold {r['fold']}: {r['refit_gain_rows']} held-out rows, factor "
+            + " ".join(f"{r[f'g_{n}']:.3f}" for _, n in RECORDED_LEVELS)
+            + "; averaging "
+            + " ".join(f"{r[f'avg_{n}']:.3f}" for _, n in RECORDED_LEVELS)
+            + "; refit gain "
+            + " ".join(f"{r[f'refit_{n}']:.3f}" for _, n in RECORDED_LEVELS)
+        )
+    for variant in ("avg", "refit"):
+        hits = [sum(abs(r[f"{variant}_{n}"] - lv) <= TOLERANCE for r in recs) for lv, n in RECORDED_LEVELS]
+        print(
+            f"  {'averaging' if variant == 'avg' else 'refit gain'}: folds within +-4 at 68/90/95: "
+            + " / ".join(f"{h}/{len(recs)}" for h in hits)
+        )
+
+
 def summarize(records: list) -> bool:
     ok = True
     print("\n== mean over folds (coverage 68/90/95, mean width 68/90/95, width at equal coverage 68/90/95)")
@@ -312,7 +404,7 @@ def summarize(records: list) -> bool:
             "  refit-gain factor 68/90/95 (mean over folds) "
             + " ".join(f"{np.mean([r['refit_factor'][n] for r in recs]):.3f}" for n in NAMES)
         )
-        default = default_variant()
+        default = default_variant(min(r["refit_gain_rows"] for r in recs))
         for name in [v for v in recs[0]["variants"] if v.startswith("model")]:
             for lv, n in zip(LEVELS, NAMES):
                 devs = [r["variants"][name][f"coverage_{n}"] - lv for r in recs]

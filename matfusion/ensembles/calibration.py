@@ -91,6 +91,7 @@ SIGMA_FLOOR = 0.05  # of the calibration rows' median sigma
 AVERAGING_FLOOR = 0.5  # the averaging correction shrinks a half-width to no less than half
 REFIT_CLIP = (0.7, 1.0)  # the refit-gain factor's range
 REFIT_MIN_ROWS = 30  # fewer refit held-out calibration rows: no refit-gain estimate (factor 1)
+REFIT_AUTO_ROWS = 350  # refit_gain="auto": on from this many held-out rows (68 % coverage error < 2.5 points)
 REFIT_MIN_TAIL = 5  # a level's factor needs this many held-out rows above its quantile
 REFIT_WINDOW = 0.05  # the factor at c pools the quantiles at levels c +- this
 
@@ -121,6 +122,15 @@ def check_coverage(value, name: str = "coverage") -> float:
     return float(value)
 
 
+def check_refit_gain(value):
+    """``True`` / ``False`` / ``"auto"`` (the ``refit_gain`` setting), else a clear error."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if value == "auto":
+        return "auto"
+    raise ValueError(f"refit_gain must be true, false or auto (got {value!r})")
+
+
 class ConformalCalibrator(BaseEstimator):
     """Normalized conformal intervals from out-of-fold residuals (see the module docstring).
 
@@ -132,9 +142,11 @@ class ConformalCalibrator(BaseEstimator):
     averaging: scale the half-widths of new rows by the averaging correction ``rho`` when
         :meth:`sigma` is given their fold-model spread (see the module docstring; not for
         ``constant``).
-    refit_gain: scale the quantile at each level by the refit-gain factor :meth:`refit_factor`
-        (estimated when ``fit`` is given the refit's residuals; replaces the averaging correction
-        then; not for ``constant``).
+    refit_gain: ``True``: scale the quantile at each level by the refit-gain factor
+        :meth:`refit_factor` (estimated when ``fit`` is given the refit's residuals; replaces the
+        averaging correction then; not for ``constant``); ``"auto"``: the same when the factor
+        comes from at least ``REFIT_AUTO_ROWS`` held-out rows (else the averaging correction);
+        ``False``: never.
 
     ``fit(residuals, features, folds, spread)``: ``residuals`` (n,) OOF ``y - yhat`` of the
     calibration rows, ``features`` (n, d) the difficulty model's inputs (NaN allowed), ``folds``
@@ -155,7 +167,7 @@ class ConformalCalibrator(BaseEstimator):
         coverage: float = 0.9,
         seed: int = 0,
         averaging: bool = True,
-        refit_gain: bool = False,
+        refit_gain: "bool | str" = "auto",
     ) -> None:
         self.difficulty = difficulty
         self.coverage = coverage
@@ -207,6 +219,7 @@ class ConformalCalibrator(BaseEstimator):
         if self.difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)} (got {self.difficulty!r})")
         check_coverage(self.coverage)
+        check_refit_gain(self.refit_gain)
         r = np.abs(np.asarray(residuals, dtype=np.float64).reshape(-1))
         n = len(r)
         if n < 2 or not np.all(np.isfinite(r)):
@@ -320,11 +333,29 @@ class ConformalCalibrator(BaseEstimator):
 
     @property
     def refit_gain_active(self) -> bool:
-        """Whether the refit-gain factor scales the quantiles (on, estimated, not ``constant``)."""
+        """Whether the refit-gain factor scales the quantiles (on, estimated, not ``constant``;
+        ``"auto"``: and estimated from ``REFIT_AUTO_ROWS`` held-out rows or more)."""
+        mode = check_refit_gain(getattr(self, "refit_gain", False))
+        scores = getattr(self, "refit_scores_", None)
+        if mode is False or scores is None or self.difficulty_ == "constant":
+            return False
+        return mode is True or len(scores) >= REFIT_AUTO_ROWS
+
+    def refit_gain_status(self) -> Optional[str]:
+        """Why the refit-gain factor is not applied (None when it is)."""
+        if self.refit_gain_active:
+            return None
+        mode = check_refit_gain(getattr(self, "refit_gain", False))
+        if mode is False:
+            return "off (refit_gain: false)"
+        reason = getattr(self, "refit_gain_reason_", "calibrated before the refit-gain correction")
+        if reason is not None:
+            return reason
+        if self.difficulty_ == "constant":
+            return "constant difficulty: plain conformal, one width"
         return (
-            bool(getattr(self, "refit_gain", False))
-            and getattr(self, "refit_scores_", None) is not None
-            and self.difficulty_ != "constant"
+            f"auto: {len(self.refit_scores_)} held-out rows (fewer than {REFIT_AUTO_ROWS}): "
+            "the averaging correction applies"
         )
 
     def refit_factor(self, level: float, force: bool = False) -> float:
@@ -362,8 +393,9 @@ class ConformalCalibrator(BaseEstimator):
             and not self.refit_gain_active,
             "score_m2": getattr(self, "score_m2_", None),
             "refit_gain": self.refit_gain_active,
+            "refit_gain_mode": str(check_refit_gain(getattr(self, "refit_gain", False))).lower(),
             "refit_gain_rows": int(len(getattr(self, "refit_positions_", ()))),
-            "refit_gain_reason": getattr(self, "refit_gain_reason_", "calibrated before the refit-gain correction"),
+            "refit_gain_reason": self.refit_gain_status(),
             **(
                 {f"refit_factor_{level_name(lv)}": self.refit_factor(lv, force=True) for lv in REPORT_LEVELS}
                 if getattr(self, "refit_scores_", None) is not None

@@ -46,7 +46,7 @@ from sklearn.base import BaseEstimator, RegressorMixin, clone
 
 from .. import families
 from ..config import EnsembleConfig
-from .calibration import DIFFICULTIES, ONE_SIGMA, ConformalCalibrator, check_coverage
+from .calibration import DIFFICULTIES, ONE_SIGMA, ConformalCalibrator, check_coverage, check_refit_gain
 
 log = logging.getLogger("matfusion.ensembles")
 
@@ -340,7 +340,7 @@ class StackedEnsemble(BaseEstimator):
         graph_max_epochs: Optional[int] = _DEFAULTS.max_epochs,
         coverage: float = DEFAULT_COVERAGE,
         difficulty: str = DEFAULT_DIFFICULTY,
-        refit_gain: bool = _DEFAULTS.refit_gain,
+        refit_gain: "bool | str" = _DEFAULTS.refit_gain,
     ) -> None:
         self.members = members
         self.meta = meta
@@ -412,6 +412,7 @@ class StackedEnsemble(BaseEstimator):
             )
         try:
             check_coverage(self.coverage)
+            check_refit_gain(self.refit_gain)
         except ValueError as err:
             raise InvalidParameterError(str(err)) from None
         if self.difficulty not in DIFFICULTIES:

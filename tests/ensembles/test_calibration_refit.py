@@ -12,6 +12,7 @@ import pytest
 from matfusion.ensembles import StackedEnsemble
 from matfusion.ensembles.calibration import (
     ONE_SIGMA,
+    REFIT_AUTO_ROWS,
     REFIT_CLIP,
     REFIT_MIN_ROWS,
     ConformalCalibrator,
@@ -22,7 +23,7 @@ RF = {"family": "rf", "rf": {"n_estimators": 40, "min_samples_leaf": 1, "max_fea
 LEVELS = (ONE_SIGMA, 0.9, 0.95)
 
 
-def _calibrated(refit_scale: float, n=3000, m=600, seed=0):
+def _calibrated(refit_scale: float, n=3000, m=600, seed=0, mode=True):
     """A calibrator whose residuals are single-model errors of scale sigma(x); the refit's errors
     on the first ``m`` calibration rows are ``refit_scale`` times an independent draw of them."""
     rng = np.random.default_rng(seed)
@@ -36,7 +37,7 @@ def _calibrated(refit_scale: float, n=3000, m=600, seed=0):
     sig = np.empty(n)
     sig[pos] = sigma[:m]
     sig[np.setdiff1d(np.arange(n), pos)] = sigma[m:]
-    cal = ConformalCalibrator(difficulty="spread", refit_gain=True)
+    cal = ConformalCalibrator(difficulty="spread", refit_gain=mode)
     return cal.fit(residuals, spread=sig, refit_positions=pos[order], refit_residuals=refit[order]), sig
 
 
@@ -64,6 +65,34 @@ def test_refit_gain_factor_follows_the_refits_smaller_errors_and_stays_one_witho
     assert summary["refit_gain"] is False and summary["averaging"] is True
     assert summary["refit_gain_rows"] == 600 and summary["refit_factor_90"] < 0.9
     json.dumps(summary)  # what MLflow (calibration.json) and the model card record
+
+
+def test_auto_applies_the_factor_only_from_enough_held_out_rows():
+    """``refit_gain="auto"`` (the default): the factor from REFIT_AUTO_ROWS held-out rows or more,
+    the averaging correction below, with the reason in the summary; ``True`` applies it from any
+    estimate; a bad value is refused with its name."""
+    many, _ = _calibrated(0.8, m=REFIT_AUTO_ROWS, mode="auto")
+    assert many.refit_gain_active and many.refit_factor(0.9) < 0.9
+    assert many.summary()["refit_gain"] is True and many.summary()["refit_gain_reason"] is None
+    assert many.summary()["refit_gain_mode"] == "auto"
+    few, _ = _calibrated(0.8, m=REFIT_AUTO_ROWS - 1, mode="auto")
+    assert not few.refit_gain_active and few.refit_factor(0.9) == 1.0
+    assert few.quantile(0.9) == conformal_quantile(few.scores_, 0.9)
+    summary = few.summary()
+    assert summary["refit_gain"] is False and summary["averaging"] is True
+    assert f"{REFIT_AUTO_ROWS - 1} held-out rows (fewer than {REFIT_AUTO_ROWS})" in summary["refit_gain_reason"]
+    assert summary["refit_factor_90"] < 0.9  # estimated and recorded all the same
+    forced, _ = _calibrated(0.8, m=REFIT_AUTO_ROWS - 1, mode=True)
+    assert forced.refit_gain_active and forced.refit_factor(0.9) < 0.9
+    off, _ = _calibrated(0.8, mode=False)
+    assert not off.refit_gain_active and off.summary()["refit_gain_reason"] == "off (refit_gain: false)"
+    with pytest.raises(ValueError, match="refit_gain must be true, false or auto"):
+        _calibrated(0.8, mode="sometimes")
+    from matfusion.ensembles.stacking import InvalidParameterError
+
+    X, y = _learnable(60, 2, 0.005)
+    with pytest.raises(InvalidParameterError, match="refit_gain must be true, false or auto"):
+        StackedEnsemble([RF], n_folds=2, refit_gain="yes").fit(X, None, y, np.arange(60))
 
 
 def test_refit_gain_falls_back_to_one_with_a_reason_and_checks_its_rows():
@@ -147,7 +176,8 @@ def test_ensemble_config_refit_gain_reaches_every_calibrator():
     from matfusion.config import EnsembleConfig
     from matfusion.ensembles.pipeline import interval_settings
 
-    assert EnsembleConfig().refit_gain is False and interval_settings(EnsembleConfig())["refit_gain"] is False
+    assert EnsembleConfig().refit_gain == "auto" and interval_settings(EnsembleConfig())["refit_gain"] == "auto"
+    assert StackedEnsemble([RF]).refit_gain == "auto"
     X, y = _learnable(300, 1, 0.005)
     on = StackedEnsemble([RF], meta="mae", n_folds=3, seed=0, **interval_settings(EnsembleConfig(refit_gain=True)))
     on.fit(X, None, y, np.arange(300))

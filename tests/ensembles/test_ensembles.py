@@ -1056,7 +1056,7 @@ def test_ensemble_config_section_validates():
         "register": True,
         "coverage": 0.9,
         "difficulty": "model",
-        "refit_gain": False,
+        "refit_gain": "auto",
     }
     cfg = config_from_dict(
         dict(base, ensemble={"enabled": True, "k": 1, "meta": "gbm", "max_epochs": 3, "register": False})
@@ -1072,6 +1072,9 @@ def test_ensemble_config_section_validates():
         config_from_dict(dict(base, ensemble={"coverage": 1.0}))
     with pytest.raises(ConfigError, match=r"ensemble\.difficulty"):
         config_from_dict(dict(base, ensemble={"difficulty": "guess"}))
+    with pytest.raises(ConfigError, match=r"ensemble\.refit_gain"):
+        config_from_dict(dict(base, ensemble={"refit_gain": "sometimes"}))
+    assert config_from_dict(dict(base, ensemble={"refit_gain": True})).ensemble.refit_gain is True
 
 
 def test_search_hook_builds_ensemble_of_that_search(tmp_path, phonons, capsys):
