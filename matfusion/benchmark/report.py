@@ -405,10 +405,21 @@ def coverage_table(info: dict) -> pd.DataFrame:
         row["within_spread"] = (
             float(spread) if spread is not None else (np.nan if row["conformal"] else row["within_std"])
         )
-        calib = s.get("calibration") or {}
-        row["difficulty"] = calib.get("difficulty", "-") if isinstance(calib, dict) else "-"
+        row["difficulty"] = calibration_label(s.get("calibration"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def calibration_label(calib) -> str:
+    """``model + refit gain`` / ``model + averaging`` / ``constant``: the fold's difficulty and the
+    correction its intervals carry (docs/uncertainty.md); ``-`` without a calibration record."""
+    if not isinstance(calib, dict) or "difficulty" not in calib:
+        return "-"
+    if calib.get("refit_gain"):
+        return f"{calib['difficulty']} + refit gain"
+    if calib.get("averaging"):
+        return f"{calib['difficulty']} + averaging"
+    return str(calib["difficulty"])
 
 
 def plot_coverage(table: pd.DataFrame, path: Path, task: str) -> str:
