@@ -94,6 +94,22 @@ def _install(fn: Callable, items: Sequence) -> None:
     global _TASK
     _TASK = (fn, items)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # forked with SIGTERM blocked (see _forking_pool): one sent before the line above is
+    # delivered now, to the default action
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _forking_pool(n_jobs: int, fn: Callable, items: Sequence):
+    """A fork pool whose workers are forked with SIGTERM blocked: the pool may end a worker
+    with SIGTERM before the worker's start-up has put the default action back (a worker just
+    forked when a short map ends; seen in a CI run), and a handler inherited from the parent
+    that returns would then swallow it.  Blocked, it waits until :func:`_install` unblocks it.
+    The pool's own threads, started here, keep the blocked mask for the workers they fork."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return mp.get_context("fork").Pool(n_jobs, initializer=_install, initargs=(fn, items))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _run_chunk(bounds: tuple[int, int], task: tuple | None = None) -> tuple[int, list, list]:
@@ -138,9 +154,12 @@ def parallel_map(
 
     try:
         if n_jobs > 1 and n > 2 * chunk and can_fork():
-            with mp.get_context("fork").Pool(n_jobs, initializer=_install, initargs=(fn, items)) as pool:
+            with _forking_pool(n_jobs, fn, items) as pool:
                 for result in pool.imap_unordered(_run_chunk, bounds):
                     store(*result)
+                # done: the workers end on the close sentinel (the with's exit would terminate them)
+                pool.close()
+                pool.join()
         else:
             for b in bounds:
                 store(*_run_chunk(b, (fn, items)))

@@ -3,6 +3,8 @@ made here, and (where real-data behaviour is the point) on 40 phonons structures
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -483,8 +485,43 @@ def test_pool_workers_end_by_sigterm_whatever_handler_the_parent_has():
     saved = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         values, failures = parallel_map(
-            lambda _: signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, list(range(12)), n_jobs=2, chunk=2
+            lambda _: (
+                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+                and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            ),
+            list(range(12)),
+            n_jobs=2,
+            chunk=2,
         )
     finally:
         signal.signal(signal.SIGTERM, saved)
     assert failures == [] and values == [True] * 12
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the parent's mask is back
+
+
+def test_a_sigterm_before_the_workers_start_up_still_ends_it():
+    """The race behind a CI hang: the pool sent SIGTERM to a worker just forked, before its start-up
+    had put the default action back, and the handler it inherited swallowed it.  Workers are forked
+    with SIGTERM blocked, so such a signal waits and ends the worker at its start-up.  Here a child
+    forked the same way gets SIGTERM under a handler that returns, then runs the start-up."""
+    import signal
+
+    from matfusion.data import parallel
+
+    if not parallel.can_fork():
+        pytest.skip("no fork on this platform")
+    saved = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: as a pool worker before its start-up
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # pending: blocked
+                parallel._install(len, [])
+            finally:
+                os._exit(3)  # reached only if the SIGTERM was swallowed
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGTERM, saved)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
