@@ -300,7 +300,7 @@ def test_miniature_benchmark_two_folds_records_reports_and_resumes(tmp_path, dat
     # the report
     text = (out / "report.md").read_text()
     assert "| 0 | **" in text and "| 1 | **" in text and "MEGNet" in text and "not comparable" in text
-    assert "## Uncertainty" in text and "| 0 | model |" in text and "| 1 | model |" in text
+    assert "## Uncertainty" in text and "| 0 | model + averaging |" in text and "| 1 | model + averaging |" in text
     for png in (
         "fold_mae.png",
         "families.png",
