@@ -286,11 +286,12 @@ def _ensemble_config() -> type:
                 "of the out-of-fold |residual|), spread (the members' spread), constant (plain conformal, one width)",
             )
             refit_gain: Union[Literal["auto"], bool] = Field(
-                "auto",
+                True,
                 description="scale the conformal quantiles by the refit's measured gain over a single fold-model "
                 "stack, estimated per level on the training rows the refit held out for early stopping (replaces "
-                "the averaging correction); auto: on when at least 350 rows were held out (fewer give a noisy "
-                "factor), true: always when estimated, false: never (docs/uncertainty.md)",
+                "the averaging correction); true: whenever it is estimated (30+ held-out rows), auto: only from "
+                "350 held-out rows (the averaging correction, which errs wide, below), false: never "
+                "(docs/uncertainty.md)",
             )
 
     EnsembleConfig.__qualname__ = "EnsembleConfig"  # picklable by reference as matfusion.config.EnsembleConfig

@@ -184,7 +184,8 @@ def test_spread_difficulty_and_a_single_member(hetero):
     X, y, scale, rows, test, _ = hetero
     one = StackedEnsemble([RF], n_folds=3, seed=0, difficulty="spread").fit(X, None, y, rows)
     assert one.calibrators_[0].difficulty_ == "constant"  # one member has no spread
-    two = StackedEnsemble([RF, ET], n_folds=3, seed=0, difficulty="spread").fit(X, None, y, rows)
+    # the averaging correction's path (the refit-gain correction, on by default, would replace it)
+    two = StackedEnsemble([RF, ET], n_folds=3, seed=0, difficulty="spread", refit_gain=False).fit(X, None, y, rows)
     assert two.calibrators_[0].difficulty_ == "spread"
     out = two.predict_all(X, None, test)
     spread = out["members"].std(axis=1)

@@ -68,7 +68,7 @@ def test_refit_gain_factor_follows_the_refits_smaller_errors_and_stays_one_witho
 
 
 def test_auto_applies_the_factor_only_from_enough_held_out_rows():
-    """``refit_gain="auto"`` (the default): the factor from REFIT_AUTO_ROWS held-out rows or more,
+    """``refit_gain="auto"``: the factor from REFIT_AUTO_ROWS held-out rows or more,
     the averaging correction below, with the reason in the summary; ``True`` applies it from any
     estimate; a bad value is refused with its name."""
     many, _ = _calibrated(0.8, m=REFIT_AUTO_ROWS, mode="auto")
@@ -176,8 +176,8 @@ def test_ensemble_config_refit_gain_reaches_every_calibrator():
     from matfusion.config import EnsembleConfig
     from matfusion.ensembles.pipeline import interval_settings
 
-    assert EnsembleConfig().refit_gain == "auto" and interval_settings(EnsembleConfig())["refit_gain"] == "auto"
-    assert StackedEnsemble([RF]).refit_gain == "auto"
+    assert EnsembleConfig().refit_gain is True and interval_settings(EnsembleConfig())["refit_gain"] is True
+    assert StackedEnsemble([RF]).refit_gain is True and ConformalCalibrator().refit_gain is True
     X, y = _learnable(300, 1, 0.005)
     on = StackedEnsemble([RF], meta="mae", n_folds=3, seed=0, **interval_settings(EnsembleConfig(refit_gain=True)))
     on.fit(X, None, y, np.arange(300))

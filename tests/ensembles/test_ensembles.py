@@ -1056,7 +1056,7 @@ def test_ensemble_config_section_validates():
         "register": True,
         "coverage": 0.9,
         "difficulty": "model",
-        "refit_gain": "auto",
+        "refit_gain": True,
     }
     cfg = config_from_dict(
         dict(base, ensemble={"enabled": True, "k": 1, "meta": "gbm", "max_epochs": 3, "register": False})
