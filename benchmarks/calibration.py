@@ -52,10 +52,9 @@ from matfusion.data.featurize import featurize
 from matfusion.ensembles.calibration import (
     AVERAGING_FLOOR,
     ONE_SIGMA,
-    REFIT_AUTO_ROWS,
     ConformalCalibrator,
-    check_refit_gain,
     conformal_quantile,
+    refit_gain_applies,
 )
 from matfusion.ensembles.pipeline import interval_settings
 from matfusion.ensembles.stacking import StackedEnsemble
@@ -77,8 +76,7 @@ def variant_name(difficulty: str, averaging: bool, refit_gain: bool = False) -> 
 
 def default_variant(refit_rows: int) -> str:
     """The variant the defaults give a stack whose refit held out ``refit_rows`` calibration rows."""
-    mode = check_refit_gain(EnsembleConfig().refit_gain)
-    refit = mode is True or (mode == "auto" and refit_rows >= REFIT_AUTO_ROWS)
+    refit = refit_gain_applies(EnsembleConfig().refit_gain, refit_rows)
     return variant_name(EnsembleConfig().difficulty, ConformalCalibrator().averaging and not refit, refit)
 
 

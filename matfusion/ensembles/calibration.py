@@ -92,7 +92,7 @@ AVERAGING_FLOOR = 0.5  # the averaging correction shrinks a half-width to no les
 REFIT_CLIP = (0.7, 1.0)  # the refit-gain factor's range
 REFIT_MIN_ROWS = 30  # fewer refit held-out calibration rows: no refit-gain estimate (factor 1)
 REFIT_AUTO_ROWS = 350  # refit_gain="auto": on from this many held-out rows (68 % coverage error < 2.5 points)
-# (the default is True: on whenever estimated; measured in docs/uncertainty.md)
+DEFAULT_REFIT_GAIN = EnsembleConfig.model_fields["refit_gain"].default  # True: measured, docs/uncertainty.md
 REFIT_MIN_TAIL = 5  # a level's factor needs this many held-out rows above its quantile
 REFIT_WINDOW = 0.05  # the factor at c pools the quantiles at levels c +- this
 
@@ -132,6 +132,13 @@ def check_refit_gain(value):
     raise ValueError(f"refit_gain must be true, false or auto (got {value!r})")
 
 
+def refit_gain_applies(mode, held_out_rows: int) -> bool:
+    """Whether the ``refit_gain`` setting ``mode`` applies a factor estimated from
+    ``held_out_rows`` rows: ``True`` always, ``"auto"`` from ``REFIT_AUTO_ROWS``, ``False`` never."""
+    mode = check_refit_gain(mode)
+    return mode is True or (mode == "auto" and held_out_rows >= REFIT_AUTO_ROWS)
+
+
 class ConformalCalibrator(BaseEstimator):
     """Normalized conformal intervals from out-of-fold residuals (see the module docstring).
 
@@ -168,7 +175,7 @@ class ConformalCalibrator(BaseEstimator):
         coverage: float = 0.9,
         seed: int = 0,
         averaging: bool = True,
-        refit_gain: "bool | str" = True,
+        refit_gain: "bool | str" = DEFAULT_REFIT_GAIN,
     ) -> None:
         self.difficulty = difficulty
         self.coverage = coverage
@@ -336,11 +343,10 @@ class ConformalCalibrator(BaseEstimator):
     def refit_gain_active(self) -> bool:
         """Whether the refit-gain factor scales the quantiles (on, estimated, not ``constant``;
         ``"auto"``: and estimated from ``REFIT_AUTO_ROWS`` held-out rows or more)."""
-        mode = check_refit_gain(getattr(self, "refit_gain", False))
         scores = getattr(self, "refit_scores_", None)
-        if mode is False or scores is None or self.difficulty_ == "constant":
+        if scores is None or self.difficulty_ == "constant":
             return False
-        return mode is True or len(scores) >= REFIT_AUTO_ROWS
+        return refit_gain_applies(getattr(self, "refit_gain", False), len(scores))
 
     def refit_gain_status(self) -> Optional[str]:
         """Why the refit-gain factor is not applied (None when it is)."""
