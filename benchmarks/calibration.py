@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -168,6 +170,7 @@ def run_fold(task: str, ds, descriptors: np.ndarray, fold: int, settings: Ensemb
         raise SystemExit(f"{task} fold {fold}: the refit-gain rows are not calibration rows held out from the refit")
     record["refit_gain_reason"] = refit_cal.refit_gain_reason_
     record["refit_factor"] = {n: refit_cal.refit_factor(lv, force=True) for lv, n in zip(LEVELS, NAMES)}
+    record["refit_factor_se"] = dict(getattr(refit_cal, "refit_factor_se_", {}))
     for difficulty, averaging, refit_gain in VARIANTS:
         recalibrate(ens, descriptors, difficulty, averaging, refit_gain)
         out = ens.predict_all(descriptors, None, test)
@@ -176,12 +179,38 @@ def run_fold(task: str, ds, descriptors: np.ndarray, fold: int, settings: Ensemb
         stats = interval_stats(err, {lv: cal.quantile(lv) * out["sigma"] for lv in LEVELS})
         stats["within_1std"] = float(np.mean(err <= out["std"]))
         record["variants"][variant_name(difficulty, averaging, refit_gain)] = stats
+        if refit_gain and record["refit_factor_se"]:
+            record["factor_band"] = factor_band(cal, err, out["sigma"], record["refit_factor_se"])
         record["test_mae"] = float(err.mean())
         record["spread_within_1std"] = float(np.mean(err <= out["spread"]))
         if difficulty == "model" and averaging and not refit_gain:
             record["single_fold_stacks"] = single_fold_diagnosis(ens, out, descriptors, test, y)
     record["wall_s"] = round(time.time() - t0, 1)
     return record
+
+
+def factor_band(cal: ConformalCalibrator, err: np.ndarray, sigma: np.ndarray, se: dict) -> dict:
+    """The refit-gain variant's test coverage at each level with its factor moved down and up by
+    one bootstrap standard error: how much of a fold's deviation the factor's sampling error alone
+    can make."""
+    band = {}
+    for lv, n in zip(LEVELS, NAMES):
+        q, g = conformal_quantile(cal.scores_, lv), cal.refit_factor(lv)
+        band[n] = [float(np.mean(err <= q * max(g + d * se[n], 0.0) * sigma)) for d in (-1.0, 1.0)]
+    return band
+
+
+def factor_band_line(rec: dict) -> str:
+    se = rec.get("refit_factor_se") or {}
+    if not se:
+        return ""
+    band = rec.get("factor_band")
+    text = "  refit-gain factor's bootstrap se 68/90/95 " + " ".join(f"{se[n]:.3f}" for n in NAMES)
+    if band:
+        text += "; model+refit coverage with the factor -1 / +1 se: " + "  ".join(
+            f"{band[n][0]:.3f}-{band[n][1]:.3f}" for n in NAMES
+        )
+    return text + "\n"
 
 
 def fmt_row(label: str, v: dict) -> str:
@@ -249,6 +278,7 @@ def main(argv=None) -> int:
                 + f" from {rec['refit_gain_rows']} calibration rows the refit held out"
                 + (f" ({rec['refit_gain_reason']})" if rec["refit_gain_reason"] else "")
             )
+            print(factor_band_line(rec), end="")
             print(HEADER)
             for name, v in rec["variants"].items():
                 print(fmt_row(name, v))
@@ -300,6 +330,51 @@ def oracle_odds(test_rows: list, draws: int = 200_000, seed: int = 0) -> dict:
         "expected_misses": dict(zip(NAMES, (1 - per_level).sum(0).round(3).tolist())),
         "p_all_within": float(np.prod(every_level)),
     }
+
+
+def noise_budget(recs: list) -> Optional[dict]:
+    """What an unbiased calibration with this run's own sampling errors would miss: per fold and
+    level, a Gaussian deviation with the binomial errors of the test coverage and of the conformal
+    quantile (``sqrt(c (1 - c) / n)`` on the test and the calibration rows) and the refit-gain
+    factor's (half the width of the fold's one-se coverage band, ``factor_band``).  Returns the
+    mean standard deviation in points and the expected folds outside +-TOLERANCE per level; None
+    for records without a band (runs before it, or without the refit gain)."""
+    if not all(r.get("factor_band") for r in recs):
+        return None
+    sd = np.array(
+        [
+            [
+                math.sqrt(
+                    lv * (1 - lv) / r["n_test"]
+                    + lv * (1 - lv) / r["n_calibration"]
+                    + ((r["factor_band"][n][1] - r["factor_band"][n][0]) / 2) ** 2
+                )
+                for lv, n in zip(LEVELS, NAMES)
+            ]
+            for r in recs
+        ]
+    )
+    misses = np.vectorize(lambda x: math.erfc(TOLERANCE / x / math.sqrt(2)))(sd).sum(0)
+    return {
+        "sd_points": dict(zip(NAMES, (100 * sd.mean(0)).round(2).tolist())),
+        "expected_misses": dict(zip(NAMES, misses.round(2).tolist())),
+    }
+
+
+def noise_line(recs: list, observed: dict) -> str:
+    b = noise_budget(recs)
+    if b is None:
+        return ""
+    return (
+        "  an unbiased model+refit with this run's sampling errors (test rows, calibration rows, the factor's se): "
+        "sd per fold 68/90/95 "
+        + " ".join(f"{b['sd_points'][n]:.1f}" for n in NAMES)
+        + " points; expected folds outside +-4 "
+        + " ".join(f"{b['expected_misses'][n]:.2f}" for n in NAMES)
+        + " (observed "
+        + " ".join(str(observed[n]) for n in NAMES)
+        + ")\n"
+    )
 
 
 def oracle_line(test_rows: list) -> str:
@@ -356,6 +431,7 @@ def recorded_variants(folder: Path) -> list:
             if abs((refit if cal.get("refit_gain") else avg) - recorded) > 1e-9:
                 raise SystemExit(f"{fold_dir}: recomputed coverage at {n} % differs from the recorded {recorded}")
             rec[f"g_{n}"], rec[f"avg_{n}"], rec[f"refit_{n}"] = g, avg, refit
+            rec[f"se_{n}"] = cal.get(f"refit_factor_se_{n}")  # folds recorded before it: None
         out.append(rec)
     return out
 
@@ -370,6 +446,11 @@ def print_recorded(folder: Path) -> None:
         print(
             f"  fold {r['fold']}: {r['refit_gain_rows']} held-out rows, factor "
             + " ".join(f"{r[f'g_{n}']:.3f}" for _, n in RECORDED_LEVELS)
+            + (
+                " (bootstrap se " + " ".join(f"{r[f'se_{n}']:.3f}" for _, n in RECORDED_LEVELS) + ")"
+                if all(r[f"se_{n}"] is not None for _, n in RECORDED_LEVELS)
+                else ""
+            )
             + "; averaging "
             + " ".join(f"{r[f'avg_{n}']:.3f}" for _, n in RECORDED_LEVELS)
             + "; refit gain "
@@ -401,6 +482,11 @@ def summarize(records: list) -> bool:
         print(
             "  refit-gain factor 68/90/95 (mean over folds) "
             + " ".join(f"{np.mean([r['refit_factor'][n] for r in recs]):.3f}" for n in NAMES)
+            + (
+                "; bootstrap se " + " ".join(f"{np.mean([r['refit_factor_se'][n] for r in recs]):.3f}" for n in NAMES)
+                if all(r.get("refit_factor_se") for r in recs)
+                else ""
+            )
         )
         default = default_variant(min(r["refit_gain_rows"] for r in recs))
         for name in [v for v in recs[0]["variants"] if v.startswith("model")]:
@@ -414,6 +500,10 @@ def summarize(records: list) -> bool:
                     f"(deviations {' '.join(f'{100 * d:+.1f}' for d in devs)}) {verdict}".rstrip()
                 )
         print(f"  (default: {default})")
+        refit = [r["variants"].get("model+refit") for r in recs]
+        if all(refit):
+            observed = {n: sum(abs(v[f"coverage_{n}"] - lv) > TOLERANCE for v in refit) for lv, n in zip(LEVELS, NAMES)}
+            print(noise_line(recs, observed), end="")
         print(oracle_line([r["n_test"] for r in recs]))
     all_rows = [r["n_test"] for r in records]
     if len({r["task"] for r in records}) > 1:

@@ -95,6 +95,7 @@ REFIT_AUTO_ROWS = 350  # refit_gain="auto": on from this many held-out rows (68 
 DEFAULT_REFIT_GAIN = EnsembleConfig.model_fields["refit_gain"].default  # True: measured, docs/uncertainty.md
 REFIT_MIN_TAIL = 5  # a level's factor needs this many held-out rows above its quantile
 REFIT_WINDOW = 0.05  # the factor at c pools the quantiles at levels c +- this
+REFIT_SE_DRAWS = 200  # bootstrap resamples of the held-out rows for the factor's standard error
 
 
 def level_name(level: float) -> str:
@@ -115,6 +116,16 @@ def conformal_quantile(sorted_scores: np.ndarray, level: float) -> float:
         raise ValueError(f"coverage must be in (0, 1) (got {level!r})")
     rank = int(math.ceil((n + 1) * float(level) - 1e-9))
     return float(s[min(max(rank, 1), n) - 1])
+
+
+def refit_quantile_ratio(single: np.ndarray, refit: np.ndarray, level: float) -> float:
+    """``Q(refit) / Q(single)`` on the same held-out rows, the quantiles averaged over the levels
+    ``level +- REFIT_WINDOW`` (capped at the last level with ``REFIT_MIN_TAIL`` rows above it);
+    unclipped, NaN when the single stacks' quantile is not positive."""
+    top = max(0.5, 1.0 - REFIT_MIN_TAIL / len(refit))
+    lv = np.clip(np.linspace(level - REFIT_WINDOW, level + REFIT_WINDOW, 11), 0.01, top)
+    den = float(np.mean(np.quantile(single, lv)))
+    return float(np.mean(np.quantile(refit, lv))) / den if den > 0 else math.nan
 
 
 def check_coverage(value, name: str = "coverage") -> float:
@@ -165,8 +176,9 @@ class ConformalCalibrator(BaseEstimator):
     ``sigma_floor_``, ``model_`` (``model`` only), ``oof_sigma_`` (the calibration rows' sigma),
     ``score_m2_`` (mean squared normalized score), ``n_calibration_``, ``refit_positions_`` (sorted),
     ``refit_scores_`` / ``refit_single_scores_`` (sorted normalized scores of the refit and of the
-    single fold-model stacks on those rows; None when not estimated), ``refit_gain_reason_`` (None
-    when estimated, else why the factor is 1).
+    single fold-model stacks on those rows; None when not estimated), ``refit_factor_se_`` (the
+    factor's bootstrap standard error at each of ``REPORT_LEVELS``, keyed ``"68"``, ``"90"``,
+    ``"95"``; when estimated), ``refit_gain_reason_`` (None when estimated, else why the factor is 1).
     """
 
     def __init__(
@@ -271,6 +283,7 @@ class ConformalCalibrator(BaseEstimator):
         never trained on (same sigma for both; see the module docstring)."""
         self.refit_scores_ = self.refit_single_scores_ = None
         self.refit_positions_ = np.zeros(0, dtype=np.int64)
+        self.refit_factor_se_ = {}
         if positions is None or residuals is None:
             self.refit_gain_reason_ = "no refit: the prediction is the average of the fold-model stacks"
             return
@@ -289,9 +302,21 @@ class ConformalCalibrator(BaseEstimator):
                 f"{len(pos)} calibration rows held out from the refit (fewer than {REFIT_MIN_ROWS}): factor 1"
             )
             return
-        self.refit_scores_ = np.sort(res / self.oof_sigma_[pos])
-        self.refit_single_scores_ = np.sort(scores[pos])
+        refit, single = res / self.oof_sigma_[pos], scores[pos]
+        self.refit_scores_, self.refit_single_scores_ = np.sort(refit), np.sort(single)
         self.refit_gain_reason_ = None
+        self.refit_factor_se_ = self._refit_factor_se(single, refit)
+
+    def _refit_factor_se(self, single: np.ndarray, refit: np.ndarray) -> dict:
+        """The sampling error of the factor at each of ``REPORT_LEVELS``: the standard deviation
+        of :func:`refit_quantile_ratio` (unclipped) over ``REFIT_SE_DRAWS`` seeded bootstrap
+        resamples of the held-out rows, each row's two scores drawn together."""
+        rng = np.random.default_rng(self.seed)
+        draws = [rng.integers(0, len(refit), len(refit)) for _ in range(REFIT_SE_DRAWS)]
+        return {
+            level_name(lv): float(np.nanstd([refit_quantile_ratio(single[d], refit[d], lv) for d in draws]))
+            for lv in REPORT_LEVELS
+        }
 
     def _floored(self, sigma: np.ndarray) -> np.ndarray:
         sigma = np.asarray(sigma, dtype=np.float64)
@@ -372,14 +397,8 @@ class ConformalCalibrator(BaseEstimator):
         level = check_coverage(level)
         if not (self.refit_gain_active or (force and getattr(self, "refit_scores_", None) is not None)):
             return 1.0
-        m = len(self.refit_scores_)
-        top = max(0.5, 1.0 - REFIT_MIN_TAIL / m)  # the last level with REFIT_MIN_TAIL rows above it
-        lv = np.clip(np.linspace(level - REFIT_WINDOW, level + REFIT_WINDOW, 11), 0.01, top)
-        single = float(np.mean(np.quantile(self.refit_single_scores_, lv)))
-        refit = float(np.mean(np.quantile(self.refit_scores_, lv)))
-        if not single > 0:
-            return 1.0
-        return float(np.clip(refit / single, *REFIT_CLIP))
+        ratio = refit_quantile_ratio(self.refit_single_scores_, self.refit_scores_, level)
+        return float(np.clip(ratio, *REFIT_CLIP)) if math.isfinite(ratio) else 1.0
 
     def quantile(self, level: Optional[float] = None) -> float:
         """q: the interval at coverage ``level`` (default ``coverage``) is yhat +- q * sigma (the
@@ -405,6 +424,7 @@ class ConformalCalibrator(BaseEstimator):
             "refit_gain_reason": self.refit_gain_status(),
             **(
                 {f"refit_factor_{level_name(lv)}": self.refit_factor(lv, force=True) for lv in REPORT_LEVELS}
+                | {f"refit_factor_se_{k}": v for k, v in getattr(self, "refit_factor_se_", {}).items()}
                 if getattr(self, "refit_scores_", None) is not None
                 else {}
             ),

@@ -579,6 +579,25 @@ def render_card(card: dict, model_uri: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _correction_text(c: dict) -> str:
+    """How the card's calibration corrects for the product's better-than-a-fold-model prediction:
+    the refit-gain factors with their bootstrap standard errors and held-out rows, the averaging
+    correction, or none (with the reason the refit gain is not applied)."""
+    from .calibration import REPORT_LEVELS, level_name
+
+    names = [level_name(lv) for lv in REPORT_LEVELS]
+    if c.get("refit_gain"):
+        text = "scaled by the refit-gain factor " + " / ".join(f"{c.get(f'refit_factor_{n}', 1.0):.3f}" for n in names)
+        if all(f"refit_factor_se_{n}" in c for n in names):
+            text += " (bootstrap se " + " / ".join(f"{c[f'refit_factor_se_{n}']:.3f}" for n in names) + ")"
+        return (
+            text + f" at {' / '.join(names)} %, measured on {c.get('refit_gain_rows')} training rows the refit held out"
+        )
+    reason = c.get("refit_gain_reason")
+    text = "corrected by the fold models' spread (averaging)" if c.get("averaging") else "with no correction"
+    return text + (f" (refit gain not applied: {reason})" if reason else "")
+
+
 def _uncertainty_lines(card: dict) -> list[str]:
     """The card's "Uncertainty" section: how the intervals were calibrated and their test coverage."""
     from .calibration import REPORT_LEVELS, level_name
@@ -594,8 +613,8 @@ def _uncertainty_lines(card: dict) -> list[str]:
         lines += [
             (f"Target {target}: " if target else "")
             + f"`std` is calibrated by normalized conformal prediction ({c.get('difficulty')} difficulty), "
-            "corrected for the averaged / refitted prediction by the fold models' spread, on "
-            f"{c.get('n_calibration')} out-of-fold residuals of the training rows (no test row): about 68 % of "
+            + _correction_text(c)
+            + f", on {c.get('n_calibration')} out-of-fold residuals of the training rows (no test row): about 68 % of "
             f"errors lie within 1 std; `lower` / `upper` cover {100 * float(c.get('coverage', 0.9)):g} %. "
             "`spread` is the uncalibrated spread of the K fold-model stacks.",
             "",

@@ -183,3 +183,43 @@ def test_ensemble_config_refit_gain_reaches_every_calibrator():
     on.fit(X, None, y, np.arange(300))
     assert on.calibrators_[0].refit_gain is True and on.calibrators_[0].summary()["refit_gain"] is True
     assert on.get_params()["refit_gain"] is True
+
+
+def test_the_factors_standard_error_matches_its_spread_over_new_draws_and_is_recorded():
+    """``refit_factor_se_``: the bootstrap standard error of the factor at each reported level is
+    about the spread of the factor over independent draws of the held-out rows, halves with four
+    times the rows, is seeded, and lands in the summary (absent without a refit)."""
+    from matfusion.ensembles.calibration import refit_quantile_ratio
+
+    for lv, name in ((0.68, "68"), (0.9, "90")):
+        draws = [_calibrated(0.8, n=1200, m=150, seed=s)[0] for s in range(30)]
+        spread = np.std([refit_quantile_ratio(c.refit_single_scores_, c.refit_scores_, lv) for c in draws])
+        se = np.mean([c.refit_factor_se_[name] for c in draws])
+        assert 0.6 * spread <= se <= 1.6 * spread, (lv, se, spread)
+        many = np.mean([_calibrated(0.8, n=2400, m=600, seed=s)[0].refit_factor_se_[name] for s in range(5)])
+        assert 0.35 <= many / se <= 0.7, (lv, many, se)
+    cal = _calibrated(0.8, m=150, seed=3)[0]
+    assert cal.refit_factor_se_ == _calibrated(0.8, m=150, seed=3)[0].refit_factor_se_
+    summary = cal.summary()
+    assert set(summary) >= {"refit_factor_se_68", "refit_factor_se_90", "refit_factor_se_95"}
+    assert summary["refit_factor_se_90"] == cal.refit_factor_se_["90"] > 0
+    rng = np.random.default_rng(1)
+    plain = ConformalCalibrator(difficulty="constant").fit(rng.normal(0.0, 1.0, 200))
+    assert plain.refit_factor_se_ == {} and not any(k.startswith("refit_factor") for k in plain.summary())
+
+
+def test_the_model_card_names_the_correction_its_factor_and_the_factors_error():
+    from matfusion.ensembles.export import _uncertainty_lines
+
+    cal = _calibrated(0.8, m=150, seed=3)[0]
+    c = cal.summary()
+    card = "\n".join(_uncertainty_lines({"ensemble": {"calibration": c}}))
+    assert (
+        f"refit-gain factor {c['refit_factor_68']:.3f} / {c['refit_factor_90']:.3f} / {c['refit_factor_95']:.3f} "
+        f"(bootstrap se {c['refit_factor_se_68']:.3f} / {c['refit_factor_se_90']:.3f} / {c['refit_factor_se_95']:.3f})"
+        " at 68 / 90 / 95 %, measured on 150 training rows the refit held out"
+    ) in card
+    cal.set_params(refit_gain=False)
+    card = "\n".join(_uncertainty_lines({"ensemble": {"calibration": cal.summary()}}))
+    assert "corrected by the fold models' spread (averaging) (refit gain not applied: off (refit_gain: false))" in card
+    assert "refit-gain factor" not in card

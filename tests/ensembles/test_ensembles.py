@@ -656,6 +656,9 @@ def test_export_and_predict_commands_skip_a_bad_cif(tmp_path, phonons, fitted, r
     m = registry["evaluation"].metrics
     assert "## Uncertainty" in card and f"| 90 % | {m['coverage_90']:.4g} | {m['width_90']:.4g} |" in card
     assert "out-of-fold residuals of the training rows" in card and "params={'coverage': 0.95}" in card
+    # and which correction its calibration applied (this small stack's refit holds out too few rows)
+    c = fitted.calibration_summary()
+    assert c["refit_gain"] is False and f"refit gain not applied: {c['refit_gain_reason']}" in card
 
     cifs = tmp_path / "cifs"
     cifs.mkdir()
