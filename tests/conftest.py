@@ -39,6 +39,26 @@ def _no_ray_across_modules():
 
 
 @pytest.fixture(autouse=True)
+def _log_streams_outlive_capsys():
+    """A library that binds a log handler to ``sys.stderr`` while a test's capsys holds it (Optuna
+    does on first import: its handler and its colorlog formatter) writes to that closed stream in
+    every later test, each record a "--- Logging error ---" traceback on the live stderr (a test
+    that asserts no traceback fails in one order and passes in another).  After each test (capsys
+    is torn down first), such handlers and formatters are pointed at the live ``sys.stderr``."""
+    yield
+    import logging
+
+    loggers = [logging.getLogger()]
+    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for handler in (h for lg in loggers for h in lg.handlers):
+        if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+            handler.stream = sys.stderr  # not setStream: it flushes the closed stream first
+        formatter = handler.formatter
+        if getattr(getattr(formatter, "stream", None), "closed", False):
+            formatter.stream = sys.stderr
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Feature cache per test session, never the user's ~/.cache."""
     cache = tmp_path_factory.getbasetemp() / "feature-cache"
