@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from numbers import Real
 from pathlib import Path
 from typing import Optional
 
@@ -412,11 +413,16 @@ def coverage_table(info: dict) -> pd.DataFrame:
 
 def calibration_label(calib) -> str:
     """``model + refit gain`` / ``model + averaging`` / ``constant``: the fold's difficulty and the
-    correction its intervals carry (docs/uncertainty.md); ``-`` without a calibration record."""
+    correction its intervals carry (docs/uncertainty.md), the refit gain with its factor at 68 % and
+    that factor's bootstrap standard error where the fold recorded them; ``-`` without a
+    calibration record."""
     if not isinstance(calib, dict) or "difficulty" not in calib:
         return "-"
     if calib.get("refit_gain"):
-        return f"{calib['difficulty']} + refit gain"
+        label = f"{calib['difficulty']} + refit gain"
+        if isinstance(calib.get("refit_factor_68"), Real) and isinstance(calib.get("refit_factor_se_68"), Real):
+            label += f" {calib['refit_factor_68']:.2f} ± {calib['refit_factor_se_68']:.2f} at 68 %"
+        return label
     if calib.get("averaging"):
         return f"{calib['difficulty']} + averaging"
     return str(calib["difficulty"])
@@ -482,7 +488,7 @@ def uncertainty_section(info: dict, out: Path) -> list[str]:
             )
         md.append(
             _table(
-                ["fold", "difficulty"]
+                ["fold", "calibration"]
                 + [f"{lv} % nominal: coverage (width)" for lv in COVERAGE_LEVELS]
                 + ["within 1 std (calibrated)", "within 1 spread (uncalibrated)"],
                 rows,

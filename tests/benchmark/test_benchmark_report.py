@@ -64,12 +64,14 @@ def test_conformal_folds_show_coverage_beside_the_nominal_levels(tmp_path):
 
     text = rp.write_report(out).read_text()
     section = text[text.index("## Uncertainty") : text.index("## Next to the matbench leaderboard")]
-    assert "| fold | difficulty | 68 % nominal: coverage (width) | 90 % nominal: coverage (width) |" in section
+    assert "| fold | calibration | 68 % nominal: coverage (width) | 90 % nominal: coverage (width) |" in section
     cells = [f"{summary[f'coverage_{lv}']:.3g} ({summary[f'width_{lv}']:.4g})" for lv in (68, 90, 95)]
     assert f"| 0 | constant | {cells[0]} | {cells[1]} | {cells[2]} |" in section
     assert "Folds benchmarked before the conformal intervals (1, 2, 3, 4)" in section
     # the correction the intervals carry is named beside the difficulty
     assert rp.calibration_label({"difficulty": "model", "averaging": False, "refit_gain": True}) == "model + refit gain"
+    recorded = {"difficulty": "model", "refit_gain": True, "refit_factor_68": 0.8862, "refit_factor_se_68": 0.0517}
+    assert rp.calibration_label(recorded) == "model + refit gain 0.89 ± 0.05 at 68 %"
     assert rp.calibration_label({"difficulty": "model", "averaging": True, "refit_gain": False}) == "model + averaging"
     assert rp.calibration_label(None) == "-"
     assert (out / "coverage.png").stat().st_size > 1000
